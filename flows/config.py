@@ -1,0 +1,347 @@
+"""Load and validate `config.yaml`, and turn it into a `RunPlan`.
+
+Everything here is plain Python: no Prefect server is needed to test it.
+A bad config raises `ConfigError` holding one line per problem; the CLI prints
+those lines and exits with status 2 before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+import unicodedata
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_ENV = "SITE_PIPELINE_CONFIG"
+DEFAULT_CONFIG = "config.yaml"
+PLACEHOLDERS = ("site", "python", "attempt", "output_dir")
+_PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
+MAX_SITE_LENGTH = 512
+MAX_RETRY_COUNT = 50  # Prefect accepts at most 50 retry delays
+
+
+class ConfigError(Exception):
+    """The config, a site name or an argument is invalid. `problems` has one line each."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AsyncSettings(_Strict):
+    semaphore_limit: int | None = Field(default=None, gt=0)
+    retry_backoff: Literal["exponential", "linear", "fixed"] = "exponential"
+    progress_reporting: bool = True
+    error_aggregation: bool = True
+
+
+class PipelineConfig(_Strict):
+    """The `pipeline:` section. Keys and meanings of the original executor, plus ours."""
+
+    sites: list[str] | None = None
+    sites_file: str | None = None
+    command: list[str] = Field(
+        default_factory=lambda: ["{python}", "-m", "universal_recon.main", "--site", "{site}"],
+        min_length=1,
+    )
+    default_flags: list[str] = Field(default_factory=lambda: ["--schema-matrix", "--emit-status"])
+    timeout: float = Field(default=3600, gt=0)
+    retry_count: int = Field(default=3, ge=1, le=MAX_RETRY_COUNT)
+    max_concurrent_sites: int = Field(default=5, gt=0)
+    use_async: bool = True
+    async_settings: AsyncSettings = Field(default_factory=AsyncSettings)
+    retry_delay: float = Field(default=1, ge=0)
+    retry_max_delay: float = Field(default=300, gt=0)
+    retry_jitter: float = Field(default=0.2, ge=0)
+    non_retryable_exit_codes: list[int] = Field(default_factory=lambda: [2])
+    kill_grace_seconds: float = Field(default=10, gt=0)
+    concurrency_tag: str = Field(default="site-pipeline", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    output_dir: str = Field(default="output", min_length=1)
+    working_dir: str = Field(default=".", min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    max_log_lines: int = Field(default=200, gt=0)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> PipelineConfig:
+        problems: list[str] = []
+        if not any("{site}" in part for part in self.command):
+            problems.append(
+                f"command = {self.command!r}: expected an element containing '{{site}}'"
+            )
+        for index, part in enumerate([*self.command, *self.default_flags]):
+            for name in _PLACEHOLDER_RE.findall(part):
+                if name not in PLACEHOLDERS:
+                    known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                    problems.append(
+                        f"command[{index}] = {part!r}: unknown placeholder {{{name}}}, "
+                        f"expected one of {known}"
+                    )
+        limit = self.async_settings.semaphore_limit
+        if limit is not None and limit != self.max_concurrent_sites:
+            problems.append(
+                f"async_settings.semaphore_limit = {limit}: it is an alias of "
+                f"max_concurrent_sites ({self.max_concurrent_sites}); expected the same value"
+            )
+        if self.sites is not None and self.sites_file is not None:
+            problems.append("sites_file: expected either sites or sites_file, not both")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class ConfigFile(_Strict):
+    pipeline: PipelineConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run needs, with paths resolved against the config file's folder."""
+
+    config: PipelineConfig
+    config_path: Path
+    sites: tuple[str, ...]
+    output_dir: Path
+    working_dir: Path
+    max_concurrent_sites: int
+    use_async: bool
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def workers(self) -> int:
+        """Threads for the task runner: one for sequential runs, else the cap.
+
+        Sites that sleep between retries do not hold a slot, so a few extra threads
+        let other sites use that slot meanwhile.
+        """
+        if not self.use_async:
+            return 1
+        return max(
+            1, min(len(self.sites), self.max_concurrent_sites + min(16, self.max_concurrent_sites))
+        )
+
+
+def find_config(config_path: str | os.PathLike[str] | None) -> Path:
+    """`--config`, then `$SITE_PIPELINE_CONFIG`, then `./config.yaml`."""
+    chosen = config_path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG
+    return Path(chosen).expanduser().absolute()
+
+
+def _describe(error: dict[str, Any], root: tuple[str, ...]) -> str:
+    loc = ".".join(str(part) for part in (*root, *error["loc"])) or "(top level)"
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown key"
+    if kind == "missing":
+        return f"{loc}: required key is missing"
+    if kind == "value_error":
+        # Our own checks: each line already names its key and value.
+        message = str(error["ctx"]["error"]) if "ctx" in error else error["msg"]
+        lines = [line for line in message.splitlines() if line]
+        prefix = loc if loc != "(top level)" else ""
+        return "\n".join(f"{prefix}.{line}" if prefix else line for line in lines)
+    expected = error["msg"].replace("Input should be ", "expected ")
+    return f"{loc} = {value!r}: {expected}"
+
+
+def _validation_problems(exc: ValidationError, root: tuple[str, ...] = ()) -> list[str]:
+    problems: list[str] = []
+    for error in exc.errors(include_url=False):
+        problems.extend(_describe(dict(error), root).splitlines())
+    return problems
+
+
+def parse_config(text: str, source: str = DEFAULT_CONFIG) -> PipelineConfig:
+    """Parse YAML text into a validated `PipelineConfig`, or raise `ConfigError`."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError([f"{source}: YAML syntax error{where}: {problem}"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            [f"{source}: expected a mapping with a 'pipeline:' key, got {type(raw).__name__}"]
+        )
+    try:
+        return ConfigFile.model_validate(raw).pipeline
+    except ValidationError as exc:
+        raise ConfigError([f"{source}: {line}" for line in _validation_problems(exc)]) from None
+
+
+def site_problem(site: object) -> str | None:
+    """Why `site` is not a usable site name, or None when it is fine.
+
+    Site names are opaque (a URL or a plugin name both work) but they become argv
+    elements and a folder name, so they must not look like options, hold whitespace
+    or control characters, or climb out of a folder.
+    """
+    if not isinstance(site, str):
+        return f"expected a string, got {type(site).__name__}"
+    if not site:
+        return "expected a non-empty site name"
+    if len(site) > MAX_SITE_LENGTH:
+        return f"expected at most {MAX_SITE_LENGTH} characters, got {len(site)}"
+    if site.startswith("-"):
+        return "must not start with '-' (it would be read as an option)"
+    for char in site:
+        if char.isspace() or unicodedata.category(char).startswith("C"):
+            return f"must not contain whitespace or control characters (found {char!r})"
+    if site in {".", ".."} or any(part in {".", ".."} for part in re.split(r"[/\\]", site)):
+        return "must not contain '.' or '..' path segments"
+    return None
+
+
+def check_sites(sites: Iterable[object], source: str = "sites") -> tuple[list[str], list[str]]:
+    """Validate site names. Returns (unique sites in order, warnings); raises `ConfigError`."""
+    problems: list[str] = []
+    unique: list[str] = []
+    seen: set[str] = set()
+    warnings: list[str] = []
+    for index, site in enumerate(sites):
+        problem = site_problem(site)
+        if problem:
+            problems.append(f"{source}[{index}] = {site!r}: {problem}")
+            continue
+        assert isinstance(site, str)  # noqa: S101  (site_problem guarantees it; narrows for mypy)
+        if site in seen:
+            warnings.append(f"{source}[{index}] = {site!r}: duplicate site dropped")
+            continue
+        seen.add(site)
+        unique.append(site)
+    if problems:
+        raise ConfigError(problems)
+    if not unique:
+        raise ConfigError([f"{source}: expected at least one site, got none"])
+    return unique, warnings
+
+
+def read_sites_file(path: Path) -> list[str]:
+    """One site per line; blank lines and '#' comments are ignored."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            [f"sites_file = {str(path)!r}: cannot read it ({exc.strerror})"]
+        ) from None
+    sites = []
+    for line in text.splitlines():
+        entry = line.split("#", 1)[0].strip()
+        if entry:
+            sites.append(entry)
+    return sites
+
+
+def load_plan(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    sites: Sequence[object] | None = None,
+    sites_file: str | os.PathLike[str] | None = None,
+    max_concurrent_sites: int | None = None,
+    use_async: bool | None = None,
+) -> RunPlan:
+    """Read the config and apply overrides. Raises `ConfigError` listing every problem."""
+    path = find_config(config_path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"config = {str(path)!r}: cannot read it ({exc.strerror})"]) from None
+    config = parse_config(text, source=str(path))
+    base = path.parent
+
+    if max_concurrent_sites is not None and (
+        isinstance(max_concurrent_sites, bool)
+        or not isinstance(max_concurrent_sites, int)
+        or max_concurrent_sites <= 0
+    ):
+        raise ConfigError(
+            [f"max_concurrent_sites = {max_concurrent_sites!r}: expected a whole number > 0"]
+        )
+
+    if sites is not None:
+        if isinstance(sites, str | bytes) or not isinstance(sites, Sequence):
+            raise ConfigError([f"sites = {sites!r}: expected a list of site names"])
+        raw_sites: list[object] = list(sites)
+        source = "sites"
+    elif sites_file is not None:
+        raw_sites = list(read_sites_file(base / Path(sites_file)))
+        source = f"sites_file {str(sites_file)!r} entry"
+    elif config.sites is not None:
+        raw_sites = list(config.sites)
+        source = "pipeline.sites"
+    elif config.sites_file is not None:
+        raw_sites = list(read_sites_file(base / config.sites_file))
+        source = f"pipeline.sites_file {config.sites_file!r} entry"
+    else:
+        raise ConfigError(
+            [f"{path}: pipeline.sites: required: give pipeline.sites or pipeline.sites_file"]
+        )
+    unique, warnings = check_sites(raw_sites, source)
+
+    working_dir = (base / config.working_dir).resolve()
+    if not working_dir.is_dir():
+        raise ConfigError(
+            [f"{path}: pipeline.working_dir = {config.working_dir!r}: expected an existing folder"]
+        )
+    return RunPlan(
+        config=config,
+        config_path=path,
+        sites=tuple(unique),
+        output_dir=(base / config.output_dir).resolve(),
+        working_dir=working_dir,
+        max_concurrent_sites=max_concurrent_sites or config.max_concurrent_sites,
+        use_async=config.use_async if use_async is None else use_async,
+        warnings=tuple(warnings),
+    )
+
+
+def site_dir_name(site: str) -> str:
+    """A folder name for `site` that is safe on every filesystem and stays unique.
+
+    Names made only of letters, digits, '.', '_' and '-' are kept as they are;
+    anything else is replaced by '_' and a short hash of the real name is appended.
+    """
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", site).strip(".") or "_"
+    if safe == site:
+        return site
+    digest = hashlib.sha256(site.encode("utf-8")).hexdigest()[:8]
+    return f"{safe[:100]}-{digest}"
+
+
+def site_output_dir(output_dir: Path, site: str) -> Path:
+    """`output_dir/<safe name>`, guaranteed to be inside `output_dir`."""
+    target = (output_dir / site_dir_name(site)).resolve()
+    if target.parent != output_dir.resolve():
+        raise ConfigError([f"site {site!r}: its output folder {target} leaves {output_dir}"])
+    return target
+
+
+def build_argv(config: PipelineConfig, site: str, attempt: int, output_dir: Path) -> list[str]:
+    """The pipeline's argv for one attempt; placeholders are filled in one pass.
+
+    A value is never re-scanned, so a site name holding '{attempt}' stays literal.
+    """
+    values = {
+        "site": site,
+        "python": sys.executable,
+        "attempt": str(attempt),
+        "output_dir": str(output_dir),
+    }
+
+    def fill(part: str) -> str:
+        return _PLACEHOLDER_RE.sub(lambda match: values[match.group(1)], part)
+
+    return [fill(part) for part in [*config.command, *config.default_flags]]

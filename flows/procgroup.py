@@ -1,0 +1,197 @@
+"""POSIX process groups: start a pipeline in its own group, and stop the whole group.
+
+This is the only module that knows about signals and process groups. Its
+interface is small:
+
+- `ensure_supported()` raises `UnsupportedPlatform` where process groups don't exist.
+- `spawn(argv, cwd, env)` starts a process as the leader of a new session/group.
+- `stop_group(proc, grace)` sends SIGTERM to the group, then SIGKILL after `grace`.
+- `stop_all(grace)` stops every group this process started that is still alive.
+- `group_alive(pgid)` tells whether any process of a group is still there.
+
+Every group is also registered with a small reaper process (`_reaper.py`), which
+lives in a session of its own and kills the groups that are still registered
+when this process dies, even by SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+_REAPER_SCRIPT = Path(__file__).with_name("_reaper.py")
+
+
+class UnsupportedPlatform(RuntimeError):
+    """Raised where POSIX process groups are not available (e.g. native Windows)."""
+
+
+def ensure_supported() -> None:
+    """Raise `UnsupportedPlatform` unless this platform has POSIX process groups."""
+    if os.name != "posix" or not hasattr(os, "killpg"):
+        raise UnsupportedPlatform(
+            f"site-pipeline runs each pipeline in its own POSIX process group, which "
+            f"{sys.platform!r} does not have; run it on Linux or macOS (or WSL on Windows)"
+        )
+
+
+class _Registry:
+    """Live process groups of this process, mirrored to the reaper."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._groups: set[int] = set()
+        self._reaper: subprocess.Popen[bytes] | None = None
+        self._reaper_pid_owner = -1
+
+    def _tell_reaper(self, line: str) -> None:
+        # Called with the lock held. A fork (e.g. a worker process) gets its own reaper.
+        if (
+            self._reaper is None
+            or self._reaper_pid_owner != os.getpid()
+            or self._reaper.poll() is not None
+        ):
+            self._reaper = subprocess.Popen(
+                [sys.executable, "-I", str(_REAPER_SCRIPT)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                close_fds=True,
+            )
+            self._reaper_pid_owner = os.getpid()
+        assert self._reaper.stdin is not None  # noqa: S101  (stdin=PIPE above)
+        try:
+            self._reaper.stdin.write(line.encode() + b"\n")
+            self._reaper.stdin.flush()
+        except BrokenPipeError:  # pragma: no cover - the reaper died; the next call starts one
+            self._reaper = None
+
+    def add(self, pgid: int) -> None:
+        with self._lock:
+            self._groups.add(pgid)
+            self._tell_reaper(f"+{pgid}")
+
+    def discard(self, pgid: int) -> None:
+        with self._lock:
+            if pgid in self._groups:
+                self._groups.discard(pgid)
+                self._tell_reaper(f"-{pgid}")
+
+    def snapshot(self) -> list[int]:
+        with self._lock:
+            return sorted(self._groups)
+
+
+_registry = _Registry()
+
+
+def spawn(
+    argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str]
+) -> subprocess.Popen[bytes]:
+    """Start `argv` (never through a shell) as the leader of a new process group.
+
+    stdin is /dev/null; stdout and stderr are pipes. Raises OSError when the
+    program cannot be started.
+    """
+    ensure_supported()
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        close_fds=True,
+    )
+    _registry.add(proc.pid)
+    return proc
+
+
+def _linux_group_has_live_member(pgid: int) -> bool:
+    # /proc lets us skip zombies: an init that never reaps would otherwise keep
+    # a dead group looking alive forever.
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # Fields after the command name: state ppid pgrp ...
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def group_alive(pgid: int) -> bool:
+    """True while any process of group `pgid` is alive (zombies don't count on Linux)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if sys.platform.startswith("linux"):
+        return _linux_group_has_live_member(pgid)
+    return True
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Stop every process in `proc`'s group: SIGTERM, then SIGKILL after `grace` seconds.
+
+    Also called after a normal exit, so that background grandchildren left by
+    the pipeline do not outlive its attempt. Reaps the leader.
+    """
+    pgid = proc.pid
+    try:
+        if proc.poll() is None or group_alive(pgid):
+            _signal_group(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while time.monotonic() < deadline:
+                proc.poll()
+                if not group_alive(pgid):
+                    break
+                time.sleep(0.05)
+            else:
+                _signal_group(pgid, signal.SIGKILL)
+        if proc.poll() is None:
+            _signal_group(pgid, signal.SIGKILL)
+            proc.wait()
+        # After SIGKILL, members vanish once their parents reap them; wait briefly.
+        deadline = time.monotonic() + 5
+        while group_alive(pgid) and time.monotonic() < deadline:
+            _signal_group(pgid, signal.SIGKILL)
+            time.sleep(0.02)
+    finally:
+        _registry.discard(pgid)
+
+
+def stop_all(grace: float) -> list[int]:
+    """Stop every group this process started that is still registered. Returns their ids."""
+    groups = _registry.snapshot()
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(group_alive(p) for p in groups):
+        time.sleep(0.05)
+    for pgid in groups:
+        _signal_group(pgid, signal.SIGKILL)
+        _registry.discard(pgid)
+    return groups

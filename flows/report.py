@@ -1,0 +1,160 @@
+"""The run summary: one record per site, counts, and the text a person reads.
+
+The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tools)::
+
+    {"flow_run_id": str | None, "state": "Completed" | "Failed",
+     "counts": {"total", "succeeded", "failed", "timed_out", "cancelled", "skipped"},
+     "sites": [{"site", "status", "attempts", "exit_code", "duration_s", "error", "result"}]}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+SiteStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped"]
+STATUSES: tuple[SiteStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
+
+
+@dataclass
+class SiteReport:
+    """A site's final outcome. `stderr_tail` is for people and is not part of the JSON."""
+
+    site: str
+    status: SiteStatus
+    attempts: int
+    exit_code: int | None
+    duration_s: float
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    stderr_tail: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["stderr_tail"]
+        data["duration_s"] = round(self.duration_s, 3)
+        return data
+
+
+def counts(reports: Iterable[SiteReport]) -> dict[str, int]:
+    tally: dict[str, int] = {"total": 0, **dict.fromkeys(STATUSES, 0)}
+    for report in reports:
+        tally["total"] += 1
+        tally[report.status] += 1
+    return tally
+
+
+def build_summary(flow_run_id: str | None, reports: Sequence[SiteReport]) -> dict[str, Any]:
+    """The summary dict, sites in the order given. Completed only if every site succeeded."""
+    tally = counts(reports)
+    state = "Completed" if tally["succeeded"] == tally["total"] else "Failed"
+    return {
+        "flow_run_id": flow_run_id,
+        "state": state,
+        "counts": tally,
+        "sites": [report.to_json() for report in reports],
+    }
+
+
+def as_bools(summary: Mapping[str, Any]) -> dict[str, bool]:
+    """The original executor's `dict[site, bool]` view of a summary."""
+    return {entry["site"]: entry["status"] == "succeeded" for entry in summary["sites"]}
+
+
+def failure_message(reports: Sequence[SiteReport], shown: int = 10) -> str | None:
+    """`3 of 10 sites failed: a, b, c`, or None when every site succeeded."""
+    failed = [r.site for r in reports if r.status != "succeeded"]
+    if not failed:
+        return None
+    names = ", ".join(failed[:shown]) + (
+        f", and {len(failed) - shown} more" if len(failed) > shown else ""
+    )
+    return f"{len(failed)} of {len(reports)} sites failed: {names}"
+
+
+def progress_line(reports: Sequence[SiteReport], total: int) -> str:
+    """`7/10 sites done: 6 succeeded, 1 failed`."""
+    succeeded = sum(1 for r in reports if r.status == "succeeded")
+    return (
+        f"{len(reports)}/{total} sites done: {succeeded} succeeded, "
+        f"{len(reports) - succeeded} failed"
+    )
+
+
+def failure_kind(report: SiteReport) -> str:
+    """The group a failed site belongs to in the error aggregation."""
+    if report.status == "timed_out":
+        return "timed out"
+    if report.status in ("cancelled", "skipped"):
+        return report.status
+    if report.exit_code is None:
+        return (
+            "could not start"
+            if report.error and report.error.startswith("could not start")
+            else "crashed"
+        )
+    if report.exit_code < 0:
+        return f"killed by signal {-report.exit_code}"
+    return f"exit code {report.exit_code}"
+
+
+def failures_markdown(reports: Sequence[SiteReport]) -> str | None:
+    """Failed sites grouped by kind, as markdown; None when nothing failed."""
+    groups: dict[str, list[SiteReport]] = {}
+    for report in reports:
+        if report.status != "succeeded":
+            groups.setdefault(failure_kind(report), []).append(report)
+    if not groups:
+        return None
+    lines = ["# Failed sites by kind", ""]
+    for kind, members in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])):
+        lines.append(f"## {kind} ({len(members)})")
+        lines.append("")
+        for report in members:
+            last = report.stderr_tail[-1] if report.stderr_tail else (report.error or "")
+            lines.append(f"- `{report.site}` after {report.attempts} attempt(s): {last}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def table_rows(reports: Sequence[SiteReport], stderr_lines: int = 3) -> list[dict[str, Any]]:
+    """Rows for the Prefect table artifact, one per site."""
+    return [
+        {
+            "site": r.site,
+            "status": r.status,
+            "attempts": r.attempts,
+            "exit_code": r.exit_code,
+            "duration_s": round(r.duration_s, 2),
+            "last_stderr": " | ".join(r.stderr_tail[-stderr_lines:]),
+        }
+        for r in reports
+    ]
+
+
+def format_table(summary: Mapping[str, Any]) -> str:
+    """A plain-text table of a summary, for the terminal."""
+    header = ("SITE", "STATUS", "ATTEMPTS", "EXIT", "SECONDS", "ERROR")
+    rows = [
+        (
+            str(s["site"]),
+            str(s["status"]),
+            str(s["attempts"]),
+            "" if s["exit_code"] is None else str(s["exit_code"]),
+            f"{s['duration_s']:.2f}",
+            s["error"] or "",
+        )
+        for s in summary["sites"]
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [header, *rows]
+    ]
+    c = summary["counts"]
+    lines.append(
+        f"{summary['state']}: {c['succeeded']}/{c['total']} succeeded, {c['failed']} failed, "
+        f"{c['timed_out']} timed out, {c['cancelled']} cancelled, {c['skipped']} skipped"
+    )
+    return "\n".join(lines)

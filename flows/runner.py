@@ -1,0 +1,240 @@
+"""Run one attempt of one site's pipeline as a real process, with a real timeout.
+
+Plain Python: the caller passes a `log` callable (the Prefect task run logger
+in production, a list's `append` in tests). Output is read in the calling
+thread with `selectors`, so an attempt costs no extra threads, and memory and
+log volume stay bounded however much the pipeline prints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from flows import procgroup
+
+MAX_LINE_BYTES = 8192  # longer lines are cut; the rest of the line is dropped
+STDERR_TAIL = 10
+_POLL_SECONDS = 0.2  # also how soon Prefect's backstop timeout can interrupt us
+
+AttemptStatus = Literal["succeeded", "failed", "timed_out", "not_started"]
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class AttemptOutcome:
+    """What one attempt did. `result` is the JSON object of the last stdout line, if any."""
+
+    status: AttemptStatus
+    exit_code: int | None
+    duration_s: float
+    error: str | None = None
+    result: dict[str, Any] | None = None
+    stderr_tail: list[str] = field(default_factory=list)
+    lines_total: int = 0
+    lines_not_logged: int = 0
+
+
+class BoundedLog:
+    """Log the first `limit` lines as they come, then keep only the last `limit`.
+
+    `close()` logs how many lines were left out, then the kept tail, so a 20 MB
+    pipeline costs at most about 2 * limit log records.
+    """
+
+    def __init__(self, log: LogFn, limit: int) -> None:
+        self._log = log
+        self._limit = limit
+        self.total = 0
+        self._tail: deque[str] = deque(maxlen=limit)
+        self.dropped = 0
+
+    def add(self, line: str) -> None:
+        self.total += 1
+        if self.total <= self._limit:
+            self._log(line)
+            return
+        if len(self._tail) == self._limit:
+            self.dropped += 1
+        self._tail.append(line)
+
+    def close(self) -> None:
+        if self.dropped:
+            self._log(
+                f"... {self.dropped} output lines not logged (only the first and last "
+                f"{self._limit} are kept) ..."
+            )
+        for line in self._tail:
+            self._log(line)
+        self._tail.clear()
+
+
+class _LineSplitter:
+    """Split a byte stream into text lines, cutting lines longer than MAX_LINE_BYTES."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self._emit = emit
+        self._buffer = bytearray()
+        self._skipping = False  # inside the dropped rest of an over-long line
+
+    def feed(self, data: bytes) -> None:
+        start = 0
+        while True:
+            newline = data.find(b"\n", start)
+            if newline < 0:
+                break
+            self._push(data[start:newline], complete=True)
+            start = newline + 1
+        self._push(data[start:], complete=False)
+
+    def _push(self, chunk: bytes, complete: bool) -> None:
+        if not self._skipping:
+            room = MAX_LINE_BYTES - len(self._buffer)
+            self._buffer += chunk[:room]
+            if len(chunk) > room:
+                self._emit(self._decode() + " [line cut]")
+                self._skipping = True
+        if complete:
+            if not self._skipping:
+                self._emit(self._decode())
+            self._skipping = False
+
+    def _decode(self) -> str:
+        text = self._buffer.decode("utf-8", errors="replace").rstrip("\r")
+        self._buffer.clear()
+        return text
+
+    def flush(self) -> None:
+        if self._buffer and not self._skipping:
+            self._emit(self._decode())
+        self._buffer.clear()
+
+
+def parse_result(line: str | None) -> dict[str, Any] | None:
+    """The JSON object on `line`, or None when it isn't one."""
+    if not line or not line.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def run_attempt(
+    argv: Sequence[str],
+    *,
+    cwd: str | os.PathLike[str],
+    env: Mapping[str, str],
+    timeout: float,
+    kill_grace: float,
+    log: LogFn,
+    max_log_lines: int = 200,
+) -> AttemptOutcome:
+    """Run `argv` once in its own process group and wait for it, at most `timeout` seconds.
+
+    On timeout the whole group gets SIGTERM, then SIGKILL after `kill_grace`.
+    When the pipeline exits, anything it left running in its group is stopped
+    too. If this call is interrupted (an exception raised into the thread), the
+    group is stopped before the exception propagates.
+    """
+    started = time.monotonic()
+    try:
+        proc = procgroup.spawn(argv, cwd=cwd, env=env)
+    except OSError as exc:
+        return AttemptOutcome(
+            status="not_started",
+            exit_code=None,
+            duration_s=time.monotonic() - started,
+            error=f"could not start {argv[0]!r}: {exc.strerror or exc}",
+        )
+
+    logged = BoundedLog(log, max_log_lines)
+    stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
+    last_stdout: list[str] = []
+
+    def on_stdout(line: str) -> None:
+        if line.strip():
+            last_stdout[:] = [line]
+        logged.add(line)
+
+    def on_stderr(line: str) -> None:
+        stderr_tail.append(line)
+        logged.add(f"[stderr] {line}")
+
+    splitters = {"stdout": _LineSplitter(on_stdout), "stderr": _LineSplitter(on_stderr)}
+    selector = selectors.DefaultSelector()
+    assert proc.stdout is not None and proc.stderr is not None  # noqa: S101  (pipes requested)
+    selector.register(proc.stdout, selectors.EVENT_READ, "stdout")
+    selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    deadline = started + timeout
+    timed_out = False
+    try:
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            if proc.poll() is not None:
+                # The leader is gone; a grandchild may still hold the pipes open.
+                _drain(selector, splitters, until=time.monotonic() + 0.5)
+                break
+            for key, _ in selector.select(min(remaining, _POLL_SECONDS)):
+                data = os.read(key.fd, 65536)
+                if data:
+                    splitters[key.data].feed(data)
+                else:
+                    selector.unregister(key.fileobj)
+    finally:
+        procgroup.stop_group(proc, kill_grace)
+        if not timed_out:
+            _drain(selector, splitters, until=time.monotonic() + 0.5)
+        selector.close()
+        proc.stdout.close()
+        proc.stderr.close()
+        for splitter in splitters.values():
+            splitter.flush()
+        logged.close()
+
+    duration = time.monotonic() - started
+    common: dict[str, Any] = {
+        "duration_s": duration,
+        "result": parse_result(last_stdout[0] if last_stdout else None),
+        "stderr_tail": list(stderr_tail),
+        "lines_total": logged.total,
+        "lines_not_logged": logged.dropped,
+    }
+    if timed_out:
+        return AttemptOutcome(
+            status="timed_out",
+            exit_code=proc.returncode,
+            error=f"timed out after {timeout:g}s; process group stopped",
+            **common,
+        )
+    code = proc.returncode
+    if code == 0:
+        return AttemptOutcome(status="succeeded", exit_code=0, **common)
+    error = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
+    return AttemptOutcome(status="failed", exit_code=code, error=error, **common)
+
+
+def _drain(
+    selector: selectors.BaseSelector, splitters: Mapping[str, _LineSplitter], until: float
+) -> None:
+    """Read what is left in the pipes, for at most until - now seconds."""
+    while selector.get_map() and time.monotonic() < until:
+        events = selector.select(max(0.0, until - time.monotonic()))
+        if not events:
+            break
+        for key, _ in events:
+            data = os.read(key.fd, 65536)
+            if data:
+                splitters[key.data].feed(data)
+            else:
+                selector.unregister(key.fileobj)

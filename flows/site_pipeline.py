@@ -1,0 +1,147 @@
+"""The `site-pipeline` flow: run every site's pipeline, capped, retried and summarised.
+
+Entrypoint for deployments: `flows/site_pipeline.py:run_sites`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+if __package__ in (None, ""):  # loaded by path (a deployment entrypoint): make `flows` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prefect import flow, unmapped
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State
+from prefect.futures import as_completed
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows import procgroup, report
+from flows.config import load_plan
+from flows.slots import SlotPool, ensure_limit
+from flows.tasks import SiteAttemptFailed, SiteRun, configured_task, register, unregister
+
+# Called as listener(done, total, failed) after each site; the CLI's progress bar uses it.
+progress_listeners: list[Callable[[int, int, int], None]] = []
+
+
+@flow(name="site-pipeline", persist_result=False, validate_parameters=True)
+def run_sites(
+    sites: list[str] | None = None,
+    config_path: str | None = None,
+    max_concurrent_sites: int | None = None,
+    use_async: bool | None = None,
+) -> State[dict[str, Any]]:
+    """Run every site's pipeline; the state's data is the summary dict (see `flows.report`).
+
+    `sites`, `max_concurrent_sites` and `use_async` override the config file.
+    The run ends Completed when every site succeeded, else Failed.
+    """
+    logger = get_run_logger()
+    plan = load_plan(
+        config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
+    )
+    procgroup.ensure_supported()
+    for warning in plan.warnings:
+        logger.warning(warning)
+    config, total = plan.config, len(plan.sites)
+    flow_run_id = UUID(str(flow_run.get_id()))
+    with get_client(sync_client=True) as client:
+        logger.info(ensure_limit(client, config.concurrency_tag, plan.max_concurrent_sites))
+    logger.info(
+        "%d sites, at most %d at once (%s), %d attempts each",
+        total,
+        plan.max_concurrent_sites,
+        "async" if plan.use_async else "sequential",
+        config.retry_count,
+    )
+
+    pool = SlotPool(config.concurrency_tag, total, holder_id=flow_run_id)
+    run = SiteRun(plan, pool, flow_run_id)
+    key = register(run)
+    progress = (
+        cast(
+            UUID,
+            create_progress_artifact(0.0, key="site-pipeline-progress", description="sites done"),
+        )
+        if config.async_settings.progress_reporting
+        else None
+    )
+    reports: dict[str, report.SiteReport] = {}
+    try:
+        with ThreadPoolTaskRunner[dict[str, Any]](max_workers=plan.workers) as runner:
+            futures = runner.map(
+                configured_task(plan), {"site": list(plan.sites), "run_key": unmapped(key)}
+            )
+            site_of = {id(future): site for future, site in zip(futures, plan.sites, strict=True)}
+            try:
+                for future in as_completed(list(futures)):
+                    site = site_of[id(future)]
+                    future.wait()
+                    reports[site] = _site_report(site, future.state)
+                    failed = sum(1 for r in reports.values() if r.status != "succeeded")
+                    for listener in progress_listeners:
+                        listener(len(reports), total, failed)
+                    if progress is not None:
+                        logger.info(report.progress_line(list(reports.values()), total))
+                        update_progress_artifact(progress, 100.0 * len(reports) / total)
+            except BaseException:
+                # Cancelled or crashing: stop every pipeline now, before the task
+                # runner waits for its threads, so none outlives the flow run.
+                run.stopping.set()
+                procgroup.stop_all(config.kill_grace_seconds)
+                raise
+    finally:
+        pool.close()
+        unregister(key)
+
+    ordered = [reports[site] for site in plan.sites]
+    summary = report.build_summary(str(flow_run_id), ordered)
+    create_table_artifact(
+        report.table_rows(ordered), key="site-pipeline-summary", description="one row per site"
+    )
+    failures = (
+        report.failures_markdown(ordered) if config.async_settings.error_aggregation else None
+    )
+    if failures:
+        create_markdown_artifact(
+            failures, key="site-pipeline-failures", description="failures by kind"
+        )
+    message = report.failure_message(ordered)
+    if message:
+        logger.error(message)
+        return Failed(message=message, data=summary)
+    return Completed(message=f"all {total} sites succeeded", data=summary)
+
+
+def _site_report(site: str, state: State[Any]) -> report.SiteReport:
+    """The site's final report, from its task run's final state."""
+    value = state.result(raise_on_failure=False) if state.is_final() else None
+    if isinstance(value, SiteAttemptFailed):
+        return value.report
+    if isinstance(value, dict) and state.is_completed():
+        return report.SiteReport(**value)
+    status: report.SiteStatus = "failed"
+    if state.is_cancelled():
+        status = "cancelled"
+    elif not state.is_final():
+        status = "skipped"
+    error = state.message or (repr(value) if value is not None else None)
+    return report.SiteReport(site, status, 0, None, 0.0, error)
+
+
+if __name__ == "__main__":
+    run_sites()

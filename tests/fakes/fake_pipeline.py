@@ -1,0 +1,83 @@
+"""A fake site pipeline for tests. Its behaviour is chosen by the site name's prefix.
+
+    ok...        sleep $FAKE_SLEEP seconds (default 0.05), print a JSON status line
+    flaky...     fail attempt 1 (exit 1), succeed after
+    fail...      always exit 1 with a line on stderr
+    usage...     exit 2, like an argparse usage error
+    hang...      start a grandchild, then both sleep for ever
+    stubborn...  like hang, but the pipeline ignores SIGTERM
+    loud...      print $FAKE_LOUD_MB megabytes (default 20) of lines, then the status line
+    anything else behaves like ok
+
+Every run appends `<site> start|end <time>` lines to $FAKE_TIMELINE when set, and
+`hang`/`stubborn` write their pids to $FAKE_PIDS_DIR/<attempt>-<pid>.pids.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def mark(site: str, what: str) -> None:
+    path = os.environ.get("FAKE_TIMELINE")
+    if path:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(f"{site}\t{what}\t{time.time():.6f}\n")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--site", required=True)
+    parser.add_argument("--attempt", type=int, default=int(os.environ.get("SITE_ATTEMPT", "1")))
+    args, extra = parser.parse_known_args()
+    site = args.site
+    mark(site, "start")
+    status = {
+        "site": site,
+        "attempt": args.attempt,
+        "argv": sys.argv[1:],
+        "extra": extra,
+        "env_site": os.environ.get("SITE"),
+        "output_dir": os.environ.get("SITE_OUTPUT_DIR"),
+        "cwd": os.getcwd(),
+    }
+    if site.startswith(("hang", "stubborn")):
+        if site.startswith("stubborn"):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
+        pids_dir = os.environ.get("FAKE_PIDS_DIR", ".")
+        with open(os.path.join(pids_dir, f"{args.attempt}-{os.getpid()}.pids"), "w") as handle:
+            handle.write(f"{os.getpid()} {child.pid}\n")
+        print("hanging", flush=True)
+        time.sleep(1000)
+        return 0
+    time.sleep(float(os.environ.get("FAKE_SLEEP", "0.05")))
+    if site.startswith("flaky") and args.attempt == 1:
+        print(f"{site}: failing attempt 1 on purpose", file=sys.stderr)
+        mark(site, "end")
+        return 1
+    if site.startswith("fail"):
+        print(f"{site}: boom on attempt {args.attempt}", file=sys.stderr)
+        mark(site, "end")
+        return 1
+    if site.startswith("usage"):
+        print("usage: fake_pipeline --site SITE", file=sys.stderr)
+        mark(site, "end")
+        return 2
+    if site.startswith("loud"):
+        line = "x" * 99 + "\n"
+        megabytes = float(os.environ.get("FAKE_LOUD_MB", "20"))
+        chunk = line * 10_000  # about 1 MB
+        for _ in range(int(megabytes)):
+            sys.stdout.write(chunk)
+    print(json.dumps(status), flush=True)
+    mark(site, "end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
