@@ -1,0 +1,89 @@
+"""Shared fixtures: an isolated PREFECT_HOME, one real Prefect API for the session,
+configs that point at the fake pipeline, and timeline helpers."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+# Isolate Prefect before it is imported anywhere: no user profile, no user database.
+_HOME = tempfile.mkdtemp(prefix="site-pipeline-tests-")
+os.environ["PREFECT_HOME"] = _HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.pop("PREFECT_PROFILE", None)
+os.environ.pop("SITE_PIPELINE_CONFIG", None)
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = ROOT / "tests" / "fakes" / "fake_pipeline.py"
+
+
+@pytest.fixture(scope="session")
+def prefect_api() -> Iterator[str]:
+    """A real Prefect API (a temporary server on SQLite) for the whole session; yields its URL."""
+    from prefect.settings import get_current_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(get_current_settings().api.url)
+
+
+def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
+    """Write a config.yaml in `folder` that runs the fake pipeline for `sites`."""
+    body: dict[str, Any] = {
+        "sites": sites,
+        "command": ["{python}", str(FAKE), "--site", "{site}", "--attempt", "{attempt}"],
+        "default_flags": [],
+        "retry_count": 1,
+        "retry_delay": 0,
+        "retry_jitter": 0,
+        "kill_grace_seconds": 1,
+        "timeout": 60,
+        "concurrency_tag": f"test-{folder.name}"[:60].replace("[", "-").replace("]", ""),
+        "env": {
+            "FAKE_TIMELINE": str(folder / "timeline.tsv"),
+            "FAKE_PIDS_DIR": str(folder),
+        },
+    }
+    body.update(pipeline)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump({"pipeline": body}), encoding="utf-8")
+    return path
+
+
+def read_timeline(folder: Path) -> list[tuple[str, str, float]]:
+    """(site, 'start'|'end', time) rows the fake pipeline wrote, in time order."""
+    path = folder / "timeline.tsv"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        site, what, when = line.split("\t")
+        rows.append((site, what, float(when)))
+    return sorted(rows, key=lambda row: row[2])
+
+
+def max_overlap(rows: list[tuple[str, str, float]]) -> int:
+    """The most pipelines running at the same moment, from start/end rows."""
+    running = peak = 0
+    # At equal times, count ends first so back-to-back runs don't look overlapped.
+    for _, what, _ in sorted(rows, key=lambda row: (row[2], row[1] == "start")):
+        running += 1 if what == "start" else -1
+        peak = max(peak, running)
+    return peak
+
+
+def cli_env(api_url: str) -> dict[str, str]:
+    """Environment for a CLI subprocess that talks to the session's Prefect API."""
+    return {**os.environ, "PREFECT_API_URL": api_url, "PYTHONPATH": str(ROOT)}
+
+
+PYTHON = sys.executable

@@ -1,0 +1,287 @@
+"""Config and site-name validation, without a Prefect server."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from flows.config import (
+    ConfigError,
+    build_argv,
+    check_sites,
+    load_plan,
+    parse_config,
+    site_dir_name,
+    site_output_dir,
+)
+from tests.conftest import write_config
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+BAD_CONFIGS = [
+    ("yaml syntax", "pipeline: [unclosed\n", "YAML syntax error at line"),
+    ("unknown key", "pipeline:\n  sites: [a]\n  banana: 1\n", "pipeline.banana: unknown key"),
+    (
+        "unknown nested key",
+        "pipeline:\n  sites: [a]\n  async_settings: {nope: 1}\n",
+        "pipeline.async_settings.nope: unknown key",
+    ),
+    ("wrong type", "pipeline:\n  sites: [a]\n  timeout: soon\n", "pipeline.timeout = 'soon'"),
+    (
+        "string for int",
+        "pipeline:\n  sites: [a]\n  retry_count: '3'\n",
+        "pipeline.retry_count = '3'",
+    ),
+    (
+        "zero timeout",
+        "pipeline:\n  sites: [a]\n  timeout: 0\n",
+        "pipeline.timeout = 0: expected greater than 0",
+    ),
+    (
+        "negative cap",
+        "pipeline:\n  sites: [a]\n  max_concurrent_sites: -1\n",
+        "pipeline.max_concurrent_sites = -1",
+    ),
+    ("zero attempts", "pipeline:\n  sites: [a]\n  retry_count: 0\n", "pipeline.retry_count = 0"),
+    (
+        "no {site}",
+        "pipeline:\n  sites: [a]\n  command: [python, x.py]\n",
+        "pipeline.command = ['python', 'x.py']: expected an element containing '{site}'",
+    ),
+    (
+        "unknown placeholder",
+        "pipeline:\n  sites: [a]\n  command: ['{site}', '{nope}']\n",
+        "unknown placeholder {nope}",
+    ),
+    ("empty site list", "pipeline:\n  sites: []\n", "pipeline.sites: expected at least one site"),
+    ("no sites at all", "pipeline:\n  timeout: 5\n", "pipeline.sites: required"),
+    (
+        "alias mismatch",
+        "pipeline:\n  sites: [a]\n  max_concurrent_sites: 5\n"
+        "  async_settings: {semaphore_limit: 3}\n",
+        "pipeline.async_settings.semaphore_limit = 3: it is an alias of max_concurrent_sites (5)",
+    ),
+    (
+        "bad backoff",
+        "pipeline:\n  sites: [a]\n  async_settings: {retry_backoff: random}\n",
+        "pipeline.async_settings.retry_backoff = 'random'",
+    ),
+    ("not a mapping", "- a\n- b\n", "expected a mapping with a 'pipeline:' key"),
+    ("no pipeline key", "sites: [a]\n", "sites: unknown key"),
+    ("bad site", "pipeline:\n  sites: [good.com, '-rf']\n", "pipeline.sites[1] = '-rf'"),
+    (
+        "both sites and file",
+        "pipeline:\n  sites: [a]\n  sites_file: s.txt\n",
+        "expected either sites or sites_file, not both",
+    ),
+    ("missing sites file", "pipeline:\n  sites_file: nowhere.txt\n", "cannot read it"),
+    (
+        "missing working dir",
+        "pipeline:\n  sites: [a]\n  working_dir: nowhere\n",
+        "pipeline.working_dir = 'nowhere': expected an existing folder",
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "text", "expected"), BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_bad_config_exits_2_and_names_the_key(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    text: str,
+    expected: str,
+    command: str,
+) -> None:
+    """Each bad config makes `validate` and `run` exit 2, naming the key; nothing runs."""
+    config = tmp_path / "config.yaml"
+    config.write_text(text, encoding="utf-8")
+    code, _, err = run_cli([command, "--config", str(config)], capsys)
+    assert code == 2, err
+    assert expected in err, err
+    assert all(line.startswith("site-pipeline: error: ") for line in err.splitlines()), err
+    assert "Traceback" not in err
+    assert not (tmp_path / "output").exists()  # nothing half-ran
+
+
+def test_every_problem_gets_its_own_line(tmp_path: Path) -> None:
+    """Several problems in one file are all reported, one line each, each with its key."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config("pipeline:\n  sites: [a]\n  timeout: -1\n  retry_count: 0\n  extra: 1\n")
+    problems = caught.value.problems
+    assert len(problems) == 3, problems
+    assert any("pipeline.timeout = -1" in p for p in problems)
+    assert any("pipeline.retry_count = 0" in p for p in problems)
+    assert any("pipeline.extra: unknown key" in p for p in problems)
+
+
+def test_missing_config_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config path that doesn't exist exits 2 and names the path."""
+    code, _, err = run_cli(["validate", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2
+    assert "nope.yaml" in err and "cannot read it" in err
+
+
+@pytest.mark.parametrize(
+    ("site", "reason"),
+    [
+        ("-rf", "must not start with '-'"),
+        ("--site=x", "must not start with '-'"),
+        ("a b", "whitespace"),
+        ("tab\there", "whitespace"),
+        ("new\nline", "whitespace"),
+        ("nul\x00byte", "control characters"),
+        ("esc\x1b[0m", "control characters"),
+        ("../../etc", "'..' path segments"),
+        ("a/../b", "'..' path segments"),
+        ("..", "'..' path segments"),
+        (".", "'..' path segments"),
+        ("", "non-empty"),
+        ("x" * 600, "at most 512 characters"),
+    ],
+)
+def test_bad_site_names_are_rejected_up_front(site: str, reason: str) -> None:
+    """Names that could become options, break argv or climb out of a folder are refused."""
+    with pytest.raises(ConfigError) as caught:
+        check_sites(["ok.com", site])
+    assert reason in str(caught.value)
+    assert "sites[1]" in str(caught.value)
+
+
+def test_bad_cli_site_exits_2_and_runs_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run --site ../../etc` is refused before any Prefect call, with exit status 2."""
+    config = write_config(tmp_path, ["ok-a"])
+    code, _, err = run_cli(["run", "--config", str(config), "--site", "../../etc"], capsys)
+    assert code == 2
+    assert "'../../etc'" in err and "path segments" in err
+    assert not (tmp_path / "timeline.tsv").exists()
+
+
+def test_opaque_site_names_are_accepted() -> None:
+    """URLs, plugin names and shell metacharacters are all just names."""
+    sites, warnings = check_sites(
+        ["https://example.com/lawyers?page=2", "lawyer_directory", "x;rm$(whoami)", "ünïcode.de"]
+    )
+    assert len(sites) == 4 and warnings == []
+
+
+def test_duplicate_sites_are_dropped_with_a_warning() -> None:
+    """Duplicates keep their first position and produce one warning each."""
+    sites, warnings = check_sites(["a", "b", "a", "c", "b"])
+    assert sites == ["a", "b", "c"]
+    assert len(warnings) == 2 and "duplicate" in warnings[0]
+
+
+def test_site_folder_never_leaves_the_output_dir(tmp_path: Path) -> None:
+    """Odd names map to a safe, unique folder directly inside output_dir."""
+    names = ["https://a.com/x", "https:__a.com_x", "x;rm$(whoami)", "a\\b", "plain.example"]
+    folders = {site_output_dir(tmp_path, name) for name in names}
+    assert len(folders) == len(names)
+    assert all(folder.parent == tmp_path for folder in folders)
+    assert site_dir_name("plain.example") == "plain.example"
+
+
+def test_argv_fills_placeholders_once_and_literally(tmp_path: Path) -> None:
+    """A site holding '{attempt}' or shell syntax stays one literal argv element."""
+    config = parse_config(
+        "pipeline:\n  sites: [a]\n  command: ['{python}', 'p.py', '--site={site}', '{attempt}',"
+        " '{output_dir}']\n  default_flags: [--emit-status]\n"
+    )
+    argv = build_argv(config, "x{attempt};$(id)", 2, tmp_path)
+    assert argv[1:] == ["p.py", "--site=x{attempt};$(id)", "2", str(tmp_path), "--emit-status"]
+
+
+def test_relative_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sites_file, output_dir and working_dir are relative to the config file, not the cwd."""
+    folder = tmp_path / "project"
+    (folder / "work").mkdir(parents=True)
+    (folder / "sites.txt").write_text("# comment\na.com\n\nb.com  # trailing\n", encoding="utf-8")
+    (folder / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"pipeline": {"sites_file": "sites.txt", "working_dir": "work", "output_dir": "out"}}
+        )
+    )
+    monkeypatch.chdir(tmp_path)
+    plan = load_plan(folder / "config.yaml")
+    assert plan.sites == ("a.com", "b.com")
+    assert plan.working_dir == folder / "work"
+    assert plan.output_dir == folder / "out"
+
+
+def test_config_is_found_by_flag_then_env_then_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--config wins over $SITE_PIPELINE_CONFIG, which wins over ./config.yaml."""
+    for name in ("cwd", "env", "flag"):
+        (tmp_path / name).mkdir()
+        write_config(tmp_path / name, [f"{name}.com"])
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert load_plan().sites == ("cwd.com",)
+    monkeypatch.setenv("SITE_PIPELINE_CONFIG", str(tmp_path / "env" / "config.yaml"))
+    assert load_plan().sites == ("env.com",)
+    assert load_plan(tmp_path / "flag" / "config.yaml").sites == ("flag.com",)
+
+
+def test_validate_prints_the_first_argv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`validate` exits 0 and shows exactly what the first site would run."""
+    config = write_config(tmp_path, ["first.com", "second.com"])
+    code, out, _ = run_cli(["validate", "--config", str(config)], capsys)
+    assert code == 0
+    argv_line = next(line for line in out.splitlines() if line.startswith("first site's argv: "))
+    argv = json.loads(argv_line.split(": ", 1)[1])
+    assert argv[2:] == ["--site", "first.com", "--attempt", "1"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "--max-concurrent", "0"],
+        ["run", "--max-concurrent", "many"],
+        ["run", "--bogus"],
+        ["frobnicate"],
+        [],
+    ],
+)
+def test_bad_cli_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown commands, unknown flags and bad numbers are usage errors (exit 2)."""
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2
+    assert "usage:" in err or "error:" in err
+
+
+def test_site_and_sites_file_together_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--site and --sites-file are mutually exclusive."""
+    config = write_config(tmp_path, ["a"])
+    (tmp_path / "s.txt").write_text("b\n")
+    code, _, err = run_cli(
+        ["run", "--config", str(config), "--site", "a", "--sites-file", str(tmp_path / "s.txt")],
+        capsys,
+    )
+    assert code == 2 and "not both" in err
+
+
+def test_shipped_config_is_valid() -> None:
+    """The root config.yaml validates and runs the demo pipeline, honestly named."""
+    plan = load_plan(Path(__file__).resolve().parent.parent / "config.yaml")
+    assert "examples/demo_site.py" in plan.config.command
+    assert len(plan.sites) >= 3

@@ -1,0 +1,226 @@
+"""The flow on a real Prefect API (a temporary server) with real pipeline processes."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterTaskRunId,
+)
+from prefect.logging.handlers import APILogWorker
+
+from flows.site_pipeline import run_sites
+from tests.conftest import max_overlap, read_timeline, write_config
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+
+def run(config: Path, **params: Any) -> tuple[Any, dict[str, Any]]:
+    """Run the flow; return (final state, summary dict)."""
+    state = run_sites(config_path=str(config), return_state=True, **params)
+    summary = state.result(raise_on_failure=False)
+    assert isinstance(summary, dict), f"flow ended {state.name}: {state.message}"
+    return state, summary
+
+
+def site(summary: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(entry for entry in summary["sites"] if entry["site"] == name)
+
+
+def starts(rows: list[tuple[str, str, float]], name: str) -> list[float]:
+    return [when for who, what, when in rows if who == name and what == "start"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_flaky_site_succeeds_on_attempt_2_and_others_are_isolated(tmp_path: Path) -> None:
+    """A flaky site retries once and succeeds; an always-failing site doesn't stop the others."""
+    config = write_config(tmp_path, ["flaky-a", "fail-b", "ok-c"], retry_count=3, retry_delay=0.1)
+    state, summary = run(config)
+    assert site(summary, "flaky-a")["status"] == "succeeded"
+    assert site(summary, "flaky-a")["attempts"] == 2
+    assert site(summary, "ok-c")["status"] == "succeeded"
+    failed = site(summary, "fail-b")
+    assert failed["status"] == "failed" and failed["attempts"] == 3 and failed["exit_code"] == 1
+    assert len(starts(read_timeline(tmp_path), "fail-b")) == 3  # exactly retry_count processes
+    assert state.is_failed()
+    assert state.message == "1 of 3 sites failed: fail-b"
+
+
+def test_non_retryable_exit_code_runs_once(tmp_path: Path) -> None:
+    """Exit code 2 is in non_retryable_exit_codes: one attempt only, though 3 are allowed."""
+    config = write_config(tmp_path, ["usage-a"], retry_count=3, retry_delay=0.1)
+    _, summary = run(config)
+    assert site(summary, "usage-a")["attempts"] == 1
+    assert site(summary, "usage-a")["exit_code"] == 2
+    assert len(starts(read_timeline(tmp_path), "usage-a")) == 1
+
+
+def test_unstartable_command_is_not_retried(tmp_path: Path) -> None:
+    """A command that can't be started fails once with 'could not start', not retry_count times."""
+    config = write_config(
+        tmp_path, ["ok-a"], retry_count=3, command=[str(tmp_path / "nope"), "{site}"]
+    )
+    _, summary = run(config)
+    entry = site(summary, "ok-a")
+    assert entry["status"] == "failed" and entry["attempts"] == 1
+    assert entry["error"].startswith("could not start")
+
+
+def test_hanging_site_times_out_and_leaves_no_process(tmp_path: Path) -> None:
+    """Each attempt of a hanging site is stopped at the timeout; no process of it survives."""
+    config = write_config(
+        tmp_path, ["hang-a", "ok-b"], retry_count=2, timeout=2, kill_grace_seconds=0.5
+    )
+    started = time.monotonic()
+    _, summary = run(config)
+    assert time.monotonic() - started < 60
+    entry = site(summary, "hang-a")
+    assert entry["status"] == "timed_out" and entry["attempts"] == 2
+    assert summary["counts"]["timed_out"] == 1
+    assert site(summary, "ok-b")["status"] == "succeeded"
+    pid_files = list(tmp_path.glob("*.pids"))
+    assert len(pid_files) == 2  # one per attempt: the timeout was retried
+    for pid_file in pid_files:
+        for pid in map(int, pid_file.read_text().split()):
+            assert not alive(pid), f"pid {pid} from {pid_file.name} is still alive"
+
+
+def test_cap_of_2_never_runs_more_than_2_at_once(tmp_path: Path) -> None:
+    """6 sites with a cap of 2: the pipelines' own timestamps never show more than 2 running."""
+    sites = [f"ok-{i}" for i in range(6)]
+    config = write_config(
+        tmp_path,
+        sites,
+        max_concurrent_sites=2,
+        env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "0.6"},
+    )
+    _, summary = run(config)
+    assert summary["counts"]["succeeded"] == 6
+    rows = read_timeline(tmp_path)
+    assert len(rows) == 12
+    assert max_overlap(rows) == 2  # capped, and really concurrent
+
+
+def test_use_async_false_runs_one_site_at_a_time_in_order(tmp_path: Path) -> None:
+    """use_async: false is the old sequential loop: no overlap, sites in list order."""
+    sites = ["ok-d", "ok-a", "ok-c", "ok-b"]
+    config = write_config(tmp_path, sites, use_async=False, max_concurrent_sites=4)
+    _, summary = run(config)
+    assert summary["counts"]["succeeded"] == 4
+    rows = read_timeline(tmp_path)
+    assert max_overlap(rows) == 1
+    assert [who for who, what, _ in rows if what == "start"] == sites
+
+
+def test_retry_delay_does_not_hold_the_slot(tmp_path: Path) -> None:
+    """Cap 1: while a flaky site waits 3 s before its retry, the other site runs in that slot."""
+    config = write_config(
+        tmp_path, ["flaky-a", "ok-b"], max_concurrent_sites=1, retry_count=2, retry_delay=3
+    )
+    _, summary = run(config)
+    assert summary["counts"]["succeeded"] == 2
+    rows = read_timeline(tmp_path)
+    flaky_starts = starts(rows, "flaky-a")
+    assert len(flaky_starts) == 2
+    assert flaky_starts[0] < starts(rows, "ok-b")[0] < flaky_starts[1]
+    assert max_overlap(rows) == 1
+
+
+def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
+    """The summary has the documented shape; the UI has one task run per site, named after it,
+    tagged, with the artifacts and the stderr line in the failing site's logs."""
+    config = write_config(tmp_path, ["ok-a.com", "fail-b"], retry_count=1)
+    state, summary = run(config)
+    assert set(summary) == {"flow_run_id", "state", "counts", "sites"}
+    assert summary["state"] == "Failed"
+    assert summary["counts"] == {
+        "total": 2,
+        "succeeded": 1,
+        "failed": 1,
+        "timed_out": 0,
+        "cancelled": 0,
+        "skipped": 0,
+    }
+    for entry in summary["sites"]:
+        assert set(entry) == {
+            "site",
+            "status",
+            "attempts",
+            "exit_code",
+            "duration_s",
+            "error",
+            "result",
+        }
+    assert site(summary, "ok-a.com")["result"]["site"] == "ok-a.com"  # the JSON status line
+    assert site(summary, "fail-b")["result"] is None
+
+    APILogWorker.drain_all(timeout=10)
+    flow_run_id = UUID(summary["flow_run_id"])
+    assert state.state_details.flow_run_id == flow_run_id
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+        by_name = {run.name: run for run in task_runs}
+        assert set(by_name) == {"ok-a.com", "fail-b"}
+        assert by_name["ok-a.com"].state is not None and by_name["ok-a.com"].state.is_completed()
+        assert by_name["fail-b"].state is not None and by_name["fail-b"].state.is_failed()
+        assert all(f"test-{tmp_path.name}"[:60] in run.tags for run in task_runs)
+        logs = client.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[by_name["fail-b"].id]))
+        )
+        assert any("fail-b: boom on attempt 1" in log.message for log in logs)
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+        kinds = {artifact.key: artifact.type for artifact in artifacts}
+        assert kinds.get("site-pipeline-summary") == "table"
+        assert kinds.get("site-pipeline-failures") == "markdown"
+        assert kinds.get("site-pipeline-progress") == "progress"
+        limit = client.read_global_concurrency_limit_by_name(f"test-{tmp_path.name}"[:60])
+        assert limit.limit == 5 and limit.active_slots == 0  # every slot given back
+
+
+def test_loud_site_logs_are_bounded_in_the_api(tmp_path: Path) -> None:
+    """A site printing 20 MB ends fine and sends at most about 2 * max_log_lines log records."""
+    config = write_config(tmp_path, ["loud-a"], max_log_lines=40)
+    _, summary = run(config)
+    assert site(summary, "loud-a")["status"] == "succeeded"
+    assert site(summary, "loud-a")["result"]["site"] == "loud-a"
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        task_run = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(summary["flow_run_id"])]))
+        )[0]
+        logs = client.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run.id])), limit=200
+        )
+    assert 80 <= len(logs) <= 2 * 40 + 10
+    assert any("output lines not logged" in log.message for log in logs)
+
+
+def test_sites_parameter_overrides_config_and_is_validated(tmp_path: Path) -> None:
+    """The `sites` parameter replaces the config's list; a bad name fails the run before any site."""
+    config = write_config(tmp_path, ["ok-from-config"])
+    _, summary = run(config, sites=["ok-param"])
+    assert [entry["site"] for entry in summary["sites"]] == ["ok-param"]
+    state = run_sites(config_path=str(config), sites=["-rf"], return_state=True)
+    assert state.is_failed() and "must not start with '-'" in (state.message or "")
+    assert starts(read_timeline(tmp_path), "ok-from-config") == []

@@ -1,0 +1,251 @@
+"""The process runner: real subprocesses, real process groups, no Prefect server."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows import procgroup
+from flows.runner import MAX_LINE_BYTES, BoundedLog, run_attempt
+from tests.conftest import FAKE
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` runs and is not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def fake(site: str, attempt: int = 1) -> list[str]:
+    return [sys.executable, str(FAKE), "--site", site, "--attempt", str(attempt)]
+
+
+def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "FAKE_PIDS_DIR": str(tmp_path), **extra}
+
+
+def pids_written(tmp_path: Path, timeout: float = 10) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = list(tmp_path.glob("*.pids"))
+        if files and files[0].read_text().endswith("\n"):
+            return [int(p) for p in files[0].read_text().split()]
+        time.sleep(0.05)
+    raise AssertionError("the fake pipeline wrote no pids")
+
+
+def test_success_captures_the_json_result_line(tmp_path: Path) -> None:
+    """Exit 0 is success, and a JSON object on the last stdout line becomes the result."""
+    lines: list[str] = []
+    outcome = run_attempt(
+        fake("ok.com"),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        timeout=30,
+        kill_grace=1,
+        log=lines.append,
+    )
+    assert outcome.status == "succeeded" and outcome.exit_code == 0
+    assert outcome.result is not None and outcome.result["site"] == "ok.com"
+    assert any('"site": "ok.com"' in line for line in lines)
+
+
+def test_failure_keeps_the_stderr_tail(tmp_path: Path) -> None:
+    """A non-zero exit is a failure with its exit code and its stderr lines."""
+    outcome = run_attempt(
+        fake("fail.com", 2),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        timeout=30,
+        kill_grace=1,
+        log=lambda _: None,
+    )
+    assert outcome.status == "failed" and outcome.exit_code == 1
+    assert outcome.stderr_tail == ["fail.com: boom on attempt 2"]
+    assert outcome.result is None
+
+
+def test_a_program_that_cannot_start_is_reported_not_raised(tmp_path: Path) -> None:
+    """A missing executable gives status not_started and a clear error."""
+    outcome = run_attempt(
+        [str(tmp_path / "no-such-program")],
+        cwd=tmp_path,
+        env=os.environ,
+        timeout=5,
+        kill_grace=1,
+        log=lambda _: None,
+    )
+    assert outcome.status == "not_started"
+    assert outcome.error is not None and "could not start" in outcome.error
+
+
+@pytest.mark.parametrize("site", ["hang.com", "stubborn.com"])
+def test_timeout_kills_the_pipeline_and_its_grandchild(tmp_path: Path, site: str) -> None:
+    """On timeout the whole group is stopped (SIGKILL if SIGTERM is ignored): no process remains."""
+    started = time.monotonic()
+    outcome = run_attempt(
+        fake(site),
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+        timeout=1.5,
+        kill_grace=0.5,
+        log=lambda _: None,
+    )
+    elapsed = time.monotonic() - started
+    pipeline, grandchild = pids_written(tmp_path)
+    assert outcome.status == "timed_out"
+    assert not alive(pipeline) and not alive(grandchild)
+    assert elapsed < 15  # generous: 1.5 s timeout + 0.5 s grace + start-up
+    assert not procgroup.group_alive(pipeline)
+
+
+def test_background_grandchild_is_stopped_after_a_normal_exit(tmp_path: Path) -> None:
+    """A pipeline that exits 0 but leaves a background process behind gets it cleaned up."""
+    script = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)']); "
+        f"open({str(tmp_path / 'bg.pid')!r}, 'w').write(str(p.pid)); print('done')"
+    )
+    outcome = run_attempt(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=os.environ,
+        timeout=30,
+        kill_grace=1,
+        log=lambda _: None,
+    )
+    assert outcome.status == "succeeded"
+    assert not alive(int((tmp_path / "bg.pid").read_text()))
+
+
+def test_20mb_of_output_is_bounded_in_logs_and_memory(tmp_path: Path) -> None:
+    """20 MB of output: the attempt succeeds, logs stay about 2N lines, memory stays small."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lines: list[str] = []
+    outcome = run_attempt(
+        fake("loud.com"),
+        cwd=tmp_path,
+        env=env_for(tmp_path, FAKE_LOUD_MB="20"),
+        timeout=120,
+        kill_grace=1,
+        log=lines.append,
+        max_log_lines=50,
+    )
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert outcome.status == "succeeded"
+    assert outcome.lines_total > 200_000
+    assert len(lines) <= 2 * 50 + 1
+    assert any("output lines not logged" in line for line in lines)
+    assert outcome.result is not None and outcome.result["site"] == "loud.com"
+    assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
+
+
+def test_overlong_lines_are_cut(tmp_path: Path) -> None:
+    """A single 1 MB line is logged cut to MAX_LINE_BYTES, and the next line still arrives."""
+    script = "import sys; sys.stdout.write('y' * 1_000_000 + '\\nafter\\n')"
+    lines: list[str] = []
+    outcome = run_attempt(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=os.environ,
+        timeout=30,
+        kill_grace=1,
+        log=lines.append,
+    )
+    assert outcome.status == "succeeded"
+    assert lines[0].endswith("[line cut]") and len(lines[0]) < MAX_LINE_BYTES + 20
+    assert lines[1] == "after"
+
+
+def test_bounded_log_keeps_first_and_last_lines() -> None:
+    """BoundedLog logs the first N live, then says how many it left out, then the last N."""
+    out: list[str] = []
+    log = BoundedLog(out.append, 3)
+    for i in range(10):
+        log.add(str(i))
+    log.close()
+    assert out == [
+        "0",
+        "1",
+        "2",
+        "... 4 output lines not logged (only the first and last 3 are kept) ...",
+        "7",
+        "8",
+        "9",
+    ]
+
+
+def test_interrupting_the_wait_stops_the_group(tmp_path: Path) -> None:
+    """An exception raised into the waiting thread (Prefect's backstop) still stops the group."""
+    import ctypes
+    import threading
+
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run_attempt(
+                fake("hang.com"),
+                cwd=tmp_path,
+                env=env_for(tmp_path),
+                timeout=600,
+                kill_grace=0.5,
+                log=lambda _: None,
+            )
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    pipeline, grandchild = pids_written(tmp_path)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_long(thread.ident), ctypes.py_object(TimeoutError)
+    )
+    thread.join(timeout=20)
+    assert not thread.is_alive()
+    assert errors and isinstance(errors[0], TimeoutError)
+    assert not alive(pipeline) and not alive(grandchild)
+
+
+def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path) -> None:
+    """If the process that started a pipeline is SIGKILLed, the reaper stops the pipeline group."""
+    import signal
+    import subprocess
+
+    code = (
+        "import os, sys; sys.path.insert(0, sys.argv[1]); from flows.runner import run_attempt; "
+        "run_attempt(sys.argv[2:], cwd='.', env=os.environ, timeout=600, kill_grace=1, log=print)"
+    )
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(Path(__file__).resolve().parent.parent),
+            *fake("hang.com"),
+        ],
+        cwd=tmp_path,
+        env=env_for(tmp_path),
+    )
+    pipeline, grandchild = pids_written(tmp_path)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while (alive(pipeline) or alive(grandchild)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(pipeline) and not alive(grandchild)
+
+
+def test_unsupported_platform_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without POSIX process groups the runner refuses clearly instead of failing silently."""
+    monkeypatch.setattr(procgroup.os, "name", "nt")
+    with pytest.raises(procgroup.UnsupportedPlatform, match="POSIX process group"):
+        procgroup.ensure_supported()
