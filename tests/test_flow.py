@@ -217,7 +217,7 @@ def test_loud_site_logs_are_bounded_in_the_api(tmp_path: Path) -> None:
 
 
 def test_sites_parameter_overrides_config_and_is_validated(tmp_path: Path) -> None:
-    """The `sites` parameter replaces the config's list; a bad name fails the run before any site."""
+    """The `sites` parameter replaces the config's list; a bad name fails the run; nothing ran."""
     config = write_config(tmp_path, ["ok-from-config"])
     _, summary = run(config, sites=["ok-param"])
     assert [entry["site"] for entry in summary["sites"]] == ["ok-param"]
