@@ -1,0 +1,105 @@
+"""The CLI as a real subprocess against the session's real Prefect API."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PYTHON, ROOT, cli_env, max_overlap, read_timeline, write_config
+
+
+def cli(args: list[str], api: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PYTHON, "-m", "flows", *args],
+        cwd=ROOT, env=cli_env(api), capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def test_run_exits_0_when_every_site_succeeds(tmp_path: Path, prefect_api: str) -> None:
+    """All sites succeed: exit 0, a final table, and the summary JSON file in its documented shape."""
+    config = write_config(tmp_path, ["ok-a", "ok-b"])
+    summary_path = tmp_path / "summary.json"
+    result = cli(["run", "--config", str(config), "--summary-json", str(summary_path)], prefect_api)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Completed: 2/2 succeeded" in result.stdout
+    summary = json.loads(summary_path.read_text())
+    assert summary["state"] == "Completed" and summary["counts"]["succeeded"] == 2
+    assert [s["site"] for s in summary["sites"]] == ["ok-a", "ok-b"]
+
+
+def test_run_exits_1_when_a_site_fails(tmp_path: Path, prefect_api: str) -> None:
+    """One failing site: the others still run, and the exit status is 1."""
+    config = write_config(tmp_path, ["ok-a", "fail-b"])
+    result = cli(["run", "--config", str(config), "--site", "fail-b", "--site", "ok-c"], prefect_api)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "1 of 2 sites failed: fail-b" in result.stderr
+    assert {row[0] for row in read_timeline(tmp_path)} == {"fail-b", "ok-c"}  # --site overrides
+
+
+def test_run_exits_2_on_bad_config_and_runs_nothing(tmp_path: Path, prefect_api: str) -> None:
+    """A bad config exits 2 with one line naming the key; no pipeline starts."""
+    config = write_config(tmp_path, ["ok-a"], timeout=-5)
+    result = cli(["run", "--config", str(config)], prefect_api)
+    assert result.returncode == 2
+    assert "pipeline.timeout = -5" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "timeline.tsv").exists()
+
+
+def test_sites_file_and_sequential_flags(tmp_path: Path, prefect_api: str) -> None:
+    """--sites-file reads sites (relative to the cwd) and --sequential runs them one by one."""
+    config = write_config(tmp_path, ["ignored"])
+    (tmp_path / "list.txt").write_text("# nightly\nok-1\nok-2\nok-3\n")
+    result = cli(
+        ["run", "--config", str(config), "--sites-file", str(tmp_path / "list.txt"), "--sequential"],
+        prefect_api,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = read_timeline(tmp_path)
+    assert [r[0] for r in rows if r[1] == "start"] == ["ok-1", "ok-2", "ok-3"]
+    assert max_overlap(rows) == 1
+
+
+def test_console_script_is_installed() -> None:
+    """`pip install -e .` gives a `site-pipeline` command next to the interpreter."""
+    script = Path(sys.executable).parent / "site-pipeline"
+    assert script.exists()
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0 and "validate" in result.stdout
+
+
+def test_two_concurrent_flow_runs_share_the_cap(tmp_path: Path, prefect_api: str) -> None:
+    """Two flow runs started together with the same tag never run more than the cap (3) at once."""
+    timeline = tmp_path / "timeline.tsv"
+    procs = []
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        folder.mkdir()
+        config = write_config(
+            folder, [f"ok-{name}-{i}" for i in range(6)], max_concurrent_sites=3,
+            concurrency_tag="shared-cap-test",
+            env={"FAKE_TIMELINE": str(timeline), "FAKE_SLEEP": "1.5"},
+        )
+        procs.append(subprocess.Popen(
+            [PYTHON, "-m", "flows", "run", "--config", str(config)], cwd=ROOT,
+            env=cli_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output[-3000:]
+    rows = read_timeline(tmp_path)
+    assert len(rows) == 24
+    assert max_overlap(rows) == 3
+    # 12 sites of 1.5 s through 3 shared slots need at least 4 rounds of 1.5 s.
+    assert rows[-1][2] - rows[0][2] >= 4 * 1.5
+
+
+@pytest.mark.parametrize("argv", [["validate"], ["--help"]])
+def test_python_dash_m_flows_is_the_same_cli(argv: list[str], prefect_api: str) -> None:
+    """`python -m flows` runs the CLI: validate on the shipped config exits 0."""
+    result = cli(argv, prefect_api, timeout=120)
+    assert result.returncode == 0, result.stderr
