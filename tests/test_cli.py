@@ -15,12 +15,17 @@ from tests.conftest import PYTHON, ROOT, cli_env, max_overlap, read_timeline, wr
 def cli(args: list[str], api: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [PYTHON, "-m", "flows", *args],
-        cwd=ROOT, env=cli_env(api), capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=ROOT,
+        env=cli_env(api),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
 def test_run_exits_0_when_every_site_succeeds(tmp_path: Path, prefect_api: str) -> None:
-    """All sites succeed: exit 0, a final table, and the summary JSON file in its documented shape."""
+    """All sites succeed: exit 0, a final table, and the summary JSON in its documented shape."""
     config = write_config(tmp_path, ["ok-a", "ok-b"])
     summary_path = tmp_path / "summary.json"
     result = cli(["run", "--config", str(config), "--summary-json", str(summary_path)], prefect_api)
@@ -34,7 +39,9 @@ def test_run_exits_0_when_every_site_succeeds(tmp_path: Path, prefect_api: str) 
 def test_run_exits_1_when_a_site_fails(tmp_path: Path, prefect_api: str) -> None:
     """One failing site: the others still run, and the exit status is 1."""
     config = write_config(tmp_path, ["ok-a", "fail-b"])
-    result = cli(["run", "--config", str(config), "--site", "fail-b", "--site", "ok-c"], prefect_api)
+    result = cli(
+        ["run", "--config", str(config), "--site", "fail-b", "--site", "ok-c"], prefect_api
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "1 of 2 sites failed: fail-b" in result.stderr
     assert {row[0] for row in read_timeline(tmp_path)} == {"fail-b", "ok-c"}  # --site overrides
@@ -55,7 +62,14 @@ def test_sites_file_and_sequential_flags(tmp_path: Path, prefect_api: str) -> No
     config = write_config(tmp_path, ["ignored"])
     (tmp_path / "list.txt").write_text("# nightly\nok-1\nok-2\nok-3\n")
     result = cli(
-        ["run", "--config", str(config), "--sites-file", str(tmp_path / "list.txt"), "--sequential"],
+        [
+            "run",
+            "--config",
+            str(config),
+            "--sites-file",
+            str(tmp_path / "list.txt"),
+            "--sequential",
+        ],
         prefect_api,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,14 +94,22 @@ def test_two_concurrent_flow_runs_share_the_cap(tmp_path: Path, prefect_api: str
         folder = tmp_path / name
         folder.mkdir()
         config = write_config(
-            folder, [f"ok-{name}-{i}" for i in range(6)], max_concurrent_sites=3,
+            folder,
+            [f"ok-{name}-{i}" for i in range(6)],
+            max_concurrent_sites=3,
             concurrency_tag="shared-cap-test",
             env={"FAKE_TIMELINE": str(timeline), "FAKE_SLEEP": "1.5"},
         )
-        procs.append(subprocess.Popen(
-            [PYTHON, "-m", "flows", "run", "--config", str(config)], cwd=ROOT,
-            env=cli_env(prefect_api), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [PYTHON, "-m", "flows", "run", "--config", str(config)],
+                cwd=ROOT,
+                env=cli_env(prefect_api),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [proc.communicate(timeout=300)[0] for proc in procs]
     for proc, output in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, output[-3000:]
