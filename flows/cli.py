@@ -61,6 +61,35 @@ def _parser() -> argparse.ArgumentParser:
     with_config(
         commands.add_parser("validate", help="check the config and sites; show what would run")
     )
+
+    setup = with_config(
+        commands.add_parser("setup", help="create or update the work pool and concurrency limit")
+    )
+    setup.add_argument("--pool", default="site-pool", help="process work pool (default: site-pool)")
+
+    submit = commands.add_parser(
+        "submit", help="start a run of a deployment, checking its parameters first"
+    )
+    submit.add_argument("--deployment", default="site-pipeline/adhoc", metavar="FLOW/NAME")
+    submit.add_argument("--site", action="append", metavar="SITE", help="the sites (repeatable)")
+    submit.add_argument(
+        "--max-concurrent", type=_positive_int, metavar="N", help="override the cap"
+    )
+    submit.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a flow parameter; VALUE is JSON, or else a string",
+    )
+    submit.add_argument("--no-watch", action="store_true", help="return once the run is created")
+
+    history = commands.add_parser("history", help="recent runs and each site's last status")
+    history.add_argument(
+        "--limit", type=_positive_int, default=10, metavar="N", help="runs to show"
+    )
+    history.add_argument("--site", metavar="SITE", help="only this site")
+    history.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
 
 
@@ -149,8 +178,128 @@ class _ProgressBar:
         sys.stdout.flush()
 
 
+def _history(args: argparse.Namespace) -> int:
+    from flows import admin
+
+    if args.site:
+        from flows.config import site_problem
+
+        problem = site_problem(args.site)
+        if problem:
+            _fail(f"--site {args.site!r}: {problem}")
+    try:
+        admin.check_reachable()
+        data = admin.history(limit=args.limit, site=args.site)
+    except admin.ApiUnreachable as exc:
+        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(json.dumps(data, indent=2) if args.json else admin.format_history(data))
+    return EXIT_OK
+
+
+def deployment_parameters(
+    pairs: Sequence[str], sites: Sequence[str] | None, max_concurrent: int | None
+) -> dict[str, Any]:
+    """Flow parameters from `--param KEY=VALUE` and the shortcuts, checked like the flow would.
+
+    Raises `ConfigError` for an unknown key, a bad value or a bad site name.
+    """
+    import inspect
+
+    from flows.config import check_sites
+    from flows.site_pipeline import run_sites
+
+    known = list(inspect.signature(run_sites.fn).parameters)
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in known:
+            raise ConfigError(
+                [
+                    f"--param {pair!r}: unknown parameter {key!r}; expected KEY=VALUE with KEY "
+                    f"one of {', '.join(known)}"
+                ]
+            )
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    if sites:
+        params["sites"] = list(sites)
+    if max_concurrent is not None:
+        params["max_concurrent_sites"] = max_concurrent
+    if "sites" in params:
+        value = params["sites"]
+        if not isinstance(value, list):
+            raise ConfigError([f"sites = {value!r}: expected a JSON list of site names"])
+        params["sites"], _ = check_sites(value, "sites")
+    cap = params.get("max_concurrent_sites")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
+        raise ConfigError([f"max_concurrent_sites = {cap!r}: expected a whole number > 0"])
+    for key in ("config_path",):
+        if key in params and not isinstance(params[key], str):
+            raise ConfigError([f"{key} = {params[key]!r}: expected a string"])
+    if "use_async" in params and not isinstance(params["use_async"], bool):
+        raise ConfigError([f"use_async = {params['use_async']!r}: expected true or false"])
+    return params
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from flows import admin
+
+    try:
+        params = deployment_parameters(args.param, args.site, args.max_concurrent)
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        admin.check_reachable()
+    except admin.ApiUnreachable as exc:
+        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync here
+            args.deployment,
+            parameters=params,
+            timeout=0 if args.no_watch else None,
+            as_subflow=False,
+        )
+    except ObjectNotFound:
+        _fail(f"--deployment {args.deployment!r}: no such deployment; run `prefect deploy --all`")
+    state = flow_run.state
+    print(f"flow run {flow_run.name} ({flow_run.id}): {state.name if state else 'unknown'}")
+    if args.no_watch:
+        return EXIT_OK
+    if state is not None and state.message:
+        print(state.message)
+    return EXIT_OK if state is not None and state.is_completed() else EXIT_FAILED
+
+
+def _setup(args: argparse.Namespace, plan: RunPlan) -> int:
+    from flows import admin
+
+    try:
+        target = admin.check_reachable()
+        print(f"Prefect API: {target}")
+        for change in admin.setup(plan, pool=args.pool):
+            print(change)
+    except admin.ApiUnreachable as exc:
+        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except ValueError as exc:
+        _fail(str(exc))
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "history":
+        return _history(args)
+    if args.command == "submit":
+        return _submit(args)
     try:
         procgroup.ensure_supported()
         plan = _plan(args)
@@ -160,6 +309,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"site-pipeline: warning: {warning}", file=sys.stderr)
     if args.command == "validate":
         return _validate(plan)
+    if args.command == "setup":
+        return _setup(args, plan)
     try:
         return _run(args, plan)
     except KeyboardInterrupt:

@@ -1,0 +1,203 @@
+"""Talk to the Prefect API for `site-pipeline setup` and `site-pipeline history`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.client.schemas.filters import (
+    FlowFilter,
+    FlowFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+    FlowRunFilterStartTime,
+    TaskRunFilter,
+    TaskRunFilterName,
+)
+from prefect.client.schemas.objects import StateType, TaskRun
+from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
+
+from flows.config import RunPlan
+from flows.slots import ensure_limit
+
+FLOW_NAME = "site-pipeline"
+DEFAULT_POOL = "site-pool"
+PAGE = 200  # the API's largest page
+
+
+class ApiUnreachable(RuntimeError):
+    """No Prefect API can be used; the message names the URL that was tried."""
+
+
+def api_target() -> str:
+    """The configured API URL, or a description of the embedded default."""
+    settings = get_current_settings()
+    if settings.api.url:
+        return str(settings.api.url)
+    if not settings.server.ephemeral.enabled:
+        raise ApiUnreachable(
+            "no Prefect API: PREFECT_API_URL is not set and the embedded local server is "
+            "disabled (PREFECT_SERVER_ALLOW_EPHEMERAL_MODE=false); start `prefect server start` "
+            "and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    return "the embedded local server (no PREFECT_API_URL set)"
+
+
+def check_reachable() -> str:
+    """Raise `ApiUnreachable` unless the configured API answers /health. Returns the target."""
+    target = api_target()
+    url = get_current_settings().api.url
+    if url:
+        try:
+            httpx.get(f"{str(url).rstrip('/')}/health", timeout=10).raise_for_status()
+        except httpx.HTTPError as exc:
+            raise ApiUnreachable(f"cannot reach the Prefect API at {url}: {exc}") from None
+    return target
+
+
+def setup(plan: RunPlan, pool: str = DEFAULT_POOL) -> list[str]:
+    """Create or update the process work pool and the concurrency limit. Idempotent."""
+    changes = []
+    with get_client(sync_client=True) as client:
+        changes.append(_ensure_process_pool(client, pool))
+        changes.append(ensure_limit(client, plan.config.concurrency_tag, plan.max_concurrent_sites))
+    return changes
+
+
+def _ensure_process_pool(client: SyncPrefectClient, name: str) -> str:
+    try:
+        existing = client.read_work_pool(name)
+    except ObjectNotFound:
+        client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        return f"created process work pool {name!r}"
+    if existing.type != "process":
+        raise ValueError(
+            f"work pool {name!r} exists with type {existing.type!r}; expected 'process'"
+        )
+    return f"process work pool {name!r} (unchanged)"
+
+
+def _site_status(run: TaskRun) -> str:
+    state = run.state
+    if state is None:
+        return "unknown"
+    if state.type == StateType.COMPLETED:
+        return "succeeded"
+    if state.type == StateType.FAILED:
+        return "timed_out" if "timed_out" in (state.message or "") else "failed"
+    return {
+        StateType.CANCELLED: "cancelled",
+        StateType.CRASHED: "crashed",
+        StateType.RUNNING: "running",
+    }.get(state.type, (state.name or state.type.value).lower())
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _task_runs(
+    client: SyncPrefectClient, flow_run_ids: Iterable[UUID] | None, site: str | None, most: int
+) -> list[TaskRun]:
+    """Task runs of the site-pipeline flow, newest first, at most `most`."""
+    runs: list[TaskRun] = []
+    while len(runs) < most:
+        page = client.read_task_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_run_filter=(
+                FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids)))
+                if flow_run_ids is not None
+                else None
+            ),
+            task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=[site])) if site else None,
+            sort=TaskRunSort.EXPECTED_START_TIME_DESC,
+            limit=min(PAGE, most - len(runs)),
+            offset=len(runs),
+        )
+        runs.extend(page)
+        if len(page) < PAGE:
+            break
+    return runs
+
+
+def history(limit: int = 10, site: str | None = None, scan: int = 5000) -> dict[str, Any]:
+    """The last `limit` flow runs and, per site, its last status and last success."""
+    with get_client(sync_client=True) as client:
+        flow_runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
+            sort=FlowRunSort.START_TIME_DESC,
+            limit=limit,
+        )
+        in_runs = _task_runs(client, [run.id for run in flow_runs], site, scan) if flow_runs else []
+        recent = _task_runs(client, None, site, scan)
+
+    tally: dict[UUID, dict[str, int]] = {}
+    for task_run in in_runs:
+        if task_run.flow_run_id is None:
+            continue
+        counts = tally.setdefault(task_run.flow_run_id, {"succeeded": 0, "failed": 0})
+        counts["succeeded" if _site_status(task_run) == "succeeded" else "failed"] += 1
+    runs = []
+    for run in flow_runs:
+        if site and run.id not in tally:
+            continue
+        counts = tally.get(run.id, {"succeeded": 0, "failed": 0})
+        end = run.end_time
+        duration = (end - run.start_time).total_seconds() if end and run.start_time else None
+        runs.append(
+            {
+                "flow_run_id": str(run.id),
+                "name": run.name,
+                "start_time": _iso(run.start_time),
+                "state": run.state.name if run.state else None,
+                "duration_s": round(duration, 3) if duration is not None else None,
+                "succeeded": counts["succeeded"],
+                "failed": counts["failed"],
+            }
+        )
+
+    sites: dict[str, dict[str, Any]] = {}
+    for task_run in recent:  # newest first
+        entry = sites.setdefault(
+            task_run.name,
+            {
+                "site": task_run.name,
+                "last_status": _site_status(task_run),
+                "last_run_at": _iso(task_run.start_time or task_run.expected_start_time),
+                "last_succeeded_at": None,
+            },
+        )
+        if entry["last_succeeded_at"] is None and _site_status(task_run) == "succeeded":
+            entry["last_succeeded_at"] = _iso(task_run.end_time or task_run.start_time)
+    return {
+        "api": api_target(),
+        "runs": runs,
+        "sites": sorted(sites.values(), key=lambda entry: entry["site"]),
+    }
+
+
+def format_history(data: dict[str, Any]) -> str:
+    """History as two plain-text tables."""
+    lines = [f"Last {len(data['runs'])} site-pipeline runs ({data['api']}):"]
+    lines.append(f"{'STARTED':<26} {'STATE':<10} {'SECONDS':>9} {'OK':>5} {'FAILED':>6}  NAME")
+    for run in data["runs"]:
+        seconds = "" if run["duration_s"] is None else f"{run['duration_s']:.1f}"
+        lines.append(
+            f"{(run['start_time'] or '')[:25]:<26} {run['state'] or '':<10} {seconds:>9} "
+            f"{run['succeeded']:>5} {run['failed']:>6}  {run['name']}"
+        )
+    lines.append("")
+    lines.append(f"{'SITE':<40} {'LAST STATUS':<12} {'LAST RUN':<26} LAST SUCCEEDED")
+    for entry in data["sites"]:
+        last_run = (entry["last_run_at"] or "")[:25]
+        last_ok = (entry["last_succeeded_at"] or "never")[:25]
+        lines.append(f"{entry['site']:<40} {entry['last_status']:<12} {last_run:<26} {last_ok}")
+    return "\n".join(lines)

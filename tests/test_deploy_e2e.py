@@ -1,0 +1,182 @@
+"""End to end, as the README's Deploy section: a real `prefect server start` (SQLite, then
+PostgreSQL), `site-pipeline setup`, `prefect --no-prompt deploy --all`, a process worker, and
+`prefect deployment run ... --watch`; then the history is checked through the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from uuid import UUID
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterName,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterTaskRunId,
+)
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from tests.conftest import ROOT, write_config
+from tests.servers import (
+    BIN,
+    postgres_database,
+    postgres_problem,
+    prefect_env,
+    prefect_server,
+    process_worker,
+)
+
+pytestmark = pytest.mark.e2e
+
+SITES = ["ok-one.com", "fail-two.com", "ok-three.com", "flaky-four.com"]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A real Prefect server on loopback, on SQLite or on a fresh PostgreSQL database."""
+    home = tmp_path / "prefect-home"
+    if request.param == "sqlite":
+        with prefect_server(home) as url:
+            yield url
+        return
+    problem = postgres_problem()
+    if problem:
+        if os.environ.get("REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"REQUIRE_POSTGRES=1 but {problem}")
+        pytest.skip(problem)
+    with postgres_database() as database_url, prefect_server(home, database_url) as url:
+        yield url
+
+
+def sh(
+    args: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def test_deployment_run_on_a_real_server_and_worker(server: str, tmp_path: Path) -> None:
+    """setup, deploy, worker and `prefect deployment run --watch` give one task run per site,
+    the right states, the failing site's stderr in its logs, the artifacts, the nightly
+    schedule, and `site-pipeline history --json` reports the run."""
+    env = prefect_env(tmp_path / "client-home", server, PWD=str(ROOT))
+    config = write_config(tmp_path, SITES, retry_count=2, retry_delay=0.2, concurrency_tag="e2e")
+
+    setup = sh([str(BIN / "site-pipeline"), "setup", "--config", str(config)], env)
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert "created process work pool 'site-pool'" in setup.stdout
+    again = sh([str(BIN / "site-pipeline"), "setup", "--config", str(config)], env)
+    assert again.returncode == 0 and "created" not in again.stdout  # idempotent
+    assert again.stdout.count("unchanged") == 2
+
+    deploy = sh([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
+    assert deploy.returncode == 0, deploy.stdout + deploy.stderr
+
+    # The schema is enforced: an unknown parameter creates no flow run.
+    bogus = sh(
+        [str(BIN / "prefect"), "deployment", "run", "site-pipeline/adhoc", "--param", "bogus=1"],
+        env,
+    )
+    assert bogus.returncode != 0 and "bogus" in bogus.stdout + bogus.stderr
+    ours = sh([str(BIN / "site-pipeline"), "submit", "--param", "bogus=1"], env)
+    assert ours.returncode == 2 and len(ours.stderr.strip().splitlines()) == 1, ours.stderr
+
+    with process_worker(env, "site-pool", ROOT, tmp_path / "worker.log"):
+        run = sh(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "site-pipeline/adhoc",
+                "--param",
+                f"sites={json.dumps(SITES)}",
+                "--param",
+                f"config_path={config}",
+                "--watch",
+                "--watch-timeout",
+                "240",
+            ],
+            env,
+            timeout=300,
+        )
+        submitted = sh(
+            [
+                str(BIN / "site-pipeline"),
+                "submit",
+                "--site",
+                "ok-five.com",
+                "--param",
+                f"config_path={config}",
+            ],
+            env,
+            timeout=300,
+        )
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    assert "Completed" in submitted.stdout
+    worker_log = (tmp_path / "worker.log").read_text(errors="replace")[-3000:]
+    assert "Failed" in run.stdout, run.stdout + run.stderr + worker_log  # one site fails
+
+    with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("site-pipeline/adhoc")
+        flow_runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["adhoc"]))
+        )
+        assert len(flow_runs) == 2  # the --watch run and the submitted one; `bogus` made none
+        flow_run = next(r for r in flow_runs if r.parameters.get("sites") == SITES)
+        assert flow_run.deployment_id == deployment.id
+        assert flow_run.state is not None and flow_run.state.is_failed()
+        assert flow_run.state.message == "1 of 4 sites failed: fail-two.com"
+
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+        states = {t.name: t.state.type.value if t.state else None for t in task_runs}
+        assert states == {
+            "ok-one.com": "COMPLETED",
+            "fail-two.com": "FAILED",
+            "ok-three.com": "COMPLETED",
+            "flaky-four.com": "COMPLETED",
+        }
+        failing = next(t for t in task_runs if t.name == "fail-two.com")
+        logs = client.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[failing.id]))
+        )
+        assert any("fail-two.com: boom on attempt 2" in log.message for log in logs)
+
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+        assert "site-pipeline-summary" in {a.key for a in artifacts}
+
+        nightly = client.read_deployment_by_name("site-pipeline/nightly")
+        assert [s.schedule.model_dump().get("cron") for s in nightly.schedules] == ["0 2 * * *"]
+        assert nightly.schedules[0].schedule.model_dump().get("timezone") == "UTC"
+        assert nightly.work_pool_name == "site-pool" and nightly.enforce_parameter_schema
+
+    history = sh([str(BIN / "site-pipeline"), "history", "--json"], env)
+    assert history.returncode == 0, history.stderr
+    data = json.loads(history.stdout)
+    run_entry = next(r for r in data["runs"] if r["flow_run_id"] == str(flow_run.id))
+    assert run_entry["state"] == "Failed"
+    assert (run_entry["succeeded"], run_entry["failed"]) == (3, 1)
+    assert data["runs"][0]["state"] == "Completed"  # newest first: the submitted run
+    by_site = {entry["site"]: entry for entry in data["sites"]}
+    assert by_site["fail-two.com"]["last_status"] == "failed"
+    assert by_site["fail-two.com"]["last_succeeded_at"] is None
+    assert by_site["ok-one.com"]["last_succeeded_at"] is not None
+    assert by_site["ok-five.com"]["last_status"] == "succeeded"
+    only = json.loads(
+        sh([str(BIN / "site-pipeline"), "history", "--json", "--site", "fail-two.com"], env).stdout
+    )
+    assert [entry["site"] for entry in only["sites"]] == ["fail-two.com"]
+    assert [UUID(r["flow_run_id"]) for r in only["runs"]] == [flow_run.id]
