@@ -23,6 +23,7 @@ from prefect.artifacts import (
 )
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State
+from prefect.context import TagsContext
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -69,7 +70,13 @@ def run_sites(
         config.retry_count,
     )
 
-    pool = SlotPool(config.concurrency_tag, total, holder_id=flow_run_id)
+    pool = SlotPool(
+        config.concurrency_tag,
+        plan.sites,
+        holder_id=flow_run_id,
+        prefetch=plan.max_concurrent_sites,
+        tags=sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())}),
+    )
     run = SiteRun(plan, pool, flow_run_id)
     key = register(run)
     progress = (

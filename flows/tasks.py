@@ -87,8 +87,12 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
     plan, config = run.plan, run.plan.config
     logger = get_run_logger()
     attempt = max(1, int(current_task_run.run_count))
-    out_dir = site_output_dir(plan.output_dir, site)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir = site_output_dir(plan.output_dir, site)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        run.pool.site_finished(site)  # it will never ask for a slot: don't keep others waiting
+        raise
     argv = build_argv(config, site, attempt, out_dir)
     env = {
         **os.environ,
@@ -98,7 +102,7 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
         "SITE_OUTPUT_DIR": str(out_dir),
         "SITE_FLOW_RUN_ID": str(run.flow_run_id),
     }
-    with run.pool.slot():
+    with run.pool.slot(site):
         if run.stopping.is_set():
             outcome = None
         else:
@@ -114,7 +118,7 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
             )
     if outcome is None or run.stopping.is_set():
         report = SiteReport(site, "cancelled", attempt, None, 0.0, "the flow run is stopping")
-        run.pool.site_finished()
+        run.pool.site_finished(site)
         raise SiteAttemptFailed(report, retryable=False)
 
     status = "failed" if outcome.status == "not_started" else outcome.status
@@ -129,14 +133,14 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
         stderr_tail=outcome.stderr_tail,
     )
     if outcome.status == "succeeded":
-        run.pool.site_finished()
+        run.pool.site_finished(site)
         return report.to_json() | {"stderr_tail": report.stderr_tail}
 
     retryable = outcome.status != "not_started" and (
         outcome.exit_code not in config.non_retryable_exit_codes
     )
     if not retryable or attempt >= config.retry_count:
-        run.pool.site_finished()
+        run.pool.site_finished(site)
     if outcome.status == "timed_out":
         logger.error("attempt %d timed out after %gs", attempt, config.timeout)
     raise SiteAttemptFailed(report, retryable=retryable)

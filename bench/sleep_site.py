@@ -1,0 +1,28 @@
+"""A benchmark site: append `<site> start <t>`, sleep, append `<site> end <t>`.
+
+Usage: sleep_site.py SITE [--attempt N]. $BENCH_TIMELINE is the file, $BENCH_SLEEP the
+seconds. A site named `flaky*` exits 1 on attempt 1 (the retry scenario).
+"""
+
+import os
+import sys
+import time
+
+
+def mark(site: str, what: str) -> None:
+    # One short write with O_APPEND: lines from concurrent sites never interleave.
+    with open(os.environ["BENCH_TIMELINE"], "a", encoding="utf-8") as handle:
+        handle.write(f"{site}\t{what}\t{time.time():.6f}\n")
+
+
+def main() -> int:
+    site = sys.argv[1]
+    attempt = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[2] == "--attempt" else 1
+    mark(site, "start")
+    time.sleep(float(os.environ.get("BENCH_SLEEP", "2")))
+    mark(site, "end")
+    return 1 if site.startswith("flaky") and attempt == 1 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
