@@ -322,10 +322,15 @@ def site_dir_name(site: str) -> str:
 
 
 def site_output_dir(output_dir: Path, site: str) -> Path:
-    """`output_dir/<safe name>`, guaranteed to be inside `output_dir`."""
-    target = (output_dir / site_dir_name(site)).resolve()
-    if target.parent != output_dir.resolve():
-        raise ConfigError([f"site {site!r}: its output folder {target} leaves {output_dir}"])
+    """`output_dir/<safe name>`, guaranteed to be inside `output_dir`.
+
+    The name has no separators and is neither '.' nor '..', so the join can't
+    climb out; a symlink planted at that name is refused.
+    """
+    name = site_dir_name(site)
+    target = output_dir / name
+    if name in {".", ".."} or "/" in name or "\\" in name or target.is_symlink():
+        raise ConfigError([f"site {site!r}: its output folder {target} would leave {output_dir}"])
     return target
 
 

@@ -73,13 +73,9 @@ def failure_message(reports: Sequence[SiteReport], shown: int = 10) -> str | Non
     return f"{len(failed)} of {len(reports)} sites failed: {names}"
 
 
-def progress_line(reports: Sequence[SiteReport], total: int) -> str:
+def progress_line(done: int, total: int, failed: int) -> str:
     """`7/10 sites done: 6 succeeded, 1 failed`."""
-    succeeded = sum(1 for r in reports if r.status == "succeeded")
-    return (
-        f"{len(reports)}/{total} sites done: {succeeded} succeeded, "
-        f"{len(reports) - succeeded} failed"
-    )
+    return f"{done}/{total} sites done: {done - failed} succeeded, {failed} failed"
 
 
 def failure_kind(report: SiteReport) -> str:

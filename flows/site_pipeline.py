@@ -6,6 +6,7 @@ Entrypoint for deployments: `flows/site_pipeline.py:run_sites`.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -88,6 +89,7 @@ def run_sites(
         else None
     )
     reports: dict[str, report.SiteReport] = {}
+    progress_at, failed = 0.0, 0
     try:
         with ThreadPoolTaskRunner[dict[str, Any]](max_workers=plan.workers) as runner:
             futures = runner.map(
@@ -99,12 +101,16 @@ def run_sites(
                     site = site_of[id(future)]
                     future.wait()
                     reports[site] = _site_report(site, future.state)
-                    failed = sum(1 for r in reports.values() if r.status != "succeeded")
+                    failed += reports[site].status != "succeeded"
                     for listener in progress_listeners:
                         listener(len(reports), total, failed)
                     if progress is not None:
-                        logger.info(report.progress_line(list(reports.values()), total))
-                        update_progress_artifact(progress, 100.0 * len(reports) / total)
+                        logger.info(report.progress_line(len(reports), total, failed))
+                        # At most once a second: each update is a blocking API call.
+                        now = time.monotonic()
+                        if now - progress_at >= 1 or len(reports) == total:
+                            progress_at = now
+                            update_progress_artifact(progress, 100.0 * len(reports) / total)
             except BaseException:
                 # Cancelled or crashing: stop every pipeline now, before the task
                 # runner waits for its threads, so none outlives the flow run.

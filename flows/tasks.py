@@ -7,7 +7,6 @@ a concurrency slot only while the pipeline process runs.
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from flows.config import RunPlan, build_argv, site_output_dir
 from flows.report import SiteReport
 from flows.runner import run_attempt
 from flows.slots import SlotPool
-
-BACKSTOP_MARGIN_SECONDS = 30.0
 
 
 @dataclass
@@ -147,12 +144,15 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
 
 
 def configured_task(plan: RunPlan) -> Task[..., dict[str, Any]]:
-    """`run_site` with the plan's retries, delays, jitter, tag and backstop timeout.
+    """`run_site` with the plan's retries, delays, jitter and tag.
 
-    Our runner enforces the per-attempt timeout by stopping the process group.
-    Prefect's `timeout_seconds` can only raise into a worker thread between two
-    Python bytecodes (`PyThreadState_SetAsyncExc`), which the runner's 0.2 s
-    polling allows; it is set later than ours, as a backstop.
+    No `timeout_seconds`: our runner enforces the per-attempt timeout by stopping
+    the process group. Prefect's timeout cannot do that for a sync task in a worker
+    thread: `cancel_sync_after` starts a watcher thread per task run that raises
+    CancelledError into the task's thread with `PyThreadState_SetAsyncExc`, which
+    lands only between two Python bytecodes, never inside a blocking call, and the
+    child process would live on. Those watcher threads also cost one thread per
+    running site.
     """
     config = plan.config
     return run_site.with_options(
@@ -166,18 +166,4 @@ def configured_task(plan: RunPlan) -> Task[..., dict[str, Any]]:
         )
         or 0,
         retry_jitter_factor=config.retry_jitter if config.retry_jitter > 0 else NotSet,
-        timeout_seconds=config.timeout + config.kill_grace_seconds + BACKSTOP_MARGIN_SECONDS,
     )
-
-
-class _WorkerThreadTimeoutWarning(logging.Filter):
-    """Drop Prefect's per-attempt warning that thread timeouts can't interrupt blocking calls.
-
-    It is true in general, and the reason our runner enforces the timeout itself.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Timeout of %s seconds configured for this task")
-
-
-logging.getLogger("prefect.task_runs").addFilter(_WorkerThreadTimeoutWarning())
