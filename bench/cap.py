@@ -2,7 +2,7 @@
 GNU parallel and plain asyncio on one workload, side by side, in one invocation.
 
     python bench/cap.py                      # N=40, T=2 s, C=8, retry and scale scenarios
-    python bench/cap.py --write BENCHMARKS.md
+    python bench/cap.py --write BENCHMARKS.md   # replaces the results part of the file
 
 Every site process appends its own start and end times to a file; from those:
 wall (command start to exit), work span (first site start to last site end),
@@ -373,8 +373,21 @@ def main() -> int:
     )
     print(text)
     if args.write:
-        Path(args.write).write_text(text + "\n")
+        write_between_markers(Path(args.write), text)
     return 0
+
+
+START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace the generated part of `path` (between the markers), keeping the prose."""
+    old = path.read_text() if path.exists() else f"{START}\n{END}\n"
+    if START not in old or END not in old:
+        old = f"{old.rstrip()}\n\n{START}\n{END}\n"
+    head, rest = old.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    path.write_text(f"{head}{START}\n{text}\n{END}{tail}")
 
 
 if __name__ == "__main__":

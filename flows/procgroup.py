@@ -143,7 +143,7 @@ def group_alive(pgid: int) -> bool:
         return True
     if sys.platform.startswith("linux"):
         return _linux_group_has_live_member(pgid)
-    return True
+    return True  # elsewhere an unreaped zombie leader counts: stop_group then waits `grace`
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -153,33 +153,45 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
+def exited(proc: subprocess.Popen[bytes]) -> bool:
+    """True once the group's leader has exited. It is not reaped here: as a zombie it
+    keeps its pid, and so the group id, from being reused by a new process, which
+    `stop_group` would otherwise signal by mistake."""
+    if proc.returncode is not None:
+        return True
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (AttributeError, ChildProcessError):  # no waitid here: reap instead
+        return proc.poll() is not None
+    return info is not None
+
+
+def _wait_group_gone(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while group_alive(pgid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     """Stop every process in `proc`'s group: SIGTERM, then SIGKILL after `grace` seconds.
 
-    Also called after a normal exit, so that background grandchildren left by
-    the pipeline do not outlive its attempt. Reaps the leader.
+    Also called after a normal exit, so that background grandchildren left by the
+    pipeline do not outlive its attempt. The leader is reaped only at the end, so
+    the group id stays ours while we signal it.
     """
     pgid = proc.pid
     try:
-        if proc.poll() is None or group_alive(pgid):
+        if proc.returncode is None and group_alive(pgid):
             _signal_group(pgid, signal.SIGTERM)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                proc.poll()
-                if not group_alive(pgid):
-                    break
-                time.sleep(0.05)
-            else:
+            if not _wait_group_gone(pgid, grace):
                 _signal_group(pgid, signal.SIGKILL)
-        if proc.poll() is None:
-            _signal_group(pgid, signal.SIGKILL)
-            proc.wait()
-        # After SIGKILL, members vanish once their parents reap them; wait briefly.
-        deadline = time.monotonic() + 5
-        while group_alive(pgid) and time.monotonic() < deadline:
-            _signal_group(pgid, signal.SIGKILL)
-            time.sleep(0.02)
+                # Members vanish once their parents reap them; wait briefly.
+                _wait_group_gone(pgid, 5)
     finally:
+        proc.wait()
         _registry.discard(pgid)
 
 

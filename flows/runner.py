@@ -181,7 +181,7 @@ def run_attempt(
             if remaining <= 0:
                 timed_out = True
                 break
-            if proc.poll() is not None:
+            if procgroup.exited(proc):
                 # The leader is gone; a grandchild may still hold the pipes open.
                 _drain(selector, splitters, until=time.monotonic() + 0.5)
                 break

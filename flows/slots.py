@@ -25,7 +25,10 @@ Here instead:
   few milliseconds, not two seconds.
 - A slot given back while a thread of this run waits goes straight to it, with
   no API call. One nobody waits for is parked for at most `linger` seconds, and
-  only while this run has sites left; then it goes back to the server.
+  only while this run has sites left; then it goes back to the server. A slot
+  held (across hand-overs) for more than `fair_share` seconds goes back to the
+  server when its pipeline ends, so a concurrent flow run on the same tag gets
+  its turn instead of waiting for this run's whole queue.
 - Slots go to sites in list order: with k slots free, a site's first attempt
   waits until all but k - 1 of the sites before it have started (for at most
   `patience` seconds, so a site that never asks can't block the others).
@@ -149,6 +152,7 @@ class SlotPool:
         linger: float = 1.0,
         poll: float = 0.05,
         patience: float = 2.0,
+        fair_share: float = 30.0,
         prefetch: int = 0,
         tags: Sequence[str] = (),
         client: SyncPrefectClient | None = None,
@@ -158,6 +162,8 @@ class SlotPool:
         self._linger = linger
         self._poll = poll
         self._patience = patience
+        self._fair_share = fair_share
+        self._leased_at: dict[UUID, float] = {}
         self._holder = ConcurrencyLeaseHolder(type="flow_run", id=holder_id) if holder_id else None
         self._own_client = client is None
         self._client = client or get_client(sync_client=True)
@@ -265,9 +271,13 @@ class SlotPool:
         with self._cond:
             self._in_use.discard(lease)
             unfinished = len(self._index) - len(self._finished)
-            # Keep it (briefly) only while a thread waits or a site of this run may ask.
-            keep = not self._closed and (
-                len(self._waiting) > len(self._parked) or unfinished > len(self._in_use)
+            # Keep it (briefly) only while a thread waits or a site of this run may ask,
+            # and only for `fair_share` seconds in all: then other flow runs get a turn.
+            fresh = time.monotonic() - self._leased_at.get(lease, 0.0) < self._fair_share
+            keep = (
+                not self._closed
+                and fresh
+                and (len(self._waiting) > len(self._parked) or unfinished > len(self._in_use))
             )
             if keep:
                 self._parked.append((lease, time.monotonic()))
@@ -296,6 +306,7 @@ class SlotPool:
                     self._cond.wait(self._poll * random.uniform(0.8, 1.2))  # noqa: S311
                     continue
                 self.api_acquisitions += 1
+                self._leased_at[lease] = time.monotonic()
                 self._prefetch = max(0, self._prefetch - 1)
                 if not self._closed:
                     self._parked.append((lease, time.monotonic()))
@@ -338,6 +349,7 @@ class SlotPool:
         return UUID(data["lease_id"])
 
     def _release(self, lease: UUID) -> None:
+        self._leased_at.pop(lease, None)
         try:
             self._client.release_concurrency_slots_with_lease(lease)
         except Exception as exc:  # the lease expires by itself on the server

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import PYTHON, ROOT, cli_env, max_overlap, read_timeline, write_config
@@ -33,6 +34,9 @@ def test_run_exits_0_when_every_site_succeeds(tmp_path: Path, prefect_api: str) 
     assert "Completed: 2/2 succeeded" in result.stdout
     summary = json.loads(summary_path.read_text())
     assert summary["state"] == "Completed" and summary["counts"]["succeeded"] == 2
+    # PREFECT_API_URL was set, so the run went to that server, not a temporary one.
+    response = httpx.get(f"{prefect_api}/flow_runs/{summary['flow_run_id']}", timeout=10)
+    assert response.status_code == 200 and response.json()["state"]["type"] == "COMPLETED"
     assert [s["site"] for s in summary["sites"]] == ["ok-a", "ok-b"]
 
 

@@ -102,20 +102,42 @@ def test_hanging_site_times_out_and_leaves_no_process(tmp_path: Path) -> None:
             assert not alive(pid), f"pid {pid} from {pid_file.name} is still alive"
 
 
-def test_cap_of_2_never_runs_more_than_2_at_once(tmp_path: Path) -> None:
-    """6 sites with a cap of 2: the pipelines' own timestamps never show more than 2 running."""
-    sites = [f"ok-{i}" for i in range(6)]
+@pytest.mark.parametrize(("cap", "count"), [(2, 6), (3, 12)])
+def test_cap_is_never_exceeded(tmp_path: Path, cap: int, count: int) -> None:
+    """`count` sites with cap `cap`: the pipelines' own timestamps never show more running."""
+    sites = [f"ok-{i}" for i in range(count)]
     config = write_config(
         tmp_path,
         sites,
-        max_concurrent_sites=2,
+        max_concurrent_sites=cap,
         env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "0.6"},
     )
     _, summary = run(config)
-    assert summary["counts"]["succeeded"] == 6
+    assert summary["counts"]["succeeded"] == count
     rows = read_timeline(tmp_path)
-    assert len(rows) == 12
-    assert max_overlap(rows) == 2  # capped, and really concurrent
+    assert len(rows) == 2 * count
+    assert max_overlap(rows) == cap  # capped, and really concurrent
+
+
+def test_a_prefect_tag_limit_on_the_same_tag_is_still_enforced(tmp_path: Path) -> None:
+    """If someone creates Prefect's own tag limit `tag:<tag>` = 1, Prefect enforces it too."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    tag = f"taglimit-{tmp_path.name}"[:50]
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=f"tag:{tag}", limit=1)
+        )
+    config = write_config(
+        tmp_path,
+        ["ok-a", "ok-b", "ok-c"],
+        max_concurrent_sites=3,
+        concurrency_tag=tag,
+        env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "0.5"},
+    )
+    _, summary = run(config)
+    assert summary["counts"]["succeeded"] == 3
+    assert max_overlap(read_timeline(tmp_path)) == 1
 
 
 def test_use_async_false_runs_one_site_at_a_time_in_order(tmp_path: Path) -> None:
