@@ -32,12 +32,14 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import (  # noqa: E402  (needs ROOT on sys.path)
+from tests.servers import (  # noqa: E402
     postgres_database,
     postgres_problem,
     prefect_env,
     prefect_server,
 )
+from tests.timeline import max_overlap as overlap  # noqa: E402  (needs ROOT on sys.path)
+from tests.timeline import read_timeline  # noqa: E402
 
 SITE = ROOT / "bench" / "sleep_site.py"
 BIN = Path(sys.executable).parent
@@ -54,24 +56,6 @@ class Result:
     peak_rss_mb: float | None = None
     peak_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def read_timeline(path: Path) -> list[tuple[str, str, float]]:
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        site, what, when = line.split("\t")
-        rows.append((site, what, float(when)))
-    return sorted(rows, key=lambda r: r[2])
-
-
-def overlap(rows: list[tuple[str, str, float]]) -> int:
-    running = peak = 0
-    for _, what, _ in sorted(rows, key=lambda r: (r[2], r[1] == "start")):
-        running += 1 if what == "start" else -1
-        peak = max(peak, running)
-    return peak
 
 
 def measure(

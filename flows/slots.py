@@ -33,7 +33,8 @@ Here instead:
   waits until all but k - 1 of the sites before it have started (for at most
   `patience` seconds, so a site that never asks can't block the others).
   Retries of started sites come first.
-- One keeper thread renews the leases, so a pipeline may run for hours.
+- One keeper thread renews the leases, so a pipeline may run for hours, and one
+  releaser thread gives slots back, so a worker thread never waits on the API.
 
 The limit stays a normal global concurrency limit: the UI and `prefect gcl ls`
 show it, and it caps every flow run that uses it.
@@ -42,6 +43,7 @@ show it, and it caps every flow run that uses it.
 from __future__ import annotations
 
 import logging
+import queue
 import random
 import threading
 import time
@@ -184,9 +186,11 @@ class SlotPool:
         self._tag_shortcut = TagCheckShortcut(self._client, tags)
         self._tag_shortcut.refresh()
         self.api_acquisitions = 0  # slots that came from the server (for benchmarks)
+        self._releases: queue.SimpleQueue[UUID | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._broker, name=f"slots-broker-{name}", daemon=True),
             threading.Thread(target=self._keeper, name=f"slots-keeper-{name}", daemon=True),
+            threading.Thread(target=self._releaser, name=f"slots-release-{name}", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -213,15 +217,19 @@ class SlotPool:
         """Give every lease back to the server and stop the pool's threads."""
         with self._cond:
             self._closed = True
+            self._cond.notify_all()
+        self._stopped.set()
+        broker, keeper, releaser = self._threads
+        broker.join(timeout=10)  # it may still bring one lease; it releases that itself
+        keeper.join(timeout=10)
+        with self._cond:
             leases = [lease for lease, _ in self._parked] + list(self._in_use)
             self._parked.clear()
             self._in_use.clear()
-            self._cond.notify_all()
-        self._stopped.set()
         for lease in leases:
             self._release(lease)
-        for thread in self._threads:
-            thread.join(timeout=10)
+        self._releases.put(None)
+        releaser.join(timeout=35)
         if self._own_client:
             self._client.__exit__(None, None, None)
 
@@ -349,11 +357,33 @@ class SlotPool:
         return UUID(data["lease_id"])
 
     def _release(self, lease: UUID) -> None:
+        """Queue `lease` for the releaser thread: a worker thread never waits on the API."""
         self._leased_at.pop(lease, None)
-        try:
-            self._client.release_concurrency_slots_with_lease(lease)
-        except Exception as exc:  # the lease expires by itself on the server
-            logger.warning("could not release slot lease %s of %r: %s", lease, self.name, exc)
+        self._releases.put(lease)
+
+    def _releaser(self) -> None:
+        """Give queued leases back, retrying busy answers quickly, until `None` arrives."""
+        while (lease := self._releases.get()) is not None:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    response = _post_once(
+                        self._client,
+                        "/v2/concurrency_limits/decrement-with-lease",
+                        {"lease_id": str(lease)},
+                    )
+                    code = response.status_code
+                    error = f"HTTP {code}" if code == 429 or code >= 500 else None
+                except httpx.TransportError as exc:
+                    error = str(exc)
+                if error is None:
+                    break  # released, or the server no longer knows it (expired)
+                if time.monotonic() > deadline:  # the lease expires by itself on the server
+                    logger.warning(
+                        "could not release slot lease %s of %r: %s", lease, self.name, error
+                    )
+                    break
+                time.sleep(self._poll)
 
     def _keeper(self) -> None:
         """Return slots parked longer than `linger` seconds, and renew held leases."""

@@ -147,12 +147,11 @@ def configured_task(plan: RunPlan) -> Task[..., dict[str, Any]]:
     """`run_site` with the plan's retries, delays, jitter and tag.
 
     No `timeout_seconds`: our runner enforces the per-attempt timeout by stopping
-    the process group. Prefect's timeout cannot do that for a sync task in a worker
-    thread: `cancel_sync_after` starts a watcher thread per task run that raises
-    CancelledError into the task's thread with `PyThreadState_SetAsyncExc`, which
+    the process group. For a sync task in a worker thread, Prefect's timeout
+    (`cancel_sync_after`) starts a watcher thread per task run that raises
+    CancelledError into the task's thread with `PyThreadState_SetAsyncExc`; that
     lands only between two Python bytecodes, never inside a blocking call, and the
-    child process would live on. Those watcher threads also cost one thread per
-    running site.
+    watcher threads cost one thread per running site.
     """
     config = plan.config
     return run_site.with_options(

@@ -13,6 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.timeline import Row
+from tests.timeline import read_timeline as read_rows
+
 # Isolate Prefect before it is imported anywhere: no user profile, no user database.
 _HOME = tempfile.mkdtemp(prefix="site-pipeline-tests-")
 os.environ["PREFECT_HOME"] = _HOME
@@ -59,26 +62,9 @@ def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
     return path
 
 
-def read_timeline(folder: Path) -> list[tuple[str, str, float]]:
-    """(site, 'start'|'end', time) rows the fake pipeline wrote, in time order."""
-    path = folder / "timeline.tsv"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        site, what, when = line.split("\t")
-        rows.append((site, what, float(when)))
-    return sorted(rows, key=lambda row: row[2])
-
-
-def max_overlap(rows: list[tuple[str, str, float]]) -> int:
-    """The most pipelines running at the same moment, from start/end rows."""
-    running = peak = 0
-    # At equal times, count ends first so back-to-back runs don't look overlapped.
-    for _, what, _ in sorted(rows, key=lambda row: (row[2], row[1] == "start")):
-        running += 1 if what == "start" else -1
-        peak = max(peak, running)
-    return peak
+def read_timeline(folder: Path) -> list[Row]:
+    """(site, 'start'|'end', time) rows the fake pipeline wrote in `folder`, in time order."""
+    return read_rows(folder / "timeline.tsv")
 
 
 def cli_env(api_url: str) -> dict[str, str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PYTHON, ROOT, cli_env, max_overlap, read_timeline, write_config
+from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, write_config
+from tests.timeline import max_overlap
 
 
 def cli(args: list[str], api: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

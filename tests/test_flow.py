@@ -21,7 +21,8 @@ from prefect.client.schemas.filters import (
 from prefect.logging.handlers import APILogWorker
 
 from flows.site_pipeline import run_sites
-from tests.conftest import max_overlap, read_timeline, write_config
+from tests.conftest import read_timeline, write_config
+from tests.timeline import max_overlap
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
