@@ -198,10 +198,10 @@ def main() -> int:
         cap, *sites = args.asyncio_worker
         return asyncio.run(asyncio_worker(int(cap), sites))
 
-    if not shutil.which("parallel"):
+    runners = args.runners.split(",")
+    if "parallel" in runners and not shutil.which("parallel"):
         print("GNU parallel is missing: apt-get install parallel", file=sys.stderr)
         return 2
-    runners = args.runners.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-cap-"))
     sites = [f"site-{i:03d}" for i in range(args.n)]
     ideal = math.ceil(args.n / args.c) * args.t
