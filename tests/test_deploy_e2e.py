@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
+import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -68,7 +70,8 @@ def sh(
 def test_deployment_run_on_a_real_server_and_worker(server: str, tmp_path: Path) -> None:
     """setup, deploy, worker and `prefect deployment run --watch` give one task run per site,
     the right states, the failing site's stderr in its logs, the artifacts, the nightly
-    schedule, and `site-pipeline history --json` reports the run."""
+    schedule, and `site-pipeline history --json` reports the run. Cancelling a run stops its
+    pipelines."""
     env = prefect_env(tmp_path / "client-home", server, PWD=str(ROOT))
     config = write_config(tmp_path, SITES, retry_count=2, retry_delay=0.2, concurrency_tag="e2e")
 
@@ -180,3 +183,58 @@ def test_deployment_run_on_a_real_server_and_worker(server: str, tmp_path: Path)
     )
     assert [entry["site"] for entry in only["sites"]] == ["fail-two.com"]
     assert [UUID(r["flow_run_id"]) for r in only["runs"]] == [flow_run.id]
+
+    # Cancelling a deployment run (UI or CLI) stops its pipelines: the worker sends the flow
+    # run's process SIGTERM, and no pipeline or grandchild survives.
+    (tmp_path / "hang").mkdir()
+    hang_config = write_config(
+        tmp_path / "hang", ["hang-x.com"], kill_grace_seconds=1, concurrency_tag="e2e"
+    )
+    with process_worker(env, "site-pool", ROOT, tmp_path / "worker2.log"):
+        started = sh(
+            [
+                str(BIN / "site-pipeline"),
+                "submit",
+                "--site",
+                "hang-x.com",
+                "--param",
+                f"config_path={hang_config}",
+                "--no-watch",
+            ],
+            env,
+        )
+        assert started.returncode == 0, started.stdout + started.stderr
+        hang_id = started.stdout.split("(", 1)[1].split(")", 1)[0]
+        pids = wait_for_pids(tmp_path / "hang")
+        cancel = sh([str(BIN / "prefect"), "flow-run", "cancel", hang_id], env)
+        assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+        with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                state = client.read_flow_run(UUID(hang_id)).state
+                if state is not None and state.is_final():
+                    break
+                time.sleep(1)
+        assert state is not None and state.is_cancelled(), state
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not [pid for pid in pids if alive(pid)]
+
+
+def wait_for_pids(folder: Path, timeout: float = 120) -> list[int]:
+    """The pids a hanging fake pipeline wrote, once it has written them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        files = [f for f in folder.glob("*.pids") if f.read_text().endswith("\n")]
+        if files:
+            return [int(pid) for f in files for pid in f.read_text().split()]
+        time.sleep(0.5)
+    raise AssertionError("the hanging pipeline never started")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
