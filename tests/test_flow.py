@@ -191,7 +191,13 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
             "error",
             "result",
         }
-    assert site(summary, "ok-a.com")["result"]["site"] == "ok-a.com"  # the JSON status line
+    result = site(summary, "ok-a.com")["result"]  # the JSON status line, parsed
+    assert result["site"] == "ok-a.com" and result["env_site"] == "ok-a.com"
+    assert result["output_dir"] == str(tmp_path / "output" / "ok-a.com")  # SITE_OUTPUT_DIR
+    assert Path(result["output_dir"]).is_dir()
+    assert result["cwd"] == str(tmp_path)  # working_dir "." is the config's folder
+    assert result["env_attempt"] == "1"
+    assert result["env_flow_run_id"] == summary["flow_run_id"]
     assert site(summary, "fail-b")["result"] is None
 
     APILogWorker.drain_all(timeout=10)

@@ -42,6 +42,8 @@ def main() -> int:
         "argv": sys.argv[1:],
         "extra": extra,
         "env_site": os.environ.get("SITE"),
+        "env_attempt": os.environ.get("SITE_ATTEMPT"),
+        "env_flow_run_id": os.environ.get("SITE_FLOW_RUN_ID"),
         "output_dir": os.environ.get("SITE_OUTPUT_DIR"),
         "cwd": os.getcwd(),
     }
