@@ -236,9 +236,8 @@ def deployment_parameters(
     cap = params.get("max_concurrent_sites")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap <= 0):
         raise ConfigError([f"max_concurrent_sites = {cap!r}: expected a whole number > 0"])
-    for key in ("config_path",):
-        if key in params and not isinstance(params[key], str):
-            raise ConfigError([f"{key} = {params[key]!r}: expected a string"])
+    if "config_path" in params and not isinstance(params["config_path"], str):
+        raise ConfigError([f"config_path = {params['config_path']!r}: expected a string"])
     if "use_async" in params and not isinstance(params["use_async"], bool):
         raise ConfigError([f"use_async = {params['use_async']!r}: expected true or false"])
     return params
