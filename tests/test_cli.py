@@ -6,14 +6,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, write_config
+from tests.processes import alive, hanging_pids, wait_until_gone
 from tests.timeline import max_overlap
 
 
@@ -135,24 +134,6 @@ def test_python_dash_m_flows_is_the_same_cli(argv: list[str], prefect_api: str) 
     assert result.returncode == 0, result.stderr
 
 
-def _pids_when_hanging(folder: Path, count: int, timeout: float = 120) -> list[int]:
-    """Wait until `count` hanging fake pipelines wrote their pids; return all of them."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        files = [f for f in folder.glob("*.pids") if f.read_text().endswith("\n")]
-        if len(files) >= count:
-            return [int(pid) for f in files for pid in f.read_text().split()]
-        time.sleep(0.2)
-    raise AssertionError(f"only {len(list(folder.glob('*.pids')))} pipelines started")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_flow_process_leaves_no_pipeline(
     tmp_path: Path, prefect_api: str, sig: signal.Signals
@@ -169,13 +150,10 @@ def test_stopping_the_flow_process_leaves_no_pipeline(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    pids = _pids_when_hanging(tmp_path, 2)
-    assert all(_alive(pid) for pid in pids)
+    pids = hanging_pids(tmp_path, 2)
+    assert all(alive(pid) for pid in pids)
     proc.send_signal(sig)
     proc.wait(timeout=60)
-    deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not [pid for pid in pids if _alive(pid)]
+    assert wait_until_gone(pids, timeout=20) == []
     if sig != signal.SIGKILL:
         assert proc.returncode != 0

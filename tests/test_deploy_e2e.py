@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
 
-import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -28,6 +27,7 @@ from prefect.client.schemas.filters import (
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.conftest import ROOT, write_config
+from tests.processes import hanging_pids, wait_until_gone
 from tests.servers import (
     BIN,
     postgres_database,
@@ -205,7 +205,7 @@ def test_deployment_run_on_a_real_server_and_worker(server: str, tmp_path: Path)
         )
         assert started.returncode == 0, started.stdout + started.stderr
         hang_id = started.stdout.split("(", 1)[1].split(")", 1)[0]
-        pids = wait_for_pids(tmp_path / "hang")
+        pids = hanging_pids(tmp_path / "hang")
         cancel = sh([str(BIN / "prefect"), "flow-run", "cancel", hang_id], env)
         assert cancel.returncode == 0, cancel.stdout + cancel.stderr
         with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
@@ -216,25 +216,4 @@ def test_deployment_run_on_a_real_server_and_worker(server: str, tmp_path: Path)
                     break
                 time.sleep(1)
         assert state is not None and state.is_cancelled(), state
-    deadline = time.monotonic() + 30
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not [pid for pid in pids if alive(pid)]
-
-
-def wait_for_pids(folder: Path, timeout: float = 120) -> list[int]:
-    """The pids a hanging fake pipeline wrote, once it has written them."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        files = [f for f in folder.glob("*.pids") if f.read_text().endswith("\n")]
-        if files:
-            return [int(pid) for f in files for pid in f.read_text().split()]
-        time.sleep(0.5)
-    raise AssertionError("the hanging pipeline never started")
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert wait_until_gone(pids, timeout=30) == []

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import psutil
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
@@ -22,6 +21,7 @@ from prefect.logging.handlers import APILogWorker
 
 from flows.site_pipeline import run_sites
 from tests.conftest import read_timeline, write_config
+from tests.processes import alive
 from tests.timeline import max_overlap
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -41,13 +41,6 @@ def site(summary: dict[str, Any], name: str) -> dict[str, Any]:
 
 def starts(rows: list[tuple[str, str, float]], name: str) -> list[float]:
     return [when for who, what, when in rows if who == name and what == "start"]
-
-
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
 def test_flaky_site_succeeds_on_attempt_2_and_others_are_isolated(tmp_path: Path) -> None:

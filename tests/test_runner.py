@@ -8,20 +8,12 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from flows import procgroup
 from flows.runner import MAX_LINE_BYTES, BoundedLog, run_attempt
 from tests.conftest import FAKE
-
-
-def alive(pid: int) -> bool:
-    """True if `pid` runs and is not a zombie."""
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+from tests.processes import alive, hanging_pids, wait_until_gone
 
 
 def fake(site: str, attempt: int = 1) -> list[str]:
@@ -30,16 +22,6 @@ def fake(site: str, attempt: int = 1) -> list[str]:
 
 def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "FAKE_PIDS_DIR": str(tmp_path), **extra}
-
-
-def pids_written(tmp_path: Path, timeout: float = 10) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        files = list(tmp_path.glob("*.pids"))
-        if files and files[0].read_text().endswith("\n"):
-            return [int(p) for p in files[0].read_text().split()]
-        time.sleep(0.05)
-    raise AssertionError("the fake pipeline wrote no pids")
 
 
 def test_success_captures_the_json_result_line(tmp_path: Path) -> None:
@@ -100,7 +82,7 @@ def test_timeout_kills_the_pipeline_and_its_grandchild(tmp_path: Path, site: str
         log=lambda _: None,
     )
     elapsed = time.monotonic() - started
-    pipeline, grandchild = pids_written(tmp_path)
+    pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
     assert outcome.status == "timed_out"
     assert not alive(pipeline) and not alive(grandchild)
     assert elapsed < 15  # generous: 1.5 s timeout + 0.5 s grace + start-up
@@ -205,7 +187,7 @@ def test_interrupting_the_wait_stops_the_group(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=target)
     thread.start()
-    pipeline, grandchild = pids_written(tmp_path)
+    pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_long(thread.ident), ctypes.py_object(TimeoutError)
     )
@@ -235,13 +217,10 @@ def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path) -> None:
         cwd=tmp_path,
         env=env_for(tmp_path),
     )
-    pipeline, grandchild = pids_written(tmp_path)
+    pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
-    deadline = time.monotonic() + 15
-    while (alive(pipeline) or alive(grandchild)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not alive(pipeline) and not alive(grandchild)
+    assert wait_until_gone([pipeline, grandchild], timeout=15) == []
 
 
 def test_unsupported_platform_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
