@@ -185,7 +185,6 @@ class SlotPool:
         self._stopped = threading.Event()
         self._tag_shortcut = TagCheckShortcut(self._client, tags)
         self._tag_shortcut.refresh()
-        self.api_acquisitions = 0  # slots that came from the server (for benchmarks)
         self._releases: queue.SimpleQueue[UUID | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._broker, name=f"slots-broker-{name}", daemon=True),
@@ -313,7 +312,6 @@ class SlotPool:
                     # Full or busy: wait for the next poll (a local hand-over needs no broker).
                     self._cond.wait(self._poll * random.uniform(0.8, 1.2))  # noqa: S311
                     continue
-                self.api_acquisitions += 1
                 self._leased_at[lease] = time.monotonic()
                 self._prefetch = max(0, self._prefetch - 1)
                 if not self._closed:
