@@ -19,6 +19,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.logging.handlers import APILogWorker
 
+from flows.report import as_bools
 from flows.site_pipeline import run_sites
 from tests.conftest import read_timeline, write_config
 from tests.processes import alive
@@ -192,6 +193,7 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
     assert result["env_attempt"] == "1"
     assert result["env_flow_run_id"] == summary["flow_run_id"]
     assert site(summary, "fail-b")["result"] is None
+    assert as_bools(summary) == {"ok-a.com": True, "fail-b": False}  # the original view
 
     APILogWorker.drain_all(timeout=10)
     flow_run_id = UUID(summary["flow_run_id"])
