@@ -21,11 +21,11 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
 
 from flows.config import RunPlan
-from flows.slots import ensure_limit
+from flows.prefect_slots import ensure_limit
 
 FLOW_NAME = "site-pipeline"
 DEFAULT_POOL = "site-pool"
@@ -51,15 +51,42 @@ def api_target() -> str:
 
 
 def check_reachable() -> str:
-    """Raise `ApiUnreachable` unless the configured API answers /health. Returns the target."""
+    """Raise `ApiUnreachable` unless the configured API answers an authenticated request.
+
+    Goes through Prefect's client, so the auth header and the CSRF token are the ones a
+    run would send. Returns the target, with the server's version when it has one.
+    """
     target = api_target()
     url = get_current_settings().api.url
-    if url:
+    if not url:
+        return target
+    with get_client(sync_client=True) as client:
         try:
-            httpx.get(f"{str(url).rstrip('/')}/health", timeout=10).raise_for_status()
-        except httpx.HTTPError as exc:
-            raise ApiUnreachable(f"cannot reach the Prefect API at {url}: {exc}") from None
-    return target
+            version = client.api_version()
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(
+                f"cannot reach the Prefect API at {url} ({type(exc).__name__}: {exc}); "
+                "check PREFECT_API_URL and that the server is running"
+            ) from None
+        except PrefectHTTPStatusError as exc:
+            raise ApiUnreachable(_refusal(str(url), exc.response)) from None
+    return f"{target} (Prefect server {version})"
+
+
+def _refusal(url: str, response: httpx.Response) -> str:
+    status = f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+    if response.status_code == 401:
+        return (
+            f"the Prefect API at {url} refused our credentials ({status}); set "
+            "PREFECT_API_AUTH_STRING to the server's PREFECT_SERVER_API_AUTH_STRING "
+            "(or PREFECT_API_KEY for Prefect Cloud)"
+        )
+    if response.status_code == 403:
+        return (
+            f"the Prefect API at {url} forbade the request ({status}: {response.text[:200]}); "
+            "check PREFECT_API_AUTH_STRING (or PREFECT_API_KEY) and any proxy in front of it"
+        )
+    return f"the Prefect API at {url} answered {status}; check PREFECT_API_URL"
 
 
 def setup(plan: RunPlan, pool: str = DEFAULT_POOL) -> list[str]:

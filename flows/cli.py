@@ -133,6 +133,13 @@ def _validate(plan: RunPlan) -> int:
 
 
 def _run(args: argparse.Namespace, plan: RunPlan) -> int:
+    from flows import admin
+
+    try:
+        admin.check_reachable()
+    except admin.ApiUnreachable as exc:
+        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     from flows.site_pipeline import progress_listeners, run_sites
 
     bar = _ProgressBar() if sys.stdout.isatty() else None

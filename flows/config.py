@@ -72,6 +72,7 @@ class PipelineConfig(_Strict):
     working_dir: str = Field(default=".", min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
     max_log_lines: int = Field(default=200, gt=0)
+    api_patience: float = Field(default=300, gt=0)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:

@@ -19,7 +19,7 @@ STATUSES: tuple[SiteStatus, ...] = ("succeeded", "failed", "timed_out", "cancell
 
 @dataclass
 class SiteReport:
-    """A site's final outcome. `stderr_tail` is for people and is not part of the JSON."""
+    """A site's final outcome. `stderr_tail` and `kind` are not part of the JSON."""
 
     site: str
     status: SiteStatus
@@ -29,10 +29,11 @@ class SiteReport:
     error: str | None = None
     result: dict[str, Any] | None = None
     stderr_tail: list[str] = field(default_factory=list)
+    kind: str | None = None  # the failure's group when no other field tells it ("no slot")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        del data["stderr_tail"]
+        del data["stderr_tail"], data["kind"]
         data["duration_s"] = round(self.duration_s, 3)
         return data
 
@@ -80,6 +81,8 @@ def progress_line(done: int, total: int, failed: int) -> str:
 
 def failure_kind(report: SiteReport) -> str:
     """The group a failed site belongs to in the error aggregation."""
+    if report.kind is not None:
+        return report.kind
     if report.status == "timed_out":
         return "timed out"
     if report.status in ("cancelled", "skipped"):

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -33,7 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import procgroup, report
 from flows.config import load_plan
-from flows.slots import SlotPool, ensure_limit
+from flows.prefect_slots import ensure_limit, slot_pool
 from flows.tasks import SiteAttemptFailed, SiteRun, configured_task, register, unregister
 
 # Called as listener(done, total, failed) after each site; the CLI's progress bar uses it.
@@ -71,15 +72,6 @@ def run_sites(
         config.retry_count,
     )
 
-    pool = SlotPool(
-        config.concurrency_tag,
-        plan.sites,
-        holder_id=flow_run_id,
-        prefetch=plan.max_concurrent_sites,
-        tags=sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())}),
-    )
-    run = SiteRun(plan, pool, flow_run_id)
-    key = register(run)
     progress = (
         cast(
             UUID,
@@ -90,36 +82,43 @@ def run_sites(
     )
     reports: dict[str, report.SiteReport] = {}
     progress_at, failed = 0.0, 0
-    try:
-        with ThreadPoolTaskRunner[dict[str, Any]](max_workers=plan.workers) as runner:
-            futures = runner.map(
-                configured_task(plan), {"site": list(plan.sites), "run_key": unmapped(key)}
-            )
-            site_of = {id(future): site for future, site in zip(futures, plan.sites, strict=True)}
-            try:
-                for future in as_completed(list(futures)):
-                    site = site_of[id(future)]
-                    future.wait()
-                    reports[site] = _site_report(site, future.state)
-                    failed += reports[site].status != "succeeded"
-                    for listener in progress_listeners:
-                        listener(len(reports), total, failed)
-                    if progress is not None:
-                        logger.info(report.progress_line(len(reports), total, failed))
-                        # At most once a second: each update is a blocking API call.
-                        now = time.monotonic()
-                        if now - progress_at >= 1 or len(reports) == total:
-                            progress_at = now
-                            update_progress_artifact(progress, 100.0 * len(reports) / total)
-            except BaseException:
-                # Cancelled or crashing: stop every pipeline now, before the task
-                # runner waits for its threads, so none outlives the flow run.
-                run.stopping.set()
-                procgroup.stop_all(config.kill_grace_seconds)
-                raise
-    finally:
-        pool.close()
-        unregister(key)
+    with (
+        slot_pool(
+            config.concurrency_tag,
+            plan.sites,
+            holder_id=flow_run_id,
+            prefetch=plan.max_concurrent_sites,
+            api_patience=config.api_patience,
+            tags=sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())}),
+        ) as pool,
+        _registered(SiteRun(plan, pool, flow_run_id)) as (run, key),
+        ThreadPoolTaskRunner[dict[str, Any]](max_workers=plan.workers) as runner,
+    ):
+        futures = runner.map(
+            configured_task(plan), {"site": list(plan.sites), "run_key": unmapped(key)}
+        )
+        site_of = {id(future): site for future, site in zip(futures, plan.sites, strict=True)}
+        try:
+            for future in as_completed(list(futures)):
+                site = site_of[id(future)]
+                future.wait()
+                reports[site] = _site_report(site, future.state)
+                failed += reports[site].status != "succeeded"
+                for listener in progress_listeners:
+                    listener(len(reports), total, failed)
+                if progress is not None:
+                    logger.info(report.progress_line(len(reports), total, failed))
+                    # At most once a second: each update is a blocking API call.
+                    now = time.monotonic()
+                    if now - progress_at >= 1 or len(reports) == total:
+                        progress_at = now
+                        update_progress_artifact(progress, 100.0 * len(reports) / total)
+        except BaseException:
+            # Cancelled or crashing: stop every pipeline now, before the task
+            # runner waits for its threads, so none outlives the flow run.
+            run.stopping.set()
+            procgroup.stop_all(config.kill_grace_seconds)
+            raise
 
     ordered = [reports[site] for site in plan.sites]
     summary = report.build_summary(str(flow_run_id), ordered)
@@ -138,6 +137,16 @@ def run_sites(
         logger.error(message)
         return Failed(message=message, data=summary)
     return Completed(message=f"all {total} sites succeeded", data=summary)
+
+
+@contextmanager
+def _registered(run: SiteRun) -> Iterator[tuple[SiteRun, str]]:
+    """`run` in the registry that `run_site` reads, for the duration of the block."""
+    key = register(run)
+    try:
+        yield run, key
+    finally:
+        unregister(key)
 
 
 def _site_report(site: str, state: State[Any]) -> report.SiteReport:

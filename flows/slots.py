@@ -1,43 +1,42 @@
-"""Slots of a Prefect global concurrency limit, shared by one flow run's threads.
+"""Slots of a global concurrency limit, shared by the threads of one flow run.
 
-Why not Prefect's automatic tag limit? Reading Prefect 3.9's source:
+Plain Python: the API is passed in (`SlotApi`). `flows.prefect_slots` is the Prefect one;
+the tests use an in-memory fake. Why not Prefect's automatic tag limit, read from Prefect
+3.9's source:
 
-- The task engine takes the tag's slot when a task run starts (`_concurrency(...)`
-  around `begin_run()` in `task_engine.py`) and keeps it through every retry
-  delay sleep, so a site waiting to retry blocks a slot.
-- Acquisitions for one set of limit names go through one serialized queue
-  (`ConcurrencySlotAcquisitionWithLeaseService`). When the limit is full the
-  server answers 423 with a `Retry-After` scaled by the average slot occupancy,
-  and the queue sleeps that long, so a freed slot sits idle meanwhile.
-- On SQLite, the increment runs in a DEFERRED transaction that reads, then
-  writes; when another writer got in between, SQLite fails it at once with
-  "database is locked", the API answers 503, and the Prefect client retries
-  only after `2 ** n` seconds (about 2 s, jittered). The serialized queue waits
-  behind that sleep too.
+- The task engine takes the tag's slot when a task run starts and keeps it through every
+  retry delay, so a site waiting to retry blocks a slot.
+- Acquisitions for one set of names go through one serialized queue, which sleeps on the
+  server's 423 `Retry-After`, so a freed slot sits idle meanwhile.
+- On SQLite a busy database answers 503, and the Prefect client sleeps about 2 s before it
+  retries; the serialized queue waits behind that sleep too.
 
-Here instead:
+The rules here:
 
-- A slot is taken right before a pipeline process starts and given back when it
-  ends, so a site sleeping before its retry holds nothing.
-- Worker threads never call the API for a slot: a broker thread asks the
-  server while more threads wait than slots are parked, without the client's
-  retry sleep, and tries again after `poll` seconds itself, so a 503 costs a
-  few milliseconds, not two seconds.
-- A slot given back while a thread of this run waits goes straight to it, with
-  no API call. One nobody waits for is parked for at most `linger` seconds, and
-  only while this run has sites left; then it goes back to the server. A slot
-  held (across hand-overs) for more than `fair_share` seconds goes back to the
-  server when its pipeline ends, so a concurrent flow run on the same tag gets
-  its turn instead of waiting for this run's whole queue.
-- Slots go to sites in list order: with k slots free, a site's first attempt
-  waits until all but k - 1 of the sites before it have started (for at most
-  `patience` seconds, so a site that never asks can't block the others).
-  Retries of started sites come first.
-- One keeper thread renews the leases, so a pipeline may run for hours, and one
-  releaser thread gives slots back, so a worker thread never waits on the API.
-
-The limit stays a normal global concurrency limit: the UI and `prefect gcl ls`
-show it, and it caps every flow run that uses it.
+- A slot is taken right before a pipeline process starts and given back when it ends, so a
+  site sleeping before its retry holds nothing.
+- Worker threads never call the API. A broker thread asks the server while more threads
+  wait than slots are parked, and polls every `poll` seconds itself.
+- A slot given back while a thread of this run waits goes straight to it, with no API call.
+  One nobody waits for is parked for at most `linger` seconds, and only while this run has
+  sites left. A lease reused for more than `fair_share` seconds goes back to the server when
+  its pipeline ends, and the broker waits a few polls before asking again, so a concurrent
+  flow run on the same limit gets its turn.
+- Slots go to sites in list order: with k slots parked, a site's first attempt waits until
+  all but k - 1 of the sites before it have started (for at most `patience` seconds, so a
+  site that never asks can't block the others). Retries of started sites come first.
+- `prefetch` slots are asked for before any thread waits, and kept until a site takes one.
+- While the API fails (5xx, 401, 403, no connection) for more than `warn_after` seconds
+  (SQLite's busy 503s last milliseconds), a warning names the URL and the status every
+  `warn_every` seconds; after `api_patience` seconds of failing, every waiting
+  site gets `SlotError("could not get a concurrency slot from <url>: <status>")`. Pipelines
+  already running are not touched.
+- One keeper thread renews the leases, so a pipeline may run for hours, and one releaser
+  thread gives slots back, so a worker thread never waits on the API.
+- A server that restarts with leases in memory forgets them but still counts their slots.
+  A lease the server no longer knows, though it confirmed it less than a lease duration
+  ago, was lost that way: its slot is given back by name instead. (One that expired was
+  already given back by the server.)
 """
 
 from __future__ import annotations
@@ -47,14 +46,11 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Protocol
 from uuid import UUID
-
-import httpx
-from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 
 logger = logging.getLogger("site_pipeline.slots")
 
@@ -62,84 +58,50 @@ LEASE_SECONDS = 60.0  # the server's minimum; renewed every third of it
 
 
 class SlotError(RuntimeError):
-    """The concurrency limit can't be used (it does not exist, or the API refused)."""
+    """The concurrency limit can't be used: it does not exist, or the API kept failing."""
 
 
-def ensure_limit(client: SyncPrefectClient, name: str, limit: int) -> str:
-    """Create the global concurrency limit `name`, or set its limit. Returns what it did."""
-    from prefect.exceptions import ObjectNotFound
+class ApiUnavailable(Exception):
+    """One API call failed in a way that may pass: 5xx, 401, 403, or no connection."""
 
-    try:
-        existing = client.read_global_concurrency_limit_by_name(name)
-    except ObjectNotFound:
-        existing = None
-    client.upsert_global_concurrency_limit_by_name(name, limit)
-    if existing is None:
-        return f"created concurrency limit {name!r} = {limit}"
-    if existing.limit != limit:
-        return f"updated concurrency limit {name!r}: {existing.limit} -> {limit}"
-    return f"concurrency limit {name!r} = {limit} (unchanged)"
+    def __init__(self, status: str) -> None:
+        self.status = status
+        super().__init__(status)
 
 
-class TagCheckShortcut:
-    """Spare the task engine its per-task-run tag-limit check while no tag limit exists.
+class SlotApi(Protocol):
+    """What the pool needs from a concurrency-limit API. Each method is one try."""
 
-    Every task run with tags asks the server for slots of `tag:<tag>` limits
-    (`task_engine.py`, `_concurrency(names=["tag:..."])`), through one serialized
-    queue per process. With no such limit the answer is cached for only 5 s
-    (`prefect.concurrency.services._no_limits_cache`); on SQLite the refresh can get
-    a 503 and the client's ~2 s retry sleep, stalling every task run behind it.
+    @property
+    def url(self) -> str:
+        """Where the API is, for messages."""
+        ...
 
-    Only while a check through the API (a read, which SQLite never refuses) says no
-    `tag:<tag>` limit exists for any of `tags`, this keeps that cache entry fresh.
-    If someone creates such a limit, the next check (every `recheck` seconds) stops
-    the shortcut and Prefect enforces the limit as usual.
-    """
+    def acquire(self, name: str, lease_seconds: float) -> UUID | None:
+        """A lease on one slot of `name`, or None while the limit is full.
 
-    def __init__(self, client: SyncPrefectClient, tags: Sequence[str], recheck: float = 10.0):
-        self._client = client
-        self._names = frozenset(f"tag:{tag}" for tag in tags)
-        self._recheck = recheck
-        self._checked_at = -recheck
-        self._active = False
+        Raises `ApiUnavailable`, or `SlotError` when the limit does not exist."""
+        ...
 
-    def refresh(self) -> None:
-        """Call every second or so."""
-        from prefect.concurrency import services
-        from prefect.exceptions import ObjectNotFound
+    def renew(self, lease: UUID, lease_seconds: float) -> bool:
+        """Extend a lease; False when the server does not know it. Raises `ApiUnavailable`."""
+        ...
 
-        cache = getattr(services, "_no_limits_cache", None)
-        if cache is None or not self._names:
-            return
-        now = time.monotonic()
-        if now - self._checked_at >= self._recheck:
-            self._checked_at = now
-            active = True
-            for name in self._names:
-                try:
-                    self._client.read_global_concurrency_limit_by_name(name)
-                    active = False  # a tag limit exists: Prefect must enforce it
-                except ObjectNotFound:
-                    pass
-                except Exception:  # can't tell: leave Prefect to it
-                    active = False
-            self._active = active
-        if self._active:
-            with getattr(services, "_cache_lock", threading.Lock()):
-                cache[self._names] = True
+    def release(self, lease: UUID) -> None:
+        """Give a lease's slot back. Raises `ApiUnavailable`."""
+        ...
+
+    def release_unleased(self, name: str, held_seconds: float) -> None:
+        """Give back one slot of `name` without a lease. Raises `ApiUnavailable`, or
+        `SlotError` when the server refuses for good."""
+        ...
 
 
-def _post_once(client: SyncPrefectClient, path: str, body: dict[str, Any]) -> httpx.Response:
-    """POST through the Prefect client's connection and auth, but without its retries.
-
-    On a retryable status (503: SQLite busy) Prefect's client sleeps about 2 s before
-    it even checks whether retries are left, so `PREFECT_CLIENT_MAX_RETRIES=0` does
-    not help. The broker polls every few milliseconds itself instead.
-    """
-    http = getattr(client, "_client", None)
-    if not isinstance(http, httpx.Client):  # pragma: no cover - a Prefect without it
-        return client.request("POST", path, json=body)  # type: ignore[arg-type]
-    return httpx.Client.send(http, http.build_request("POST", path, json=body))
+@dataclass
+class _Lease:
+    acquired_at: float  # for fair_share
+    confirmed_at: float  # the last time the server said it knew this lease
+    lost: bool = False  # the server forgot it (a restart) but still counts its slot
 
 
 class SlotPool:
@@ -149,28 +111,32 @@ class SlotPool:
         self,
         name: str,
         sites: Sequence[str],
-        holder_id: UUID | None = None,
+        api: SlotApi,
         *,
         linger: float = 1.0,
         poll: float = 0.05,
         patience: float = 2.0,
         fair_share: float = 30.0,
         prefetch: int = 0,
-        tags: Sequence[str] = (),
-        client: SyncPrefectClient | None = None,
+        api_patience: float = 300.0,
+        warn_every: float = 30.0,
+        warn_after: float = 1.0,
+        lease_seconds: float = LEASE_SECONDS,
+        on_tick: Callable[[], None] | None = None,
     ) -> None:
         self.name = name
+        self._api = api
         self._index = {site: i for i, site in enumerate(sites)}
         self._linger = linger
         self._poll = poll
         self._patience = patience
         self._fair_share = fair_share
-        self._leased_at: dict[UUID, float] = {}
-        self._holder = ConcurrencyLeaseHolder(type="flow_run", id=holder_id) if holder_id else None
-        self._own_client = client is None
-        self._client = client or get_client(sync_client=True)
-        if self._own_client:
-            self._client.__enter__()
+        self._api_patience = api_patience
+        self._warn_every = warn_every
+        self._warn_after = warn_after
+        self._lease_seconds = lease_seconds
+        self._on_tick = on_tick
+        self._leases: dict[UUID, _Lease] = {}
         self._cond = threading.Condition()
         self._parked: list[tuple[UUID, float]] = []
         self._in_use: set[UUID] = set()
@@ -178,13 +144,11 @@ class SlotPool:
         self._started: set[int] = set()
         self._finished: set[int] = set()
         self._frontier = 0  # lowest index that has neither started nor finished
-        # Slots to ask for before any thread waits, while Prefect still sets up the task runs.
+        self._hold_off_until = 0.0  # after a fair-share release, let other runs ask first
         self._prefetch = min(prefetch, len(sites))
         self._closed = False
         self._error: SlotError | None = None
         self._stopped = threading.Event()
-        self._tag_shortcut = TagCheckShortcut(self._client, tags)
-        self._tag_shortcut.refresh()
         self._releases: queue.SimpleQueue[UUID | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._broker, name=f"slots-broker-{name}", daemon=True),
@@ -198,7 +162,7 @@ class SlotPool:
 
     @contextmanager
     def slot(self, site: str) -> Iterator[None]:
-        """Hold one slot for `site` for the duration of the block."""
+        """Hold one slot for `site` for the duration of the block. Raises `SlotError`."""
         lease = self._acquire(self._index[site])
         try:
             yield
@@ -226,13 +190,11 @@ class SlotPool:
             self._parked.clear()
             self._in_use.clear()
         for lease in leases:
-            self._release(lease)
+            self._releases.put(lease)
         self._releases.put(None)
-        releaser.join(timeout=35)
-        if self._own_client:
-            self._client.__exit__(None, None, None)
+        releaser.join(timeout=self._api_patience + 5)
 
-    # -- internals (call with the lock held where noted) ----------------------
+    # -- hand-out (call with the lock held where noted) -----------------------
 
     def _advance(self) -> None:
         # Lock held.
@@ -266,6 +228,7 @@ class SlotPool:
                     # Timed wait: `patience` can make this site eligible with no notify.
                     self._cond.wait(self._patience / 4)
                 lease, _ = self._parked.pop()
+                self._prefetch = 0  # sites ask now: demand is what waits
                 self._in_use.add(lease)
                 self._started.add(index)
                 self._advance()
@@ -278,9 +241,10 @@ class SlotPool:
         with self._cond:
             self._in_use.discard(lease)
             unfinished = len(self._index) - len(self._finished)
+            info = self._leases.get(lease)
+            fresh = info is not None and time.monotonic() - info.acquired_at < self._fair_share
             # Keep it (briefly) only while a thread waits or a site of this run may ask,
             # and only for `fair_share` seconds in all: then other flow runs get a turn.
-            fresh = time.monotonic() - self._leased_at.get(lease, 0.0) < self._fair_share
             keep = (
                 not self._closed
                 and fresh
@@ -290,104 +254,135 @@ class SlotPool:
                 self._parked.append((lease, time.monotonic()))
                 self._cond.notify_all()
                 return
-        self._release(lease)
+            if not fresh:  # its turn is over: don't race other flow runs for this slot
+                self._hold_off_until = time.monotonic() + 4 * self._poll
+        self._releases.put(lease)
+
+    def _demand(self) -> int:
+        """How many slots this run wants parked right now (lock held)."""
+        return max(len(self._waiting), self._prefetch)
+
+    # -- threads --------------------------------------------------------------
 
     def _broker(self) -> None:
         """Ask the server for a slot whenever more threads wait than slots are parked."""
+        failing_since: float | None = None
+        warned_at = -float("inf")
         while True:
             with self._cond:
                 while not self._closed and self._demand() <= len(self._parked):
                     self._cond.wait()
                 if self._closed:
                     return
+                hold_off = self._hold_off_until - time.monotonic()
+                if hold_off > 0:
+                    self._cond.wait(hold_off)
+                    continue
             try:
-                lease = self._ask_server()
+                lease = self._api.acquire(self.name, self._lease_seconds)
             except SlotError as exc:
-                with self._cond:
-                    self._error = exc
-                    self._cond.notify_all()
+                self._fail(exc)
                 return
+            except ApiUnavailable as exc:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                failing_for = now - failing_since
+                if failing_for >= self._warn_after and now - warned_at >= self._warn_every:
+                    warned_at = now
+                    logger.warning(
+                        "could not get a concurrency slot of %r from %s: %s; retrying, "
+                        "waiting sites give up after %gs",
+                        self.name,
+                        self._api.url,
+                        exc.status,
+                        self._api_patience,
+                    )
+                if failing_for >= self._api_patience:
+                    self._fail(
+                        SlotError(
+                            f"could not get a concurrency slot from {self._api.url}: {exc.status}"
+                        )
+                    )
+                    return
+                with self._cond:  # ask less often while it fails
+                    self._cond.wait(min(1.0, self._poll * 10))
+                continue
+            failing_since = None
             with self._cond:
                 if lease is None:
-                    # Full or busy: wait for the next poll (a local hand-over needs no broker).
+                    # Full: wait for the next poll (a local hand-over needs no broker).
                     self._cond.wait(self._poll * random.uniform(0.8, 1.2))  # noqa: S311
                     continue
-                self._leased_at[lease] = time.monotonic()
-                self._prefetch = max(0, self._prefetch - 1)
+                now = time.monotonic()
+                self._leases[lease] = _Lease(acquired_at=now, confirmed_at=now)
                 if not self._closed:
-                    self._parked.append((lease, time.monotonic()))
+                    self._parked.append((lease, now))
                     self._cond.notify_all()
                     continue
-            self._release(lease)
+            self._releases.put(lease)
             return
 
-    def _demand(self) -> int:
-        """How many slots this run wants parked right now (lock held)."""
-        return max(len(self._waiting), self._prefetch)
-
-    def _ask_server(self) -> UUID | None:
-        """One try, no client retries: a lease id, or None when full or busy."""
-        body: dict[str, Any] = {
-            "names": [self.name],
-            "slots": 1,
-            "mode": "concurrency",
-            "lease_duration": LEASE_SECONDS,
-        }
-        if self._holder is not None:
-            body["holder"] = self._holder.model_dump(mode="json")
-        try:
-            response = _post_once(self._client, "/v2/concurrency_limits/increment-with-lease", body)
-        except httpx.TransportError as exc:
-            logger.warning("asking for a slot of %r failed, trying again: %s", self.name, exc)
-            time.sleep(1)
-            return None
-        code = response.status_code
-        if code == 423 or code == 429 or code >= 500:  # full, or SQLite busy (503)
-            return None
-        if code >= 400:
-            raise SlotError(f"concurrency limit {self.name!r}: the API said {code} {response.text}")
-        data: dict[str, Any] = response.json()
-        if not data.get("limits"):
-            raise SlotError(
-                f"concurrency limit {self.name!r} does not exist or is inactive; "
-                "run `site-pipeline setup` or start the flow again to create it"
-            )
-        return UUID(data["lease_id"])
-
-    def _release(self, lease: UUID) -> None:
-        """Queue `lease` for the releaser thread: a worker thread never waits on the API."""
-        self._leased_at.pop(lease, None)
-        self._releases.put(lease)
+    def _fail(self, error: SlotError) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
 
     def _releaser(self) -> None:
-        """Give queued leases back, retrying busy answers quickly, until `None` arrives."""
+        """Give queued leases back until `None` arrives, retrying while the API fails."""
         while (lease := self._releases.get()) is not None:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + self._api_patience
             while True:
                 try:
-                    response = _post_once(
-                        self._client,
-                        "/v2/concurrency_limits/decrement-with-lease",
-                        {"lease_id": str(lease)},
-                    )
-                    code = response.status_code
-                    error = f"HTTP {code}" if code == 429 or code >= 500 else None
-                except httpx.TransportError as exc:
-                    error = str(exc)
-                if error is None:
-                    break  # released, or the server no longer knows it (expired)
-                if time.monotonic() > deadline:  # the lease expires by itself on the server
-                    logger.warning(
-                        "could not release slot lease %s of %r: %s", lease, self.name, error
-                    )
+                    self._return_to_server(lease)
                     break
-                time.sleep(self._poll)
+                except SlotError as exc:
+                    logger.warning("could not give back slot lease %s: %s", lease, exc)
+                    break
+                except ApiUnavailable as exc:
+                    if time.monotonic() > deadline:  # it expires by itself on a live server
+                        logger.warning(
+                            "could not give back slot lease %s of %r to %s: %s",
+                            lease,
+                            self.name,
+                            self._api.url,
+                            exc.status,
+                        )
+                        break
+                    time.sleep(self._poll)
+
+    def _return_to_server(self, lease: UUID) -> None:
+        """Release `lease`; if the server lost it (a restart), give its slot back by name."""
+        info = self._leases.get(lease)
+        if info is None:
+            return
+        # The server answers "done" to a release of a lease it doesn't know, so ask first.
+        if not info.lost and self._api.renew(lease, self._lease_seconds):
+            self._api.release(lease)
+        elif info.lost or self._lost(lease, info):
+            self._api.release_unleased(self.name, time.monotonic() - info.acquired_at)
+        del self._leases[lease]
+
+    def _lost(self, lease: UUID, info: _Lease) -> bool:
+        """The server doesn't know `lease`: lost in a restart (True) or expired (False)."""
+        info.lost = time.monotonic() - info.confirmed_at < self._lease_seconds
+        if info.lost:
+            logger.warning(
+                "the server at %s no longer knows slot lease %s of %r (did it restart?); "
+                "its slot is given back by name",
+                self._api.url,
+                lease,
+                self.name,
+            )
+        else:
+            logger.warning("slot lease %s of %r expired on the server", lease, self.name)
+        return info.lost
 
     def _keeper(self) -> None:
         """Return slots parked longer than `linger` seconds, and renew held leases."""
-        next_renewal = time.monotonic() + LEASE_SECONDS / 3
+        next_renewal = time.monotonic() + self._lease_seconds / 3
         while not self._stopped.wait(min(self._linger / 2, 0.25)):
-            self._tag_shortcut.refresh()
+            if self._on_tick is not None:
+                self._on_tick()
             with self._cond:
                 now = time.monotonic()
                 surplus = len(self._parked) - self._demand()
@@ -400,13 +395,28 @@ class SlotPool:
                     else []
                 )
             for lease in stale:
-                self._release(lease)
+                self._releases.put(lease)
             if renew:
-                next_renewal = now + LEASE_SECONDS / 3
-                for lease in renew:
-                    try:
-                        self._client.renew_concurrency_lease(lease, LEASE_SECONDS)
-                    except Exception as exc:
-                        logger.warning(
-                            "could not renew slot lease %s of %r: %s", lease, self.name, exc
-                        )
+                next_renewal = now + self._lease_seconds / 3
+                self._renew(renew)
+
+    def _renew(self, leases: list[UUID]) -> None:
+        for lease in leases:
+            try:
+                known = self._api.renew(lease, self._lease_seconds)
+            except ApiUnavailable as exc:
+                logger.warning(
+                    "could not renew slot lease %s of %r at %s: %s",
+                    lease,
+                    self.name,
+                    self._api.url,
+                    exc.status,
+                )
+                continue
+            info = self._leases.get(lease)
+            if info is None or info.lost:
+                continue
+            if known:
+                info.confirmed_at = time.monotonic()
+            else:
+                self._lost(lease, info)

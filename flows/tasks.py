@@ -24,7 +24,7 @@ from flows.backoff import retry_delays
 from flows.config import RunPlan, build_argv, site_output_dir
 from flows.report import SiteReport
 from flows.runner import run_attempt
-from flows.slots import SlotPool
+from flows.slots import SlotError, SlotPool
 
 
 @dataclass
@@ -99,20 +99,26 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
         "SITE_OUTPUT_DIR": str(out_dir),
         "SITE_FLOW_RUN_ID": str(run.flow_run_id),
     }
-    with run.pool.slot(site):
-        if run.stopping.is_set():
-            outcome = None
-        else:
-            logger.info("attempt %d of %d: %s", attempt, config.retry_count, argv)
-            outcome = run_attempt(
-                argv,
-                cwd=plan.working_dir,
-                env=env,
-                timeout=config.timeout,
-                kill_grace=config.kill_grace_seconds,
-                log=logger.info,
-                max_log_lines=config.max_log_lines,
-            )
+    try:
+        with run.pool.slot(site):
+            if run.stopping.is_set():
+                outcome = None
+            else:
+                logger.info("attempt %d of %d: %s", attempt, config.retry_count, argv)
+                outcome = run_attempt(
+                    argv,
+                    cwd=plan.working_dir,
+                    env=env,
+                    timeout=config.timeout,
+                    kill_grace=config.kill_grace_seconds,
+                    log=logger.info,
+                    max_log_lines=config.max_log_lines,
+                )
+    except SlotError as exc:
+        # The API kept failing (api_patience) or the limit is gone: retrying can't help.
+        run.pool.site_finished(site)
+        report = SiteReport(site, "failed", attempt - 1, None, 0.0, str(exc), kind="no slot")
+        raise SiteAttemptFailed(report, retryable=False) from None
     if outcome is None or run.stopping.is_set():
         report = SiteReport(site, "cancelled", attempt, None, 0.0, "the flow run is stopping")
         run.pool.site_finished(site)

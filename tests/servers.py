@@ -65,6 +65,18 @@ def postgres_problem() -> str | None:
     return None
 
 
+def postgres_or_skip() -> None:
+    """Skip the test with the reason when PostgreSQL can't be reached; with
+    REQUIRE_POSTGRES=1 (CI) fail it instead."""
+    import pytest
+
+    problem = postgres_problem()
+    if problem:
+        if os.environ.get("REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"REQUIRE_POSTGRES=1 but {problem}")
+        pytest.skip(problem)
+
+
 @contextmanager
 def postgres_database() -> Iterator[str]:
     """A fresh, empty database for one run; yields its asyncpg URL and drops it afterwards."""
@@ -107,13 +119,20 @@ def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[st
 
 @contextmanager
 def prefect_server(
-    home: Path, database_url: str | None = None, startup_timeout: float = 180
+    home: Path,
+    database_url: str | None = None,
+    startup_timeout: float = 180,
+    *,
+    port: int | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> Iterator[str]:
-    """`prefect server start` on a free loopback port; yields the API URL."""
+    """`prefect server start` on loopback (a free port unless given), with extra server
+    `settings` (e.g. CSRF protection, an auth string); yields the API URL."""
     home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     extra = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
-    log = (home / "server.log").open("wb")
+    extra.update(settings or {})
+    log = (home / "server.log").open("ab")
     proc = subprocess.Popen(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=prefect_env(home, **extra),

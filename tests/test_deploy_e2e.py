@@ -5,7 +5,6 @@ PostgreSQL), `site-pipeline setup`, `prefect --no-prompt deploy --all`, a proces
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from tests.processes import hanging_pids, wait_until_gone
 from tests.servers import (
     BIN,
     postgres_database,
-    postgres_problem,
+    postgres_or_skip,
     prefect_env,
     prefect_server,
     process_worker,
@@ -50,11 +49,7 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with prefect_server(home) as url:
             yield url
         return
-    problem = postgres_problem()
-    if problem:
-        if os.environ.get("REQUIRE_POSTGRES") == "1":
-            pytest.fail(f"REQUIRE_POSTGRES=1 but {problem}")
-        pytest.skip(problem)
+    postgres_or_skip()
     with postgres_database() as database_url, prefect_server(home, database_url) as url:
         yield url
 

@@ -248,3 +248,50 @@ def test_sites_parameter_overrides_config_and_is_validated(tmp_path: Path) -> No
     state = run_sites(config_path=str(config), sites=["-rf"], return_state=True)
     assert state.is_failed() and "must not start with '-'" in (state.message or "")
     assert starts(read_timeline(tmp_path), "ok-from-config") == []
+
+
+def test_an_api_that_keeps_failing_fails_waiting_sites_after_api_patience(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the server stops giving slots (503s from the 3rd request on), the 2 sites still
+    waiting fail after api_patience with 'could not get a concurrency slot from <url>: ...',
+    grouped as "no slot"; the 2 running pipelines finish and are reported; the run fails."""
+    from flows import prefect_slots
+    from flows.slots import ApiUnavailable
+
+    original = prefect_slots.PrefectSlotApi.acquire
+    granted: list[object] = []
+
+    def acquire_then_fail(self: prefect_slots.PrefectSlotApi, name: str, seconds: float):  # type: ignore[no-untyped-def]
+        if len(granted) >= 2:
+            raise ApiUnavailable("HTTP 503 Service Unavailable")
+        lease = original(self, name, seconds)
+        if lease is not None:
+            granted.append(lease)
+        return lease
+
+    monkeypatch.setattr(prefect_slots.PrefectSlotApi, "acquire", acquire_then_fail)
+    config = write_config(
+        tmp_path,
+        ["ok-a", "ok-b", "ok-c", "ok-d"],
+        max_concurrent_sites=2,
+        api_patience=1,
+        env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "3"},
+    )
+    state, summary = run(config)
+    assert [s["status"] for s in summary["sites"]] == ["succeeded", "succeeded", "failed", "failed"]
+    for name in ("ok-c", "ok-d"):
+        error = site(summary, name)["error"]
+        assert error.startswith("could not get a concurrency slot from http://127.0.0.1:")
+        assert error.endswith(": HTTP 503 Service Unavailable")
+        assert site(summary, name)["attempts"] == 0
+    assert {row[0] for row in read_timeline(tmp_path)} == {"ok-a", "ok-b"}
+    assert state.is_failed() and state.message == "2 of 4 sites failed: ok-c, ok-d"
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(summary["flow_run_id"])])
+            )
+        )
+    failures = next(a for a in artifacts if a.key == "site-pipeline-failures")
+    assert "## no slot (2)" in str(failures.data)

@@ -1,0 +1,182 @@
+"""The slot pool's Prefect side: the concurrency-limit API through Prefect's client.
+
+Every call goes through `SyncPrefectClient`: its public methods, or (for the hot
+acquire and release calls) its own request path without the retry sleep, which
+`flows._prefect_compat` fences. Either way the client adds the auth header and,
+on a CSRF-protected server, the CSRF token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+from uuid import UUID
+
+import httpx
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.objects import ConcurrencyLeaseHolder
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+from flows import _prefect_compat as compat
+from flows.slots import ApiUnavailable, SlotError, SlotPool
+
+
+def ensure_limit(client: SyncPrefectClient, name: str, limit: int) -> str:
+    """Create the global concurrency limit `name`, or set its limit. Returns what it did."""
+    try:
+        existing = client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        existing = None
+    client.upsert_global_concurrency_limit_by_name(name, limit)
+    if existing is None:
+        return f"created concurrency limit {name!r} = {limit}"
+    if existing.limit != limit:
+        return f"updated concurrency limit {name!r}: {existing.limit} -> {limit}"
+    return f"concurrency limit {name!r} = {limit} (unchanged)"
+
+
+def describe_status(response: httpx.Response) -> str:
+    """`HTTP 503 Service Unavailable`, for messages."""
+    return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
+
+
+class PrefectSlotApi:
+    """`flows.slots.SlotApi` on a Prefect server, for the leases of one holder (a flow run)."""
+
+    def __init__(
+        self, client: SyncPrefectClient, holder_id: UUID | None = None, *, fast: bool = True
+    ) -> None:
+        self._client = client
+        self._holder = ConcurrencyLeaseHolder(type="flow_run", id=holder_id) if holder_id else None
+        self._fast = fast
+
+    @property
+    def url(self) -> str:
+        return str(self._client.api_url).rstrip("/")
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        try:
+            response = compat.post_once(self._client, path, body, fast=self._fast)
+        except httpx.TransportError as exc:
+            raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
+        code = response.status_code
+        if code >= 500 or code in (401, 403, 408, 429):
+            raise ApiUnavailable(describe_status(response))
+        return response
+
+    def acquire(self, name: str, lease_seconds: float) -> UUID | None:
+        body: dict[str, Any] = {
+            "names": [name],
+            "slots": 1,
+            "mode": "concurrency",
+            "lease_duration": lease_seconds,
+        }
+        if self._holder is not None:
+            body["holder"] = self._holder.model_dump(mode="json")
+        response = self._post("/v2/concurrency_limits/increment-with-lease", body)
+        if response.status_code == 423:  # full
+            return None
+        if response.status_code >= 400:
+            raise SlotError(
+                f"concurrency limit {name!r}: {describe_status(response)}: {response.text}"
+            )
+        data: dict[str, Any] = response.json()
+        if not data.get("limits"):
+            raise SlotError(
+                f"concurrency limit {name!r} does not exist or is inactive; "
+                "run `site-pipeline setup` or start the flow again to create it"
+            )
+        return UUID(data["lease_id"])
+
+    def renew(self, lease: UUID, lease_seconds: float) -> bool:
+        response = self._post(
+            f"/v2/concurrency_limits/leases/{lease}/renew", {"lease_duration": lease_seconds}
+        )
+        return response.status_code < 400  # 410 Gone (or 404): the server doesn't know it
+
+    def release(self, lease: UUID) -> None:
+        self._post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease)})
+
+    def release_unleased(self, name: str, held_seconds: float) -> None:
+        try:
+            self._client.release_concurrency_slots(
+                names=[name], slots=1, occupancy_seconds=max(0.001, held_seconds)
+            )
+        except PrefectHTTPStatusError as exc:
+            code = exc.response.status_code
+            if code >= 500 or code in (401, 403, 408, 429):
+                raise ApiUnavailable(describe_status(exc.response)) from None
+            status = describe_status(exc.response)
+            raise SlotError(f"concurrency limit {name!r}: {status}") from None
+        except httpx.TransportError as exc:
+            raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+
+class TagCheckShortcut:
+    """Spare the task engine its per-task-run tag-limit check while no tag limit exists.
+
+    Every task run with tags asks the server for slots of `tag:<tag>` limits. With no such
+    limit the answer is cached for only 5 s; on SQLite the refresh can get a 503 and the
+    client's ~2 s retry sleep, stalling every task run behind it. Only while a read (which
+    SQLite never refuses) says no `tag:<tag>` limit exists for any of `tags`, this keeps
+    that cache entry fresh (`flows._prefect_compat`, use 2). If someone creates such a
+    limit, the next check (every `recheck` seconds) stops the shortcut and Prefect enforces
+    the limit as usual.
+    """
+
+    def __init__(self, client: SyncPrefectClient, tags: Sequence[str], recheck: float = 10.0):
+        self._client = client
+        self._names = frozenset(f"tag:{tag}" for tag in tags)
+        self._recheck = recheck
+        self._checked_at = -recheck
+        self._active = False
+
+    def refresh(self) -> None:
+        """Call every second or so."""
+        if not self._names or not compat.tag_cache_available():
+            return
+        now = time.monotonic()
+        if now - self._checked_at >= self._recheck:
+            self._checked_at = now
+            active = True
+            for name in self._names:
+                try:
+                    self._client.read_global_concurrency_limit_by_name(name)
+                    active = False  # a tag limit exists: Prefect must enforce it
+                except ObjectNotFound:
+                    pass
+                except Exception:  # can't tell: leave Prefect to it
+                    active = False
+            self._active = active
+        if self._active:
+            compat.mark_no_tag_limits(self._names)
+
+
+@contextmanager
+def slot_pool(
+    name: str,
+    sites: Sequence[str],
+    *,
+    holder_id: UUID | None,
+    prefetch: int,
+    api_patience: float,
+    tags: Sequence[str] = (),
+) -> Iterator[SlotPool]:
+    """A `SlotPool` on the current Prefect API, closed (every lease given back) on exit."""
+    with get_client(sync_client=True) as client:
+        shortcut = TagCheckShortcut(client, tags)
+        shortcut.refresh()
+        pool = SlotPool(
+            name,
+            sites,
+            PrefectSlotApi(client, holder_id),
+            prefetch=prefetch,
+            api_patience=api_patience,
+            on_tick=shortcut.refresh,
+        )
+        try:
+            yield pool
+        finally:
+            pool.close()

@@ -1,0 +1,287 @@
+"""The slot pool's rules, against an in-memory fake API: no server, no Prefect."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from flows.slots import SlotError, SlotPool
+from tests.fakes.slot_api import FakeLimit, FakeSlotApi, wait_for
+
+
+@contextmanager
+def pool_on(limit: FakeLimit, sites: Sequence[str], **options: Any) -> Iterator[SlotPool]:
+    pool = SlotPool("cap", sites, FakeSlotApi(limit), **options)
+    try:
+        yield pool
+    finally:
+        pool.close()
+
+
+def run_site(pool: SlotPool, site: str, order: list[str], hold: float, finish: bool = True):
+    """A thread body: take a slot for `site`, note the order, hold it, give it back."""
+
+    def body() -> None:
+        with pool.slot(site):
+            order.append(site)
+            time.sleep(hold)
+        if finish:
+            pool.site_finished(site)
+
+    return threading.Thread(target=body)
+
+
+def test_slots_go_to_sites_in_list_order() -> None:
+    """With one slot, sites that ask in reverse order still start in list order."""
+    sites = ["a", "b", "c", "d"]
+    order: list[str] = []
+    with pool_on(FakeLimit(1), sites, patience=10) as pool:
+        threads = [run_site(pool, site, order, hold=0.05) for site in reversed(sites)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.02)
+        for thread in threads:
+            thread.join(10)
+    assert order == sites
+
+
+def test_a_retry_of_a_started_site_goes_before_a_later_first_attempt() -> None:
+    """A started site's retry needs no turn in line; a first attempt out of order waits."""
+    order: list[str] = []
+    # 'a' never asks, so 'b' and 'c' are out of line until `patience` (1 s) passes.
+    with pool_on(FakeLimit(1), ["a", "b", "c"], patience=1.0) as pool:
+        first = run_site(pool, "c", order, hold=0.0, finish=False)
+        first.start()
+        first.join(10)  # c started after 1 s of patience; its retry is due
+        b = run_site(pool, "b", order, hold=0.0)
+        b.start()
+        time.sleep(0.1)  # b waits for its patience to run out
+        retry = run_site(pool, "c", order, hold=0.0)
+        retry.start()
+        for thread in (b, retry):
+            thread.join(10)
+    assert order == ["c", "c", "b"]
+
+
+def test_a_retry_goes_before_the_next_first_attempt() -> None:
+    """One slot; 'a' failed its first attempt and waits to retry while 'c' waits for its first:
+    when 'b' gives the slot back, 'a' (earlier in the list, already started) gets it."""
+    order: list[str] = []
+    with pool_on(FakeLimit(1), ["a", "b", "c"], patience=10) as pool:
+        first = run_site(pool, "a", order, hold=0.0, finish=False)
+        first.start()
+        first.join(5)
+        b = run_site(pool, "b", order, hold=0.4)
+        b.start()
+        time.sleep(0.1)  # b holds the slot
+        c = run_site(pool, "c", order, hold=0.0)
+        c.start()
+        time.sleep(0.05)
+        retry = run_site(pool, "a", order, hold=0.0)
+        retry.start()
+        for thread in (b, c, retry):
+            thread.join(10)
+    assert order == ["a", "b", "a", "c"]
+
+
+def test_after_a_fair_share_release_the_pool_lets_others_ask_first() -> None:
+    """A slot given back for fair share is not asked for again by the same pool at once:
+    its next acquire comes at least a few polls after the release."""
+    limit = FakeLimit(1)
+    with pool_on(limit, ["a", "b"], fair_share=0.0, poll=0.05) as pool:
+        waiter = run_site(pool, "b", [], hold=0.0)
+        with pool.slot("a"):
+            waiter.start()
+            time.sleep(0.1)
+        pool.site_finished("a")
+        waiter.join(5)
+    released = next(t for call, t in limit.times if call == "release")
+    asked = [t for call, t in limit.times if call == "acquire" and t > released]
+    assert asked and min(asked) - released >= 0.12, (released, asked)
+
+
+def test_prefetch_asks_for_slots_before_any_site_waits() -> None:
+    """prefetch=3 holds 3 slots of the server's before any thread asks; prefetch=0 holds none."""
+    limit = FakeLimit(5)
+    with pool_on(limit, ["a", "b", "c", "d"], prefetch=3):
+        assert wait_for(lambda: limit.active == 3)
+        time.sleep(0.2)
+        assert limit.active == 3  # no more than asked for
+    assert limit.active == 0
+    idle = FakeLimit(5)
+    with pool_on(idle, ["a", "b"], prefetch=0):
+        time.sleep(0.3)
+        assert idle.active == 0
+
+
+def test_an_unused_slot_lingers_then_goes_back_to_the_server() -> None:
+    """A slot given back while sites remain is parked (no API call), then returned after
+    `linger` seconds when nobody asked for it."""
+    limit = FakeLimit(2)
+    with pool_on(limit, ["a", "b"], linger=0.5) as pool:
+        with pool.slot("a"):
+            assert limit.active == 1
+        time.sleep(0.1)
+        assert limit.active == 1 and "release" not in limit.calls  # parked, not released
+        assert wait_for(lambda: limit.active == 0, timeout=3)  # returned after linger
+
+
+def test_a_parked_slot_is_handed_over_without_asking_the_server() -> None:
+    """The next site takes the parked slot: one acquire served two sites."""
+    limit = FakeLimit(1)
+    with pool_on(limit, ["a", "b"], linger=5) as pool:
+        with pool.slot("a"):
+            pass
+        pool.site_finished("a")
+        with pool.slot("b"):
+            pass
+    assert limit.calls.count("acquire") == 1
+
+
+def test_fair_share_gives_a_second_pool_a_turn() -> None:
+    """Two pools on one slot: after `fair_share` seconds of reuse, the busy pool gives the slot
+    back to the server, so the other pool's site starts long before the busy one is done."""
+    limit = FakeLimit(1)
+    busy_sites = [f"a{i}" for i in range(30)]
+    order: list[str] = []
+    with (
+        pool_on(limit, busy_sites, fair_share=0.3) as busy,
+        pool_on(limit, ["b"], fair_share=0.3) as other,
+    ):
+
+        def busy_body() -> None:
+            for site in busy_sites:
+                with busy.slot(site):
+                    order.append(site)
+                    time.sleep(0.05)
+                busy.site_finished(site)
+
+        worker = threading.Thread(target=busy_body)
+        worker.start()
+        time.sleep(0.1)
+        waiter = run_site(other, "b", order, hold=0.05)
+        waiter.start()
+        for thread in (worker, waiter):
+            thread.join(20)
+    assert limit.peak == 1
+    assert order.index("b") < len(busy_sites) // 2, order
+
+
+def test_a_slot_is_given_back_when_the_block_raises() -> None:
+    """A site whose pipeline code raises still gives its slot back; the next site gets it."""
+    limit = FakeLimit(1)
+    with pool_on(limit, ["a", "b"]) as pool:
+        with pytest.raises(RuntimeError), pool.slot("a"):
+            raise RuntimeError("boom")
+        pool.site_finished("a")
+        got = threading.Event()
+
+        def take_b() -> None:
+            with pool.slot("b"):
+                got.set()
+
+        thread = threading.Thread(target=take_b)
+        thread.start()
+        thread.join(5)
+        assert got.is_set()
+    assert limit.active == 0
+
+
+def test_a_failing_api_warns_then_fails_waiting_sites_after_api_patience(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the API answers 503, a warning names the URL and status every `warn_every` s;
+    after `api_patience` s the waiting site gets SlotError; a running site is not touched."""
+    limit = FakeLimit(2)
+    api = FakeSlotApi(limit)
+    pool = SlotPool("cap", ["a", "b"], api, api_patience=1.0, warn_every=0.4, warn_after=0)
+    errors: list[str] = []
+    running_done = threading.Event()
+    try:
+        with caplog.at_level(logging.WARNING, logger="site_pipeline.slots"), pool.slot("a"):
+            api.down = "HTTP 503 Service Unavailable"
+
+            def wait_b() -> None:
+                try:
+                    with pool.slot("b"):
+                        pass
+                except SlotError as exc:
+                    errors.append(str(exc))
+
+            started = time.monotonic()
+            thread = threading.Thread(target=wait_b)
+            thread.start()
+            thread.join(10)
+            waited = time.monotonic() - started
+            running_done.set()  # 'a' kept its slot all along
+    finally:
+        api.down = None
+        pool.close()
+    assert errors == [
+        "could not get a concurrency slot from http://fake.invalid/api: "
+        "HTTP 503 Service Unavailable"
+    ]
+    assert 0.9 <= waited < 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    about_slots = [w for w in warnings if "could not get a concurrency slot" in w]
+    assert 2 <= len(about_slots) <= 4, about_slots  # every 0.4 s over 1 s, not every poll
+    assert all("http://fake.invalid/api" in w and "HTTP 503" in w for w in about_slots)
+    assert running_done.is_set()
+    assert limit.active == 0  # a's slot went back once the API answered again
+
+
+def test_a_short_failure_heals_without_failing_anyone_or_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An API that fails for less than `warn_after` seconds (SQLite busy) only delays the
+    waiting site: no error, no warning."""
+    limit = FakeLimit(1)
+    api = FakeSlotApi(limit)
+    pool = SlotPool("cap", ["a"], api, api_patience=5, warn_after=2)
+    api.down = "HTTP 503 Service Unavailable"
+    threading.Timer(0.5, lambda: setattr(api, "down", None)).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="site_pipeline.slots"), pool.slot("a"):
+            pass
+    finally:
+        pool.close()
+    assert limit.active == 0
+    assert "acquire" in limit.calls[1:]  # it did fail at first, and asked again
+    assert not [r for r in caplog.records if "could not get a concurrency slot" in r.getMessage()]
+
+
+def test_a_lease_lost_in_a_server_restart_is_given_back_by_name() -> None:
+    """The server forgot the lease but still counts its slot: the pool releases it by name."""
+    limit = FakeLimit(1)
+    with pool_on(limit, ["a"]) as pool:
+        with pool.slot("a"):
+            limit.forget_leases()
+        pool.site_finished("a")
+    assert "release_unleased" in limit.calls
+    assert limit.active == 0
+
+
+def test_an_expired_lease_is_not_given_back_twice() -> None:
+    """A lease the server already expired (not renewed for a lease duration) is not released
+    by name again, which would free a slot someone else holds."""
+    limit = FakeLimit(2)
+    api = FakeSlotApi(limit)
+    pool = SlotPool("cap", ["a"], api, lease_seconds=0.3)
+    try:
+        with pool.slot("a"):
+            api.renew_down = True  # the keeper can't renew it
+            (lease,) = list(limit.leases)
+            limit.expire(lease)  # so the server expires it
+            time.sleep(0.5)  # longer than a lease duration since the last confirmation
+            api.renew_down = False
+        pool.site_finished("a")
+    finally:
+        pool.close()
+    assert "release_unleased" not in limit.calls
+    assert limit.active == 0
