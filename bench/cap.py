@@ -1,5 +1,6 @@
-"""Benchmark the concurrency cap: site-pipeline (embedded SQLite and PostgreSQL server),
-GNU parallel and plain asyncio on one workload, side by side, in one invocation.
+"""Benchmark the concurrency cap: site-pipeline (embedded SQLite, a server on PostgreSQL, a
+CSRF-protected server), GNU parallel and plain asyncio on one workload, side by side, in one
+invocation.
 
     python bench/cap.py                      # N=40, T=2 s, C=8, retry and scale scenarios
     python bench/cap.py --write BENCHMARKS.md   # replaces the results part of the file
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -190,7 +192,7 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=5000, help="sites in the scale run (0: skip)")
     parser.add_argument("--scale-cap", type=int, default=16)
     parser.add_argument("--retry-delay", type=float, default=10.0)
-    parser.add_argument("--runners", default="embedded,postgres,parallel,asyncio")
+    parser.add_argument("--runners", default="embedded,postgres,csrf,parallel,asyncio")
     parser.add_argument("--write", metavar="FILE", help="write the report (markdown) here")
     parser.add_argument("--asyncio-worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -231,32 +233,40 @@ def main() -> int:
                 args.c,
             )
         )
+    servers = contextlib.ExitStack()
     pg_url: str | None = None
-    pg_context = None
+
+    def server_row(
+        key: str, label: str, database_url: str | None, settings: dict[str, str] | None = None
+    ) -> str:
+        """Start a `prefect server start`, warm it up, and run the cap workload on it."""
+        say(f"site-pipeline, {label}...")
+        url = servers.enter_context(
+            prefect_server(work / f"{key}-home", database_url, settings=settings)
+        )
+        env = prefect_env(work / f"{key}-client", url, BENCH_SLEEP=str(args.t))
+        warm = work / f"{key}-warmup"
+        run_pipeline("warm-up", warm, sitelines(warm, env), ["warm"], 1)
+        folder = work / key
+        results.append(
+            run_pipeline(f"site-pipeline, {label}", folder, sitelines(folder, env), sites, args.c)
+        )
+        return url
+
     if "postgres" in runners:
         problem = postgres_problem()
         if problem:
             say(f"skipping PostgreSQL: {problem}")
         else:
-            say("site-pipeline, prefect server on PostgreSQL...")
-            database = postgres_database()
-            db_url = database.__enter__()
-            server = prefect_server(work / "pg-home", db_url)
-            pg_url = server.__enter__()
-            pg_context = (database, server)
-            pg_env = prefect_env(work / "pg-client", pg_url, BENCH_SLEEP=str(args.t))
-            warm = work / "pg-warmup"
-            run_pipeline("warm-up", warm, sitelines(warm, pg_env), ["warm"], 1)
-            folder = work / "postgres"
-            results.append(
-                run_pipeline(
-                    "site-pipeline, server on PostgreSQL",
-                    folder,
-                    sitelines(folder, pg_env),
-                    sites,
-                    args.c,
-                )
-            )
+            database_url = servers.enter_context(postgres_database())
+            pg_url = server_row("postgres", "server on PostgreSQL", database_url)
+    if "csrf" in runners:
+        server_row(
+            "csrf",
+            "server with CSRF protection (SQLite)",
+            None,
+            settings={"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true"},
+        )
     try:
         reference = None
         if "parallel" in runners:
@@ -337,10 +347,7 @@ def main() -> int:
                 f"{result.extra.get('counts', {}).get('succeeded') == args.scale} |",
             ]
     finally:
-        if pg_context:
-            database, server = pg_context
-            server.__exit__(None, None, None)
-            database.__exit__(None, None, None)
+        servers.close()
 
     command = "python bench/cap.py " + " ".join(sys.argv[1:])
     text = "\n".join(
