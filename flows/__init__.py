@@ -1,8 +1,27 @@
 """site-pipeline: run a per-site pipeline over many sites with Prefect 3.
 
-The Prefect layer is `flows.site_pipeline` (the flow) and `flows.tasks` (the
-task); everything else is plain Python that needs no server.
+From Python: `run_pipeline(sites) -> dict[str, bool]` and its async and summary forms
+(`flows.api`). The Prefect layer is `flows.site_pipeline` (the flow) and `flows.tasks` (the
+task); config, backoff, process control, the slot pool's rules and the report are plain
+Python that needs no server.
 """
 
-__all__ = ["__version__"]
+from flows.api import (
+    ConfigError,
+    PipelineRunError,
+    run_pipeline,
+    run_pipeline_async,
+    run_pipeline_summary,
+    run_pipeline_summary_async,
+)
+
+__all__ = [
+    "ConfigError",
+    "PipelineRunError",
+    "__version__",
+    "run_pipeline",
+    "run_pipeline_async",
+    "run_pipeline_summary",
+    "run_pipeline_summary_async",
+]
 __version__ = "0.1.0"

@@ -140,27 +140,23 @@ def _run(args: argparse.Namespace, plan: RunPlan) -> int:
     except admin.ApiUnreachable as exc:
         print(f"site-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from flows.site_pipeline import progress_listeners, run_sites
+    from flows.api import PipelineRunError, run_pipeline_summary
 
     bar = _ProgressBar() if sys.stdout.isatty() else None
-    if bar is not None:
-        progress_listeners.append(bar.update)
     try:
-        state = run_sites(
-            sites=list(plan.sites),
-            config_path=str(plan.config_path),
+        summary = run_pipeline_summary(
+            plan.sites,
+            config_path=plan.config_path,
             max_concurrent_sites=plan.max_concurrent_sites,
             use_async=plan.use_async,
-            return_state=True,
+            on_progress=bar.update if bar is not None else None,
         )
+    except PipelineRunError as exc:
+        print(f"site-pipeline: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if bar is not None:
-            progress_listeners.remove(bar.update)
             bar.done()
-    summary: Any = state.result(raise_on_failure=False)
-    if not isinstance(summary, dict):
-        print(f"site-pipeline: the flow run ended {state.name}: {state.message}", file=sys.stderr)
-        return EXIT_FAILED
     from flows.report import format_table
 
     print(format_table(summary))

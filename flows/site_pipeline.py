@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -37,8 +38,11 @@ from flows.config import load_plan
 from flows.prefect_slots import ensure_limit, slot_pool
 from flows.tasks import SiteAttemptFailed, SiteRun, configured_task, register, unregister
 
-# Called as listener(done, total, failed) after each site; the CLI's progress bar uses it.
-progress_listeners: list[Callable[[int, int, int], None]] = []
+# on_progress(done, total, failed) after each site, for the caller of this flow run (see
+# `flows.api`). A context variable, so concurrent runs in one process each see their own.
+progress_callback: ContextVar[Callable[[int, int, int], None] | None] = ContextVar(
+    "progress_callback", default=None
+)
 
 
 @flow(name="site-pipeline", persist_result=False, validate_parameters=True)
@@ -82,6 +86,7 @@ def run_sites(
     )
     reports: dict[str, report.SiteReport] = {}
     progress_at, failed = 0.0, 0
+    on_progress = progress_callback.get()
     with (
         slot_pool(
             config.concurrency_tag,
@@ -104,8 +109,8 @@ def run_sites(
                 future.wait()
                 reports[site] = _site_report(site, future.state)
                 failed += reports[site].status != "succeeded"
-                for listener in progress_listeners:
-                    listener(len(reports), total, failed)
+                if on_progress is not None:
+                    on_progress(len(reports), total, failed)
                 if progress is not None:
                     logger.info(report.progress_line(len(reports), total, failed))
                     # At most once a second: each update is a blocking API call.

@@ -1,0 +1,144 @@
+"""Run the site pipeline from Python: `run_pipeline(sites) -> dict[str, bool]`, sync and async.
+
+The team's executor API, on the `site-pipeline` flow::
+
+    from flows import run_pipeline, run_pipeline_async
+
+    results = run_pipeline(["a.com", "b.com"])                 # {"a.com": True, "b.com": False}
+    results = run_pipeline(sites, use_async=False)             # the old one-at-a-time loop
+    results = await run_pipeline_async(sites, on_progress=print)   # from async code
+
+A failed site is `False`, never an exception. A bad config, site name or argument raises
+`ConfigError` (its message is the same `key = value: expected` lines the CLI prints) before
+anything runs. A flow run that ends with no summary (it crashed) raises `PipelineRunError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from flows.config import ConfigError, load_plan
+from flows.report import as_bools
+
+ProgressFn = Callable[[int, int, int], None]
+"""`on_progress(done, total, failed)`, called once after each site's final outcome."""
+
+
+class PipelineRunError(RuntimeError):
+    """The flow run ended without a summary (it crashed or was cancelled before it made one)."""
+
+
+def run_pipeline_summary(
+    sites: Sequence[str] | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    use_async: bool | None = None,
+    max_concurrent_sites: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Run the `site-pipeline` flow and return its summary (the `--summary-json` dict).
+
+    `sites`, `use_async` and `max_concurrent_sites` override the config file (found like
+    the CLI does: `config_path`, `$SITE_PIPELINE_CONFIG`, `./config.yaml`).
+    """
+    plan = load_plan(
+        config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
+    )
+    # Prefect is imported only when a run starts.
+    from flows.site_pipeline import progress_callback, run_sites
+
+    token = progress_callback.set(on_progress)
+    try:
+        state = run_sites(
+            sites=list(plan.sites),
+            config_path=str(plan.config_path),
+            max_concurrent_sites=plan.max_concurrent_sites,
+            use_async=plan.use_async,
+            return_state=True,
+        )
+    finally:
+        progress_callback.reset(token)
+    summary = state.result(raise_on_failure=False)
+    if not isinstance(summary, dict):
+        raise PipelineRunError(f"the flow run ended {state.name}: {state.message}")
+    return summary
+
+
+def run_pipeline(
+    sites: Sequence[str] | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    use_async: bool | None = None,
+    max_concurrent_sites: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, bool]:
+    """Run the sites; `{site: succeeded}` in list order. Never raises because a site failed."""
+    return as_bools(
+        run_pipeline_summary(
+            sites,
+            config_path=config_path,
+            use_async=use_async,
+            max_concurrent_sites=max_concurrent_sites,
+            on_progress=on_progress,
+        )
+    )
+
+
+async def run_pipeline_summary_async(
+    sites: Sequence[str] | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    use_async: bool | None = None,
+    max_concurrent_sites: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """`run_pipeline_summary` for async code: the run goes on in a worker thread, so this
+    event loop keeps running; `on_progress` is called on this loop."""
+    loop = asyncio.get_running_loop()
+
+    def progress_on_loop(done: int, total: int, failed: int) -> None:
+        if on_progress is not None:
+            loop.call_soon_threadsafe(on_progress, done, total, failed)
+
+    return await asyncio.to_thread(
+        run_pipeline_summary,
+        sites,
+        config_path=config_path,
+        use_async=use_async,
+        max_concurrent_sites=max_concurrent_sites,
+        on_progress=progress_on_loop,
+    )
+
+
+async def run_pipeline_async(
+    sites: Sequence[str] | None = None,
+    *,
+    config_path: str | os.PathLike[str] | None = None,
+    use_async: bool | None = None,
+    max_concurrent_sites: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, bool]:
+    """`run_pipeline` for async code; the event loop is not blocked while sites run."""
+    return as_bools(
+        await run_pipeline_summary_async(
+            sites,
+            config_path=config_path,
+            use_async=use_async,
+            max_concurrent_sites=max_concurrent_sites,
+            on_progress=on_progress,
+        )
+    )
+
+
+__all__ = [
+    "ConfigError",
+    "PipelineRunError",
+    "ProgressFn",
+    "run_pipeline",
+    "run_pipeline_async",
+    "run_pipeline_summary",
+    "run_pipeline_summary_async",
+]
