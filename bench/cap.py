@@ -1,6 +1,6 @@
-"""Benchmark the concurrency cap: site-pipeline (embedded SQLite, a server on PostgreSQL, a
-CSRF-protected server), GNU parallel and plain asyncio on one workload, side by side, in one
-invocation.
+"""Benchmark the concurrency cap: site-pipeline (embedded SQLite, a local Dask cluster, a
+server on PostgreSQL, a CSRF-protected server), GNU parallel and plain asyncio on one
+workload, side by side, in one invocation.
 
     python bench/cap.py                      # N=40, T=2 s, C=8, retry and scale scenarios
     python bench/cap.py --write BENCHMARKS.md   # replaces the results part of the file
@@ -192,7 +192,7 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=5000, help="sites in the scale run (0: skip)")
     parser.add_argument("--scale-cap", type=int, default=16)
     parser.add_argument("--retry-delay", type=float, default=10.0)
-    parser.add_argument("--runners", default="embedded,postgres,csrf,parallel,asyncio")
+    parser.add_argument("--runners", default="embedded,dask,postgres,csrf,parallel,asyncio")
     parser.add_argument("--write", metavar="FILE", help="write the report (markdown) here")
     parser.add_argument("--asyncio-worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,6 +253,19 @@ def main() -> int:
         )
         return url
 
+    if "dask" in runners:
+        say("site-pipeline, embedded default, on a local Dask cluster of 2 workers...")
+        folder = work / "dask"
+        results.append(
+            run_pipeline(
+                "site-pipeline, Dask (2 local workers)",
+                folder,
+                sitelines(folder, embedded_env),
+                sites,
+                args.c,
+                task_runner={"kind": "dask", "n_workers": 2},
+            )
+        )
     if "postgres" in runners:
         problem = postgres_problem()
         if problem:

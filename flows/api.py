@@ -47,8 +47,8 @@ def run_pipeline_summary(
     plan = load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
-    # Prefect is imported only when a run starts.
-    from flows.site_pipeline import progress_callback, run_sites
+    from flows.report import progress_callback
+    from flows.site_pipeline import run_sites  # Prefect is imported only when a run starts
 
     token = progress_callback.set(on_progress)
     try:

@@ -8,6 +8,7 @@ those lines and exits with status 2 before anything runs.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import re
 import sys
@@ -47,6 +48,28 @@ class AsyncSettings(_Strict):
     error_aggregation: bool = True
 
 
+class TaskRunnerConfig(_Strict):
+    """`pipeline.task_runner`: where the `run_site` task runs run."""
+
+    kind: Literal["threads", "dask"] = "threads"
+    address: str | None = Field(default=None, min_length=1)  # dask: tcp://scheduler:8786
+    n_workers: int | None = Field(default=None, gt=0)  # local cluster: Dask's default if null
+    threads_per_worker: int | None = Field(default=None, gt=0)  # local: enough for the cap
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> TaskRunnerConfig:
+        problems = []
+        for key in ("address", "n_workers", "threads_per_worker"):
+            value = getattr(self, key)
+            if value is not None and self.kind != "dask":
+                problems.append(f"{key} = {value!r}: only for kind dask")
+            elif value is not None and key != "address" and self.address is not None:
+                problems.append(f"{key} = {value!r}: only for a local cluster (address: null)")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
 class PipelineConfig(_Strict):
     """The `pipeline:` section. Keys and meanings of the original executor, plus ours."""
 
@@ -73,6 +96,7 @@ class PipelineConfig(_Strict):
     env: dict[str, str] = Field(default_factory=dict)
     max_log_lines: int = Field(default=200, gt=0)
     api_patience: float = Field(default=300, gt=0)
+    task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
@@ -292,6 +316,13 @@ def load_plan(
         )
     unique, warnings = check_sites(raw_sites, source)
 
+    if config.task_runner.kind == "dask" and importlib.util.find_spec("prefect_dask") is None:
+        raise ConfigError(
+            [
+                f"{path}: pipeline.task_runner.kind = 'dask': prefect-dask is not installed; "
+                'install the dask extra: pip install -e ".[dask]"'
+            ]
+        )
     working_dir = (base / config.working_dir).resolve()
     if not working_dir.is_dir():
         raise ConfigError(

@@ -9,8 +9,7 @@ on a CSRF-protected server, the CSRF token.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
@@ -154,29 +153,35 @@ class TagCheckShortcut:
             compat.mark_no_tag_limits(self._names)
 
 
-@contextmanager
-def slot_pool(
+def open_slot_pool(
     name: str,
     sites: Sequence[str],
     *,
     holder_id: UUID | None,
-    prefetch: int,
-    api_patience: float,
+    prefetch: int = 0,
+    patience: float = 2.0,
+    park: bool = True,
+    api_patience: float = 300.0,
     tags: Sequence[str] = (),
-) -> Iterator[SlotPool]:
-    """A `SlotPool` on the current Prefect API, closed (every lease given back) on exit."""
-    with get_client(sync_client=True) as client:
+) -> SlotPool:
+    """A `SlotPool` on the current Prefect API, with a client of its own that `close()`
+    closes after giving every lease back."""
+    client = get_client(sync_client=True)
+    client.__enter__()
+    try:
         shortcut = TagCheckShortcut(client, tags)
         shortcut.refresh()
-        pool = SlotPool(
+        return SlotPool(
             name,
             sites,
             PrefectSlotApi(client, holder_id),
             prefetch=prefetch,
+            patience=patience,
+            park=park,
             api_patience=api_patience,
             on_tick=shortcut.refresh,
+            on_close=lambda: client.__exit__(None, None, None),
         )
-        try:
-            yield pool
-        finally:
-            pool.close()
+    except BaseException:
+        client.__exit__(None, None, None)
+        raise

@@ -6,7 +6,8 @@ interface is small:
 - `ensure_supported()` raises `UnsupportedPlatform` where process groups don't exist.
 - `spawn(argv, cwd, env)` starts a process as the leader of a new session/group.
 - `stop_group(proc, grace)` sends SIGTERM to the group, then SIGKILL after `grace`.
-- `stop_all(grace)` stops every group this process started that is still alive.
+- `stop_all(grace, owner)` stops every group this process started for `owner` (a flow run;
+  None = every group) that is still alive.
 - `group_alive(pgid)` tells whether any process of a group is still there.
 
 Every group is also registered with a small reaper process (`_reaper.py`), which
@@ -46,7 +47,7 @@ class _Registry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._groups: set[int] = set()
+        self._groups: dict[int, str | None] = {}  # pgid -> owner
         self._reaper: subprocess.Popen[bytes] | None = None
         self._reaper_pid_owner = -1
 
@@ -73,29 +74,33 @@ class _Registry:
         except BrokenPipeError:  # pragma: no cover - the reaper died; the next call starts one
             self._reaper = None
 
-    def add(self, pgid: int) -> None:
+    def add(self, pgid: int, owner: str | None) -> None:
         with self._lock:
-            self._groups.add(pgid)
+            self._groups[pgid] = owner
             self._tell_reaper(f"+{pgid}")
 
     def discard(self, pgid: int) -> None:
         with self._lock:
             if pgid in self._groups:
-                self._groups.discard(pgid)
+                del self._groups[pgid]
                 self._tell_reaper(f"-{pgid}")
 
-    def snapshot(self) -> list[int]:
+    def snapshot(self, owner: str | None = None) -> list[int]:
         with self._lock:
-            return sorted(self._groups)
+            return sorted(p for p, o in self._groups.items() if owner is None or o == owner)
 
 
 _registry = _Registry()
 
 
 def spawn(
-    argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str]
+    argv: Sequence[str],
+    cwd: str | os.PathLike[str],
+    env: Mapping[str, str],
+    owner: str | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start `argv` (never through a shell) as the leader of a new process group.
+    """Start `argv` (never through a shell) as the leader of a new process group, on
+    behalf of `owner` (see `stop_all`).
 
     stdin is /dev/null; stdout and stderr are pipes. Raises OSError when the
     program cannot be started.
@@ -111,7 +116,7 @@ def spawn(
         start_new_session=True,
         close_fds=True,
     )
-    _registry.add(proc.pid)
+    _registry.add(proc.pid, owner)
     return proc
 
 
@@ -195,9 +200,10 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
         _registry.discard(pgid)
 
 
-def stop_all(grace: float) -> list[int]:
-    """Stop every group this process started that is still registered. Returns their ids."""
-    groups = _registry.snapshot()
+def stop_all(grace: float, owner: str | None = None) -> list[int]:
+    """Stop every group this process started for `owner` (None: for anyone) that is still
+    registered. Returns their ids."""
+    groups = _registry.snapshot(owner)
     for pgid in groups:
         _signal_group(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace

@@ -136,17 +136,19 @@ def run_attempt(
     kill_grace: float,
     log: LogFn,
     max_log_lines: int = 200,
+    owner: str | None = None,
 ) -> AttemptOutcome:
     """Run `argv` once in its own process group and wait for it, at most `timeout` seconds.
 
     On timeout the whole group gets SIGTERM, then SIGKILL after `kill_grace`.
     When the pipeline exits, anything it left running in its group is stopped
     too. If this call is interrupted (an exception raised into the thread), the
-    group is stopped before the exception propagates.
+    group is stopped before the exception propagates. `owner` (a flow run id) is
+    what `procgroup.stop_all` stops by.
     """
     started = time.monotonic()
     try:
-        proc = procgroup.spawn(argv, cwd=cwd, env=env)
+        proc = procgroup.spawn(argv, cwd=cwd, env=env, owner=owner)
     except OSError as exc:
         return AttemptOutcome(
             status="not_started",

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -31,18 +29,12 @@ from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import procgroup, report
+from flows.cluster import task_runner
 from flows.config import load_plan
-from flows.prefect_slots import ensure_limit, slot_pool
-from flows.tasks import SiteAttemptFailed, SiteRun, configured_task, register, unregister
-
-# on_progress(done, total, failed) after each site, for the caller of this flow run (see
-# `flows.api`). A context variable, so concurrent runs in one process each see their own.
-progress_callback: ContextVar[Callable[[int, int, int], None] | None] = ContextVar(
-    "progress_callback", default=None
-)
+from flows.prefect_slots import ensure_limit
+from flows.tasks import SiteAttemptFailed, SiteJob, configured_task, local_run
 
 
 @flow(name="site-pipeline", persist_result=False, validate_parameters=True)
@@ -86,21 +78,23 @@ def run_sites(
     )
     reports: dict[str, report.SiteReport] = {}
     progress_at, failed = 0.0, 0
-    on_progress = progress_callback.get()
+    on_progress = report.progress_callback.get()
+    job = SiteJob(
+        plan,
+        flow_run_id,
+        tuple(sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())})),
+    )
+    # Task runs in this process share one slot pool, handed out in list order and filled up
+    # front; on Dask each worker makes its own (flows.tasks.local_run).
+    in_process = config.task_runner.kind == "threads"
     with (
-        slot_pool(
-            config.concurrency_tag,
-            plan.sites,
-            holder_id=flow_run_id,
-            prefetch=plan.max_concurrent_sites,
-            api_patience=config.api_patience,
-            tags=sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())}),
-        ) as pool,
-        _registered(SiteRun(plan, pool, flow_run_id)) as (run, key),
-        ThreadPoolTaskRunner[dict[str, Any]](max_workers=plan.workers) as runner,
+        local_run(job, prefetch=plan.max_concurrent_sites, in_flow=True)
+        if in_process
+        else nullcontext() as run,
+        task_runner(plan) as runner,
     ):
         futures = runner.map(
-            configured_task(plan), {"site": list(plan.sites), "run_key": unmapped(key)}
+            cast(Any, configured_task(plan)), {"site": list(plan.sites), "job": unmapped(job)}
         )
         site_of = {id(future): site for future, site in zip(futures, plan.sites, strict=True)}
         try:
@@ -119,10 +113,12 @@ def run_sites(
                         progress_at = now
                         update_progress_artifact(progress, 100.0 * len(reports) / total)
         except BaseException:
-            # Cancelled or crashing: stop every pipeline now, before the task
-            # runner waits for its threads, so none outlives the flow run.
-            run.stopping.set()
-            procgroup.stop_all(config.kill_grace_seconds)
+            # Cancelled or crashing: stop this run's pipelines now, before the task runner
+            # waits for its threads, so none outlives the flow run. (On Dask, closing a
+            # local cluster ends its workers, and their reapers stop their pipelines.)
+            if run is not None:
+                run.stopping.set()
+            procgroup.stop_all(config.kill_grace_seconds, owner=str(flow_run_id))
             raise
 
     ordered = [reports[site] for site in plan.sites]
@@ -142,16 +138,6 @@ def run_sites(
         logger.error(message)
         return Failed(message=message, data=summary)
     return Completed(message=f"all {total} sites succeeded", data=summary)
-
-
-@contextmanager
-def _registered(run: SiteRun) -> Iterator[tuple[SiteRun, str]]:
-    """`run` in the registry that `run_site` reads, for the duration of the block."""
-    key = register(run)
-    try:
-        yield run, key
-    finally:
-        unregister(key)
 
 
 def _site_report(site: str, state: State[Any]) -> report.SiteReport:

@@ -26,6 +26,9 @@ The rules here:
   all but k - 1 of the sites before it have started (for at most `patience` seconds, so a
   site that never asks can't block the others). Retries of started sites come first.
 - `prefetch` slots are asked for before any thread waits, and kept until a site takes one.
+- `park=False` (a process that may end at any moment, like a Dask worker): a slot no thread
+  of this process waits for goes back to the server at once, before `slot()` returns, so
+  nothing is left to give back when the process ends.
 - While the API fails (5xx, 401, 403, no connection) for more than `warn_after` seconds
   (SQLite's busy 503s last milliseconds), a warning names the URL and the status every
   `warn_every` seconds; after `api_patience` seconds of failing, every waiting
@@ -123,6 +126,8 @@ class SlotPool:
         warn_after: float = 1.0,
         lease_seconds: float = LEASE_SECONDS,
         on_tick: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None,
+        park: bool = True,
     ) -> None:
         self.name = name
         self._api = api
@@ -136,6 +141,8 @@ class SlotPool:
         self._warn_after = warn_after
         self._lease_seconds = lease_seconds
         self._on_tick = on_tick
+        self._on_close = on_close
+        self._park = park
         self._leases: dict[UUID, _Lease] = {}
         self._cond = threading.Condition()
         self._parked: list[tuple[UUID, float]] = []
@@ -193,6 +200,8 @@ class SlotPool:
             self._releases.put(lease)
         self._releases.put(None)
         releaser.join(timeout=self._api_patience + 5)
+        if self._on_close is not None:
+            self._on_close()
 
     # -- hand-out (call with the lock held where noted) -----------------------
 
@@ -245,18 +254,41 @@ class SlotPool:
             fresh = info is not None and time.monotonic() - info.acquired_at < self._fair_share
             # Keep it (briefly) only while a thread waits or a site of this run may ask,
             # and only for `fair_share` seconds in all: then other flow runs get a turn.
-            keep = (
-                not self._closed
-                and fresh
-                and (len(self._waiting) > len(self._parked) or unfinished > len(self._in_use))
+            wanted = len(self._waiting) > len(self._parked) or (
+                self._park and unfinished > len(self._in_use)
             )
-            if keep:
+            if not self._closed and fresh and wanted:
                 self._parked.append((lease, time.monotonic()))
                 self._cond.notify_all()
                 return
             if not fresh:  # its turn is over: don't race other flow runs for this slot
                 self._hold_off_until = time.monotonic() + 4 * self._poll
-        self._releases.put(lease)
+        if self._park:
+            self._releases.put(lease)
+        else:
+            self._release_now(lease)
+
+    def _release_now(self, lease: UUID) -> None:
+        """Give `lease` back before returning (retrying while the API fails)."""
+        deadline = time.monotonic() + self._api_patience
+        while True:
+            try:
+                self._return_to_server(lease)
+                return
+            except SlotError as exc:
+                logger.warning("could not give back slot lease %s: %s", lease, exc)
+                return
+            except ApiUnavailable as exc:
+                if time.monotonic() > deadline:
+                    logger.warning(
+                        "could not give back slot lease %s of %r to %s: %s",
+                        lease,
+                        self.name,
+                        self._api.url,
+                        exc.status,
+                    )
+                    return
+                time.sleep(self._poll)
 
     def _demand(self) -> int:
         """How many slots this run wants parked right now (lock held)."""
@@ -330,25 +362,7 @@ class SlotPool:
     def _releaser(self) -> None:
         """Give queued leases back until `None` arrives, retrying while the API fails."""
         while (lease := self._releases.get()) is not None:
-            deadline = time.monotonic() + self._api_patience
-            while True:
-                try:
-                    self._return_to_server(lease)
-                    break
-                except SlotError as exc:
-                    logger.warning("could not give back slot lease %s: %s", lease, exc)
-                    break
-                except ApiUnavailable as exc:
-                    if time.monotonic() > deadline:  # it expires by itself on a live server
-                        logger.warning(
-                            "could not give back slot lease %s of %r to %s: %s",
-                            lease,
-                            self.name,
-                            self._api.url,
-                            exc.status,
-                        )
-                        break
-                    time.sleep(self._poll)
+            self._release_now(lease)
 
     def _return_to_server(self, lease: UUID) -> None:
         """Release `lease`; if the server lost it (a restart), give its slot back by name."""

@@ -3,12 +3,19 @@
 Prefect drives the retries (`retries`, `retry_delay_seconds`,
 `retry_jitter_factor`, `retry_condition_fn`); this task runs one attempt, holding
 a concurrency slot only while the pipeline process runs.
+
+The task is self-contained: its `SiteJob` parameter carries the plan and the flow run,
+so any process can run it (a thread of the flow's process, or a Dask worker). Each
+process keeps one slot pool per flow run (`local_run`), made on first use and closed
+once no task run of that flow run has used it for `IDLE_CLOSE_SECONDS`.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
@@ -22,35 +29,89 @@ from prefect.utilities.annotations import NotSet
 
 from flows.backoff import retry_delays
 from flows.config import RunPlan, build_argv, site_output_dir
+from flows.prefect_slots import open_slot_pool
 from flows.report import SiteReport
 from flows.runner import run_attempt
 from flows.slots import SlotError, SlotPool
 
+IDLE_CLOSE_SECONDS = 5.0
+
+
+class SiteJob:
+    """What every `run_site` task run of one flow run needs, whichever process runs it.
+
+    A plain class on purpose: Prefect walks the dataclasses and models in a task's
+    parameters once per task run, and this holds the whole plan.
+    """
+
+    __slots__ = ("flow_run_id", "plan", "tags")
+
+    def __init__(self, plan: RunPlan, flow_run_id: UUID, tags: tuple[str, ...]) -> None:
+        self.plan = plan
+        self.flow_run_id = flow_run_id
+        self.tags = tags  # the task runs' tags, for the tag-limit check shortcut
+
 
 @dataclass
-class SiteRun:
-    """What the tasks of one flow run share, found by flow run id."""
+class LocalRun:
+    """This process's share of one flow run: its slot pool, and whether the run stops."""
 
-    plan: RunPlan
     pool: SlotPool
-    flow_run_id: UUID
     stopping: threading.Event = field(default_factory=threading.Event)
+    users: int = 0
 
 
-_active: dict[str, SiteRun] = {}
-_active_lock = threading.Lock()
+_local_runs: dict[UUID, LocalRun] = {}  # a cache: anything in it can be rebuilt from a SiteJob
+_local_lock = threading.Lock()
 
 
-def register(run: SiteRun) -> str:
-    key = str(run.flow_run_id)
-    with _active_lock:
-        _active[key] = run
-    return key
+@contextmanager
+def local_run(job: SiteJob, *, prefetch: int = 0, in_flow: bool = False) -> Iterator[LocalRun]:
+    """This process's `LocalRun` for `job`'s flow run, made on first use, held for the block.
+
+    The flow's own process (`in_flow`) hands slots out in list order and asks for
+    `prefetch` slots up front; another process (a Dask worker) sees only some sites, so it
+    hands them out as they ask, and gives each slot back before its task run ends (a worker
+    may be stopped as soon as the last task run ends). A run no block holds is closed (its
+    slots go back to the server) at once in the flow's process, else after
+    `IDLE_CLOSE_SECONDS`.
+    """
+    config = job.plan.config
+    with _local_lock:
+        run = _local_runs.get(job.flow_run_id)
+        if run is None:
+            pool = open_slot_pool(
+                config.concurrency_tag,
+                job.plan.sites,
+                holder_id=job.flow_run_id,
+                prefetch=prefetch,
+                patience=2.0 if in_flow else 0.0,
+                park=in_flow,
+                api_patience=config.api_patience,
+                tags=job.tags,
+            )
+            run = _local_runs[job.flow_run_id] = LocalRun(pool)
+        run.users += 1
+    try:
+        yield run
+    finally:
+        with _local_lock:
+            run.users -= 1
+            idle = run.users == 0
+        if idle and in_flow:
+            _close_if_idle(job.flow_run_id, run)
+        elif idle:
+            timer = threading.Timer(IDLE_CLOSE_SECONDS, _close_if_idle, (job.flow_run_id, run))
+            timer.daemon = True
+            timer.start()
 
 
-def unregister(key: str) -> None:
-    with _active_lock:
-        _active.pop(key, None)
+def _close_if_idle(flow_run_id: UUID, run: LocalRun) -> None:
+    with _local_lock:
+        if run.users or _local_runs.get(flow_run_id) is not run:
+            return
+        del _local_runs[flow_run_id]
+    run.pool.close()
 
 
 class SiteAttemptFailed(Exception):
@@ -62,6 +123,10 @@ class SiteAttemptFailed(Exception):
         super().__init__(
             f"{report.site}: attempt {report.attempts} {report.status}: {report.error}"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Crosses processes (Dask) inside the task run's state: rebuild from the fields.
+        return (SiteAttemptFailed, (self.report, self.retryable))
 
 
 def _should_retry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -77,11 +142,14 @@ def _should_retry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) ->
     persist_result=False,
     retry_condition_fn=_should_retry,
 )
-def run_site(site: str, run_key: str) -> dict[str, Any]:
+def run_site(site: str, job: SiteJob) -> dict[str, Any]:
     """Run one attempt of `site`'s pipeline. Returns its report; raises on failure."""
-    with _active_lock:
-        run = _active[run_key]
-    plan, config = run.plan, run.plan.config
+    with local_run(job) as run:
+        return _attempt(site, job, run)
+
+
+def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
+    plan, config = job.plan, job.plan.config
     logger = get_run_logger()
     attempt = max(1, int(current_task_run.run_count))
     try:
@@ -97,7 +165,7 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
         "SITE": site,
         "SITE_ATTEMPT": str(attempt),
         "SITE_OUTPUT_DIR": str(out_dir),
-        "SITE_FLOW_RUN_ID": str(run.flow_run_id),
+        "SITE_FLOW_RUN_ID": str(job.flow_run_id),
     }
     try:
         with run.pool.slot(site):
@@ -113,6 +181,7 @@ def run_site(site: str, run_key: str) -> dict[str, Any]:
                     kill_grace=config.kill_grace_seconds,
                     log=logger.info,
                     max_log_lines=config.max_log_lines,
+                    owner=str(job.flow_run_id),
                 )
     except SlotError as exc:
         # The API kept failing (api_patience) or the limit is gone: retrying can't help.

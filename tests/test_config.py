@@ -92,6 +92,27 @@ BAD_CONFIGS = [
         "pipeline:\n  sites: [a]\n  working_dir: nowhere\n",
         "pipeline.working_dir = 'nowhere': expected an existing folder",
     ),
+    (
+        "unknown task runner",
+        "pipeline:\n  sites: [a]\n  task_runner: {kind: ray}\n",
+        "pipeline.task_runner.kind = 'ray': expected 'threads' or 'dask'",
+    ),
+    (
+        "dask option for threads",
+        "pipeline:\n  sites: [a]\n  task_runner: {n_workers: 2}\n",
+        "pipeline.task_runner.n_workers = 2: only for kind dask",
+    ),
+    (
+        "local option for a remote cluster",
+        "pipeline:\n  sites: [a]\n  task_runner: {kind: dask, address: 'tcp://h:8786', "
+        "n_workers: 2}\n",
+        "pipeline.task_runner.n_workers = 2: only for a local cluster (address: null)",
+    ),
+    (
+        "api_patience zero",
+        "pipeline:\n  sites: [a]\n  api_patience: 0\n",
+        "pipeline.api_patience = 0: expected greater than 0",
+    ),
 ]
 
 
@@ -285,3 +306,22 @@ def test_shipped_config_is_valid() -> None:
     plan = load_plan(Path(__file__).resolve().parent.parent / "config.yaml")
     assert "examples/demo_site.py" in plan.config.command
     assert len(plan.sites) >= 3
+
+
+def test_dask_without_the_extra_exits_2_naming_the_extra(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kind: dask where prefect-dask is not installed: exit 2, naming the extra to install."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "prefect_dask" else real_find_spec(name, *a),
+    )
+    config = write_config(tmp_path, ["ok-a"], task_runner={"kind": "dask"})
+    code, _, err = run_cli(["validate", "--config", str(config)], capsys)
+    assert code == 2
+    assert "pipeline.task_runner.kind = 'dask': prefect-dask is not installed" in err
+    assert 'pip install -e ".[dask]"' in err

@@ -132,6 +132,16 @@ def test_an_unused_slot_lingers_then_goes_back_to_the_server() -> None:
         assert wait_for(lambda: limit.active == 0, timeout=3)  # returned after linger
 
 
+def test_without_parking_a_slot_is_back_on_the_server_when_the_block_ends() -> None:
+    """park=False (a Dask worker): with no local waiter, the slot is released before
+    `slot()` returns, though sites of the run remain; nothing is left for a killed process."""
+    limit = FakeLimit(2)
+    with pool_on(limit, ["a", "b", "c"], park=False) as pool:
+        with pool.slot("a"):
+            assert limit.active == 1
+        assert limit.active == 0 and limit.calls[-1] == "release"
+
+
 def test_a_parked_slot_is_handed_over_without_asking_the_server() -> None:
     """The next site takes the parked slot: one acquire served two sites."""
     limit = FakeLimit(1)

@@ -9,6 +9,7 @@
     loud...      print $FAKE_LOUD_MB megabytes (default 20) of lines, then the status line
     anything else behaves like ok
 
+The JSON status line holds the argv, the SITE* environment, the cwd and the parent pid.
 Every run appends `<site> start|end <time>` lines to $FAKE_TIMELINE when set, and
 `hang`/`stubborn` write their pids to $FAKE_PIDS_DIR/<attempt>-<pid>.pids.
 """
@@ -46,6 +47,7 @@ def main() -> int:
         "env_flow_run_id": os.environ.get("SITE_FLOW_RUN_ID"),
         "output_dir": os.environ.get("SITE_OUTPUT_DIR"),
         "cwd": os.getcwd(),
+        "ppid": os.getppid(),  # which process ran this pipeline (the flow's, or a Dask worker)
     }
     if site.startswith(("hang", "stubborn")):
         if site.startswith("stubborn"):

@@ -1,0 +1,64 @@
+"""Where `run_site` task runs run: threads in the flow's process, or a Dask cluster.
+
+`pipeline.task_runner.kind: dask` sends each task run to a Dask worker through
+`prefect-dask` (the `dask` extra), so each pipeline process runs on that worker's machine.
+The task is self-contained (`flows.tasks.SiteJob`), takes its concurrency slots from the
+Prefect server, and stops its own process groups, so the cap and the timeouts hold there too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from flows.config import RunPlan
+
+DASK_EXTRA = 'pip install -e ".[dask]"'
+
+
+def local_cluster_size(plan: RunPlan) -> tuple[int, int]:
+    """(workers, threads per worker) for a local cluster: Dask's default worker count unless
+    configured, and enough threads in all for the plan's thread budget."""
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    settings = plan.config.task_runner
+    workers = settings.n_workers or nprocesses_nthreads()[0]  # type: ignore[no-untyped-call]
+    threads = settings.threads_per_worker or max(1, math.ceil(plan.workers / workers))
+    return workers, threads
+
+
+@contextmanager
+def task_runner(plan: RunPlan) -> Iterator[TaskRunner[Any]]:
+    """The plan's task runner, started; stopped (and a local cluster closed) on exit."""
+    settings = plan.config.task_runner
+    if settings.kind == "threads":
+        with ThreadPoolTaskRunner[Any](max_workers=plan.workers) as threads:
+            yield threads
+        return
+    from prefect_dask.task_runners import DaskTaskRunner
+
+    if settings.address:
+        dask = DaskTaskRunner(address=settings.address)
+    else:
+        workers, threads_per_worker = local_cluster_size(plan)
+        dask = DaskTaskRunner(
+            cluster_kwargs={
+                "n_workers": workers,
+                "threads_per_worker": threads_per_worker,
+                "processes": True,
+                "dashboard_address": None,
+            }
+        )
+    # Task runs carry the flow's settings to the workers. On the embedded default those name
+    # no API URL, so each worker would start a temporary server of its own: name the flow's.
+    with get_client(sync_client=True) as client:
+        api_url = str(client.api_url).rstrip("/")
+    updates = {} if get_current_settings().api.url else {PREFECT_API_URL: api_url}
+    with temporary_settings(updates=updates), dask as runner:
+        yield runner

@@ -1,0 +1,174 @@
+"""The flow on a Dask cluster (prefect-dask): the same behaviour as the thread runner, with
+the pipelines running under the Dask worker processes and the global cap still enforced."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import psutil
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterTaskRunId,
+)
+
+from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, write_config
+from tests.processes import alive, hanging_pids, wait_until_gone
+from tests.servers import prefect_env
+from tests.timeline import max_overlap
+
+pytest.importorskip(
+    "prefect_dask", reason='prefect-dask is not installed: pip install -e ".[dask]"'
+)
+
+from flows.site_pipeline import run_sites
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SITES = ["flaky-a", "fail-b", "hang-c", "ok-d", "ok-slow-e", "ok-slow-f", "usage-g"]
+DASK = {"kind": "dask", "n_workers": 2}
+
+
+def summary_of(config: Path) -> dict[str, Any]:
+    state = run_sites(config_path=str(config), return_state=True)
+    summary = state.result(raise_on_failure=False)
+    assert isinstance(summary, dict), f"flow ended {state.name}: {state.message}"
+    return summary
+
+
+def comparable(summary: dict[str, Any]) -> list[tuple[Any, ...]]:
+    return [
+        (s["site"], s["status"], s["attempts"], s["exit_code"], (s["result"] or {}).get("site"))
+        for s in summary["sites"]
+    ]
+
+
+def test_dask_gives_the_same_summary_as_threads_with_pipelines_under_the_workers(
+    tmp_path: Path,
+) -> None:
+    """7 sites (flaky, failing, a timeout with a grandchild, JSON results, slow ones, a
+    non-retryable exit) on a 2-worker local cluster: the same summary as the thread runner;
+    every pipeline's parent is a Dask worker, not this process; the timeout leaves nothing."""
+    runs = {}
+    for kind in ("threads", "dask"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        config = write_config(
+            folder,
+            SITES,
+            retry_count=2,
+            timeout=3,
+            kill_grace_seconds=0.5,
+            max_concurrent_sites=3,
+            task_runner=DASK if kind == "dask" else {"kind": "threads"},
+            env={"FAKE_PIDS_DIR": str(folder), "FAKE_SLEEP": "0.3"},
+        )
+        runs[kind] = summary_of(config)
+    assert comparable(runs["dask"]) == comparable(runs["threads"])
+    by_site = {s["site"]: s for s in runs["dask"]["sites"]}
+    assert by_site["flaky-a"]["attempts"] == 2 and by_site["flaky-a"]["status"] == "succeeded"
+    assert by_site["hang-c"]["status"] == "timed_out" and by_site["usage-g"]["attempts"] == 1
+    parents = {s["result"]["ppid"] for s in runs["dask"]["sites"] if s["result"]}
+    assert os.getpid() not in parents and 1 <= len(parents) <= 2  # the workers
+    assert {s["result"]["ppid"] for s in runs["threads"]["sites"] if s["result"]} == {os.getpid()}
+    for pid_file in (tmp_path / "dask").glob("*.pids"):
+        assert not any(alive(int(pid)) for pid in pid_file.read_text().split())
+    # The pipeline's output went from the worker into the task run's logs.
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(
+                id=FlowRunFilterId(any_=[UUID(runs["dask"]["flow_run_id"])])
+            )
+        )
+        failing = next(run for run in task_runs if run.name == "fail-b")
+        logs = client.read_logs(
+            log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[failing.id]))
+        )
+    assert any("fail-b: boom on attempt 2" in log.message for log in logs)
+
+
+def test_the_cap_holds_across_dask_workers(tmp_path: Path) -> None:
+    """Cap 2 on 2 workers of 4 threads each: at most 2 pipelines ever overlap."""
+    config = write_config(
+        tmp_path,
+        [f"ok-{i}" for i in range(8)],
+        max_concurrent_sites=2,
+        task_runner={**DASK, "threads_per_worker": 4},
+        env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "0.8"},
+    )
+    summary = summary_of(config)
+    assert summary["counts"]["succeeded"] == 8
+    assert max_overlap(read_timeline(tmp_path)) == 2
+    with get_client(sync_client=True) as client:  # the workers gave every slot back
+        tag = f"test-{tmp_path.name}"[:60]
+        assert client.read_global_concurrency_limit_by_name(tag).active_slots == 0
+
+
+def test_sigterm_of_the_flow_process_stops_the_pipelines_on_the_workers(
+    tmp_path: Path, prefect_api: str
+) -> None:
+    """SIGTERM to `site-pipeline run` (a cancel) with sites on Dask workers: every pipeline
+    and grandchild on the workers is gone soon after."""
+    config = write_config(
+        tmp_path,
+        ["hang-a", "hang-b"],
+        max_concurrent_sites=2,
+        kill_grace_seconds=1,
+        task_runner=DASK,
+    )
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "flows", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=cli_env(prefect_api),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pids = hanging_pids(tmp_path, 2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=90)
+    assert wait_until_gone(pids, timeout=30) == []
+
+
+def test_a_local_cluster_uses_the_embedded_default_s_one_temporary_server(tmp_path: Path) -> None:
+    """With no PREFECT_API_URL, `site-pipeline run` on a local cluster starts one temporary
+    Prefect server, and the Dask workers use it: never a second one per worker."""
+    config = write_config(
+        tmp_path,
+        [f"ok-{i}" for i in range(4)],
+        max_concurrent_sites=2,
+        task_runner=DASK,
+        env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "2"},
+    )
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "flows", "run", "--config", str(config)],
+        cwd=ROOT,
+        env=prefect_env(tmp_path / "home"),  # no PREFECT_API_URL: the embedded default
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    most = 0
+    while proc.poll() is None:
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        servers = 0
+        for child in tree:
+            try:
+                servers += any("prefect.server" in part for part in child.cmdline())
+            except psutil.Error:
+                pass
+        most = max(most, servers)
+        time.sleep(0.2)
+    assert proc.returncode == 0
+    assert most == 1
+    assert len([row for row in read_timeline(tmp_path) if row[1] == "start"]) == 4
