@@ -251,6 +251,19 @@ def main() -> int:
         results.append(
             run_pipeline(f"site-pipeline, {label}", folder, sitelines(folder, env), sites, args.c)
         )
+        if key == "postgres" and "dask" in runners:
+            say("site-pipeline, local Dask cluster of 2 workers, server on PostgreSQL...")
+            folder = work / "dask-postgres"
+            results.append(
+                run_pipeline(
+                    "site-pipeline, Dask (2 local workers), server on PostgreSQL",
+                    folder,
+                    sitelines(folder, env),
+                    sites,
+                    args.c,
+                    task_runner={"kind": "dask", "n_workers": 2},
+                )
+            )
         return url
 
     if "dask" in runners:
@@ -258,7 +271,7 @@ def main() -> int:
         folder = work / "dask"
         results.append(
             run_pipeline(
-                "site-pipeline, Dask (2 local workers)",
+                "site-pipeline, Dask (2 local workers), embedded SQLite",
                 folder,
                 sitelines(folder, embedded_env),
                 sites,

@@ -235,7 +235,8 @@ class SlotPool:
                     if self._parked and self._next_in_line(time.monotonic()) == index:
                         break
                     # Timed wait: `patience` can make this site eligible with no notify.
-                    self._cond.wait(self._patience / 4)
+                    # (With no patience every waiter is eligible: a hand-over notifies.)
+                    self._cond.wait(self._patience / 4 if self._patience > 0 else 1.0)
                 lease, _ = self._parked.pop()
                 self._prefetch = 0  # sites ask now: demand is what waits
                 self._in_use.add(lease)

@@ -295,3 +295,22 @@ def test_an_expired_lease_is_not_given_back_twice() -> None:
         pool.close()
     assert "release_unleased" not in limit.calls
     assert limit.active == 0
+
+
+def test_waiting_sites_do_not_spin_when_patience_is_zero() -> None:
+    """patience=0 (a Dask worker's pool): 4 sites waiting a second for a slot cost little CPU,
+    not a busy loop."""
+    limit = FakeLimit(1)
+    with pool_on(limit, ["a", "b", "c", "d", "e"], patience=0, park=False) as pool:
+        order: list[str] = []
+        with pool.slot("a"):
+            waiters = [run_site(pool, site, order, hold=0.0) for site in "bcde"]
+            for thread in waiters:
+                thread.start()
+            cpu = time.process_time()
+            time.sleep(1.0)
+            spent = time.process_time() - cpu
+        for thread in waiters:
+            thread.join(5)
+    assert sorted(order) == ["b", "c", "d", "e"]
+    assert spent < 0.3, f"{spent:.2f} s of CPU while waiting"
