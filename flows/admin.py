@@ -211,20 +211,43 @@ def history(limit: int = 10, site: str | None = None, scan: int = 5000) -> dict[
     }
 
 
+def history_rows(
+    data: dict[str, Any],
+) -> tuple[tuple[list[str], list[list[str]]], tuple[list[str], list[list[str]]]]:
+    """History as (columns, rows) for the runs and for the sites."""
+    runs = [
+        [
+            (run["start_time"] or "")[:19].replace("T", " "),
+            run["state"] or "",
+            "" if run["duration_s"] is None else f"{run['duration_s']:.1f}",
+            str(run["succeeded"]),
+            str(run["failed"]),
+            run["name"],
+        ]
+        for run in data["runs"]
+    ]
+    sites = [
+        [
+            entry["site"],
+            entry["last_status"],
+            (entry["last_run_at"] or "")[:19].replace("T", " "),
+            (entry["last_succeeded_at"] or "never")[:19].replace("T", " "),
+        ]
+        for entry in data["sites"]
+    ]
+    return (
+        (["started", "state", "seconds", "ok", "failed", "name"], runs),
+        (["site", "last status", "last run", "last succeeded"], sites),
+    )
+
+
 def format_history(data: dict[str, Any]) -> str:
-    """History as two plain-text tables."""
+    """History as two plain-text tables (for pipes and files)."""
     lines = [f"Last {len(data['runs'])} site-pipeline runs ({data['api']}):"]
-    lines.append(f"{'STARTED':<26} {'STATE':<10} {'SECONDS':>9} {'OK':>5} {'FAILED':>6}  NAME")
-    for run in data["runs"]:
-        seconds = "" if run["duration_s"] is None else f"{run['duration_s']:.1f}"
-        lines.append(
-            f"{(run['start_time'] or '')[:25]:<26} {run['state'] or '':<10} {seconds:>9} "
-            f"{run['succeeded']:>5} {run['failed']:>6}  {run['name']}"
-        )
-    lines.append("")
-    lines.append(f"{'SITE':<40} {'LAST STATUS':<12} {'LAST RUN':<26} LAST SUCCEEDED")
-    for entry in data["sites"]:
-        last_run = (entry["last_run_at"] or "")[:25]
-        last_ok = (entry["last_succeeded_at"] or "never")[:25]
-        lines.append(f"{entry['site']:<40} {entry['last_status']:<12} {last_run:<26} {last_ok}")
-    return "\n".join(lines)
+    (run_columns, runs), (site_columns, sites) = history_rows(data)
+    for columns, rows in ((run_columns, runs), (site_columns, sites)):
+        widths = [max(len(row[i]) for row in [columns, *rows]) for i in range(len(columns))]
+        for row in [[c.upper() for c in columns], *rows]:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="override the cap")
     run.add_argument("--sequential", action="store_true", help="one site at a time, in order")
     run.add_argument("--summary-json", metavar="PATH", help="write the summary JSON here")
+    loudness = run.add_mutually_exclusive_group()
+    loudness.add_argument(
+        "-v", "--verbose", action="store_true", help="also print every line the pipelines print"
+    )
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", help="print only problems and the final table"
+    )
 
     with_config(
         commands.add_parser("validate", help="check the config and sites; show what would run")
@@ -133,52 +140,54 @@ def _validate(plan: RunPlan) -> int:
 
 
 def _run(args: argparse.Namespace, plan: RunPlan) -> int:
+    from prefect.settings import get_current_settings
+    from rich.console import Console
+
     from flows import admin
+    from flows.api import PipelineRunError, run_pipeline_summary
+    from flows.console import Verbosity, run_console, summary_table
+    from flows.report import format_table
 
     try:
         admin.check_reachable()
     except admin.ApiUnreachable as exc:
         print(f"site-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    from flows.api import PipelineRunError, run_pipeline_summary
-
-    bar = _ProgressBar() if sys.stdout.isatty() else None
-    try:
-        summary = run_pipeline_summary(
-            plan.sites,
-            config_path=plan.config_path,
-            max_concurrent_sites=plan.max_concurrent_sites,
-            use_async=plan.use_async,
-            on_progress=bar.update if bar is not None else None,
+    settings = get_current_settings()
+    if not settings.api.url:
+        print(
+            "site-pipeline: starting a temporary Prefect server for this run (a few seconds); "
+            "to skip this, keep one running: `prefect server start --background` and "
+            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
+            file=sys.stderr,
         )
+    verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
+    err, out = Console(stderr=True), Console()
+    try:
+        with run_console(len(plan.sites), verbosity, err) as view:
+            summary = run_pipeline_summary(
+                plan.sites,
+                config_path=plan.config_path,
+                max_concurrent_sites=plan.max_concurrent_sites,
+                use_async=plan.use_async,
+                on_progress=view.site_done if view is not None else None,
+            )
     except PipelineRunError as exc:
         print(f"site-pipeline: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    finally:
-        if bar is not None:
-            bar.done()
-    from flows.report import format_table
-
-    print(format_table(summary))
+    if out.is_terminal:
+        out.print(summary_table(summary))
+        print(format_table(summary).splitlines()[-1])  # the count line
+    else:
+        print(format_table(summary))
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return EXIT_OK if summary["state"] == "Completed" else EXIT_FAILED
-
-
-class _ProgressBar:
-    """A one-line progress bar for terminals."""
-
-    def update(self, done: int, total: int, failed: int) -> None:
-        width = 30
-        filled = int(width * done / total) if total else width
-        sys.stdout.write(
-            f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} sites, {failed} failed "
+        print(f"summary: {args.summary_json}")
+    if settings.api.url and settings.ui_url:  # a server that keeps running: link to the run
+        print(
+            f"flow run: {str(settings.ui_url).rstrip('/')}/runs/flow-run/{summary['flow_run_id']}"
         )
-        sys.stdout.flush()
-
-    def done(self) -> None:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    return EXIT_OK if summary["state"] == "Completed" else EXIT_FAILED
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -196,7 +205,20 @@ def _history(args: argparse.Namespace) -> int:
     except admin.ApiUnreachable as exc:
         print(f"site-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    print(json.dumps(data, indent=2) if args.json else admin.format_history(data))
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+
+    out = Console()
+    if not out.is_terminal:
+        print(admin.format_history(data))
+        return EXIT_OK
+    from flows.console import rows_table
+
+    runs, sites = admin.history_rows(data)
+    out.print(rows_table(*runs, title=f"Last {len(data['runs'])} runs ({data['api']})"))
+    out.print(rows_table(*sites, title="Sites"))
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tool
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
@@ -126,6 +127,14 @@ def failures_markdown(reports: Sequence[SiteReport]) -> str | None:
     return "\n".join(lines)
 
 
+def compact_result(result: Mapping[str, Any] | None, width: int = 120) -> str:
+    """The pipeline's JSON status as one compact line, cut to `width` characters."""
+    if result is None:
+        return ""
+    text = json.dumps(result, separators=(",", ":"), ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def table_rows(reports: Sequence[SiteReport], stderr_lines: int = 3) -> list[dict[str, Any]]:
     """Rows for the Prefect table artifact, one per site."""
     return [
@@ -136,6 +145,7 @@ def table_rows(reports: Sequence[SiteReport], stderr_lines: int = 3) -> list[dic
             "exit_code": r.exit_code,
             "duration_s": round(r.duration_s, 2),
             "last_stderr": " | ".join(r.stderr_tail[-stderr_lines:]),
+            "result": compact_result(r.result),
         }
         for r in reports
     ]

@@ -33,6 +33,7 @@ from prefect.states import Completed, Failed
 from flows import procgroup, report
 from flows.cluster import task_runner
 from flows.config import load_plan
+from flows.console import PROGRESS
 from flows.prefect_slots import ensure_limit
 from flows.tasks import SiteAttemptFailed, SiteJob, configured_task, local_run
 
@@ -106,7 +107,10 @@ def run_sites(
                 if on_progress is not None:
                     on_progress(len(reports), total, failed)
                 if progress is not None:
-                    logger.info(report.progress_line(len(reports), total, failed))
+                    logger.info(
+                        report.progress_line(len(reports), total, failed),
+                        extra={PROGRESS: True},
+                    )
                     # At most once a second: each update is a blocking API call.
                     now = time.monotonic()
                     if now - progress_at >= 1 or len(reports) == total:

@@ -12,6 +12,7 @@ once no task run of that flow run has used it for `IDLE_CLOSE_SECONDS`.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from prefect.utilities.annotations import NotSet
 
 from flows.backoff import retry_delays
 from flows.config import RunPlan, build_argv, site_output_dir
+from flows.console import PIPELINE_OUTPUT, SITE_EVENT
 from flows.prefect_slots import open_slot_pool
 from flows.report import SiteReport
 from flows.runner import run_attempt
@@ -167,28 +169,32 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
         "SITE_OUTPUT_DIR": str(out_dir),
         "SITE_FLOW_RUN_ID": str(job.flow_run_id),
     }
+    of = config.retry_count
     try:
         with run.pool.slot(site):
             if run.stopping.is_set():
                 outcome = None
             else:
-                logger.info("attempt %d of %d: %s", attempt, config.retry_count, argv)
+                logger.info("attempt %d/%d started", attempt, of, extra={SITE_EVENT: "started"})
+                logger.debug("argv: %s", argv)
                 outcome = run_attempt(
                     argv,
                     cwd=plan.working_dir,
                     env=env,
                     timeout=config.timeout,
                     kill_grace=config.kill_grace_seconds,
-                    log=logger.info,
+                    log=lambda line: logger.info(line, extra={PIPELINE_OUTPUT: True}),
                     max_log_lines=config.max_log_lines,
                     owner=str(job.flow_run_id),
                 )
     except SlotError as exc:
         # The API kept failing (api_patience) or the limit is gone: retrying can't help.
         run.pool.site_finished(site)
+        logger.error("no slot: %s", exc, extra={SITE_EVENT: "failed"})
         report = SiteReport(site, "failed", attempt - 1, None, 0.0, str(exc), kind="no slot")
         raise SiteAttemptFailed(report, retryable=False) from None
     if outcome is None or run.stopping.is_set():
+        logger.warning("cancelled: the flow run is stopping", extra={SITE_EVENT: "failed"})
         report = SiteReport(site, "cancelled", attempt, None, 0.0, "the flow run is stopping")
         run.pool.site_finished(site)
         raise SiteAttemptFailed(report, retryable=False)
@@ -206,16 +212,62 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
     )
     if outcome.status == "succeeded":
         run.pool.site_finished(site)
+        logger.info(
+            "attempt %d/%d succeeded in %.1fs",
+            attempt,
+            of,
+            outcome.duration_s,
+            extra={SITE_EVENT: "succeeded"},
+        )
         return report.to_json() | {"stderr_tail": report.stderr_tail}
 
     retryable = outcome.status != "not_started" and (
         outcome.exit_code not in config.non_retryable_exit_codes
     )
-    if not retryable or attempt >= config.retry_count:
+    what = (
+        f"attempt {attempt}/{of} {outcome.error}"
+        if outcome.status == "timed_out"
+        else f"attempt {attempt}/{of} failed: {outcome.error}"
+    )
+    if not retryable or attempt >= of:
         run.pool.site_finished(site)
-    if outcome.status == "timed_out":
-        logger.error("attempt %d timed out after %gs", attempt, config.timeout)
+        if retryable:
+            why = "no retries left"
+        elif outcome.status == "not_started":
+            why = "not retried: the command can't start"
+        else:
+            why = f"not retried: exit code {outcome.exit_code} is in non_retryable_exit_codes"
+        logger.error("%s; %s", what, why, extra={SITE_EVENT: status})
+    else:
+        delay = retry_delays(
+            config.async_settings.retry_backoff, config.retry_delay, config.retry_max_delay, of
+        )[attempt - 1]
+        then = f"retrying in ~{delay:g}s" if delay else "retrying now"
+        logger.warning("%s; %s", what, then, extra={SITE_EVENT: "retrying"})
     raise SiteAttemptFailed(report, retryable=retryable)
+
+
+class _NoTracebackForSiteFailures(logging.Filter):
+    """A site that fails is an expected outcome, not a bug in this tool: Prefect's
+    "Task run failed with exception" record keeps its one line, without the traceback, in
+    the UI's logs and on the console. A real bug keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, SiteAttemptFailed):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _install_traceback_filter() -> None:
+    # Wherever this module is imported (the flow's process, a Dask worker), once.
+    task_runs = logging.getLogger("prefect.task_runs")
+    if not any(isinstance(f, _NoTracebackForSiteFailures) for f in task_runs.filters):
+        task_runs.addFilter(_NoTracebackForSiteFailures())
+
+
+_install_traceback_filter()
 
 
 def configured_task(plan: RunPlan) -> Task[..., dict[str, Any]]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import PYTHON, ROOT
 
 
+@pytest.mark.slow
 def test_bench_script_measures_a_small_workload(tmp_path: Path) -> None:
     """bench/cap.py with the asyncio runner prints a table whose overlap respects the cap."""
     report = tmp_path / "report.md"

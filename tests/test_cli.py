@@ -93,6 +93,7 @@ def test_console_script_is_installed() -> None:
     assert result.returncode == 0 and "validate" in result.stdout
 
 
+@pytest.mark.slow
 def test_two_concurrent_flow_runs_share_the_cap(tmp_path: Path, prefect_api: str) -> None:
     """Two flow runs started together with the same tag never run more than the cap (3) at once."""
     timeline = tmp_path / "timeline.tsv"
@@ -134,6 +135,7 @@ def test_python_dash_m_flows_is_the_same_cli(argv: list[str], prefect_api: str) 
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_flow_process_leaves_no_pipeline(
     tmp_path: Path, prefect_api: str, sig: signal.Signals
@@ -157,3 +159,39 @@ def test_stopping_the_flow_process_leaves_no_pipeline(
     assert wait_until_gone(pids, timeout=20) == []
     if sig != signal.SIGKILL:
         assert proc.returncode != 0
+
+
+def test_history_tables_put_each_value_in_its_column() -> None:
+    """`history` (plain, for pipes): runs and sites, each value under its own header."""
+    from flows.admin import format_history
+
+    data = {
+        "api": "http://x/api",
+        "runs": [
+            {
+                "flow_run_id": "1",
+                "name": "brave-fox",
+                "start_time": "2026-11-28T02:00:00+00:00",
+                "state": "Failed",
+                "duration_s": 61.25,
+                "succeeded": 5,
+                "failed": 2,
+            }
+        ],
+        "sites": [
+            {
+                "site": "a.com",
+                "last_status": "timed_out",
+                "last_run_at": "2026-11-28T02:00:01+00:00",
+                "last_succeeded_at": None,
+            }
+        ],
+    }
+    lines = format_history(data).splitlines()
+    assert lines[0] == "Last 1 site-pipeline runs (http://x/api):"
+    header, row = lines[1].split(), lines[2].split()
+    assert header == ["STARTED", "STATE", "SECONDS", "OK", "FAILED", "NAME"]
+    assert row == ["2026-11-28", "02:00:00", "Failed", "61.2", "5", "2", "brave-fox"]
+    site_header, site_row = lines[4].split(), lines[5].split()
+    assert site_header == ["SITE", "LAST", "STATUS", "LAST", "RUN", "LAST", "SUCCEEDED"]
+    assert site_row == ["a.com", "timed_out", "2026-11-28", "02:00:01", "never"]

@@ -32,7 +32,7 @@ pytest.importorskip(
 
 from flows.site_pipeline import run_sites
 
-pytestmark = pytest.mark.usefixtures("prefect_api")
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.slow]
 
 SITES = ["flaky-a", "fail-b", "hang-c", "ok-d", "ok-slow-e", "ok-slow-f", "usage-g"]
 DASK = {"kind": "dask", "n_workers": 2}

@@ -78,6 +78,7 @@ def test_unstartable_command_is_not_retried(tmp_path: Path) -> None:
     assert entry["error"].startswith("could not start")
 
 
+@pytest.mark.slow
 def test_hanging_site_times_out_and_leaves_no_process(tmp_path: Path) -> None:
     """Each attempt of a hanging site is stopped at the timeout; no process of it survives."""
     config = write_config(
@@ -114,6 +115,7 @@ def test_cap_is_never_exceeded(tmp_path: Path, cap: int, count: int) -> None:
     assert max_overlap(rows) == cap  # capped, and really concurrent
 
 
+@pytest.mark.slow
 def test_a_prefect_tag_limit_on_the_same_tag_is_still_enforced(tmp_path: Path) -> None:
     """If someone creates Prefect's own tag limit `tag:<tag>` = 1, Prefect enforces it too."""
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -146,6 +148,7 @@ def test_use_async_false_runs_one_site_at_a_time_in_order(tmp_path: Path) -> Non
     assert [who for who, what, _ in rows if what == "start"] == sites
 
 
+@pytest.mark.slow
 def test_retry_delay_does_not_hold_the_slot(tmp_path: Path) -> None:
     """Cap 1: while a flaky site waits 3 s before its retry, the other site runs in that slot."""
     config = write_config(

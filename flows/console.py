@@ -1,0 +1,212 @@
+"""What `site-pipeline run` shows: log lines by verbosity, a live view on a terminal, tables.
+
+On a terminal, a rich live view stays at the bottom: a progress bar (done/total, succeeded,
+failed and timed-out counts, ETA) and the sites running now with how long each has run. Log
+lines print above it, through the same console, so they never break it. Elsewhere (CI, cron,
+a pipe) the same log lines print plainly, with no escape codes and no live view.
+
+Which log lines, by verbosity:
+- `normal`: the lifecycle (a site started, succeeded, failed with its reason and what
+  happens next, retries, timeouts), the flow's own lines, and every other warning and error;
+  not Prefect's own per-task-run lines (they repeat the lifecycle), unless one carries a
+  traceback, which means a bug;
+- `verbose`: also every line the pipelines print, and Prefect's own lines;
+- `quiet`: warnings and errors only.
+The task run's logs in the UI always get everything: this only decides the console.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+from rich.console import Console, Group, RenderableType
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+Verbosity = Literal["quiet", "normal", "verbose"]
+
+# `extra` keys the task and the flow put on their log records (see flows.tasks).
+SITE_EVENT = "site_event"  # started | succeeded | retrying | failed | timed_out
+PIPELINE_OUTPUT = "pipeline_output"  # a line the pipeline printed
+PROGRESS = "site_progress"  # the flow's "7/10 sites done" line: the live view shows it instead
+
+
+class LiveView:
+    """The bottom of the screen while a run goes on: a progress bar and the running sites."""
+
+    def __init__(self, console: Console, total: int) -> None:
+        self._lock = threading.Lock()
+        self._running: dict[str, float] = {}
+        self._counts = {"succeeded": 0, "failed": 0, "timed_out": 0}
+        self._progress = Progress(
+            TextColumn("[bold]sites"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f}"),
+            TextColumn("{task.fields[counts]}"),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._bar = self._progress.add_task("sites", total=total, counts=self._count_text())
+        self._live = Live(self, console=console, refresh_per_second=4, transient=True)
+
+    def _count_text(self) -> str:
+        c = self._counts
+        return f"{c['succeeded']} ok, {c['failed']} failed, {c['timed_out']} timed out"
+
+    def __rich__(self) -> RenderableType:
+        with self._lock:
+            running = sorted(self._running.items(), key=lambda item: item[1])
+        now = time.monotonic()
+        lines = [self._progress.get_renderable()]
+        if running:
+            shown = ", ".join(f"{site} {now - since:.0f}s" for site, since in running[:8])
+            more = f" and {len(running) - 8} more" if len(running) > 8 else ""
+            lines.append(Text(f"running: {shown}{more}", overflow="ellipsis", no_wrap=True))
+        return Group(*lines)
+
+    def site_event(self, site: str, event: str) -> None:
+        """A lifecycle event of `site` from its task run's log (in this process only)."""
+        with self._lock:
+            if event == "started":
+                self._running[site] = time.monotonic()
+                return
+            self._running.pop(site, None)
+            if event in self._counts:  # a final outcome
+                self._counts[event] += 1
+        self._progress.update(self._bar, counts=self._count_text())
+
+    def site_done(self, done: int, total: int, failed: int) -> None:
+        """`on_progress`: a site reached its final outcome."""
+        with self._lock:
+            if sum(self._counts.values()) < done:  # no events here (Dask): count from these
+                self._counts["failed"] = failed - self._counts["timed_out"]
+                self._counts["succeeded"] = done - failed
+        self._progress.update(self._bar, completed=done, counts=self._count_text())
+
+    def __enter__(self) -> LiveView:
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.__exit__(None, None, None)
+
+
+class ConsoleLogHandler(logging.Handler):
+    """Print run log records on `console` by verbosity, and feed the live view's events."""
+
+    def __init__(self, console: Console, verbosity: Verbosity, view: LiveView | None) -> None:
+        super().__init__()
+        self._console = console
+        self._verbosity = verbosity
+        self._view = view
+
+    def wanted(self, record: logging.LogRecord) -> bool:
+        if self._verbosity == "verbose":
+            return True
+        if getattr(record, PIPELINE_OUTPUT, False):
+            return False
+        if getattr(record, SITE_EVENT, None) is not None:  # our lifecycle lines
+            return self._verbosity == "normal" or record.levelno >= logging.WARNING
+        if record.name.startswith("prefect.task_runs"):
+            # Prefect's own lines about a task run repeat our lifecycle lines; show one only
+            # when it carries a traceback: a real bug (a site failure has none).
+            return record.exc_info is not None
+        if getattr(record, PROGRESS, False):
+            return self._view is None and self._verbosity == "normal"
+        if self._verbosity == "quiet" or record.levelno >= logging.WARNING:
+            return record.levelno >= logging.WARNING
+        return record.name.startswith("prefect.flow_runs")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event = getattr(record, SITE_EVENT, None)
+            site = getattr(record, "task_run_name", None)
+            if self._view is not None and event and site:
+                self._view.site_event(site, event)
+            if self.wanted(record):
+                self._console.print(
+                    Text(self.format(record)), soft_wrap=True, highlight=False, markup=False
+                )
+        except Exception:
+            self.handleError(record)
+
+
+class _Format(logging.Formatter):
+    """`12:09:33 | ERROR   | fail-b | attempt 2/2 failed: exit code 3; no retries left`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        who = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        text = f"{stamp} | {record.levelname:<7} | {who or record.name} | {record.getMessage()}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        return f"{text}\n{record.exc_text}" if record.exc_text else text
+
+
+@contextmanager
+def run_console(total: int, verbosity: Verbosity, console: Console) -> Iterator[LiveView | None]:
+    """For the duration of a run: our handler instead of Prefect's console handler on the
+    root logger, and a live view when `console` is a terminal (and not quiet)."""
+    view = LiveView(console, total) if console.is_terminal and verbosity != "quiet" else None
+    handler = ConsoleLogHandler(console, verbosity, view)
+    handler.setFormatter(_Format())
+    handler.setLevel(logging.DEBUG if verbosity == "verbose" else logging.INFO)
+    root = logging.getLogger()
+    replaced = [h for h in root.handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    for old in replaced:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    try:
+        if view is None:
+            yield None
+        else:
+            with view:
+                yield view
+    finally:
+        root.removeHandler(handler)
+        for old in replaced:
+            root.addHandler(old)
+
+
+def summary_table(summary: Mapping[str, Any]) -> Table:
+    """The final table: one row per site."""
+    table = Table(title=None, show_edge=False, pad_edge=False)
+    for name, justify in (
+        ("site", "left"),
+        ("status", "left"),
+        ("attempts", "right"),
+        ("exit", "right"),
+        ("seconds", "right"),
+        ("error", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    styles = {"succeeded": "green", "failed": "red", "timed_out": "yellow"}
+    for s in summary["sites"]:
+        table.add_row(
+            str(s["site"]),
+            Text(str(s["status"]), style=styles.get(s["status"], "")),
+            str(s["attempts"]),
+            "" if s["exit_code"] is None else str(s["exit_code"]),
+            f"{s['duration_s']:.2f}",
+            s["error"] or "",
+        )
+    return table
+
+
+def rows_table(columns: Sequence[str], rows: Sequence[Sequence[str]], title: str) -> Table:
+    """A plain table with a title, for `history`."""
+    table = Table(title=title, title_justify="left", show_edge=False, pad_edge=False)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
