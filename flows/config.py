@@ -70,6 +70,17 @@ class TaskRunnerConfig(_Strict):
         return self
 
 
+class ResultChecks(_Strict):
+    """`pipeline.result_checks`: a site that "succeeds" with no data, or far less than usual."""
+
+    field: str = Field(pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")  # dotted: stats.records
+    min: float | None = None  # fewer than this fails the check
+    drop_factor: float | None = Field(default=None, gt=0, le=1)  # below this x median fails
+    window: int = Field(default=10, gt=0)  # the median is over this many earlier successes
+    min_runs: int = Field(default=3, gt=0)  # fewer earlier successes: only `min` applies
+    on_fail: Literal["fail", "warn"] = "fail"
+
+
 class PipelineConfig(_Strict):
     """The `pipeline:` section. Keys and meanings of the original executor, plus ours."""
 
@@ -97,6 +108,7 @@ class PipelineConfig(_Strict):
     max_log_lines: int = Field(default=200, gt=0)
     api_patience: float = Field(default=300, gt=0)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
+    result_checks: ResultChecks | None = None
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:

@@ -3,8 +3,12 @@
 The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tools)::
 
     {"flow_run_id": str | None, "state": "Completed" | "Failed",
-     "counts": {"total", "succeeded", "failed", "timed_out", "cancelled", "skipped"},
-     "sites": [{"site", "status", "attempts", "exit_code", "duration_s", "error", "result"}]}
+     "counts": {"total", "succeeded", "failed", "timed_out", "cancelled", "skipped",
+                "check_warnings"},
+     "sites": [{"site", "status", "attempts", "exit_code", "duration_s", "error", "result",
+                "check"}]}
+
+`check` is None unless result checks are on; then `{"field", "value", "ok", "reason"}`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class SiteReport:
     result: dict[str, Any] | None = None
     stderr_tail: list[str] = field(default_factory=list)
     kind: str | None = None  # the failure's group when no other field tells it ("no slot")
+    check: dict[str, Any] | None = None  # the result check (flows.checks.Verdict.to_json)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -49,11 +54,29 @@ class SiteReport:
 
 
 def counts(reports: Iterable[SiteReport]) -> dict[str, int]:
-    tally: dict[str, int] = {"total": 0, **dict.fromkeys(STATUSES, 0)}
+    tally: dict[str, int] = {"total": 0, **dict.fromkeys(STATUSES, 0), "check_warnings": 0}
     for report in reports:
         tally["total"] += 1
         tally[report.status] += 1
+        tally["check_warnings"] += report.status == "succeeded" and check_warned(report)
     return tally
+
+
+def check_warned(report: SiteReport) -> bool:
+    """The site's result failed its check, but on_fail was warn."""
+    return report.check is not None and not report.check["ok"] and report.status == "succeeded"
+
+
+def warning_message(reports: Sequence[SiteReport], shown: int = 10) -> str | None:
+    """`2 result check warnings: a (records = 3, below min 5), b (...)`, or None."""
+    warned = [r for r in reports if check_warned(r)]
+    if not warned:
+        return None
+    named = [f"{r.site} ({r.check['reason'] if r.check else ''})" for r in warned[:shown]]
+    more = f", and {len(warned) - shown} more" if len(warned) > shown else ""
+    return f"{len(warned)} result check warning{'s' if len(warned) > 1 else ''}: " + (
+        ", ".join(named) + more
+    )
 
 
 def build_summary(flow_run_id: str | None, reports: Sequence[SiteReport]) -> dict[str, Any]:
@@ -127,6 +150,13 @@ def failures_markdown(reports: Sequence[SiteReport]) -> str | None:
     return "\n".join(lines)
 
 
+def _check_cell(report: SiteReport) -> str:
+    """`ok`, the reason the check failed, or empty when checks are off (history reads it)."""
+    if report.check is None:
+        return ""
+    return "ok" if report.check["ok"] else str(report.check["reason"])
+
+
 def compact_result(result: Mapping[str, Any] | None, width: int = 120) -> str:
     """The pipeline's JSON status as one compact line, cut to `width` characters."""
     if result is None:
@@ -146,6 +176,9 @@ def table_rows(reports: Sequence[SiteReport], stderr_lines: int = 3) -> list[dic
             "duration_s": round(r.duration_s, 2),
             "last_stderr": " | ".join(r.stderr_tail[-stderr_lines:]),
             "result": compact_result(r.result),
+            "check": _check_cell(r),
+            "check_field": r.check["field"] if r.check else None,
+            "check_value": r.check["value"] if r.check else None,
         }
         for r in reports
     ]

@@ -30,7 +30,7 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from flows import procgroup, report
+from flows import history, procgroup, report
 from flows.cluster import task_runner
 from flows.config import load_plan
 from flows.console import PROGRESS
@@ -80,10 +80,12 @@ def run_sites(
     reports: dict[str, report.SiteReport] = {}
     progress_at, failed = 0.0, 0
     on_progress = report.progress_callback.get()
+    checks = config.result_checks
     job = SiteJob(
         plan,
         flow_run_id,
         tuple(sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())})),
+        history.check_values(checks.field, plan.sites, checks.window) if checks else {},
     )
     # Task runs in this process share one slot pool, handed out in list order and filled up
     # front; on Dask each worker makes its own (flows.tasks.local_run).
@@ -137,11 +139,15 @@ def run_sites(
         create_markdown_artifact(
             failures, key="site-pipeline-failures", description="failures by kind"
         )
+    warned = report.warning_message(ordered)
+    if warned:
+        logger.warning(warned)
     message = report.failure_message(ordered)
     if message:
         logger.error(message)
-        return Failed(message=message, data=summary)
-    return Completed(message=f"all {total} sites succeeded", data=summary)
+        return Failed(message="; ".join(filter(None, [message, warned])), data=summary)
+    done = f"all {total} sites succeeded"
+    return Completed(message=f"{done}; {warned}" if warned else done, data=summary)
 
 
 def _site_report(site: str, state: State[Any]) -> report.SiteReport:

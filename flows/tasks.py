@@ -29,6 +29,7 @@ from prefect.runtime import task_run as current_task_run
 from prefect.utilities.annotations import NotSet
 
 from flows.backoff import retry_delays
+from flows.checks import check_result
 from flows.config import RunPlan, build_argv, site_output_dir
 from flows.console import PIPELINE_OUTPUT, SITE_EVENT
 from flows.prefect_slots import open_slot_pool
@@ -46,12 +47,19 @@ class SiteJob:
     parameters once per task run, and this holds the whole plan.
     """
 
-    __slots__ = ("flow_run_id", "plan", "tags")
+    __slots__ = ("check_history", "flow_run_id", "plan", "tags")
 
-    def __init__(self, plan: RunPlan, flow_run_id: UUID, tags: tuple[str, ...]) -> None:
+    def __init__(
+        self,
+        plan: RunPlan,
+        flow_run_id: UUID,
+        tags: tuple[str, ...],
+        check_history: dict[str, list[float]] | None = None,
+    ) -> None:
         self.plan = plan
         self.flow_run_id = flow_run_id
         self.tags = tags  # the task runs' tags, for the tag-limit check shortcut
+        self.check_history = check_history or {}  # result checks: earlier values per site
 
 
 @dataclass
@@ -210,6 +218,24 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
         result=outcome.result,
         stderr_tail=outcome.stderr_tail,
     )
+    checks = config.result_checks
+    if outcome.status == "succeeded" and checks is not None:
+        verdict = check_result(outcome.result, checks, job.check_history.get(site, ()))
+        report.check = verdict.to_json(checks.field)
+        if not verdict.ok and checks.on_fail == "fail":
+            # The scraper ran fine and the data is what it is: retrying can't help.
+            run.pool.site_finished(site)
+            report.status, report.kind, report.error = "failed", "result check", verdict.reason
+            logger.error(
+                "attempt %d/%d: result check failed: %s; not retried",
+                attempt,
+                of,
+                verdict.reason,
+                extra={SITE_EVENT: "failed"},
+            )
+            raise SiteAttemptFailed(report, retryable=False)
+        if not verdict.ok:
+            logger.warning("result check: %s (on_fail: warn; the site succeeds)", verdict.reason)
     if outcome.status == "succeeded":
         run.pool.site_finished(site)
         logger.info(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,7 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
         "timed_out": 0,
         "cancelled": 0,
         "skipped": 0,
+        "check_warnings": 0,
     }
     for entry in summary["sites"]:
         assert set(entry) == {
@@ -187,6 +189,7 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
             "duration_s",
             "error",
             "result",
+            "check",
         }
     result = site(summary, "ok-a.com")["result"]  # the JSON status line, parsed
     assert result["site"] == "ok-a.com" and result["env_site"] == "ok-a.com"
@@ -218,6 +221,14 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
         )
         kinds = {artifact.key: artifact.type for artifact in artifacts}
+        table = next(a for a in artifacts if a.key == "site-pipeline-summary")
+        rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+        by_site = {row["site"]: row for row in rows}
+        assert by_site["fail-b"]["status"] == "failed" and by_site["fail-b"]["exit_code"] == 1
+        assert by_site["fail-b"]["last_stderr"] == "fail-b: boom on attempt 1"
+        assert by_site["ok-a.com"]["status"] == "succeeded" and by_site["fail-b"]["result"] == ""
+        shown = by_site["ok-a.com"]["result"]  # the JSON status line, compact and cut
+        assert shown.startswith('{"site":"ok-a.com","attempt":1,') and len(shown) <= 120
         assert kinds.get("site-pipeline-summary") == "table"
         assert kinds.get("site-pipeline-failures") == "markdown"
         assert kinds.get("site-pipeline-progress") == "progress"

@@ -9,7 +9,8 @@
     loud...      print $FAKE_LOUD_MB megabytes (default 20) of lines, then the status line
     anything else behaves like ok
 
-The JSON status line holds the argv, the SITE* environment, the cwd and the parent pid.
+The JSON status line holds `records` = $FAKE_RECORDS when set, the argv, the SITE*
+environment, the cwd and the parent pid.
 Every run appends `<site> start|end <time>` lines to $FAKE_TIMELINE when set, and
 `hang`/`stubborn` write their pids to $FAKE_PIDS_DIR/<attempt>-<pid>.pids.
 """
@@ -78,6 +79,8 @@ def main() -> int:
         chunk = line * 10_000  # about 1 MB
         for _ in range(int(megabytes)):
             sys.stdout.write(chunk)
+    if os.environ.get("FAKE_RECORDS"):  # for result checks: {"records": N, "stats": {...}}
+        status["records"] = int(os.environ["FAKE_RECORDS"])
     print(json.dumps(status), flush=True)
     mark(site, "end")
     return 0
