@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from flows import procgroup
 from flows.config import (
     ConfigError,
     RunPlan,
@@ -325,9 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "submit":
         return _submit(args)
     try:
-        procgroup.ensure_supported()
         plan = _plan(args)
-    except (ConfigError, procgroup.UnsupportedPlatform) as exc:
+    except ConfigError as exc:
         _fail(str(exc))
     for warning in plan.warnings:
         print(f"site-pipeline: warning: {warning}", file=sys.stderr)

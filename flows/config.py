@@ -21,12 +21,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from flows import procgroup
+
 CONFIG_ENV = "SITE_PIPELINE_CONFIG"
 DEFAULT_CONFIG = "config.yaml"
 PLACEHOLDERS = ("site", "python", "attempt", "output_dir")
 _PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
 MAX_SITE_LENGTH = 512
 MAX_RETRY_COUNT = 50  # Prefect accepts at most 50 retry delays
+MAX_DIR_NAME = 100  # a site's folder name, before its hash: far below every path limit
 
 
 class ConfigError(Exception):
@@ -109,6 +112,7 @@ class PipelineConfig(_Strict):
     api_patience: float = Field(default=300, gt=0)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
     result_checks: ResultChecks | None = None
+    process_control: Literal["auto", "group", "tree"] = "auto"
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
@@ -328,6 +332,13 @@ def load_plan(
         )
     unique, warnings = check_sites(raw_sites, source)
 
+    if config.process_control == "group" and not procgroup.supported():
+        raise ConfigError(
+            [
+                f"{path}: pipeline.process_control = 'group': {sys.platform!r} has no POSIX "
+                "process groups; expected auto or tree"
+            ]
+        )
     if config.task_runner.kind == "dask" and importlib.util.find_spec("prefect_dask") is None:
         raise ConfigError(
             [
@@ -353,16 +364,27 @@ def load_plan(
 
 
 def site_dir_name(site: str) -> str:
-    """A folder name for `site` that is safe on every filesystem and stays unique.
+    """A folder name for `site` that is safe on every filesystem (Windows too) and unique.
 
-    Names made only of letters, digits, '.', '_' and '-' are kept as they are;
-    anything else is replaced by '_' and a short hash of the real name is appended.
+    Names made only of letters, digits, '.', '_' and '-', at most `MAX_DIR_NAME` long and
+    not a Windows device name, are kept as they are. Otherwise every other character
+    becomes '_', the name is cut to `MAX_DIR_NAME`, and a short hash of the real name is
+    appended (so `\\`, `:` or `CON` never reach the filesystem as such).
     """
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", site).strip(".") or "_"
-    if safe == site:
+    if safe == site and len(site) <= MAX_DIR_NAME and not _windows_reserved(site):
         return site
     digest = hashlib.sha256(site.encode("utf-8")).hexdigest()[:8]
-    return f"{safe[:100]}-{digest}"
+    if _windows_reserved(safe):  # Windows reads the part before the first dot
+        safe = f"_{safe}"
+    return f"{safe[:MAX_DIR_NAME]}-{digest}"
+
+
+def _windows_reserved(name: str) -> bool:
+    """CON, PRN, AUX, NUL, COM1-9 and LPT1-9, with or without an extension: device names,
+    not folders, on Windows."""
+    stem = name.split(".", 1)[0].upper()
+    return stem in {"CON", "PRN", "AUX", "NUL"} or bool(re.fullmatch(r"(COM|LPT)[1-9]", stem))
 
 
 def site_output_dir(output_dir: Path, site: str) -> Path:

@@ -33,9 +33,17 @@ class UnsupportedPlatform(RuntimeError):
     """Raised where POSIX process groups are not available (e.g. native Windows)."""
 
 
+_NO_GROUPS = f"{sys.platform!r} has no POSIX process groups; use process_control: tree (or auto)"
+
+
+def supported() -> bool:
+    """True where POSIX process groups exist (not on native Windows)."""
+    return os.name == "posix" and hasattr(os, "killpg")
+
+
 def ensure_supported() -> None:
     """Raise `UnsupportedPlatform` unless this platform has POSIX process groups."""
-    if os.name != "posix" or not hasattr(os, "killpg"):
+    if not supported():
         raise UnsupportedPlatform(
             f"site-pipeline runs each pipeline in its own POSIX process group, which "
             f"{sys.platform!r} does not have; run it on Linux or macOS (or WSL on Windows)"
@@ -77,7 +85,7 @@ class _Registry:
     def add(self, pgid: int, owner: str | None) -> None:
         with self._lock:
             self._groups[pgid] = owner
-            self._tell_reaper(f"+{pgid}")
+            self._tell_reaper(f"+{pgid}:{_start_time(pgid)}")
 
     def discard(self, pgid: int) -> None:
         with self._lock:
@@ -85,12 +93,40 @@ class _Registry:
                 del self._groups[pgid]
                 self._tell_reaper(f"-{pgid}")
 
+    def tell_reaper(self, line: str) -> None:
+        with self._lock:
+            self._tell_reaper(line)
+
     def snapshot(self, owner: str | None = None) -> list[int]:
         with self._lock:
             return sorted(p for p, o in self._groups.items() if owner is None or o == owner)
 
 
 _registry = _Registry()
+
+
+def reap_pid_on_exit(pid: int) -> None:
+    """Have the reaper kill the single process `pid` if this process dies first (a tracked
+    tree's member, `flows.proctree`)."""
+    _registry.tell_reaper(f"+p{pid}:{_start_time(pid)}")
+
+
+def _start_time(pid: int) -> str:
+    """The process's start time as the reaper reads it (/proc, Linux), so that it never
+    signals a pid that was reused by another process; "" where there is no /proc.
+    (`_reaper.start_time` reads the same; the reaper imports nothing from the project.)"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+    except OSError:
+        return ""
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return fields[19].decode() if len(fields) > 19 else ""
+
+
+def forget_pid(pid: int) -> None:
+    """`pid` ended: the reaper must not kill it (its number may be reused)."""
+    _registry.tell_reaper(f"-p{pid}")
 
 
 def spawn(
@@ -140,6 +176,8 @@ def _linux_group_has_live_member(pgid: int) -> bool:
 
 def group_alive(pgid: int) -> bool:
     """True while any process of group `pgid` is alive (zombies don't count on Linux)."""
+    if sys.platform == "win32":  # for mypy --platform win32: POSIX only
+        raise UnsupportedPlatform(_NO_GROUPS)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -152,6 +190,8 @@ def group_alive(pgid: int) -> bool:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
+    if sys.platform == "win32":  # for mypy --platform win32: POSIX only
+        raise UnsupportedPlatform(_NO_GROUPS)
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
@@ -162,6 +202,8 @@ def exited(proc: subprocess.Popen[bytes]) -> bool:
     """True once the group's leader has exited. It is not reaped here: as a zombie it
     keeps its pid, and so the group id, from being reused by a new process, which
     `stop_group` would otherwise signal by mistake."""
+    if sys.platform == "win32":  # for mypy --platform win32: POSIX only
+        raise UnsupportedPlatform(_NO_GROUPS)
     if proc.returncode is not None:
         return True
     try:
@@ -187,6 +229,8 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     pipeline do not outlive its attempt. The leader is reaped only at the end, so
     the group id stays ours while we signal it.
     """
+    if sys.platform == "win32":  # for mypy --platform win32: POSIX only
+        raise UnsupportedPlatform(_NO_GROUPS)
     pgid = proc.pid
     try:
         if proc.returncode is None and group_alive(pgid):
@@ -203,6 +247,8 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
 def stop_all(grace: float, owner: str | None = None) -> list[int]:
     """Stop every group this process started for `owner` (None: for anyone) that is still
     registered. Returns their ids."""
+    if sys.platform == "win32":  # for mypy --platform win32: POSIX only
+        raise UnsupportedPlatform(_NO_GROUPS)
     groups = _registry.snapshot(owner)
     for pgid in groups:
         _signal_group(pgid, signal.SIGTERM)

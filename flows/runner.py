@@ -1,23 +1,27 @@
 """Run one attempt of one site's pipeline as a real process, with a real timeout.
 
 Plain Python: the caller passes a `log` callable (the Prefect task run logger
-in production, a list's `append` in tests). Output is read in the calling
-thread with `selectors`, so an attempt costs no extra threads, and memory and
-log volume stay bounded however much the pipeline prints.
+in production, a list's `append` in tests). On POSIX, output is read in the
+calling thread with `selectors`, so an attempt costs no extra threads; on
+Windows, where `select` takes sockets only, one reader thread per pipe. Memory
+and log volume stay bounded however much the pipeline prints.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import selectors
+import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, Any, Literal, Protocol
 
-from flows import procgroup
+from flows.process_control import ProcessControl, control_for
 
 MAX_LINE_BYTES = 8192  # longer lines are cut; the rest of the line is dropped
 STDERR_TAIL = 10
@@ -137,18 +141,21 @@ def run_attempt(
     log: LogFn,
     max_log_lines: int = 200,
     owner: str | None = None,
+    control: ProcessControl | None = None,
 ) -> AttemptOutcome:
-    """Run `argv` once in its own process group and wait for it, at most `timeout` seconds.
+    """Run `argv` once and wait for it, at most `timeout` seconds.
 
-    On timeout the whole group gets SIGTERM, then SIGKILL after `kill_grace`.
-    When the pipeline exits, anything it left running in its group is stopped
-    too. If this call is interrupted (an exception raised into the thread), the
-    group is stopped before the exception propagates. `owner` (a flow run id) is
-    what `procgroup.stop_all` stops by.
+    `control` (default: this platform's, `flows.process_control`) starts it as a process
+    group or a tracked tree. On timeout everything it started is asked to end, then killed
+    after `kill_grace`. When the pipeline exits, anything it left running is stopped too.
+    If this call is interrupted (an exception raised into the thread), its processes are
+    stopped before the exception propagates. `owner` (a flow run id) is what
+    `stop_all` stops by.
     """
+    control = control or control_for("auto")
     started = time.monotonic()
     try:
-        proc = procgroup.spawn(argv, cwd=cwd, env=env, owner=owner)
+        proc = control.spawn(argv, cwd=cwd, env=env, owner=owner)
     except OSError as exc:
         return AttemptOutcome(
             status="not_started",
@@ -171,33 +178,28 @@ def run_attempt(
         logged.add(f"[stderr] {line}")
 
     splitters = {"stdout": _LineSplitter(on_stdout), "stderr": _LineSplitter(on_stderr)}
-    selector = selectors.DefaultSelector()
     assert proc.stdout is not None and proc.stderr is not None  # noqa: S101  (pipes requested)
-    selector.register(proc.stdout, selectors.EVENT_READ, "stdout")
-    selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
+    pipes = _open_pipes({"stdout": proc.stdout, "stderr": proc.stderr})
     deadline = started + timeout
     timed_out = False
     try:
-        while selector.get_map():
+        while pipes.open():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
                 break
-            if procgroup.exited(proc):
-                # The leader is gone; a grandchild may still hold the pipes open.
-                _drain(selector, splitters, until=time.monotonic() + 0.5)
+            if control.exited(proc):
+                # The pipeline is gone; a grandchild may still hold the pipes open.
+                _drain(pipes, splitters, until=time.monotonic() + 0.5)
                 break
-            for key, _ in selector.select(min(remaining, _POLL_SECONDS)):
-                data = os.read(key.fd, 65536)
-                if data:
-                    splitters[key.data].feed(data)
-                else:
-                    selector.unregister(key.fileobj)
+            control.watch(proc)
+            for name, data in pipes.read(min(remaining, _POLL_SECONDS)):
+                splitters[name].feed(data)
     finally:
-        procgroup.stop_group(proc, kill_grace)
+        control.stop(proc, kill_grace)
         if not timed_out:
-            _drain(selector, splitters, until=time.monotonic() + 0.5)
-        selector.close()
+            _drain(pipes, splitters, until=time.monotonic() + 0.5)
+        pipes.close()
         proc.stdout.close()
         proc.stderr.close()
         for splitter in splitters.values():
@@ -226,17 +228,96 @@ def run_attempt(
     return AttemptOutcome(status="failed", exit_code=code, error=error, **common)
 
 
-def _drain(
-    selector: selectors.BaseSelector, splitters: Mapping[str, _LineSplitter], until: float
-) -> None:
+def _drain(pipes: _Pipes, splitters: Mapping[str, _LineSplitter], until: float) -> None:
     """Read what is left in the pipes, for at most until - now seconds."""
-    while selector.get_map() and time.monotonic() < until:
-        events = selector.select(max(0.0, until - time.monotonic()))
-        if not events:
+    while pipes.open() and time.monotonic() < until:
+        chunks = pipes.read(max(0.0, until - time.monotonic()))
+        if not chunks:
             break
-        for key, _ in events:
+        for name, data in chunks:
+            splitters[name].feed(data)
+
+
+class _Pipes(Protocol):
+    """The pipeline's stdout and stderr, read without blocking on either."""
+
+    def open(self) -> bool:
+        """True while a pipe has not reached its end."""
+        ...
+
+    def read(self, timeout: float) -> list[tuple[str, bytes]]:
+        """(pipe, data) read within `timeout` seconds; a pipe at its end is closed."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _SelectorPipes:
+    """POSIX: one `select` over both pipes, in the calling thread (no extra threads)."""
+
+    def __init__(self, streams: Mapping[str, IO[bytes]]) -> None:
+        self._selector = selectors.DefaultSelector()
+        for name, stream in streams.items():
+            self._selector.register(stream, selectors.EVENT_READ, name)
+
+    def open(self) -> bool:
+        return bool(self._selector.get_map())
+
+    def read(self, timeout: float) -> list[tuple[str, bytes]]:
+        chunks = []
+        for key, _ in self._selector.select(timeout):
             data = os.read(key.fd, 65536)
             if data:
-                splitters[key.data].feed(data)
+                chunks.append((str(key.data), data))
             else:
-                selector.unregister(key.fileobj)
+                self._selector.unregister(key.fileobj)
+        return chunks
+
+    def close(self) -> None:
+        self._selector.close()
+
+
+class _ThreadPipes:
+    """Windows, where `select` takes sockets only: one reader thread per pipe."""
+
+    def __init__(self, streams: Mapping[str, IO[bytes]]) -> None:
+        self._queue: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        self._open = set(streams)
+        for name, stream in streams.items():
+            threading.Thread(
+                target=self._pump, args=(name, stream), name=f"pipe-{name}", daemon=True
+            ).start()
+
+    def _pump(self, name: str, stream: IO[bytes]) -> None:
+        data = b"x"
+        while data:
+            try:
+                data = stream.read1(65536)  # type: ignore[attr-defined]
+            except (OSError, ValueError):  # closed under us
+                data = b""
+            self._queue.put((name, data))
+
+    def open(self) -> bool:
+        return bool(self._open)
+
+    def read(self, timeout: float) -> list[tuple[str, bytes]]:
+        try:
+            items = [self._queue.get(timeout=max(timeout, 0.001))]
+        except queue.Empty:
+            return []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        for name, data in items:
+            if not data:
+                self._open.discard(name)
+        return [(name, data) for name, data in items if data]
+
+    def close(self) -> None:
+        pass  # each thread ends at its pipe's end
+
+
+READER: Literal["select", "threads"] = "threads" if sys.platform == "win32" else "select"
+
+
+def _open_pipes(streams: Mapping[str, IO[bytes]]) -> _Pipes:
+    return _ThreadPipes(streams) if READER == "threads" else _SelectorPipes(streams)

@@ -30,11 +30,12 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
-from flows import history, procgroup, report
+from flows import history, report
 from flows.cluster import task_runner
 from flows.config import load_plan
 from flows.console import PROGRESS
 from flows.prefect_slots import ensure_limit
+from flows.process_control import control_for
 from flows.tasks import SiteAttemptFailed, SiteJob, configured_task, local_run
 
 
@@ -54,7 +55,6 @@ def run_sites(
     plan = load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
-    procgroup.ensure_supported()
     for warning in plan.warnings:
         logger.warning(warning)
     config, total = plan.config, len(plan.sites)
@@ -124,7 +124,9 @@ def run_sites(
             # local cluster ends its workers, and their reapers stop their pipelines.)
             if run is not None:
                 run.stopping.set()
-            procgroup.stop_all(config.kill_grace_seconds, owner=str(flow_run_id))
+            control_for(config.process_control).stop_all(
+                config.kill_grace_seconds, owner=str(flow_run_id)
+            )
             raise
 
     ordered = [reports[site] for site in plan.sites]

@@ -33,6 +33,7 @@ from flows.checks import check_result
 from flows.config import RunPlan, build_argv, site_output_dir
 from flows.console import PIPELINE_OUTPUT, SITE_EVENT
 from flows.prefect_slots import open_slot_pool
+from flows.process_control import control_for
 from flows.report import SiteReport
 from flows.runner import run_attempt
 from flows.slots import SlotError, SlotPool
@@ -194,6 +195,7 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
                     log=lambda line: logger.info(line, extra={PIPELINE_OUTPUT: True}),
                     max_log_lines=config.max_log_lines,
                     owner=str(job.flow_run_id),
+                    control=control_for(config.process_control),
                 )
     except SlotError as exc:
         # The API kept failing (api_patience) or the limit is gone: retrying can't help.

@@ -4,6 +4,7 @@ configs that point at the fake pipeline, and timeline helpers."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -73,6 +74,21 @@ def cli_env(api_url: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m flows ARGS` as a real subprocess from the project root; output captured."""
+    return subprocess.run(
+        [PYTHON, "-m", "flows", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

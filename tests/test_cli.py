@@ -6,26 +6,19 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, write_config
+from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, run_cli, write_config
 from tests.processes import alive, hanging_pids, wait_until_gone
 from tests.timeline import max_overlap
 
 
 def cli(args: list[str], api: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "flows", *args],
-        cwd=ROOT,
-        env=cli_env(api),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_cli(args, cli_env(api), timeout)
 
 
 def test_run_exits_0_when_every_site_succeeds(tmp_path: Path, prefect_api: str) -> None:
@@ -136,14 +129,19 @@ def test_python_dash_m_flows_is_the_same_cli(argv: list[str], prefect_api: str) 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("control", ["group", "tree"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_stopping_the_flow_process_leaves_no_pipeline(
-    tmp_path: Path, prefect_api: str, sig: signal.Signals
+    tmp_path: Path, prefect_api: str, sig: signal.Signals, control: str
 ) -> None:
     """Ctrl-C, SIGTERM (what a worker sends to cancel) or SIGKILL of a running flow process:
-    every pipeline and grandchild it started is gone soon after."""
+    every pipeline and grandchild it started is gone soon after, on both backends."""
     config = write_config(
-        tmp_path, ["hang-a", "hang-b"], max_concurrent_sites=2, kill_grace_seconds=1
+        tmp_path,
+        ["hang-a", "hang-b"],
+        max_concurrent_sites=2,
+        kill_grace_seconds=1,
+        process_control=control,
     )
     proc = subprocess.Popen(
         [PYTHON, "-m", "flows", "run", "--config", str(config)],
@@ -154,6 +152,7 @@ def test_stopping_the_flow_process_leaves_no_pipeline(
     )
     pids = hanging_pids(tmp_path, 2)
     assert all(alive(pid) for pid in pids)
+    time.sleep(0.5)  # the tree backend learns of each grandchild at its next watch (0.2 s)
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert wait_until_gone(pids, timeout=20) == []

@@ -218,6 +218,41 @@ def test_site_folder_never_leaves_the_output_dir(tmp_path: Path) -> None:
     assert site_dir_name("plain.example") == "plain.example"
 
 
+@pytest.mark.parametrize("name", ["CON", "con", "nul.txt", "COM1", "lpt9.log", "AUX"])
+def test_windows_device_names_get_a_folder_windows_can_create(name: str) -> None:
+    """CON, NUL.txt, COM1...: device names on Windows; their folder gets a '_' and a hash."""
+    folder = site_dir_name(name)
+    assert folder.startswith(f"_{name}-") and len(folder) == len(name) + 10
+    assert site_dir_name("com10") == "com10" and site_dir_name("console") == "console"
+
+
+def test_a_long_site_name_runs_with_a_shortened_folder(tmp_path: Path) -> None:
+    """A 300-character name passes validation, and its folder is cut to 100 characters plus
+    a hash that keeps it unique, so it can be created (no 'File name too long')."""
+    long_a, long_b = "a" * 300, "a" * 299 + "b"
+    assert check_sites([long_a, long_b])[0] == [long_a, long_b]
+    folders = [site_output_dir(tmp_path, name) for name in (long_a, long_b)]
+    assert folders[0] != folders[1] and all(len(f.name) == 109 for f in folders)
+    for folder in folders:
+        folder.mkdir()
+
+
+def test_group_control_where_there_are_no_process_groups_exits_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """process_control: group on a platform without POSIX process groups: exit 2, naming the
+    key and the choices; auto is fine there (it is tree)."""
+    from flows import procgroup
+
+    monkeypatch.setattr(procgroup, "supported", lambda: False)
+    config = write_config(tmp_path, ["ok-a"], process_control="group")
+    code, _, err = run_cli(["validate", "--config", str(config)], capsys)
+    assert code == 2
+    assert "pipeline.process_control = 'group'" in err and "expected auto or tree" in err
+    auto = write_config(tmp_path, ["ok-a"], process_control="auto")
+    assert run_cli(["validate", "--config", str(auto)], capsys)[0] == 0
+
+
 def test_argv_fills_placeholders_once_and_literally(tmp_path: Path) -> None:
     """A site holding '{attempt}' or shell syntax stays one literal argv element."""
     config = parse_config(

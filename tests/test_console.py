@@ -23,7 +23,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.logging.handlers import APILogWorker
 
-from tests.conftest import PYTHON, ROOT, cli_env, write_config
+from tests.conftest import PYTHON, ROOT, cli_env, run_cli, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,7 @@ ESCAPE = re.compile(r"\x1b[\[\]()]")
 
 
 def run_piped(args: list[str], api: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "flows", "run", *args],
-        cwd=ROOT,
-        env=cli_env(api),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_cli(["run", *args], cli_env(api))
 
 
 def task_run_logs(flow_run_id: str, site: str) -> list[str]:

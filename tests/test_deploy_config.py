@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from prefect.flows import Flow, load_flow_from_entrypoint
 
 from flows.cli import deployment_parameters
 from flows.config import ConfigError
-from tests.conftest import PYTHON, ROOT, write_config
+from tests.conftest import ROOT, run_cli, write_config
 from tests.servers import free_port, prefect_env
 
 
@@ -80,22 +79,10 @@ def test_good_deployment_parameters_are_parsed_as_json() -> None:
     }
 
 
-def cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "flows", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-
-
 def test_submit_with_a_bad_parameter_exits_2_with_one_line(tmp_path: Path) -> None:
     """`submit --param bogus=1` is refused before any API call: one line, exit status 2."""
     env = prefect_env(tmp_path, f"http://127.0.0.1:{free_port()}/api")
-    result = cli(["submit", "--param", "bogus=1"], env)
+    result = run_cli(["submit", "--param", "bogus=1"], env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "site-pipeline: error: --param 'bogus=1': unknown parameter 'bogus'; expected KEY=VALUE "
@@ -109,7 +96,7 @@ def test_unreachable_server_is_named(tmp_path: Path, command: list[str]) -> None
     url = f"http://127.0.0.1:{free_port()}/api"
     config = write_config(tmp_path, ["a.com"])
     args = [*command, "--config", str(config)] if command == ["setup"] else command
-    result = cli(args, prefect_env(tmp_path, url))
+    result = run_cli(args, prefect_env(tmp_path, url))
     assert result.returncode == 1
     assert f"cannot reach the Prefect API at {url}" in result.stderr
     assert "Traceback" not in result.stderr
@@ -119,7 +106,7 @@ def test_setup_without_any_api_allowed_says_so(tmp_path: Path) -> None:
     """No PREFECT_API_URL and the embedded server disabled: setup explains what to start."""
     config = write_config(tmp_path, ["a.com"])
     env = prefect_env(tmp_path, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE="false")
-    result = cli(["setup", "--config", str(config)], env)
+    result = run_cli(["setup", "--config", str(config)], env)
     assert result.returncode == 1
     assert "PREFECT_API_URL is not set" in result.stderr
 
@@ -127,7 +114,7 @@ def test_setup_without_any_api_allowed_says_so(tmp_path: Path) -> None:
 def test_setup_with_bad_config_exits_2(tmp_path: Path) -> None:
     """setup validates the config first: a bad one exits 2 and touches no API."""
     config = write_config(tmp_path, ["a.com"], max_concurrent_sites=0)
-    result = cli(
+    result = run_cli(
         ["setup", "--config", str(config)], prefect_env(tmp_path, "http://127.0.0.1:9/api")
     )
     assert result.returncode == 2

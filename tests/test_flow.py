@@ -80,10 +80,17 @@ def test_unstartable_command_is_not_retried(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_hanging_site_times_out_and_leaves_no_process(tmp_path: Path) -> None:
-    """Each attempt of a hanging site is stopped at the timeout; no process of it survives."""
+@pytest.mark.parametrize("control", ["group", "tree"])
+def test_hanging_site_times_out_and_leaves_no_process(tmp_path: Path, control: str) -> None:
+    """Each attempt of a hanging site is stopped at the timeout; no process of it survives.
+    The same with process groups and with tracked process trees."""
     config = write_config(
-        tmp_path, ["hang-a", "ok-b"], retry_count=2, timeout=2, kill_grace_seconds=0.5
+        tmp_path,
+        ["hang-a", "ok-b"],
+        retry_count=2,
+        timeout=2,
+        kill_grace_seconds=0.5,
+        process_control=control,
     )
     started = time.monotonic()
     _, summary = run(config)
@@ -309,3 +316,15 @@ def test_an_api_that_keeps_failing_fails_waiting_sites_after_api_patience(
         )
     failures = next(a for a in artifacts if a.key == "site-pipeline-failures")
     assert "## no slot (2)" in str(failures.data)
+
+
+@pytest.mark.parametrize(("control", "leads_its_group"), [("group", True), ("tree", False)])
+def test_process_control_reaches_the_runner(
+    tmp_path: Path, control: str, leads_its_group: bool
+) -> None:
+    """process_control: group starts each pipeline as its own process group's leader; tree
+    does not (it tracks the process tree instead, as on Windows)."""
+    config = write_config(tmp_path, ["ok-a"], process_control=control)
+    _, summary = run(config)
+    result = site(summary, "ok-a")["result"]
+    assert (result["pgid"] == result["pid"]) is leads_its_group

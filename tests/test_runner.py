@@ -1,4 +1,5 @@
-"""The process runner: real subprocesses, real process groups, no Prefect server."""
+"""The process runner: real subprocesses, no Prefect server. Every test runs on both process
+control backends (`group` and `tree`), and `tree` also with the Windows pipe reader."""
 
 from __future__ import annotations
 
@@ -10,10 +11,20 @@ from pathlib import Path
 
 import pytest
 
-from flows import procgroup
+from flows import process_control, procgroup, runner
 from flows.runner import MAX_LINE_BYTES, BoundedLog, run_attempt
 from tests.conftest import FAKE
 from tests.processes import alive, hanging_pids, wait_until_gone
+
+
+@pytest.fixture(autouse=True, params=["group", "tree", "tree-threads"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The process-control backend (and pipe reader) every run_attempt here uses."""
+    kind = "tree" if request.param.startswith("tree") else "group"
+    monkeypatch.setattr(runner, "control_for", lambda _: process_control.control_for(kind))
+    if request.param == "tree-threads":
+        monkeypatch.setattr(runner, "READER", "threads")
+    return str(request.param)
 
 
 def fake(site: str, attempt: int = 1) -> list[str]:
@@ -197,14 +208,18 @@ def test_interrupting_the_wait_stops_the_group(tmp_path: Path) -> None:
     assert not alive(pipeline) and not alive(grandchild)
 
 
-def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path) -> None:
-    """If the process that started a pipeline is SIGKILLed, the reaper stops the pipeline group."""
+def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path, backend: str) -> None:
+    """If the process that started a pipeline is SIGKILLed, the reaper stops the pipeline and
+    its grandchild (a whole group, or each tracked process of a tree)."""
     import signal
     import subprocess
 
     code = (
-        "import os, sys; sys.path.insert(0, sys.argv[1]); from flows.runner import run_attempt; "
-        "run_attempt(sys.argv[2:], cwd='.', env=os.environ, timeout=600, kill_grace=1, log=print)"
+        "import os, sys, time; sys.path.insert(0, sys.argv[1]); from flows import runner; "
+        "from flows.process_control import control_for; "
+        "runner.READER = 'threads' if sys.argv[2] == 'tree-threads' else runner.READER; "
+        "runner.run_attempt(sys.argv[3:], cwd='.', env=os.environ, timeout=600, kill_grace=1, "
+        "log=print, control=control_for(sys.argv[2].split('-')[0]))"
     )
     parent = subprocess.Popen(
         [
@@ -212,19 +227,27 @@ def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path) -> None:
             "-c",
             code,
             str(Path(__file__).resolve().parent.parent),
+            backend,
             *fake("hang.com"),
         ],
         cwd=tmp_path,
         env=env_for(tmp_path),
     )
     pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
+    time.sleep(0.5)  # the tree backend sees the grandchild at its next watch (0.2 s)
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     assert wait_until_gone([pipeline, grandchild], timeout=15) == []
 
 
-def test_unsupported_platform_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without POSIX process groups the runner refuses clearly instead of failing silently."""
+def test_without_process_groups_auto_is_tree_and_group_refuses_clearly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where POSIX process groups don't exist (native Windows), `auto` is the tree backend,
+    and asking for `group` is a clear error, never a silent failure."""
     monkeypatch.setattr(procgroup.os, "name", "nt")
+    assert process_control.control_for("auto").name == "tree"
+    with pytest.raises(process_control.UnsupportedControl, match="no POSIX process groups"):
+        process_control.control_for("group")
     with pytest.raises(procgroup.UnsupportedPlatform, match="POSIX process group"):
         procgroup.ensure_supported()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import PYTHON, ROOT, read_timeline, write_config
+from tests.conftest import PYTHON, ROOT, read_timeline, run_cli, write_config
 from tests.servers import (
     free_port,
     postgres_database,
@@ -33,20 +33,6 @@ SETTINGS: dict[str, dict[str, str]] = {
     "csrf": {"PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true"},
     "auth": {"PREFECT_SERVER_API_AUTH_STRING": AUTH},
 }
-
-
-def run_cli(
-    args: list[str], env: dict[str, str], timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PYTHON, "-m", "flows", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
 
 
 @contextmanager

@@ -49,6 +49,8 @@ def main() -> int:
         "output_dir": os.environ.get("SITE_OUTPUT_DIR"),
         "cwd": os.getcwd(),
         "ppid": os.getppid(),  # which process ran this pipeline (the flow's, or a Dask worker)
+        "pid": os.getpid(),
+        "pgid": os.getpgid(0) if hasattr(os, "getpgid") else None,  # leads its group?
     }
     if site.startswith(("hang", "stubborn")):
         if site.startswith("stubborn"):

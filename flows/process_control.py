@@ -1,0 +1,128 @@
+"""Process control behind one small interface, with two backends.
+
+- `group` (POSIX, `flows.procgroup`): the pipeline leads its own process group; stop =
+  SIGTERM to the group, then SIGKILL; a reaper process covers a SIGKILL of our own process.
+- `tree` (Windows, and anywhere, `flows.proctree`): the pipeline's descendants are tracked
+  while it runs; stop = a polite end of the whole tree (Ctrl-Break on Windows, SIGTERM
+  elsewhere), then a kill; a Job Object (Windows) or the reaper covers our own death.
+
+`pipeline.process_control: auto | group | tree` picks one; `auto` is `group` where POSIX
+process groups exist, else `tree`. The same behaviour tests run on both backends on Linux.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+from flows import procgroup, proctree
+
+ControlKind = Literal["auto", "group", "tree"]
+
+
+class ProcessControl(Protocol):
+    """Start one pipeline, watch it, stop everything it started."""
+
+    name: str
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        cwd: str | os.PathLike[str],
+        env: Mapping[str, str],
+        owner: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        """Start `argv` (never through a shell) on behalf of `owner` (a flow run).
+        stdin is the null device; stdout and stderr are pipes. Raises OSError."""
+        ...
+
+    def watch(self, proc: subprocess.Popen[bytes]) -> None:
+        """Called while the pipeline runs (every fraction of a second)."""
+        ...
+
+    def exited(self, proc: subprocess.Popen[bytes]) -> bool:
+        """True once the pipeline itself has exited."""
+        ...
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+        """Stop the pipeline and all it started: politely, then by force after `grace` s.
+        Also called after a normal exit, for what it left running."""
+        ...
+
+    def stop_all(self, grace: float, owner: str | None = None) -> list[int]:
+        """Stop every pipeline this process started for `owner` (None: all)."""
+        ...
+
+
+class GroupControl:
+    """POSIX process groups (`flows.procgroup`)."""
+
+    name = "group"
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        cwd: str | os.PathLike[str],
+        env: Mapping[str, str],
+        owner: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        return procgroup.spawn(argv, cwd, env, owner)
+
+    def watch(self, proc: subprocess.Popen[bytes]) -> None:
+        pass  # the group holds every descendant that does not leave it
+
+    def exited(self, proc: subprocess.Popen[bytes]) -> bool:
+        return procgroup.exited(proc)
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+        procgroup.stop_group(proc, grace)
+
+    def stop_all(self, grace: float, owner: str | None = None) -> list[int]:
+        return procgroup.stop_all(grace, owner)
+
+
+class TreeControl:
+    """Tracked process trees (`flows.proctree`)."""
+
+    name = "tree"
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        cwd: str | os.PathLike[str],
+        env: Mapping[str, str],
+        owner: str | None = None,
+    ) -> subprocess.Popen[bytes]:
+        return proctree.spawn(argv, cwd, env, owner)
+
+    def watch(self, proc: subprocess.Popen[bytes]) -> None:
+        proctree.watch(proc)
+
+    def exited(self, proc: subprocess.Popen[bytes]) -> bool:
+        return proc.poll() is not None
+
+    def stop(self, proc: subprocess.Popen[bytes], grace: float) -> None:
+        proctree.stop_tree(proc, grace)
+
+    def stop_all(self, grace: float, owner: str | None = None) -> list[int]:
+        return proctree.stop_all(grace, owner)
+
+
+class UnsupportedControl(RuntimeError):
+    """The backend asked for does not exist on this platform."""
+
+
+def control_for(kind: ControlKind) -> ProcessControl:
+    """The backend for `kind`; raises `UnsupportedControl` for `group` without POSIX groups."""
+    if kind == "auto":
+        kind = "group" if procgroup.supported() else "tree"
+    if kind == "group":
+        if not procgroup.supported():
+            raise UnsupportedControl(
+                "process_control = 'group': this platform has no POSIX process groups; "
+                "expected auto or tree"
+            )
+        return GroupControl()
+    return TreeControl()

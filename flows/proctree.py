@@ -1,0 +1,260 @@
+"""Process trees without POSIX process groups: the backend for Windows, usable anywhere.
+
+- `spawn` starts the pipeline (never through a shell). On Windows it gets a new process
+  group (`CREATE_NEW_PROCESS_GROUP`, so a Ctrl-Break reaches it and its children only) and
+  joins a Job Object with kill-on-close, so the whole tree dies with our process even if it
+  is killed: the Windows counterpart of the reaper. Elsewhere the reaper (`flows.procgroup`)
+  is told each pid of the tree.
+- `watch` records the pipeline's descendants while it runs (with psutil), so a grandchild
+  whose parent already exited is still known.
+- `stop_tree` asks the whole tree to end (Ctrl-Break on Windows, SIGTERM elsewhere), then
+  kills what is left after `grace` seconds.
+
+What can still escape: a process started and detached within one watch interval (0.2 s)
+before its parent exits, which no watch saw (on Windows the Job Object still holds it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import psutil
+
+from flows import procgroup
+
+
+@dataclass
+class _Tree:
+    proc: subprocess.Popen[bytes]
+    owner: str | None
+    root: psutil.Process | None
+    known: dict[int, psutil.Process] = field(default_factory=dict)
+
+
+_lock = threading.Lock()
+_trees: dict[int, _Tree] = {}
+
+
+if sys.platform == "win32":
+    import ctypes
+    from ctypes import wintypes
+
+    _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
+    _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION = 9
+    _PROCESS_SET_QUOTA = 0x0100
+    _PROCESS_TERMINATE = 0x0001
+
+    class _IoCounters(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_ulonglong)
+            for name in (
+                "ReadOperationCount",
+                "WriteOperationCount",
+                "OtherOperationCount",
+                "ReadTransferCount",
+                "WriteTransferCount",
+                "OtherTransferCount",
+            )
+        ]
+
+    class _BasicLimits(ctypes.Structure):
+        _fields_ = [
+            ("PerProcessUserTimeLimit", ctypes.c_int64),
+            ("PerJobUserTimeLimit", ctypes.c_int64),
+            ("LimitFlags", wintypes.DWORD),
+            ("MinimumWorkingSetSize", ctypes.c_size_t),
+            ("MaximumWorkingSetSize", ctypes.c_size_t),
+            ("ActiveProcessLimit", wintypes.DWORD),
+            ("Affinity", ctypes.c_size_t),
+            ("PriorityClass", wintypes.DWORD),
+            ("SchedulingClass", wintypes.DWORD),
+        ]
+
+    class _ExtendedLimits(ctypes.Structure):
+        _fields_ = [
+            ("BasicLimitInformation", _BasicLimits),
+            ("IoInfo", _IoCounters),
+            ("ProcessMemoryLimit", ctypes.c_size_t),
+            ("JobMemoryLimit", ctypes.c_size_t),
+            ("PeakProcessMemoryUsed", ctypes.c_size_t),
+            ("PeakJobMemoryUsed", ctypes.c_size_t),
+        ]
+
+    _job: int | None = None
+
+    def _job_handle(kernel32: ctypes.WinDLL) -> int:
+        """This process's Job Object: closed (so its processes killed) when we die."""
+        global _job
+        if _job is None:
+            job = kernel32.CreateJobObjectW(None, None)
+            if not job:
+                raise ctypes.WinError(ctypes.get_last_error())
+            limits = _ExtendedLimits()
+            limits.BasicLimitInformation.LimitFlags = _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE
+            if not kernel32.SetInformationJobObject(
+                job,
+                _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION,
+                ctypes.byref(limits),
+                ctypes.sizeof(limits),
+            ):
+                raise ctypes.WinError(ctypes.get_last_error())
+            _job = int(job)
+        return _job
+
+    def _hold_after_our_death(pid: int) -> None:
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        handle = kernel32.OpenProcess(_PROCESS_SET_QUOTA | _PROCESS_TERMINATE, False, pid)
+        if not handle:
+            raise ctypes.WinError(ctypes.get_last_error())
+        try:
+            if not kernel32.AssignProcessToJobObject(_job_handle(kernel32), handle):
+                raise ctypes.WinError(ctypes.get_last_error())
+        finally:
+            kernel32.CloseHandle(handle)
+
+    def _forget_after_our_death(pids: Iterable[int]) -> None:
+        pass  # the Job Object drops processes as they end
+
+    def _ask_to_end(tree: _Tree, procs: Sequence[psutil.Process]) -> None:
+        if tree.proc.poll() is None:  # Ctrl-Break to the pipeline's process group
+            tree.proc.send_signal(signal.CTRL_BREAK_EVENT)
+        else:  # the leader is gone: no group to signal, end each one
+            for proc in procs:
+                _quietly(proc.terminate)
+
+    _CREATION_FLAGS = subprocess.CREATE_NEW_PROCESS_GROUP
+
+else:
+
+    def _hold_after_our_death(pid: int) -> None:
+        procgroup.reap_pid_on_exit(pid)
+
+    def _forget_after_our_death(pids: Iterable[int]) -> None:
+        for pid in pids:
+            procgroup.forget_pid(pid)
+
+    def _ask_to_end(tree: _Tree, procs: Sequence[psutil.Process]) -> None:
+        for proc in procs:
+            _quietly(proc.terminate)  # SIGTERM
+
+    _CREATION_FLAGS = 0
+
+
+def _quietly(action: object) -> None:
+    try:
+        action()  # type: ignore[operator]
+    except psutil.Error:
+        pass
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (psutil checks the creation time: no pid-reuse mistakes)."""
+    try:
+        return bool(proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def spawn(
+    argv: Sequence[str],
+    cwd: str | os.PathLike[str],
+    env: Mapping[str, str],
+    owner: str | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start `argv` (never through a shell) and track its tree. Raises OSError."""
+    proc = subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        close_fds=True,
+        creationflags=_CREATION_FLAGS,
+    )
+    try:
+        _hold_after_our_death(proc.pid)
+        root: psutil.Process | None = psutil.Process(proc.pid)
+    except psutil.NoSuchProcess:
+        root = None  # it already ended
+    except OSError:
+        proc.kill()  # we could not make sure it dies with us: don't leave it running
+        proc.wait()
+        raise
+    with _lock:
+        _trees[proc.pid] = _Tree(proc, owner, root)
+    return proc
+
+
+def watch(proc: subprocess.Popen[bytes]) -> None:
+    """Record the descendants of `proc` (and of those already known) that are alive now."""
+    with _lock:
+        tree = _trees.get(proc.pid)
+    if tree is None:
+        return
+    parents = [tree.root] if tree.root is not None else []
+    for parent in [*parents, *list(tree.known.values())]:
+        try:
+            children = parent.children(recursive=True)
+        except psutil.Error:
+            continue
+        for child in children:
+            if child.pid not in tree.known:
+                tree.known[child.pid] = child
+                if sys.platform != "win32":
+                    procgroup.reap_pid_on_exit(child.pid)
+
+
+def _end(tree: _Tree, grace: float) -> list[int]:
+    """SIGTERM (Ctrl-Break) to every live process of `tree`, SIGKILL after `grace` s."""
+    procs = [p for p in [tree.root, *tree.known.values()] if p is not None and _running(p)]
+    if procs:
+        _ask_to_end(tree, procs)
+        deadline = time.monotonic() + grace
+        while any(_running(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for proc in procs:
+            if _running(proc):
+                _quietly(proc.kill)
+        deadline = time.monotonic() + 5
+        while any(_running(p) for p in procs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    tree.proc.wait()
+    pids = [tree.proc.pid, *tree.known]
+    _forget_after_our_death(pids)
+    return pids
+
+
+def stop_tree(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """Stop `proc` and every descendant seen: politely, then by force after `grace` s."""
+    watch(proc)
+    with _lock:
+        tree = _trees.pop(proc.pid, None)
+    if tree is None:
+        proc.wait()
+        return
+    _end(tree, grace)
+
+
+def stop_all(grace: float, owner: str | None = None) -> list[int]:
+    """Stop every tree this process started for `owner` (None: all). Returns their root pids."""
+    with _lock:
+        trees = [t for t in _trees.values() if owner is None or t.owner == owner]
+    for tree in trees:
+        watch(tree.proc)
+    with _lock:
+        for tree in trees:
+            _trees.pop(tree.proc.pid, None)
+    threads = [threading.Thread(target=_end, args=(tree, grace)) for tree in trees]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return [tree.proc.pid for tree in trees]
