@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace, plan: RunPlan) -> int:
     from flows import admin
     from flows.api import PipelineRunError, run_pipeline_summary
     from flows.console import Verbosity, run_console, summary_table
-    from flows.report import format_table
+    from flows.report import count_line, format_table
 
     try:
         admin.check_reachable()
@@ -176,7 +176,7 @@ def _run(args: argparse.Namespace, plan: RunPlan) -> int:
         return EXIT_FAILED
     if out.is_terminal:
         out.print(summary_table(summary))
-        print(format_table(summary).splitlines()[-1])  # the count line
+        print(count_line(summary))
     else:
         print(format_table(summary))
     if args.summary_json:

@@ -203,9 +203,14 @@ def format_table(summary: Mapping[str, Any]) -> str:
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
     ]
+    lines.append(count_line(summary))
+    return "\n".join(lines)
+
+
+def count_line(summary: Mapping[str, Any]) -> str:
+    """`Failed: 5/6 succeeded, 1 failed, 0 timed out, 0 cancelled, 0 skipped`."""
     c = summary["counts"]
-    lines.append(
+    return (
         f"{summary['state']}: {c['succeeded']}/{c['total']} succeeded, {c['failed']} failed, "
         f"{c['timed_out']} timed out, {c['cancelled']} cancelled, {c['skipped']} skipped"
     )
-    return "\n".join(lines)
