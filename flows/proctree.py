@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import psutil
@@ -147,9 +147,10 @@ else:
     _CREATION_FLAGS = 0
 
 
-def _quietly(action: object) -> None:
+def _quietly(action: Callable[[], object]) -> None:
+    """Run `action`; a process that is already gone is not an error."""
     try:
-        action()  # type: ignore[operator]
+        action()
     except psutil.Error:
         pass
 
