@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -23,9 +24,11 @@ from prefect.client.schemas.objects import StateType, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
+from prefect.states import Crashed
 
-from flows.config import RunPlan
+from flows.config import ConfigError, RunPlan
 from flows.prefect_slots import ensure_limit
+from flows.resume import EarlierRun, holder_alive
 
 FLOW_NAME = "site-pipeline"
 DEFAULT_POOL = "site-pool"
@@ -251,3 +254,193 @@ def format_history(data: dict[str, Any]) -> str:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
         lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def earlier_run(ref: str) -> EarlierRun:
+    """The flow run that `--retry-failed REF` resumes: a flow run id, or `last` (the most
+    recently started `site-pipeline` run). Raises `ConfigError` for a REF that names none."""
+    from flows.config import load_plan
+
+    with get_client(sync_client=True) as client:
+        if ref == "last":
+            found = client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+                flow_run_filter=FlowRunFilter(start_time=FlowRunFilterStartTime(is_null_=False)),
+                sort=FlowRunSort.START_TIME_DESC,
+                limit=1,
+            )
+            if not found:
+                raise ConfigError(
+                    [f"--retry-failed last: no {FLOW_NAME} flow run on {api_target()}"]
+                )
+            run = found[0]
+        else:
+            try:
+                run = client.read_flow_run(UUID(ref))
+            except (ValueError, ObjectNotFound):
+                raise ConfigError(
+                    [
+                        f"--retry-failed {ref!r}: expected `last` or the id of a flow run on "
+                        f"{api_target()}"
+                    ]
+                ) from None
+            flow = client.read_flow(run.flow_id)
+            if flow.name != FLOW_NAME:
+                raise ConfigError(
+                    [
+                        f"--retry-failed {ref}: flow run {run.name!r} is of flow {flow.name!r}; "
+                        f"expected a {FLOW_NAME} run"
+                    ]
+                )
+        deployment = None
+        if run.deployment_id is not None:
+            try:
+                deployment = f"{FLOW_NAME}/{client.read_deployment(run.deployment_id).name}"
+            except ObjectNotFound:
+                pass
+        outcomes: dict[str, str] = {}
+        for task_run in _task_runs(client, [run.id], None, 1_000_000):
+            name = (task_run.state.name if task_run.state else None) or "Pending"
+            if outcomes.get(task_run.name) != "Completed":
+                outcomes[task_run.name] = (
+                    "Completed"
+                    if task_run.state and (task_run.state.type == StateType.COMPLETED)
+                    else name
+                )
+    params = dict(run.parameters)
+    sites = params.get("sites")
+    if not isinstance(sites, list):
+        config_path = params.get("config_path")
+        sites = list(load_plan(config_path if isinstance(config_path, str) else None).sites)
+    state = run.state
+    return EarlierRun(
+        id=str(run.id),
+        name=run.name,
+        state=(state.name if state else None) or "Pending",
+        final=bool(state and state.is_final()),
+        parameters=params,
+        sites=tuple(str(site) for site in sites),
+        outcomes=outcomes,
+        holder_alive=holder_alive(run.labels),
+        deployment=deployment,
+    )
+
+
+def start_temporary_server() -> str | None:
+    """Start the embedded default's temporary server now, its process tied to ours.
+
+    With no PREFECT_API_URL, Prefect starts a temporary server on first use and stops it
+    at interpreter exit; a `kill -9` (or a SIGTERM with no handler) skips that and the server
+    stays behind. Started here, its pid goes to the reaper (a Job Object on Windows) as
+    soon as it exists, so it ends with this process however this process ends. Prefect's
+    client then finds the same server (one per process). Returns its URL, or None when a
+    URL is configured (nothing to start).
+    """
+    if get_current_settings().api.url:
+        return None
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from flows.proctree import end_with_us
+
+    server = SubprocessASGIServer()
+    failure: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:
+            failure.append(exc)
+
+    starter = threading.Thread(target=start, name="temporary-prefect-server", daemon=True)
+    starter.start()
+    tied: set[int] = set()
+    while True:  # tie each server process to us as soon as it exists (it may restart once)
+        process = server.server_process
+        if process is not None and process.pid not in tied:
+            end_with_us(process.pid)
+            tied.add(process.pid)
+        if not starter.is_alive():
+            break
+        starter.join(0.05)
+    if failure:
+        raise failure[0]
+    process = server.server_process
+    if process is not None and process.pid not in tied:
+        end_with_us(process.pid)
+    return server.api_url
+
+
+def mark_crashed(flow_run_id: str, message: str) -> None:
+    """Set a flow run left Running by a dead process to Crashed (forced: it is over)."""
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+
+
+def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
+    """What `site-pipeline doctor` reports, and whether all is well (after `fix`).
+
+    - the server's version, and the concurrency limit against the config's cap;
+    - slots still held by pools of dead processes on this host (`flows.ledger`);
+    - `site-pipeline` flow runs Running or Pending whose process is gone (by the labels the
+      flow sets, `flows.resume.HOLDER_LABELS`); with `fix`, they are marked Crashed and the
+      slots are given back.
+    """
+    from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
+
+    from flows.prefect_slots import reclaim
+
+    lines: list[str] = []
+    healthy = True
+    with get_client(sync_client=True) as client:
+        lines.append(f"server version: {client.api_version()}")
+        if plan is not None:
+            tag, cap = plan.config.concurrency_tag, plan.max_concurrent_sites
+            try:
+                limit = client.read_global_concurrency_limit_by_name(tag)
+            except ObjectNotFound:
+                lines.append(f"limit {tag!r}: missing (config: {cap}); `setup` or a run creates it")
+            else:
+                same = "matches the config" if limit.limit == cap else f"config says {cap}"
+                lines.append(
+                    f"limit {tag!r}: {limit.limit} ({same}), {limit.active_slots} slot(s) in use"
+                )
+        freed = reclaim(client, dry_run=not fix)
+        healthy = healthy and (fix or not freed)
+        lines.extend(freed or ["no slots held by dead processes on this host"])
+        stuck = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+                )
+            ),
+            limit=PAGE,
+        )
+        found = 0
+        for run in stuck:
+            alive = holder_alive(run.labels)
+            where = run.labels.get("site-pipeline.host", "an unknown host")
+            if alive is None:
+                lines.append(
+                    f"flow run {run.name} ({run.id}) is {run.state_name}; its process is on "
+                    f"{where}, which this host can't check"
+                )
+            elif not alive:
+                found += 1
+                pid = run.labels.get("site-pipeline.pid")
+                if fix:
+                    client.set_flow_run_state(
+                        run.id,
+                        Crashed(message=f"its process ({pid} on {where}) is gone (doctor --fix)"),
+                        force=True,
+                    )
+                    lines.append(f"flow run {run.name} ({run.id}): process {pid} gone; Crashed")
+                else:
+                    lines.append(
+                        f"flow run {run.name} ({run.id}) is {run.state_name} but its process "
+                        f"({pid}) is gone; `doctor --fix` marks it Crashed"
+                    )
+        if not found:
+            lines.append("no flow runs left Running by a dead process on this host")
+        healthy = healthy and (fix or not found)
+    return lines, healthy

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from flows.config import ConfigError, load_plan
+from flows.interrupts import StopRequest, stop_request
 from flows.report import as_bools
+from flows.resume import skipped_reports
 
 ProgressFn = Callable[[int, int, int], None]
 """`on_progress(done, total, failed)`, called once after each site's final outcome."""
@@ -38,28 +40,37 @@ def run_pipeline_summary(
     use_async: bool | None = None,
     max_concurrent_sites: int | None = None,
     on_progress: ProgressFn | None = None,
+    skip: Mapping[str, str] | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Run the `site-pipeline` flow and return its summary (the `--summary-json` dict).
 
     `sites`, `use_async` and `max_concurrent_sites` override the config file (found like
-    the CLI does: `config_path`, `$SITE_PIPELINE_CONFIG`, `./config.yaml`).
+    the CLI does: `config_path`, `$SITE_PIPELINE_CONFIG`, `./config.yaml`). `skip` names
+    sites not to run (`--retry-failed`: they succeeded before) with a note for the summary.
+    Once `stop` is requested, the running sites are stopped and end `cancelled`, and the
+    summary (state "Cancelled") still comes back.
     """
     plan = load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
+    skipped_reports(plan.sites, skip or {})  # a bad `skip` is a ConfigError before the run
     from flows.report import progress_callback
     from flows.site_pipeline import run_sites  # Prefect is imported only when a run starts
 
     token = progress_callback.set(on_progress)
+    stop_token = stop_request.set(stop)
     try:
         state = run_sites(
             sites=list(plan.sites),
             config_path=str(plan.config_path),
             max_concurrent_sites=plan.max_concurrent_sites,
             use_async=plan.use_async,
+            skip=dict(skip) if skip else None,
             return_state=True,
         )
     finally:
+        stop_request.reset(stop_token)
         progress_callback.reset(token)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):
@@ -137,6 +148,7 @@ __all__ = [
     "ConfigError",
     "PipelineRunError",
     "ProgressFn",
+    "StopRequest",
     "run_pipeline",
     "run_pipeline_async",
     "run_pipeline_summary",

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -56,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="override the cap")
     run.add_argument("--sequential", action="store_true", help="one site at a time, in order")
     run.add_argument("--summary-json", metavar="PATH", help="write the summary JSON here")
+    run.add_argument(
+        "--retry-failed",
+        nargs="?",
+        const="last",
+        metavar="FLOW_RUN_ID",
+        help="run again the sites that did not succeed in that flow run (default: last), "
+        "with its config and overrides; the others are listed as skipped",
+    )
     loudness = run.add_mutually_exclusive_group()
     loudness.add_argument(
         "-v", "--verbose", action="store_true", help="also print every line the pipelines print"
@@ -76,7 +86,11 @@ def _parser() -> argparse.ArgumentParser:
     submit = commands.add_parser(
         "submit", help="start a run of a deployment, checking its parameters first"
     )
-    submit.add_argument("--deployment", default="site-pipeline/adhoc", metavar="FLOW/NAME")
+    submit.add_argument(
+        "--deployment",
+        metavar="FLOW/NAME",
+        help="default: site-pipeline/adhoc, or with --retry-failed the deployment of that run",
+    )
     submit.add_argument("--site", action="append", metavar="SITE", help="the sites (repeatable)")
     submit.add_argument(
         "--max-concurrent", type=_positive_int, metavar="N", help="override the cap"
@@ -89,6 +103,22 @@ def _parser() -> argparse.ArgumentParser:
         help="a flow parameter; VALUE is JSON, or else a string",
     )
     submit.add_argument("--no-watch", action="store_true", help="return once the run is created")
+    submit.add_argument(
+        "--retry-failed",
+        nargs="?",
+        const="last",
+        metavar="FLOW_RUN_ID",
+        help="run again, through the deployment, the sites that did not succeed in that flow "
+        "run (default: last)",
+    )
+
+    doctor = commands.add_parser(
+        "doctor", help="check the API, the limit, and runs or slots left behind by dead processes"
+    )
+    doctor.add_argument("--config", metavar="PATH", help="config file (as for run)")
+    doctor.add_argument(
+        "--fix", action="store_true", help="mark those runs Crashed and free their slots"
+    )
 
     history = commands.add_parser("history", help="recent runs and each site's last status")
     history.add_argument(
@@ -138,42 +168,128 @@ def _validate(plan: RunPlan) -> int:
     return EXIT_OK
 
 
-def _run(args: argparse.Namespace, plan: RunPlan) -> int:
+def _retry_plan(args: argparse.Namespace) -> tuple[RunPlan, dict[str, str]]:
+    """The plan and the `skip` of `run --retry-failed REF`: the earlier run's sites, config
+    and overrides (a flag given now wins). Exits 2 when REF names no run, or one that may
+    still be running."""
+    from flows import admin
+    from flows.resume import choose
+
+    try:
+        earlier = admin.earlier_run(args.retry_failed)
+        choice = choose(earlier)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not earlier.final:
+        admin.mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
+        print(f"flow run {earlier.name} was {earlier.state} with its process gone: now Crashed")
+    params = earlier.parameters
+    config_path = args.config or params.get("config_path")
+    cap = args.max_concurrent or params.get("max_concurrent_sites")
+    use_async = False if args.sequential else params.get("use_async")
+    try:
+        plan = load_plan(
+            config_path if isinstance(config_path, str) else None,
+            sites=list(earlier.sites),
+            max_concurrent_sites=cap if isinstance(cap, int) else None,
+            use_async=use_async if isinstance(use_async, bool) else None,
+        )
+    except ConfigError as exc:
+        _fail(str(exc))
+    print(f"resuming flow run {earlier.name} ({earlier.id}, {earlier.state}):")
+    print(f"  running again {len(choice.rerun)}: " + _named(choice.rerun, choice.why))
+    print(f"  skipped {len(choice.skip)} (succeeded): " + _named(tuple(choice.skip), {}))
+    return plan, choice.skip
+
+
+def _named(sites: Sequence[str], why: dict[str, str], shown: int = 10) -> str:
+    if not sites:
+        return "none"
+    names = [f"{site} ({why[site]})" if site in why else site for site in sites[:shown]]
+    more = f", and {len(sites) - shown} more" if len(sites) > shown else ""
+    return ", ".join(names) + more
+
+
+def _run(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = None) -> int:
     from prefect.settings import get_current_settings
     from rich.console import Console
 
     from flows import admin
     from flows.api import PipelineRunError, run_pipeline_summary
     from flows.console import Verbosity, run_console, summary_table
+    from flows.interrupts import StopRequest, exit_status, on_signals
     from flows.report import count_line, format_table
 
-    try:
-        admin.check_reachable()
-    except admin.ApiUnreachable as exc:
-        print(f"site-pipeline: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    settings = get_current_settings()
-    if not settings.api.url:
-        print(
-            "site-pipeline: starting a temporary Prefect server for this run (a few seconds); "
-            "to skip this, keep one running: `prefect server start --background` and "
-            "`prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
-            file=sys.stderr,
-        )
-    verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
+    if skip is not None and len(skip) == len(plan.sites):
+        print("nothing to retry: every site succeeded")
+        return EXIT_OK
     err, out = Console(stderr=True), Console()
-    try:
-        with run_console(len(plan.sites), verbosity, err) as view:
-            summary = run_pipeline_summary(
-                plan.sites,
-                config_path=plan.config_path,
-                max_concurrent_sites=plan.max_concurrent_sites,
-                use_async=plan.use_async,
-                on_progress=view.site_done if view is not None else None,
+    stop = StopRequest()
+
+    def notice(text: str) -> None:
+        err.print(f"site-pipeline: {text}", highlight=False, markup=False)
+
+    # Dask workers can't see a stop request: there the first signal stops at once.
+    polite = plan.config.task_runner.kind == "threads"
+    with on_signals(stop, notice, polite=polite):
+        settings = get_current_settings()
+        if not settings.api.url:
+            print(
+                "site-pipeline: starting a temporary Prefect server for this run (a few "
+                "seconds); to skip this, keep one running: `prefect server start --background` "
+                "and `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
+                file=sys.stderr,
             )
-    except PipelineRunError as exc:
-        print(f"site-pipeline: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        try:
+            admin.check_reachable()
+            admin.start_temporary_server()
+        except admin.ApiUnreachable as exc:
+            print(f"site-pipeline: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
+        outcome: list[Any] = []
+
+        def flow_thread(on_progress: Callable[[int, int, int], None] | None) -> None:
+            try:
+                outcome.append(
+                    run_pipeline_summary(
+                        plan.sites,
+                        config_path=plan.config_path,
+                        max_concurrent_sites=plan.max_concurrent_sites,
+                        use_async=plan.use_async,
+                        on_progress=on_progress,
+                        skip=skip,
+                        stop=stop,
+                    )
+                )
+            except BaseException as exc:  # re-raised in the main thread
+                outcome.append(exc)
+
+        # The flow runs in a thread of its own: Prefect's engine sets its own SIGTERM handler
+        # when it runs in the main thread, and ours must see the signal to cancel politely.
+        try:
+            with run_console(len(plan.sites), verbosity, err) as view:
+                runner = threading.Thread(
+                    target=flow_thread,
+                    args=(view.site_done if view is not None else None,),
+                    name="site-pipeline-flow",
+                    daemon=True,
+                )
+                runner.start()
+                while runner.is_alive():
+                    runner.join(0.2)
+        except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
+            from flows.process_control import control_for
+
+            control_for(plan.config.process_control).stop_all(plan.config.kill_grace_seconds)
+            print("site-pipeline: interrupted; pipelines stopped", file=sys.stderr)
+            return exit_status(stop.signal)
+        if isinstance(outcome[0], PipelineRunError):
+            print(f"site-pipeline: {outcome[0]}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        summary: dict[str, Any] = outcome[0]
     if out.is_terminal:
         out.print(summary_table(summary))
         print(count_line(summary))
@@ -186,6 +302,8 @@ def _run(args: argparse.Namespace, plan: RunPlan) -> int:
         print(
             f"flow run: {str(settings.ui_url).rstrip('/')}/runs/flow-run/{summary['flow_run_id']}"
         )
+    if summary["state"] == "Cancelled" and stop.signal is not None:
+        return exit_status(stop.signal)
     return EXIT_OK if summary["state"] == "Completed" else EXIT_FAILED
 
 
@@ -264,12 +382,19 @@ def deployment_parameters(
         raise ConfigError([f"config_path = {params['config_path']!r}: expected a string"])
     if "use_async" in params and not isinstance(params["use_async"], bool):
         raise ConfigError([f"use_async = {params['use_async']!r}: expected true or false"])
+    skip = params.get("skip")
+    if skip is not None and not (
+        isinstance(skip, dict) and all(isinstance(v, str) for v in skip.values())
+    ):
+        raise ConfigError([f"skip = {skip!r}: expected a JSON object of site -> note"])
     return params
 
 
 def _submit(args: argparse.Namespace) -> int:
     from flows import admin
 
+    if args.retry_failed and args.site:
+        _fail("--retry-failed and --site: expected one or the other")
     try:
         params = deployment_parameters(args.param, args.site, args.max_concurrent)
     except ConfigError as exc:
@@ -279,6 +404,30 @@ def _submit(args: argparse.Namespace) -> int:
     except admin.ApiUnreachable as exc:
         print(f"site-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    if args.retry_failed:
+        from flows.resume import choose
+
+        try:
+            earlier = admin.earlier_run(args.retry_failed)
+            choice = choose(earlier)
+        except ConfigError as exc:
+            _fail(str(exc))
+        if not choice.rerun:
+            print(f"nothing to retry: every site succeeded in flow run {earlier.name}")
+            return EXIT_OK
+        if not earlier.final:
+            admin.mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
+        inherited = {
+            key: value
+            for key, value in earlier.parameters.items()
+            if key in ("config_path", "max_concurrent_sites", "use_async")
+        }
+        params = {**inherited, **params, "sites": list(earlier.sites), "skip": choice.skip}
+        args.deployment = args.deployment or earlier.deployment
+        print(f"resuming flow run {earlier.name} ({earlier.id}, {earlier.state}):")
+        print(f"  running again {len(choice.rerun)}: " + _named(choice.rerun, choice.why))
+        print(f"  skipped {len(choice.skip)} (succeeded): " + _named(tuple(choice.skip), {}))
+    args.deployment = args.deployment or "site-pipeline/adhoc"
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -323,6 +472,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _history(args)
     if args.command == "submit":
         return _submit(args)
+    if args.command == "doctor":
+        return _doctor(args)
+    if args.command == "run" and args.retry_failed:
+        return _retry(args)
     try:
         plan = _plan(args)
     except ConfigError as exc:
@@ -338,6 +491,57 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("site-pipeline: interrupted; pipelines stopped", file=sys.stderr)
         return 130
+
+
+def _retry(args: argparse.Namespace) -> int:
+    if args.site or args.sites_file:
+        _fail(
+            "--retry-failed and --site/--sites-file: expected one or the other; "
+            "--retry-failed takes the sites of the run it resumes"
+        )
+    from flows import admin
+
+    try:
+        if not _reachable():
+            return EXIT_FAILED
+        admin.start_temporary_server()  # tied to this process before anything else
+        plan, skip = _retry_plan(args)
+        return _run(args, plan, skip)
+    except KeyboardInterrupt:
+        print("site-pipeline: interrupted; pipelines stopped", file=sys.stderr)
+        return 130
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from flows import admin
+
+    plan = None
+    if args.config or Path("config.yaml").exists() or os.environ.get("SITE_PIPELINE_CONFIG"):
+        try:
+            plan = load_plan(args.config)
+        except ConfigError as exc:
+            _fail(str(exc))
+    try:
+        print(f"Prefect API: {admin.check_reachable()}")
+        admin.start_temporary_server()
+        lines, healthy = admin.doctor(plan, fix=args.fix)
+    except admin.ApiUnreachable as exc:
+        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    for line in lines:
+        print(line)
+    return EXIT_OK if healthy else EXIT_FAILED
+
+
+def _reachable() -> bool:
+    from flows import admin
+
+    try:
+        admin.check_reachable()
+    except admin.ApiUnreachable as exc:
+        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 if __name__ == "__main__":

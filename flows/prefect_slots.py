@@ -8,8 +8,10 @@ on a CSRF-protected server, the CSRF token.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -17,8 +19,11 @@ import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.settings import get_current_settings
 
 from flows import _prefect_compat as compat
+from flows import ledger
+from flows.ledger import Ledger
 from flows.slots import ApiUnavailable, SlotError, SlotPool
 
 
@@ -181,7 +186,64 @@ def open_slot_pool(
             api_patience=api_patience,
             on_tick=shortcut.refresh,
             on_close=lambda: client.__exit__(None, None, None),
+            ledger=Ledger(ledger_folder(), str(holder_id), ledger_api()),
         )
     except BaseException:
         client.__exit__(None, None, None)
         raise
+
+
+def ledger_folder() -> Path:
+    """Where this host's slot pools list their leases (`flows.ledger`)."""
+    return Path(get_current_settings().home) / "site-pipeline" / "leases"
+
+
+def ledger_api() -> str:
+    """Which API a ledger's leases belong to: its URL, or the embedded default's database
+    (each ad hoc run starts its own temporary server on it)."""
+    settings = get_current_settings()
+    if settings.api.url:
+        return str(settings.api.url).rstrip("/")
+    database = settings.server.database.connection_url
+    where = database.get_secret_value() if database else str(settings.home)
+    # A digest: the database URL may hold a password, and this goes into a file.
+    return f"embedded {hashlib.sha256(where.encode()).hexdigest()[:16]}"
+
+
+def reclaim(client: SyncPrefectClient, dry_run: bool = False) -> list[str]:
+    """Give back the slots that pools of dead processes on this host still held; one line
+    per dead pool, saying what was (or, with `dry_run`, would be) given back.
+
+    On the embedded default the dead run's temporary server died with it, and its leases
+    with it: each slot is given back by name. On a URL's server a lease it still knows
+    (expired: no lease expiry service runs there) is released; one it no longer knows was
+    already freed by its expiry service (`prefect server start` runs one), or lost in a
+    restart of a server that keeps leases in memory, and is left alone.
+    """
+    api = ledger_api()
+    slots = PrefectSlotApi(client)
+    lines = []
+    for orphan in ledger.orphans(ledger_folder(), api):
+        if not orphan.leases:  # it held nothing when it died
+            if not dry_run:
+                orphan.path.unlink(missing_ok=True)
+            continue
+        given = 0
+        for lease, name in orphan.leases.items():
+            if dry_run:
+                given += 1
+                continue
+            if api.startswith("embedded "):
+                slots.release_unleased(name, held_seconds=0.001)
+                given += 1
+            elif slots.renew(lease, 60.0):
+                slots.release(lease)
+                given += 1
+        verb = "would give back" if dry_run else "gave back"
+        lines.append(
+            f"{verb} {given} of {len(orphan.leases)} slot(s) held by flow run {orphan.holder}, "
+            f"whose process ({orphan.labels.get('site-pipeline.pid', '?')}) is gone"
+        )
+        if not dry_run:
+            orphan.path.unlink(missing_ok=True)
+    return lines

@@ -108,7 +108,8 @@ if sys.platform == "win32":
             _job = int(job)
         return _job
 
-    def _hold_after_our_death(pid: int) -> None:
+    def end_with_us(pid: int) -> None:
+        """Kill `pid` when this process dies, however it dies (our Job Object)."""
         kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
         handle = kernel32.OpenProcess(_PROCESS_SET_QUOTA | _PROCESS_TERMINATE, False, pid)
         if not handle:
@@ -133,7 +134,8 @@ if sys.platform == "win32":
 
 else:
 
-    def _hold_after_our_death(pid: int) -> None:
+    def end_with_us(pid: int) -> None:
+        """Kill `pid` when this process dies, however it dies (the reaper)."""
         procgroup.reap_pid_on_exit(pid)
 
     def _forget_after_our_death(pids: Iterable[int]) -> None:
@@ -181,7 +183,7 @@ def spawn(
         creationflags=_CREATION_FLAGS,
     )
     try:
-        _hold_after_our_death(proc.pid)
+        end_with_us(proc.pid)
         root: psutil.Process | None = psutil.Process(proc.pid)
     except psutil.NoSuchProcess:
         root = None  # it already ended

@@ -2,7 +2,7 @@
 
 The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tools)::
 
-    {"flow_run_id": str | None, "state": "Completed" | "Failed",
+    {"flow_run_id": str | None, "state": "Completed" | "Failed" | "Cancelled",
      "counts": {"total", "succeeded", "failed", "timed_out", "cancelled", "skipped",
                 "check_warnings"},
      "sites": [{"site", "status", "attempts", "exit_code", "duration_s", "error", "result",
@@ -29,6 +29,9 @@ progress_callback: ContextVar[Callable[[int, int, int], None] | None] = ContextV
 
 SiteStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped"]
 STATUSES: tuple[SiteStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
+OK_STATUSES: frozenset[str] = frozenset({"succeeded", "skipped"})
+"""Not a failure. `skipped`: not run, because it succeeded in the run that this one resumed
+(`site-pipeline run --retry-failed`); its `error` field says when."""
 
 
 @dataclass
@@ -79,10 +82,15 @@ def warning_message(reports: Sequence[SiteReport], shown: int = 10) -> str | Non
     )
 
 
-def build_summary(flow_run_id: str | None, reports: Sequence[SiteReport]) -> dict[str, Any]:
-    """The summary dict, sites in the order given. Completed only if every site succeeded."""
+def build_summary(
+    flow_run_id: str | None, reports: Sequence[SiteReport], state: str | None = None
+) -> dict[str, Any]:
+    """The summary dict, sites in the order given. Its state is `state` when given
+    ("Cancelled"), else Completed if every site succeeded (or was skipped), else Failed."""
     tally = counts(reports)
-    state = "Completed" if tally["succeeded"] == tally["total"] else "Failed"
+    if state is None:
+        ok = tally["succeeded"] + tally["skipped"] == tally["total"]
+        state = "Completed" if ok else "Failed"
     return {
         "flow_run_id": flow_run_id,
         "state": state,
@@ -92,13 +100,14 @@ def build_summary(flow_run_id: str | None, reports: Sequence[SiteReport]) -> dic
 
 
 def as_bools(summary: Mapping[str, Any]) -> dict[str, bool]:
-    """The original executor's `dict[site, bool]` view of a summary."""
-    return {entry["site"]: entry["status"] == "succeeded" for entry in summary["sites"]}
+    """The original executor's `dict[site, bool]` view of a summary. A `skipped` site
+    succeeded in the earlier run that this one resumed: True."""
+    return {entry["site"]: entry["status"] in OK_STATUSES for entry in summary["sites"]}
 
 
 def failure_message(reports: Sequence[SiteReport], shown: int = 10) -> str | None:
-    """`3 of 10 sites failed: a, b, c`, or None when every site succeeded."""
-    failed = [r.site for r in reports if r.status != "succeeded"]
+    """`3 of 10 sites failed: a, b, c`, or None when every site succeeded (or was skipped)."""
+    failed = [r.site for r in reports if r.status not in OK_STATUSES]
     if not failed:
         return None
     names = ", ".join(failed[:shown]) + (
@@ -135,7 +144,7 @@ def failures_markdown(reports: Sequence[SiteReport]) -> str | None:
     """Failed sites grouped by kind, as markdown; None when nothing failed."""
     groups: dict[str, list[SiteReport]] = {}
     for report in reports:
-        if report.status != "succeeded":
+        if report.status not in OK_STATUSES:
             groups.setdefault(failure_kind(report), []).append(report)
     if not groups:
         return None

@@ -5,9 +5,12 @@ Entrypoint for deployments: `flows/site_pipeline.py:run_sites`.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -28,15 +31,15 @@ from prefect.context import TagsContext
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
-from prefect.states import Completed, Failed
+from prefect.states import Cancelled, Completed, Failed
 
-from flows import history, report
+from flows import history, interrupts, report, resume
 from flows.cluster import task_runner
-from flows.config import load_plan
+from flows.config import RunPlan, load_plan
 from flows.console import PROGRESS
-from flows.prefect_slots import ensure_limit
+from flows.prefect_slots import ensure_limit, reclaim
 from flows.process_control import control_for
-from flows.tasks import SiteAttemptFailed, SiteJob, configured_task, local_run
+from flows.tasks import LocalRun, SiteAttemptFailed, SiteJob, configured_task, local_run
 
 
 @flow(name="site-pipeline", persist_result=False, validate_parameters=True)
@@ -45,22 +48,36 @@ def run_sites(
     config_path: str | None = None,
     max_concurrent_sites: int | None = None,
     use_async: bool | None = None,
+    skip: dict[str, str] | None = None,
 ) -> State[dict[str, Any]]:
     """Run every site's pipeline; the state's data is the summary dict (see `flows.report`).
 
-    `sites`, `max_concurrent_sites` and `use_async` override the config file.
-    The run ends Completed when every site succeeded, else Failed.
+    `sites`, `max_concurrent_sites` and `use_async` override the config file. `skip` maps
+    sites that already succeeded (in the run that `--retry-failed` resumes) to a note; they
+    are not run and the summary lists them as `skipped`.
+    The run ends Completed when every site it ran succeeded, Cancelled when it was asked to
+    stop (`flows.interrupts`), else Failed.
     """
     logger = get_run_logger()
-    plan = load_plan(
+    full = load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
+    skipped = resume.skipped_reports(full.sites, skip or {})
+    plan = dataclasses.replace(full, sites=tuple(s for s in full.sites if s not in skipped))
     for warning in plan.warnings:
         logger.warning(warning)
+    if skipped:
+        logger.info("%d sites skipped: they succeeded earlier", len(skipped))
     config, total = plan.config, len(plan.sites)
+    stop = interrupts.stop_request.get()
     flow_run_id = UUID(str(flow_run.get_id()))
     with get_client(sync_client=True) as client:
         logger.info(ensure_limit(client, config.concurrency_tag, plan.max_concurrent_sites))
+        # Name this process on the run, so `doctor` and `--retry-failed` can tell a run
+        # left Running by a dead process; and give back what dead runs here still held.
+        client.update_flow_run_labels(flow_run_id, {**resume.this_process_labels()})
+        for line in reclaim(client):
+            logger.warning(line)
     logger.info(
         "%d sites, at most %d at once (%s), %d attempts each",
         total,
@@ -95,6 +112,7 @@ def run_sites(
         if in_process
         else nullcontext() as run,
         task_runner(plan) as runner,
+        _stopping_on(stop, run, plan, str(flow_run_id)),
     ):
         futures = runner.map(
             cast(Any, configured_task(plan)), {"site": list(plan.sites), "job": unmapped(job)}
@@ -129,8 +147,11 @@ def run_sites(
             )
             raise
 
-    ordered = [reports[site] for site in plan.sites]
-    summary = report.build_summary(str(flow_run_id), ordered)
+    ordered = [skipped.get(site) or reports[site] for site in full.sites]
+    stopped = stop is not None and stop.requested
+    summary = report.build_summary(
+        str(flow_run_id), ordered, state="Cancelled" if stopped else None
+    )
     create_table_artifact(
         report.table_rows(ordered), key="site-pipeline-summary", description="one row per site"
     )
@@ -145,6 +166,11 @@ def run_sites(
     if warned:
         logger.warning(warned)
     message = report.failure_message(ordered)
+    if stopped:
+        assert stop is not None  # noqa: S101  (for mypy: stopped implies it)
+        reason = f"{stop.reason}: {message}" if message else str(stop.reason)
+        logger.warning(reason)
+        return Cancelled(message=reason, data=summary)
     if message:
         logger.error(message)
         return Failed(message="; ".join(filter(None, [message, warned])), data=summary)
@@ -152,18 +178,46 @@ def run_sites(
     return Completed(message=f"{done}; {warned}" if warned else done, data=summary)
 
 
+@contextmanager
+def _stopping_on(
+    stop: interrupts.StopRequest | None, run: LocalRun | None, plan: RunPlan, owner: str
+) -> Iterator[None]:
+    """While the sites run: once `stop` is requested, the sites not finished end cancelled
+    and this run's pipelines are stopped (again every half second, for any that started
+    in between). Threads task runner only: a Dask worker can't see this process's event."""
+    if stop is None or run is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if stop.wait(0.2):
+                run.stop(stop.reason or "the flow run is stopping")
+                control_for(plan.config.process_control).stop_all(
+                    plan.config.kill_grace_seconds, owner=owner
+                )
+                done.wait(0.5)
+
+    watcher = threading.Thread(target=watch, name="site-pipeline-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
 def _site_report(site: str, state: State[Any]) -> report.SiteReport:
     """The site's final report, from its task run's final state."""
     value = state.result(raise_on_failure=False) if state.is_final() else None
     if isinstance(value, SiteAttemptFailed):
         return value.report
-    if isinstance(value, dict) and state.is_completed():
+    if isinstance(value, dict) and (state.is_completed() or state.is_cancelled()):
         return report.SiteReport(**value)
     status: report.SiteStatus = "failed"
-    if state.is_cancelled():
+    if state.is_cancelled() or not state.is_final():
         status = "cancelled"
-    elif not state.is_final():
-        status = "skipped"
     error = state.message or (repr(value) if value is not None else None)
     return report.SiteReport(site, status, 0, None, 0.0, error)
 

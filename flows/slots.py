@@ -100,6 +100,16 @@ class SlotApi(Protocol):
         ...
 
 
+class LeaseLedger(Protocol):
+    """Where the pool notes each lease it holds (`flows.ledger`), for cleanup after a crash."""
+
+    def held(self, lease: UUID, name: str) -> None: ...
+
+    def given_back(self, lease: UUID) -> None: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass
 class _Lease:
     acquired_at: float  # for fair_share
@@ -127,6 +137,7 @@ class SlotPool:
         lease_seconds: float = LEASE_SECONDS,
         on_tick: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
+        ledger: LeaseLedger | None = None,
         park: bool = True,
     ) -> None:
         self.name = name
@@ -142,6 +153,7 @@ class SlotPool:
         self._lease_seconds = lease_seconds
         self._on_tick = on_tick
         self._on_close = on_close
+        self._ledger = ledger
         self._park = park
         self._leases: dict[UUID, _Lease] = {}
         self._cond = threading.Condition()
@@ -200,6 +212,8 @@ class SlotPool:
             self._releases.put(lease)
         self._releases.put(None)
         releaser.join(timeout=self._api_patience + 5)
+        if self._ledger is not None and not self._leases:
+            self._ledger.close()
         if self._on_close is not None:
             self._on_close()
 
@@ -348,6 +362,8 @@ class SlotPool:
                     continue
                 now = time.monotonic()
                 self._leases[lease] = _Lease(acquired_at=now, confirmed_at=now)
+                if self._ledger is not None:
+                    self._ledger.held(lease, self.name)
                 if not self._closed:
                     self._parked.append((lease, now))
                     self._cond.notify_all()
@@ -376,6 +392,8 @@ class SlotPool:
         elif info.lost or self._lost(lease, info):
             self._api.release_unleased(self.name, time.monotonic() - info.acquired_at)
         del self._leases[lease]
+        if self._ledger is not None:
+            self._ledger.given_back(lease)
 
     def _lost(self, lease: UUID, info: _Lease) -> bool:
         """The server doesn't know `lease`: lost in a restart (True) or expired (False)."""

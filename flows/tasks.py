@@ -22,10 +22,11 @@ from typing import Any
 from uuid import UUID
 
 from prefect import Task, task
-from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import TaskRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run as current_task_run
+from prefect.states import Cancelled
 from prefect.utilities.annotations import NotSet
 
 from flows.backoff import retry_delays
@@ -69,7 +70,14 @@ class LocalRun:
 
     pool: SlotPool
     stopping: threading.Event = field(default_factory=threading.Event)
+    stop_reason: str | None = None
     users: int = 0
+
+    def stop(self, reason: str) -> None:
+        """Sites that have not finished end `cancelled`; their pipelines are stopped by
+        the caller (`ProcessControl.stop_all`)."""
+        self.stop_reason = self.stop_reason or reason
+        self.stopping.set()
 
 
 _local_runs: dict[UUID, LocalRun] = {}  # a cache: anything in it can be rebuilt from a SiteJob
@@ -146,20 +154,30 @@ def _should_retry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) ->
     return not isinstance(error, SiteAttemptFailed) or error.retryable
 
 
+def site_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """A site's result is reused only within its own flow run: when that run is retried
+    (the UI's Retry, `prefect flow-run retry`), the sites that succeeded come back from the
+    result cache without running (or taking a slot); the others run again. A new run never
+    reuses anything."""
+    flow_run_id = context.task_run.flow_run_id
+    return f"site-pipeline-{flow_run_id}-{parameters['site']}" if flow_run_id else None
+
+
 @task(
     name="run_site",
     task_run_name="{site}",
-    cache_policy=NO_CACHE,
-    persist_result=False,
+    cache_key_fn=site_cache_key,
+    persist_result=True,  # a succeeded site's report, so a retry of the flow run can reuse it
     retry_condition_fn=_should_retry,
 )
-def run_site(site: str, job: SiteJob) -> dict[str, Any]:
-    """Run one attempt of `site`'s pipeline. Returns its report; raises on failure."""
+def run_site(site: str, job: SiteJob) -> dict[str, Any] | State[Any]:
+    """Run one attempt of `site`'s pipeline. Returns its report; raises on failure; returns
+    a Cancelled state (its data the report) when the flow run is stopping."""
     with local_run(job) as run:
         return _attempt(site, job, run)
 
 
-def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
+def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[Any]:
     plan, config = job.plan, job.plan.config
     logger = get_run_logger()
     attempt = max(1, int(current_task_run.run_count))
@@ -179,6 +197,8 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
         "SITE_FLOW_RUN_ID": str(job.flow_run_id),
     }
     of = config.retry_count
+    if run.stopping.is_set():
+        return _cancelled(site, attempt - 1, run)
     try:
         with run.pool.slot(site):
             if run.stopping.is_set():
@@ -198,16 +218,17 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
                     control=control_for(config.process_control),
                 )
     except SlotError as exc:
+        if run.stopping.is_set():
+            return _cancelled(site, attempt - 1, run)
         # The API kept failing (api_patience) or the limit is gone: retrying can't help.
         run.pool.site_finished(site)
         logger.error("no slot: %s", exc, extra={SITE_EVENT: "failed"})
         report = SiteReport(site, "failed", attempt - 1, None, 0.0, str(exc), kind="no slot")
         raise SiteAttemptFailed(report, retryable=False) from None
-    if outcome is None or run.stopping.is_set():
-        logger.warning("cancelled: the flow run is stopping", extra={SITE_EVENT: "failed"})
-        report = SiteReport(site, "cancelled", attempt, None, 0.0, "the flow run is stopping")
-        run.pool.site_finished(site)
-        raise SiteAttemptFailed(report, retryable=False)
+    if outcome is None:
+        return _cancelled(site, attempt - 1, run)
+    if run.stopping.is_set():
+        return _cancelled(site, attempt, run, outcome.duration_s, outcome.stderr_tail)
 
     status = "failed" if outcome.status == "not_started" else outcome.status
     report = SiteReport(
@@ -275,6 +296,24 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any]:
     raise SiteAttemptFailed(report, retryable=retryable)
 
 
+def _cancelled(
+    site: str,
+    attempts: int,
+    run: LocalRun,
+    duration_s: float = 0.0,
+    stderr_tail: list[str] | None = None,
+) -> State[Any]:
+    """The flow run is stopping (Ctrl-C, SIGTERM): this site ends Cancelled, not Failed, with
+    its report as the state's data; a pipeline it was running has been stopped."""
+    run.pool.site_finished(site)
+    reason = run.stop_reason or "the flow run is stopping"
+    get_run_logger().warning("cancelled: %s", reason, extra={SITE_EVENT: "failed"})
+    report = SiteReport(
+        site, "cancelled", attempts, None, duration_s, reason, stderr_tail=stderr_tail or []
+    )
+    return Cancelled(message=reason, data=report.to_json() | {"stderr_tail": report.stderr_tail})
+
+
 class _NoTracebackForSiteFailures(logging.Filter):
     """A site that fails is an expected outcome, not a bug in this tool: Prefect's
     "Task run failed with exception" record keeps its one line, without the traceback, in
@@ -298,7 +337,7 @@ def _install_traceback_filter() -> None:
 _install_traceback_filter()
 
 
-def configured_task(plan: RunPlan) -> Task[..., dict[str, Any]]:
+def configured_task(plan: RunPlan) -> Task[..., dict[str, Any] | State[Any]]:
     """`run_site` with the plan's retries, delays, jitter and tag.
 
     No `timeout_seconds`: our runner enforces the per-attempt timeout by stopping

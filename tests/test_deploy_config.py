@@ -86,7 +86,7 @@ def test_submit_with_a_bad_parameter_exits_2_with_one_line(tmp_path: Path) -> No
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "site-pipeline: error: --param 'bogus=1': unknown parameter 'bogus'; expected KEY=VALUE "
-        "with KEY one of sites, config_path, max_concurrent_sites, use_async"
+        "with KEY one of sites, config_path, max_concurrent_sites, use_async, skip"
     ]
 
 

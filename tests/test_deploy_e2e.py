@@ -12,7 +12,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -23,9 +23,10 @@ from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterTaskRunId,
 )
+from prefect.client.schemas.objects import State
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tests.conftest import ROOT, write_config
+from tests.conftest import ROOT, read_timeline, write_config
 from tests.processes import hanging_pids, wait_until_gone
 from tests.servers import (
     BIN,
@@ -52,6 +53,17 @@ def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     postgres_or_skip()
     with postgres_database() as database_url, prefect_server(home, database_url) as url:
         yield url
+
+
+def wait_final(client: SyncPrefectClient, flow_run_id: UUID, after_run_count: int = 0) -> State:
+    """The flow run's final state, once it has run more than `after_run_count` times."""
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        run = client.read_flow_run(flow_run_id)
+        if run.state is not None and run.state.is_final() and run.run_count > after_run_count:
+            return run.state
+        time.sleep(1)
+    raise AssertionError(f"flow run {flow_run_id} did not end in 180 s")
 
 
 def sh(
@@ -178,6 +190,29 @@ def test_deployment_run_on_a_real_server_and_worker(server: str, tmp_path: Path)
     )
     assert [entry["site"] for entry in only["sites"]] == ["fail-two.com"]
     assert [UUID(r["flow_run_id"]) for r in only["runs"]] == [flow_run.id]
+
+    # Resuming the failed night. The UI's Retry (`prefect flow-run retry`) runs the same flow
+    # run again: the sites that succeeded come back from the result cache without running;
+    # then `submit --retry-failed` makes a new run of the same deployment with only the rest.
+    before = len(read_timeline(tmp_path))
+    with process_worker(env, "site-pool", ROOT, tmp_path / "worker-retry.log"):
+        retry = sh([str(BIN / "prefect"), "flow-run", "retry", str(flow_run.id)], env)
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        with temporary_settings({PREFECT_API_URL: server}), get_client(sync_client=True) as client:
+            retried = wait_final(client, flow_run.id, after_run_count=flow_run.run_count)
+        assert retried.is_failed() and retried.message == "1 of 4 sites failed: fail-two.com"
+        started_again = {s for s, what, _ in read_timeline(tmp_path)[before:] if what == "start"}
+        assert started_again == {"fail-two.com"}  # the 3 others came from the cache
+
+        before = len(read_timeline(tmp_path))
+        resumed = sh(
+            [str(BIN / "site-pipeline"), "submit", "--retry-failed", str(flow_run.id)], env
+        )
+        assert resumed.returncode == 1, resumed.stdout + resumed.stderr  # fail-two still fails
+        assert "running again 1: fail-two.com (failed)" in resumed.stdout
+        assert "skipped 3 (succeeded): ok-one.com, ok-three.com, flaky-four.com" in (resumed.stdout)
+        started_again = {s for s, what, _ in read_timeline(tmp_path)[before:] if what == "start"}
+        assert started_again == {"fail-two.com"}
 
     # Cancelling a deployment run (UI or CLI) stops its pipelines: the worker sends the flow
     # run's process SIGTERM, and no pipeline or grandchild survives.

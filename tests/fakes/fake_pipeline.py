@@ -1,6 +1,7 @@
 """A fake site pipeline for tests. Its behaviour is chosen by the site name's prefix.
 
     ok...        sleep $FAKE_SLEEP seconds (default 0.05), print a JSON status line
+    slow...      like ok, but sleep $FAKE_SLOW seconds (default 3)
     flaky...     fail attempt 1 (exit 1), succeed after
     fail...      always exit 1 with a line on stderr
     usage...     exit 2, like an argparse usage error
@@ -62,7 +63,10 @@ def main() -> int:
         print("hanging", flush=True)
         time.sleep(1000)
         return 0
-    time.sleep(float(os.environ.get("FAKE_SLEEP", "0.05")))
+    slow = site.startswith("slow")
+    time.sleep(
+        float(os.environ.get("FAKE_SLOW", "3") if slow else os.environ.get("FAKE_SLEEP", "0.05"))
+    )
     if site.startswith("flaky") and args.attempt == 1:
         print(f"{site}: failing attempt 1 on purpose", file=sys.stderr)
         mark(site, "end")

@@ -1,0 +1,126 @@
+"""`--retry-failed`: which sites run again, and how the skipped ones are reported."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from flows.config import ConfigError
+from flows.report import as_bools, build_summary, failure_message
+from flows.resume import (
+    EarlierRun,
+    choose,
+    holder_alive,
+    holder_labels,
+    skipped_reports,
+    this_process_labels,
+)
+
+SITES = ("a", "b", "c", "d", "e", "f")
+
+
+def earlier(
+    outcomes: dict[str, str],
+    *,
+    state: str = "Failed",
+    final: bool = True,
+    alive: bool | None = None,
+    skip: dict[str, str] | None = None,
+) -> EarlierRun:
+    return EarlierRun(
+        id="11111111-1111-1111-1111-111111111111",
+        name="brave-run",
+        state=state,
+        final=final,
+        parameters={"skip": skip} if skip else {},
+        sites=SITES,
+        outcomes=outcomes,
+        holder_alive=alive,
+    )
+
+
+def test_only_sites_that_did_not_succeed_run_again_in_list_order() -> None:
+    """Completed sites are skipped with a note naming the run; failed, timed out, cancelled,
+    crashed and never-started ones run again, in the run's order, each with its reason."""
+    choice = choose(
+        earlier(
+            {"a": "Completed", "b": "Failed", "c": "Cancelled", "e": "Completed", "f": "Crashed"}
+        )
+    )
+    assert choice.rerun == ("b", "c", "d", "f")
+    assert set(choice.skip) == {"a", "e"}
+    assert choice.skip["a"] == (
+        "succeeded in flow run brave-run (11111111-1111-1111-1111-111111111111)"
+    )
+    assert choice.why == {"b": "failed", "c": "cancelled", "d": "never started", "f": "crashed"}
+
+
+def test_a_run_whose_process_is_gone_is_resumed_and_its_running_sites_rerun() -> None:
+    """A run left Running by a dead process: its Running sites run again."""
+    choice = choose(
+        earlier({"a": "Completed", "b": "Running"}, state="Running", final=False, alive=False)
+    )
+    assert choice.rerun == ("b", "c", "d", "e", "f")
+    assert choice.why["b"] == "left Running by a process that is gone"
+
+
+@pytest.mark.parametrize(("alive", "says"), [(True, "still alive"), (None, "can't tell")])
+def test_a_run_that_may_still_run_is_refused(alive: bool | None, says: str) -> None:
+    """Resuming a run that may still be running would run its sites twice at once: refused,
+    with the run's name and what to do."""
+    with pytest.raises(ConfigError) as caught:
+        choose(earlier({}, state="Running", final=False, alive=alive))
+    assert "brave-run" in str(caught.value) and says in str(caught.value)
+    assert "doctor --fix" in str(caught.value)
+
+
+def test_sites_skipped_by_the_resumed_run_stay_skipped() -> None:
+    """Resuming a resume: what the earlier run skipped (it had no task run) keeps its note."""
+    choice = choose(
+        earlier({"b": "Completed", "c": "Failed"}, skip={"a": "succeeded in flow run first"})
+    )
+    assert choice.skip["a"] == "succeeded in flow run first"
+    assert "b" in choice.skip and choice.rerun == ("c", "d", "e", "f")
+
+
+def test_skipped_sites_count_as_done_not_failed() -> None:
+    """A summary with skipped sites and succeeded ones is Completed; skipped is True in the
+    dict[site, bool] view, and is not in the failure line."""
+    reports = list(skipped_reports(["a", "b"], {"a": "succeeded before"}).values())
+    from flows.report import SiteReport
+
+    reports.append(SiteReport("b", "succeeded", 1, 0, 0.1))
+    summary = build_summary("id", reports)
+    assert summary["state"] == "Completed"
+    assert summary["counts"]["skipped"] == 1 and summary["sites"][0]["error"] == (
+        "succeeded before"
+    )
+    assert as_bools(summary) == {"a": True, "b": True}
+    assert failure_message(reports) is None
+    reports[1].status = "failed"
+    assert failure_message(reports) == "1 of 2 sites failed: b"
+
+
+def test_a_skip_for_a_site_outside_the_list_is_a_config_error() -> None:
+    """`skip` names only sites of the run: anything else is refused before the run."""
+    with pytest.raises(ConfigError, match=r'skip = \["zzz"\]: expected sites'):
+        skipped_reports(["a"], {"zzz": "x"})
+
+
+def test_holder_alive_tells_this_process_a_dead_one_and_another_host() -> None:
+    """The labels name this process: alive. A process that exited: gone. A pid reused by a
+    process started at another time: gone. Another host: can't tell (None)."""
+    assert holder_alive(this_process_labels()) is True
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(child.pid).create_time()
+    child.wait()
+    assert holder_alive(holder_labels(child.pid, started)) is False
+    assert holder_alive(holder_labels(os.getpid(), started - 1000)) is False
+    other = {**this_process_labels(), "site-pipeline.host": socket.gethostname() + "-other"}
+    assert holder_alive(other) is None
+    assert holder_alive({}) is None

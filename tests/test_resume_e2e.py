@@ -1,0 +1,181 @@
+"""Interrupts, crashes and resumes of `site-pipeline run`, as a user meets them: a real CLI
+process, real pipelines, a real Prefect API (the session's, or the embedded default)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, run_cli, write_config
+from tests.processes import hanging_pids, wait_until_gone
+
+pytestmark = pytest.mark.e2e
+
+
+def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [PYTHON, "-m", "flows", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def embedded_env(home: Path) -> dict[str, str]:
+    """No PREFECT_API_URL: each CLI process starts its own temporary server on `home`'s
+    SQLite database, as on a new user's machine."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {**env, "PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT)}
+
+
+def completed_sites_when(proc: subprocess.Popen[str], count: int) -> list[str]:
+    """Wait until the run's temporary server records `count` completed task runs; their
+    names. (Asked of the server, not of the pipelines' timeline: a site is done for
+    `--retry-failed` once Prefect has its Completed state.)"""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        port = next(
+            (
+                argv[argv.index("--port") + 1]
+                for child in psutil.Process(proc.pid).children(recursive=True)
+                if "uvicorn" in (argv := child.cmdline())
+            ),
+            None,
+        )
+        if port is not None:
+            try:
+                response = httpx.post(
+                    f"http://127.0.0.1:{port}/api/task_runs/filter",
+                    json={"task_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}},
+                    timeout=10,
+                )
+            except httpx.TransportError:  # still starting
+                response = None
+            if response is not None and response.status_code == 200:
+                if len(response.json()) >= count:
+                    return sorted(t["name"] for t in response.json())
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} sites completed in 120 s")
+
+
+def descendants(pid: int) -> list[int]:
+    return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_cancels_the_run_and_the_summary_is_still_written(
+    tmp_path: Path, prefect_api: str, sig: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM: the running sites and the waiting one end `cancelled` (Cancelled in
+    the UI, not Failed), the finished one keeps its result, the table and --summary-json
+    are still written, the exit status is 130 or 143, and no pipeline is left."""
+    config = write_config(tmp_path, ["ok-a", "hang-b", "hang-c", "ok-d"], max_concurrent_sites=2)
+    summary_path = tmp_path / "summary.json"
+    proc = start_cli(
+        ["run", "--config", str(config), "--summary-json", str(summary_path)],
+        cli_env(prefect_api),
+    )
+    pids = hanging_pids(tmp_path, 2)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=90)
+    assert proc.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err[-3000:]
+    assert f"{sig.name}: cancelling" in err and "Traceback" not in err
+    assert "Cancelled: 1/4 succeeded, 0 failed, 0 timed out, 3 cancelled" in out
+    summary = json.loads(summary_path.read_text())
+    assert summary["state"] == "Cancelled"
+    assert {s["site"]: s["status"] for s in summary["sites"]} == {
+        "ok-a": "succeeded",
+        "hang-b": "cancelled",
+        "hang-c": "cancelled",
+        "ok-d": "cancelled",
+    }
+    assert summary["sites"][1]["error"] == f"cancelled by {sig.name}"
+    assert wait_until_gone(pids, timeout=20) == []
+
+    run_id = summary["flow_run_id"]
+    flow_run = httpx.get(f"{prefect_api}/flow_runs/{run_id}", timeout=10).json()
+    assert flow_run["state"]["type"] == "CANCELLED"
+    task_runs = httpx.post(
+        f"{prefect_api}/task_runs/filter",
+        json={"flow_runs": {"id": {"any_": [run_id]}}},
+        timeout=10,
+    ).json()
+    assert {t["name"]: t["state"]["type"] for t in task_runs} == {
+        "ok-a": "COMPLETED",
+        "hang-b": "CANCELLED",
+        "hang-c": "CANCELLED",
+        "ok-d": "CANCELLED",
+    }
+
+
+def test_sigterm_on_the_embedded_default_leaves_no_temporary_server(tmp_path: Path) -> None:
+    """With no PREFECT_API_URL the run starts a temporary Prefect server: after SIGTERM it
+    is gone with the pipelines, and every other process the run started."""
+    config = write_config(tmp_path, ["hang-a"])
+    proc = start_cli(["run", "--config", str(config)], embedded_env(tmp_path / "home"))
+    pids = hanging_pids(tmp_path, 1)
+    ours = descendants(proc.pid)
+    assert any("uvicorn" in " ".join(psutil.Process(p).cmdline()) for p in ours)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 143, err[-3000:]
+    assert wait_until_gone(pids + ours, timeout=30) == []
+
+
+def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
+    tmp_path: Path,
+) -> None:
+    """`kill -9` of the run when 2 of 6 sites are done leaves no pipeline and no temporary
+    server; `doctor` names the dead run (exit 1); `run --retry-failed last` runs only the
+    other 4 (the slots the dead run held are given back, or it would wait for ever at
+    this cap), skips the 2 with their earlier outcome, and all 6 succeed, none twice.
+    Afterwards `doctor` finds nothing (exit 0)."""
+    sites = ["ok-1", "ok-2", "slow-3", "slow-4", "slow-5", "slow-6"]
+    config = write_config(tmp_path, sites, max_concurrent_sites=2)
+    env = embedded_env(tmp_path / "home")
+    proc = start_cli(["run", "--config", str(config)], env)
+    done = completed_sites_when(proc, count=2)  # ok-1, ok-2; slow-3 and slow-4 are running
+    ours = descendants(proc.pid)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert done == ["ok-1", "ok-2"]
+    assert wait_until_gone(ours, timeout=30) == []  # pipelines, the server, the reaper
+
+    doctor = run_cli(["doctor", "--config", str(config)], env, timeout=120)
+    assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "is Running but its process" in doctor.stdout
+    assert "would give back 2 of 2 slot(s)" in doctor.stdout
+
+    summary_path = tmp_path / "resumed.json"
+    resumed = run_cli(
+        ["run", "--retry-failed", "last", "--summary-json", str(summary_path)], env, timeout=240
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
+    assert f"skipped 2 (succeeded): {', '.join(done)}" in resumed.stdout
+    assert "running again 4: " in resumed.stdout
+    summary = json.loads(summary_path.read_text())
+    status = {s["site"]: s["status"] for s in summary["sites"]}
+    assert status == {site: "skipped" if site in done else "succeeded" for site in sites}
+    assert summary["state"] == "Completed" and summary["counts"]["skipped"] == 2
+    assert all("succeeded in flow run" in s["error"] for s in summary["sites"] if s["site"] in done)
+
+    rows = read_timeline(tmp_path)
+    ends = [site for site, what, _ in rows if what == "end"]
+    assert sorted(ends) == sorted(sites)  # every site succeeded exactly once
+    for site in done:  # and the ones done before the crash never ran again
+        assert [what for s, what, _ in rows if s == site] == ["start", "end"]
+
+    healthy = run_cli(["doctor", "--config", str(config)], env, timeout=120)
+    assert healthy.returncode == 0, healthy.stdout + healthy.stderr
+    assert "no flow runs left Running by a dead process" in healthy.stdout
