@@ -57,7 +57,12 @@ class ProcessControl(Protocol):
 
 
 class GroupControl:
-    """POSIX process groups (`flows.procgroup`)."""
+    """POSIX process groups (`flows.procgroup`), and the tree tracked besides.
+
+    The group holds every descendant that does not leave it; one that does (`setsid`, a
+    daemon) is still seen by the tree's watch (`flows.proctree`) while the attempt runs,
+    and stopped after the group.
+    """
 
     name = "group"
 
@@ -68,19 +73,24 @@ class GroupControl:
         env: Mapping[str, str],
         owner: str | None = None,
     ) -> subprocess.Popen[bytes]:
-        return procgroup.spawn(argv, cwd, env, owner)
+        proc = procgroup.spawn(argv, cwd, env, owner)
+        proctree.track(proc, owner)
+        return proc
 
     def watch(self, proc: subprocess.Popen[bytes]) -> None:
-        pass  # the group holds every descendant that does not leave it
+        proctree.watch(proc)
 
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
         return procgroup.exited(proc)
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float) -> None:
         procgroup.stop_group(proc, grace)
+        proctree.stop_tree(proc, grace)  # what left the group
 
     def stop_all(self, grace: float, owner: str | None = None) -> list[int]:
-        return procgroup.stop_all(grace, owner)
+        stopped = procgroup.stop_all(grace, owner)
+        proctree.stop_all(grace, owner)
+        return stopped
 
 
 class TreeControl:

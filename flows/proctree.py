@@ -182,6 +182,13 @@ def spawn(
         close_fds=True,
         creationflags=_CREATION_FLAGS,
     )
+    track(proc, owner)
+    return proc
+
+
+def track(proc: subprocess.Popen[bytes], owner: str | None = None) -> None:
+    """Track the tree of `proc`, just started: it dies with us, and `watch` records its
+    descendants. Raises OSError (after killing it) when it can't be tied to us."""
     try:
         end_with_us(proc.pid)
         root: psutil.Process | None = psutil.Process(proc.pid)
@@ -193,7 +200,6 @@ def spawn(
         raise
     with _lock:
         _trees[proc.pid] = _Tree(proc, owner, root)
-    return proc
 
 
 def watch(proc: subprocess.Popen[bytes]) -> None:

@@ -183,7 +183,7 @@ def run_attempt(
     deadline = started + timeout
     timed_out = False
     try:
-        while pipes.open():
+        while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 timed_out = True
@@ -193,8 +193,11 @@ def run_attempt(
                 _drain(pipes, splitters, until=time.monotonic() + 0.5)
                 break
             control.watch(proc)
-            for name, data in pipes.read(min(remaining, _POLL_SECONDS)):
-                splitters[name].feed(data)
+            if pipes.open():
+                for name, data in pipes.read(min(remaining, _POLL_SECONDS)):
+                    splitters[name].feed(data)
+            else:  # it closed stdout and stderr but runs on: wait for its end or the timeout
+                time.sleep(min(remaining, _POLL_SECONDS))
     finally:
         control.stop(proc, kill_grace)
         if not timed_out:
@@ -281,7 +284,8 @@ class _ThreadPipes:
     """Windows, where `select` takes sockets only: one reader thread per pipe."""
 
     def __init__(self, streams: Mapping[str, IO[bytes]]) -> None:
-        self._queue: queue.SimpleQueue[tuple[str, bytes]] = queue.SimpleQueue()
+        # Bounded: a pipeline that writes faster than we read waits (about 4 MB in flight).
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
         self._open = set(streams)
         for name, stream in streams.items():
             threading.Thread(
@@ -305,8 +309,11 @@ class _ThreadPipes:
             items = [self._queue.get(timeout=max(timeout, 0.001))]
         except queue.Empty:
             return []
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
+        for _ in range(self._queue.maxsize):  # what is queued now, not what keeps coming
+            try:
+                items.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
         for name, data in items:
             if not data:
                 self._open.discard(name)

@@ -251,3 +251,74 @@ def test_without_process_groups_auto_is_tree_and_group_refuses_clearly(
         process_control.control_for("group")
     with pytest.raises(procgroup.UnsupportedPlatform, match="POSIX process group"):
         procgroup.ensure_supported()
+
+
+# -- What a hostile pipeline can do to us ----------------------------------------------------
+
+
+def test_a_setsid_daemon_that_ignores_sigterm_is_stopped_too(tmp_path: Path) -> None:
+    """A pipeline that starts a child in a session of its own (`setsid`: it leaves the
+    process group, so a group kill misses it) that also ignores SIGTERM: the child is seen
+    while the attempt runs and killed at the end (SIGKILL after the grace)."""
+    if not hasattr(os, "setsid"):
+        pytest.skip("no setsid on this platform")
+    daemon = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(1000)"
+    script = (
+        "import subprocess, sys, time; "
+        f"p = subprocess.Popen([sys.executable, '-c', {daemon!r}], start_new_session=True); "
+        f"open({str(tmp_path / 'daemon.pid')!r}, 'w').write(str(p.pid)); time.sleep(1000)"
+    )
+    outcome = run_attempt(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=os.environ,
+        timeout=2,
+        kill_grace=0.5,
+        log=lambda _: None,
+    )
+    daemon_pid = int((tmp_path / "daemon.pid").read_text())
+    assert outcome.status == "timed_out"
+    assert wait_until_gone([daemon_pid], timeout=10) == []
+
+
+def test_a_pipeline_that_closes_stdout_and_stderr_is_still_timed_out(tmp_path: Path) -> None:
+    """Closing both pipes is not the end of the pipeline: it is waited for, and stopped at
+    the timeout like any other."""
+    script = "import os, time; os.close(1); os.close(2); time.sleep(1000)"
+    started = time.monotonic()
+    outcome = run_attempt(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=os.environ,
+        timeout=1.5,
+        kill_grace=0.5,
+        log=lambda _: None,
+    )
+    assert outcome.status == "timed_out"
+    assert 1.4 < time.monotonic() - started < 15
+
+
+def test_a_gigabyte_without_a_newline_is_cut_and_memory_stays_bounded(tmp_path: Path) -> None:
+    """1 GB on stdout with no newline, then a result line: the attempt succeeds, the log
+    gets one line cut to MAX_LINE_BYTES that says so, the result is still read, and this
+    process's peak memory grows by far less than the output."""
+    script = (
+        "import sys; chunk = b'x' * (1 << 20)\n"
+        "for _ in range(1024): sys.stdout.buffer.write(chunk)\n"
+        "sys.stdout.buffer.write(b'\\n{\"records\": 7}\\n')"
+    )
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    lines: list[str] = []
+    outcome = run_attempt(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=os.environ,
+        timeout=300,
+        kill_grace=1,
+        log=lines.append,
+    )
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert outcome.status == "succeeded", outcome.error
+    assert lines[0].endswith("[line cut]") and len(lines[0]) < MAX_LINE_BYTES + 20
+    assert outcome.result == {"records": 7}
+    assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
