@@ -137,9 +137,33 @@ class PipelineConfig(_Strict):
             )
         if self.sites is not None and self.sites_file is not None:
             problems.append("sites_file: expected either sites or sites_file, not both")
+        problems.extend(self._os_string_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _os_string_problems(self) -> list[str]:
+        """Paths, argv and environment go to the OS, which refuses a NUL byte (and a '=' in
+        an environment name): refused here, not as a traceback at run time."""
+        problems = []
+        paths = {"output_dir": self.output_dir, "working_dir": self.working_dir}
+        if self.sites_file is not None:
+            paths["sites_file"] = self.sites_file
+        for key, value in paths.items():
+            if "\0" in value:
+                problems.append(f"{key} = {value!r}: expected a path without a NUL character")
+        for key, parts in (("command", self.command), ("default_flags", self.default_flags)):
+            for index, part in enumerate(parts):
+                if "\0" in part:
+                    problems.append(f"{key}[{index}] = {part!r}: expected no NUL character")
+        for name, value in self.env.items():
+            if not name or "=" in name or "\0" in name:
+                problems.append(
+                    f"env.{name!r}: expected a variable name: not empty, without '=' or NUL"
+                )
+            elif "\0" in value:
+                problems.append(f"env.{name} = {value!r}: expected no NUL character")
+        return problems
 
 
 class ConfigFile(_Strict):
