@@ -113,6 +113,21 @@ BAD_CONFIGS = [
         "pipeline:\n  sites: [a]\n  api_patience: 0\n",
         "pipeline.api_patience = 0: expected greater than 0",
     ),
+    (
+        "NUL in a path (found by the fuzzer)",
+        'pipeline:\n  sites: [a]\n  output_dir: "o\\0"\n',
+        "pipeline.output_dir = 'o\\x00': expected a path without a NUL character",
+    ),
+    (
+        "NUL in the command",
+        'pipeline:\n  sites: [a]\n  command: ["{site}", "x\\0"]\n',
+        "pipeline.command[1] = 'x\\x00': expected no NUL character",
+    ),
+    (
+        "'=' in an environment name",
+        "pipeline:\n  sites: [a]\n  env: {'A=B': x}\n",
+        "pipeline.env.'A=B': expected a variable name",
+    ),
 ]
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from uuid import uuid4
 
 import psutil
+import pytest
 
 from flows import ledger
 from flows.resume import holder_labels
@@ -80,3 +81,35 @@ def test_a_file_that_is_not_a_ledger_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     assert list(ledger.orphans(tmp_path, "api-x")) == []
     assert list(ledger.orphans(tmp_path / "missing", "api-x")) == []
+
+
+def test_reclaim_releases_a_dead_runs_lease_on_a_real_server(
+    tmp_path: Path, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a URL's server (no lease expiry service here: prefect_test_harness), a lease a dead
+    process still held is released by `reclaim`, the limit's slot comes back, and the ledger
+    goes; `dry_run` only says what it would do."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows import prefect_slots
+
+    monkeypatch.setattr(prefect_slots, "ledger_folder", lambda: tmp_path)
+    name = f"reclaim-{uuid4().hex[:8]}"
+    with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
+        prefect_slots.ensure_limit(client, name, 1)
+        lease = prefect_slots.PrefectSlotApi(client).acquire(name, 60)
+        assert lease is not None
+        path = write_dead_ledger(
+            tmp_path, prefect_slots.ledger_api(), [{"+": str(lease), "name": name}]
+        )
+        pid = json.loads(path.read_text().splitlines()[0])["labels"]["site-pipeline.pid"]
+        assert prefect_slots.reclaim(client, dry_run=True) == [
+            f"would give back 1 of 1 slot(s) held by flow run run-1, whose process ({pid}) is gone"
+        ]
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
+        lines = prefect_slots.reclaim(client)
+        assert len(lines) == 1 and lines[0].startswith("gave back 1 of 1 slot(s)")
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
+        assert not path.exists()
+        assert prefect_slots.reclaim(client) == []  # nothing twice

@@ -154,6 +154,9 @@ def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
 
     doctor = run_cli(["doctor", "--config", str(config)], env, timeout=120)
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
+    assert "server version: 3." in doctor.stdout
+    assert f"limit 'test-{tmp_path.name}'"[:70] in doctor.stdout
+    assert ": 2 (matches the config), 2 slot(s) in use" in doctor.stdout
     assert "is Running but its process" in doctor.stdout
     assert "would give back 2 of 2 slot(s)" in doctor.stdout
 
