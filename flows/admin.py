@@ -32,6 +32,7 @@ from flows.resume import EarlierRun, holder_alive
 
 FLOW_NAME = "site-pipeline"
 DEFAULT_POOL = "site-pool"
+DEFAULT_HEARTBEAT_GRACE = 90.0  # three heartbeats of the 30 s that prefect.yaml sets
 PAGE = 200  # the API's largest page
 
 
@@ -92,12 +93,20 @@ def _refusal(url: str, response: httpx.Response) -> str:
     return f"the Prefect API at {url} answered {status}; check PREFECT_API_URL"
 
 
-def setup(plan: RunPlan, pool: str = DEFAULT_POOL) -> list[str]:
-    """Create or update the process work pool and the concurrency limit. Idempotent."""
+def setup(
+    plan: RunPlan, pool: str = DEFAULT_POOL, heartbeat_grace: float = DEFAULT_HEARTBEAT_GRACE
+) -> list[str]:
+    """Create or update the process work pool, the concurrency limit, the notification
+    blocks and automations (`flows.notify`). Idempotent. Raises `ConfigError` before
+    changing anything when a notification's URL variable is missing."""
+    from flows import notify
+
+    notify.secret_urls(plan.config.notify)  # all of them, before any change
     changes = []
     with get_client(sync_client=True) as client:
         changes.append(_ensure_process_pool(client, pool))
         changes.append(ensure_limit(client, plan.config.concurrency_tag, plan.max_concurrent_sites))
+        changes.extend(notify.setup_notifications(client, plan.config.notify, heartbeat_grace))
     return changes
 
 

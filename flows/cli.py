@@ -82,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
         commands.add_parser("setup", help="create or update the work pool and concurrency limit")
     )
     setup.add_argument("--pool", default="site-pool", help="process work pool (default: site-pool)")
+    setup.add_argument(
+        "--heartbeat-grace",
+        type=_positive_int,
+        default=90,
+        metavar="SECONDS",
+        help="mark a flow run Crashed after this long without a heartbeat (default: 90; "
+        "prefect.yaml sends one every 30 s)",
+    )
 
     submit = commands.add_parser(
         "submit", help="start a run of a deployment, checking its parameters first"
@@ -456,12 +464,12 @@ def _setup(args: argparse.Namespace, plan: RunPlan) -> int:
     try:
         target = admin.check_reachable()
         print(f"Prefect API: {target}")
-        for change in admin.setup(plan, pool=args.pool):
+        for change in admin.setup(plan, pool=args.pool, heartbeat_grace=args.heartbeat_grace):
             print(change)
     except admin.ApiUnreachable as exc:
         print(f"site-pipeline: error: {exc}", file=sys.stderr)
         return EXIT_FAILED
-    except ValueError as exc:
+    except (ConfigError, ValueError) as exc:
         _fail(str(exc))
     return EXIT_OK
 

@@ -84,6 +84,36 @@ class ResultChecks(_Strict):
     on_fail: Literal["fail", "warn"] = "fail"
 
 
+class LearnedTimeout(_Strict):
+    """`pipeline.learned_timeout`: each site's timeout from its own recent successes
+    (`flows.timeouts`); `pipeline.timeout` stays the hard cap."""
+
+    factor: float = Field(default=3.0, gt=0)  # timeout = factor x p95 of recent durations
+    min_runs: int = Field(default=5, gt=0)  # fewer successes on record: use `timeout`
+    window: int = Field(default=20, gt=0, le=1000)  # the last N successful attempts
+    floor: float = Field(default=60, ge=0)  # never below this many seconds
+
+    @model_validator(mode="after")
+    def _check_window(self) -> LearnedTimeout:
+        if self.window < self.min_runs:
+            raise ValueError(
+                f"window = {self.window}: expected at least min_runs ({self.min_runs})"
+            )
+        return self
+
+
+NotifyOutcome = Literal["failed", "crashed", "completed", "cancelled"]
+DEFAULT_NOTIFY_ON: tuple[NotifyOutcome, ...] = ("failed", "crashed")
+
+
+class NotifyConfig(_Strict):
+    """One `pipeline.notify` entry: where `setup`'s automation sends which outcomes."""
+
+    kind: Literal["discord", "slack", "webhook"]
+    url_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")  # the variable with the URL
+    on: list[NotifyOutcome] = Field(default_factory=lambda: [*DEFAULT_NOTIFY_ON], min_length=1)
+
+
 class PipelineConfig(_Strict):
     """The `pipeline:` section. Keys and meanings of the original executor, plus ours."""
 
@@ -112,6 +142,8 @@ class PipelineConfig(_Strict):
     api_patience: float = Field(default=300, gt=0)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
     result_checks: ResultChecks | None = None
+    learned_timeout: LearnedTimeout | None = None
+    notify: list[NotifyConfig] = Field(default_factory=list)
     process_control: Literal["auto", "group", "tree"] = "auto"
 
     @model_validator(mode="after")

@@ -1,4 +1,5 @@
-"""Earlier runs, read back from the Prefect API in bulk: what result checks compare against.
+"""Earlier runs, read back from the Prefect API in bulk: what result checks compare against,
+and the durations that learned timeouts come from.
 
 Each flow run's summary table artifact (`site-pipeline-summary`) has one row per site with
 its status and, when result checks are on, the checked field and its value. One query reads
@@ -8,7 +9,7 @@ the last `runs` of those tables, never one query per site.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prefect.client.orchestration import get_client
@@ -19,31 +20,71 @@ SUMMARY_KEY = "site-pipeline-summary"
 PAGE = 200  # the API's largest page
 
 
-def check_values(
-    field: str, sites: Sequence[str], window: int, runs: int = PAGE
-) -> dict[str, list[float]]:
-    """Each site's last `window` values of `field` (oldest first), from its successful
-    attempts whose check passed, in the last `runs` flow runs. Sites with none are left out."""
+def summary_tables(runs: int = PAGE) -> list[list[dict[str, Any]]]:
+    """The rows of the last `runs` flow runs' summary tables, newest run first: one query."""
     with get_client(sync_client=True) as client:
         tables = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY])),
             sort=ArtifactSort.CREATED_DESC,
             limit=min(runs, PAGE),
         )
-    wanted = set(sites)
-    newest_first: dict[str, list[float]] = {}
+    found = []
     for table in tables:
         rows: Any = json.loads(table.data) if isinstance(table.data, str) else table.data
-        for row in rows if isinstance(rows, list) else []:
-            site, value = row.get("site"), row.get("check_value")
+        if isinstance(rows, list):
+            found.append([row for row in rows if isinstance(row, dict)])
+    return found
+
+
+def check_values(
+    field: str, sites: Sequence[str], window: int, tables: Sequence[Sequence[Row]]
+) -> dict[str, list[float]]:
+    """Each site's last `window` values of `field` (oldest first), from its successful
+    attempts whose check passed, in `tables` (newest first). Sites with none are left out."""
+    return _last_values(
+        sites,
+        window,
+        tables,
+        lambda row: (
+            row.get("check_value")
+            if row.get("check_field") == field and row.get("check") == "ok"
+            else None
+        ),
+    )
+
+
+def success_durations(
+    sites: Sequence[str], window: int, tables: Sequence[Sequence[Row]]
+) -> dict[str, list[float]]:
+    """Each site's last `window` durations of successful attempts (oldest first).
+
+    From the summary tables, not from task runs: a task run's run time adds up all its
+    attempts (a retried site's would count the failed ones too), and 1,000 sites x 20 runs
+    would be 100 pages of task runs against one page of tables."""
+    return _last_values(sites, window, tables, lambda row: row.get("duration_s"))
+
+
+Row = Mapping[str, Any]
+
+
+def _last_values(
+    sites: Sequence[str],
+    window: int,
+    tables: Sequence[Sequence[Row]],
+    value_of: Callable[[Row], object],
+) -> dict[str, list[float]]:
+    wanted = set(sites)
+    newest_first: dict[str, list[float]] = {}
+    for rows in tables:
+        for row in rows:
+            site = row.get("site")
+            if site not in wanted or row.get("status") != "succeeded":
+                continue
+            value = value_of(row)
             if (
-                site in wanted
-                and row.get("status") == "succeeded"
-                and row.get("check_field") == field
-                and row.get("check") == "ok"
-                and isinstance(value, int | float)
+                isinstance(value, int | float)
                 and not isinstance(value, bool)
-                and len(newest_first.setdefault(site, [])) < window
+                and len(newest_first.setdefault(str(site), [])) < window
             ):
-                newest_first[site].append(float(value))
+                newest_first[str(site)].append(float(value))
     return {site: values[::-1] for site, values in newest_first.items() if values}

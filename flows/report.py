@@ -6,7 +6,10 @@ The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tool
      "counts": {"total", "succeeded", "failed", "timed_out", "cancelled", "skipped",
                 "check_warnings"},
      "sites": [{"site", "status", "attempts", "exit_code", "duration_s", "error", "result",
-                "check"}]}
+                "check", "timeout_s"}]}
+
+`timeout_s` is the attempts' timeout in seconds: learned (`pipeline.learned_timeout`) or
+`pipeline.timeout`; None for a site that never started an attempt.
 
 `check` is None unless result checks are on; then `{"field", "value", "ok", "reason"}`.
 """
@@ -48,6 +51,7 @@ class SiteReport:
     stderr_tail: list[str] = field(default_factory=list)
     kind: str | None = None  # the failure's group when no other field tells it ("no slot")
     check: dict[str, Any] | None = None  # the result check (flows.checks.Verdict.to_json)
+    timeout_s: float | None = None  # the attempts' timeout (learned or pipeline.timeout)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -188,6 +192,7 @@ def table_rows(reports: Sequence[SiteReport], stderr_lines: int = 3) -> list[dic
             "check": _check_cell(r),
             "check_field": r.check["field"] if r.check else None,
             "check_value": r.check["value"] if r.check else None,
+            "timeout_s": r.timeout_s,
         }
         for r in reports
     ]

@@ -40,6 +40,7 @@ from flows.console import PROGRESS
 from flows.prefect_slots import ensure_limit, reclaim
 from flows.process_control import control_for
 from flows.tasks import LocalRun, SiteAttemptFailed, SiteJob, configured_task, local_run
+from flows.timeouts import site_timeouts
 
 
 @flow(name="site-pipeline", persist_result=False, validate_parameters=True)
@@ -97,13 +98,23 @@ def run_sites(
     reports: dict[str, report.SiteReport] = {}
     progress_at, failed = 0.0, 0
     on_progress = report.progress_callback.get()
-    checks = config.result_checks
+    checks, learned = config.result_checks, config.learned_timeout
+    tables = history.summary_tables() if checks or learned else []  # one query for both
+    durations = history.success_durations(plan.sites, learned.window, tables) if learned else {}
     job = SiteJob(
         plan,
         flow_run_id,
         tuple(sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())})),
-        history.check_values(checks.field, plan.sites, checks.window) if checks else {},
+        history.check_values(checks.field, plan.sites, checks.window, tables) if checks else {},
+        site_timeouts(plan.sites, durations, learned, config.timeout),
     )
+    if learned:
+        logger.info(
+            "learned timeouts: %d of %d sites have enough history (%d successful runs)",
+            sum(len(durations.get(site, ())) >= learned.min_runs for site in plan.sites),
+            total,
+            learned.min_runs,
+        )
     # Task runs in this process share one slot pool, handed out in list order and filled up
     # front; on Dask each worker makes its own (flows.tasks.local_run).
     in_process = config.task_runner.kind == "threads"

@@ -38,6 +38,7 @@ from flows.process_control import control_for
 from flows.report import SiteReport
 from flows.runner import run_attempt
 from flows.slots import SlotError, SlotPool
+from flows.timeouts import SiteTimeout, site_timeout
 
 IDLE_CLOSE_SECONDS = 5.0
 
@@ -49,7 +50,7 @@ class SiteJob:
     parameters once per task run, and this holds the whole plan.
     """
 
-    __slots__ = ("check_history", "flow_run_id", "plan", "tags")
+    __slots__ = ("check_history", "flow_run_id", "plan", "tags", "timeouts")
 
     def __init__(
         self,
@@ -57,11 +58,16 @@ class SiteJob:
         flow_run_id: UUID,
         tags: tuple[str, ...],
         check_history: dict[str, list[float]] | None = None,
+        timeouts: dict[str, SiteTimeout] | None = None,
     ) -> None:
         self.plan = plan
         self.flow_run_id = flow_run_id
         self.tags = tags  # the task runs' tags, for the tag-limit check shortcut
         self.check_history = check_history or {}  # result checks: earlier values per site
+        self.timeouts = timeouts or {}  # each site's attempt timeout (flows.timeouts)
+
+    def timeout(self, site: str) -> SiteTimeout:
+        return self.timeouts.get(site) or site_timeout((), None, self.plan.config.timeout)
 
 
 @dataclass
@@ -197,6 +203,7 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[A
         "SITE_FLOW_RUN_ID": str(job.flow_run_id),
     }
     of = config.retry_count
+    limit = job.timeout(site)
     if run.stopping.is_set():
         return _cancelled(site, attempt - 1, run)
     try:
@@ -204,13 +211,19 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[A
             if run.stopping.is_set():
                 outcome = None
             else:
-                logger.info("attempt %d/%d started", attempt, of, extra={SITE_EVENT: "started"})
+                logger.info(
+                    "attempt %d/%d started; %s",
+                    attempt,
+                    of,
+                    limit.why,
+                    extra={SITE_EVENT: "started"},
+                )
                 logger.debug("argv: %s", argv)
                 outcome = run_attempt(
                     argv,
                     cwd=plan.working_dir,
                     env=env,
-                    timeout=config.timeout,
+                    timeout=limit.seconds,
                     kill_grace=config.kill_grace_seconds,
                     log=lambda line: logger.info(line, extra={PIPELINE_OUTPUT: True}),
                     max_log_lines=config.max_log_lines,
@@ -240,6 +253,7 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[A
         error=outcome.error,
         result=outcome.result,
         stderr_tail=outcome.stderr_tail,
+        timeout_s=limit.seconds,
     )
     checks = config.result_checks
     if outcome.status == "succeeded" and checks is not None:

@@ -197,7 +197,9 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
             "error",
             "result",
             "check",
+            "timeout_s",
         }
+        assert entry["timeout_s"] == 60  # no learned_timeout: pipeline.timeout
     result = site(summary, "ok-a.com")["result"]  # the JSON status line, parsed
     assert result["site"] == "ok-a.com" and result["env_site"] == "ok-a.com"
     assert result["output_dir"] == str(tmp_path / "output" / "ok-a.com")  # SITE_OUTPUT_DIR
@@ -328,3 +330,27 @@ def test_process_control_reaches_the_runner(
     _, summary = run(config)
     result = site(summary, "ok-a")["result"]
     assert (result["pgid"] == result["pid"]) is leads_its_group
+
+
+@pytest.mark.slow
+def test_a_learned_timeout_stops_a_hanging_site_at_its_usual_pace(tmp_path: Path) -> None:
+    """Five real 1-second successes of a site, then it hangs: the attempt is killed at the
+    learned 2 x p95 (about 2 s), not at the 60 s timeout, and reported timed out; a site
+    with no history keeps the 60 s. Each summary row gives its timeout_s."""
+    known, fresh = f"ok-learn-{tmp_path.name}"[:60], f"ok-fresh-{tmp_path.name}"[:60]
+    learned = {"factor": 2.0, "min_runs": 5, "window": 20, "floor": 1}
+    env = {"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_PIDS_DIR": str(tmp_path)}
+    seed = write_config(tmp_path, [known], env={**env, "FAKE_SLEEP": "1"}, learned_timeout=learned)
+    for _ in range(5):
+        run(seed)
+    config = write_config(
+        tmp_path, [known, fresh], env={**env, "FAKE_HANG": known}, learned_timeout=learned
+    )
+    started = time.monotonic()
+    _, summary = run(config)
+    hung, other = site(summary, known), site(summary, fresh)
+    assert hung["status"] == "timed_out"
+    assert 2.0 <= hung["timeout_s"] <= 4.0, hung  # 2 x p95 of ~1.05-1.5 s runs
+    assert hung["error"] == f"timed out after {hung['timeout_s']:g}s; process group stopped"
+    assert time.monotonic() - started < 30
+    assert other["status"] == "succeeded" and other["timeout_s"] == 60

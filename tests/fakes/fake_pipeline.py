@@ -9,6 +9,7 @@
     stubborn...  like hang, but the pipeline ignores SIGTERM
     loud...      print $FAKE_LOUD_MB megabytes (default 20) of lines, then the status line
     anything else behaves like ok
+    any site named by $FAKE_HANG behaves like hang (for a site that hangs after good runs)
 
 The JSON status line holds `records` = $FAKE_RECORDS when set, the argv, the SITE*
 environment, the cwd and the parent pid.
@@ -53,7 +54,7 @@ def main() -> int:
         "pid": os.getpid(),
         "pgid": os.getpgid(0) if hasattr(os, "getpgid") else None,  # leads its group?
     }
-    if site.startswith(("hang", "stubborn")):
+    if site.startswith(("hang", "stubborn")) or os.environ.get("FAKE_HANG") == site:
         if site.startswith("stubborn"):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1000)"])
