@@ -260,10 +260,27 @@ def _validation_problems(exc: ValidationError, root: tuple[str, ...] = ()) -> li
     return problems
 
 
+class _ConfigLoader(yaml.SafeLoader):
+    """YAML 1.1 reads a plain `on`, `off`, `yes` or `no` as a boolean, so the key `on:` of a
+    `notify` entry would become `True:`. As a mapping key such a word stays a string; as a
+    value it is still a boolean (`use_async: no`)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        for key_node, _ in node.value:
+            if (
+                isinstance(key_node, yaml.ScalarNode)
+                and key_node.tag == "tag:yaml.org,2002:bool"
+                and key_node.style is None
+                and key_node.value.lower() not in ("true", "false")
+            ):
+                key_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep=deep)
+
+
 def parse_config(text: str, source: str = DEFAULT_CONFIG) -> PipelineConfig:
     """Parse YAML text into a validated `PipelineConfig`, or raise `ConfigError`."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -18,6 +18,7 @@ again and again.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -40,6 +41,7 @@ from flows.config import ConfigError, NotifyConfig
 FLOW_NAME = "site-pipeline"
 HEARTBEAT_AUTOMATION = "site-pipeline: crash runs whose heartbeats stopped"
 
+DISCORD_PATH = re.compile(r"/webhooks/([^/]+)/([^/]+)/?$")  # .../api/webhooks/<id>/<token>
 OUTCOME_EVENTS = {
     "failed": "prefect.flow-run.Failed",
     "crashed": "prefect.flow-run.Crashed",
@@ -79,7 +81,7 @@ def secret_urls(entries: Sequence[NotifyConfig]) -> dict[str, str]:
         if parts.scheme not in ("http", "https") or not parts.netloc:
             problems.append(f"{where}: expected an http(s) URL in it (its value is not shown)")
             continue
-        if entry.kind == "discord" and len(parts.path.rstrip("/").split("/")) < 3:
+        if entry.kind == "discord" and not DISCORD_PATH.search(parts.path):
             problems.append(
                 f"{where}: expected a Discord webhook URL, "
                 "https://discord.com/api/webhooks/<id>/<token>"
@@ -95,7 +97,9 @@ def _block(entry: NotifyConfig, url: str) -> Block:
     if entry.kind == "slack":
         return SlackWebhook(url=url)  # type: ignore[arg-type]  # pydantic makes it a SecretStr
     if entry.kind == "discord":
-        webhook_id, webhook_token = urlsplit(url).path.rstrip("/").split("/")[-2:]
+        found = DISCORD_PATH.search(urlsplit(url).path)
+        assert found is not None  # noqa: S101  (secret_urls checked it)
+        webhook_id, webhook_token = found.groups()
         return DiscordWebhook(webhook_id=webhook_id, webhook_token=webhook_token)  # type: ignore[arg-type]
     # The URL is a secret: the block's `url` is a template filled from its `secrets`.
     return CustomWebhookNotificationBlock(
