@@ -300,6 +300,7 @@ def test_a_pipeline_that_closes_stdout_and_stderr_is_still_timed_out(tmp_path: P
     assert 1.4 < time.monotonic() - started < 15
 
 
+@pytest.mark.slow  # about 20 s per backend
 def test_a_gigabyte_without_a_newline_is_cut_and_memory_stays_bounded(tmp_path: Path) -> None:
     """1 GB on stdout with no newline, then a result line: the attempt succeeds, the log
     gets one line cut to MAX_LINE_BYTES that says so, the result is still read, and this
