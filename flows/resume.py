@@ -22,6 +22,11 @@ HOLDER_LABELS = ("site-pipeline.host", "site-pipeline.pid", "site-pipeline.pid_s
 that is gone can be told from one still running (`doctor`, `--retry-failed`)."""
 
 
+UNFINISHED = frozenset({"Running", "Pending", "Scheduled", "AwaitingRetry", "Retrying"})
+"""Task run states that only a run that died leaves behind (the run was not still running:
+`choose` refuses that)."""
+
+
 @dataclass(frozen=True)
 class EarlierRun:
     """What the API knows of the run being resumed."""
@@ -76,8 +81,8 @@ def choose(earlier: EarlierRun) -> RetryChoice:
             skip[site] = f"succeeded in flow run {earlier.name} ({earlier.id})"
         elif outcome is None:
             why[site] = "never started"
-        elif outcome == "Running" and not earlier.final:
-            why[site] = "left Running by a process that is gone"
+        elif outcome in UNFINISHED:
+            why[site] = f"left {outcome} by a process that is gone"
         else:
             why[site] = outcome.lower()
     rerun = tuple(site for site in earlier.sites if site not in skip)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -137,10 +138,10 @@ def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
     tmp_path: Path,
 ) -> None:
     """`kill -9` of the run when 2 of 6 sites are done leaves no pipeline and no temporary
-    server; `doctor` names the dead run (exit 1); `run --retry-failed last` runs only the
-    other 4 (the slots the dead run held are given back, or it would wait for ever at
-    this cap), skips the 2 with their earlier outcome, and all 6 succeed, none twice.
-    Afterwards `doctor` finds nothing (exit 0)."""
+    server; `doctor` names the dead run and the 2 slots it held (exit 1), `doctor --fix`
+    marks it Crashed and gives them back (or the next run would wait for ever at this cap);
+    `run --retry-failed last` runs only the other 4, skips the 2 with their earlier outcome,
+    and all 6 succeed, none twice. Afterwards `doctor` finds nothing (exit 0)."""
     sites = ["ok-1", "ok-2", "slow-3", "slow-4", "slow-5", "slow-6"]
     config = write_config(tmp_path, sites, max_concurrent_sites=2)
     env = embedded_env(tmp_path / "home")
@@ -159,6 +160,9 @@ def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
     assert ": 2 (matches the config), 2 slot(s) in use" in doctor.stdout
     assert "is Running but its process" in doctor.stdout
     assert "would give back 2 of 2 slot(s)" in doctor.stdout
+    fixed = run_cli(["doctor", "--config", str(config), "--fix"], env, timeout=120)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "gave back 2 of 2 slot(s)" in fixed.stdout and "gone; Crashed" in fixed.stdout
 
     summary_path = tmp_path / "resumed.json"
     resumed = run_cli(
@@ -166,7 +170,9 @@ def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr[-3000:]
     assert f"skipped 2 (succeeded): {', '.join(done)}" in resumed.stdout
-    assert "running again 4: " in resumed.stdout
+    assert re.search(
+        r"running again 4: slow-3 \(.+\), slow-4 \(.+\), slow-5 \(.+\), slow-6", (resumed.stdout)
+    ), resumed.stdout
     summary = json.loads(summary_path.read_text())
     status = {s["site"]: s["status"] for s in summary["sites"]}
     assert status == {site: "skipped" if site in done else "succeeded" for site in sites}
