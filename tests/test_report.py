@@ -175,3 +175,35 @@ def test_count_progress_and_compact_lines() -> None:
     cut = compact_result({"text": "x" * 200}, width=20)
     assert len(cut) == 20 and cut.endswith("…") and cut.startswith('{"text":"xxx')
     assert compact_result({"n": 1}, width=7) == '{"n":1}'
+
+
+def test_the_edges_of_each_message() -> None:
+    """Defaults and edges: ten names by default, plural only above one, exactly at the
+    limit no "and more", an exit code 0 that failed is an exit code (not a signal), a
+    cut at 120 characters by default, values JSON can't encode shown as text."""
+    eleven = [SiteReport(f"s{n}", "failed", 1, 1, 0.0) for n in range(11)]
+    assert failure_message(eleven).endswith("s9, and 1 more")  # type: ignore[union-attr]
+    assert failure_message(eleven[:10]).endswith("s8, s9")  # type: ignore[union-attr]
+    warned = [SiteReport(f"w{n}", "succeeded", 1, 0, 0.0, check=CHECK_FAILED) for n in range(11)]
+    assert warning_message(warned[:2]) == (
+        "2 result check warnings: w0 (records = 3, below min 5), w1 (records = 3, below min 5)"
+    )
+    assert warning_message(warned).endswith("w9 (records = 3, below min 5), and 1 more")  # type: ignore[union-attr]
+    assert warning_message(warned[:10]).endswith("w9 (records = 3, below min 5)")  # type: ignore[union-attr]
+    assert failure_kind(SiteReport("z", "failed", 1, 0, 0.0)) == "exit code 0"
+    assert compact_result({"n": 1, "m": 2}) == '{"n":1,"m":2}'
+    assert compact_result({"when": {1, 2}}) == '{"when":"{1, 2}"}'
+    exactly = {"k": "x" * 112}  # 120 characters as JSON
+    assert compact_result(exactly) == '{"k":"' + "x" * 112 + '"}'
+    assert compact_result({"k": "x" * 113}).endswith("…")
+
+
+def test_the_markdown_and_the_plain_table_exactly() -> None:
+    """One failed site: the whole failures markdown; a row with no exit code and no error
+    has empty cells and no trailing spaces."""
+    assert failures_markdown([SiteReport("a", "failed", 2, None, 0.0, None)]) == (
+        "# Failed sites by kind\n\n## crashed (1)\n\n- `a` after 2 attempt(s): \n"
+    )
+    table = format_table(build_summary("id", [SiteReport("a", "cancelled", 0, None, 0.0)]))
+    assert table.splitlines()[1] == "a     cancelled  0               0.00"
+    assert not any(line.endswith(" ") for line in table.splitlines())
