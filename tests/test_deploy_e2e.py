@@ -87,7 +87,7 @@ def test_deployment_run_on_a_real_server_and_worker(server: str, tmp_path: Path)
     assert "created process work pool 'site-pool'" in setup.stdout
     again = sh([str(BIN / "site-pipeline"), "setup", "--config", str(config)], env)
     assert again.returncode == 0 and "created" not in again.stdout  # idempotent
-    assert again.stdout.count("unchanged") == 2
+    assert again.stdout.count("unchanged") == 3  # the pool, the limit, the heartbeat automation
 
     deploy = sh([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], env)
     assert deploy.returncode == 0, deploy.stdout + deploy.stderr
