@@ -45,3 +45,8 @@ def test_bad_arguments_are_refused() -> None:
         retry_delay("fixed", 1, 10, 0)
     with pytest.raises(ValueError, match="'random'"):
         retry_delay("random", 1, 10, 1)  # type: ignore[arg-type]
+
+
+def test_a_huge_retry_number_gives_the_cap_not_an_overflow() -> None:
+    """Retry 5000 of an exponential backoff: the cap, not 2**4999 (too big for a float)."""
+    assert retry_delay("exponential", 1.0, 300.0, 5000) == 300.0
