@@ -203,8 +203,6 @@ def run_attempt(
         if not timed_out:
             _drain(pipes, splitters, until=time.monotonic() + 0.5)
         pipes.close()
-        proc.stdout.close()
-        proc.stderr.close()
         for splitter in splitters.values():
             splitter.flush()
         logged.close()
@@ -252,13 +250,16 @@ class _Pipes(Protocol):
         """(pipe, data) read within `timeout` seconds; a pipe at its end is closed."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Stop reading and close both pipes (now, or once nothing blocks on them)."""
+        ...
 
 
 class _SelectorPipes:
     """POSIX: one `select` over both pipes, in the calling thread (no extra threads)."""
 
     def __init__(self, streams: Mapping[str, IO[bytes]]) -> None:
+        self._streams = list(streams.values())
         self._selector = selectors.DefaultSelector()
         for name, stream in streams.items():
             self._selector.register(stream, selectors.EVENT_READ, name)
@@ -278,6 +279,8 @@ class _SelectorPipes:
 
     def close(self) -> None:
         self._selector.close()
+        for stream in self._streams:
+            stream.close()
 
 
 class _ThreadPipes:
@@ -287,19 +290,31 @@ class _ThreadPipes:
         # Bounded: a pipeline that writes faster than we read waits (about 4 MB in flight).
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
         self._open = set(streams)
+        self._closed = threading.Event()
         for name, stream in streams.items():
             threading.Thread(
                 target=self._pump, args=(name, stream), name=f"pipe-{name}", daemon=True
             ).start()
 
     def _pump(self, name: str, stream: IO[bytes]) -> None:
-        data = b"x"
-        while data:
-            try:
-                data = stream.read1(65536)  # type: ignore[attr-defined]
-            except (OSError, ValueError):  # closed under us
-                data = b""
-            self._queue.put((name, data))
+        """Read `stream` to its end, then close it. Only this thread closes it: closing a
+        buffered pipe while another thread reads it waits for that read, which lasts as
+        long as a process that escaped the stop holds the pipe."""
+        try:
+            data = b"x"
+            while data:
+                try:
+                    data = stream.read1(65536)  # type: ignore[attr-defined]
+                except (OSError, ValueError):
+                    data = b""
+                while not self._closed.is_set():  # once closed, what comes is dropped
+                    try:
+                        self._queue.put((name, data), timeout=_POLL_SECONDS)
+                        break
+                    except queue.Full:
+                        continue
+        finally:
+            stream.close()
 
     def open(self) -> bool:
         return bool(self._open)
@@ -320,7 +335,7 @@ class _ThreadPipes:
         return [(name, data) for name, data in items if data]
 
     def close(self) -> None:
-        pass  # each thread ends at its pipe's end
+        self._closed.set()  # each thread closes its pipe at the pipe's end
 
 
 READER: Literal["select", "threads"] = "threads" if sys.platform == "win32" else "select"

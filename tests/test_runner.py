@@ -103,11 +103,15 @@ def test_timeout_kills_the_pipeline_and_its_grandchild(tmp_path: Path, site: str
 
 
 def test_background_grandchild_is_stopped_after_a_normal_exit(tmp_path: Path) -> None:
-    """A pipeline that exits 0 but leaves a background process behind gets it cleaned up."""
+    """A pipeline that exits 0 but leaves a background process behind gets it cleaned up.
+    (It runs on for a second after starting it: the tree backends see a child at their next
+    watch, every 0.2 s; one started and orphaned faster is the documented escape, tested
+    below.)"""
     script = (
-        "import subprocess, sys; "
+        "import subprocess, sys, time; "
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)']); "
-        f"open({str(tmp_path / 'bg.pid')!r}, 'w').write(str(p.pid)); print('done')"
+        f"open({str(tmp_path / 'bg.pid')!r}, 'w').write(str(p.pid)); time.sleep(1); "
+        "print('done')"
     )
     outcome = run_attempt(
         [sys.executable, "-c", script],
@@ -220,19 +224,15 @@ def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path, backend: 
         "import os, sys, time; sys.path.insert(0, sys.argv[1]); from flows import runner; "
         "from flows.process_control import control_for; "
         "runner.READER = 'threads' if sys.argv[2] == 'tree-threads' else runner.READER; "
-        "runner.run_attempt(sys.argv[3:], cwd='.', env=os.environ, timeout=600, kill_grace=1, "
-        "log=print, control=control_for(sys.argv[2].split('-')[0]))"
+        "runner.run_attempt(sys.argv[4:], cwd=sys.argv[3], env=os.environ, timeout=600, "
+        "kill_grace=1, log=print, control=control_for(sys.argv[2].split('-')[0]))"
     )
+    project = Path(__file__).resolve().parent.parent
     parent = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(Path(__file__).resolve().parent.parent),
-            backend,
-            *fake("hang.com"),
-        ],
-        cwd=tmp_path,
+        [sys.executable, "-c", code, str(project), backend, str(tmp_path), *fake("hang.com")],
+        # The parent runs in the project folder (under mutmut, its mutated copy, whose
+        # pyproject.toml mutmut's trampoline reads); the pipeline runs in tmp_path.
+        cwd=project,
         env=env_for(tmp_path),
     )
     pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
@@ -298,6 +298,48 @@ def test_a_pipeline_that_closes_stdout_and_stderr_is_still_timed_out(tmp_path: P
     )
     assert outcome.status == "timed_out"
     assert 1.4 < time.monotonic() - started < 15
+
+
+def test_a_process_that_escapes_and_holds_the_pipes_does_not_hang_the_attempt(
+    tmp_path: Path,
+) -> None:
+    """A pipeline that forks a child into a session of its own and exits at once: no watch
+    can see the child (flows.proctree says so), and it keeps stdout and stderr open, silent.
+    The attempt still ends, with the pipeline's own status, within a few seconds (closing a
+    pipe that a reader thread is blocked on used to wait for the child: forever)."""
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    pid_file = tmp_path / "escaped.pid"
+    script = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(60)\n"
+        "    os._exit(0)\n"
+        "print('pipeline done', flush=True)\n"
+        "os._exit(0)\n"
+    )
+    started = time.monotonic()
+    try:
+        outcome = run_attempt(
+            [sys.executable, "-c", script],
+            cwd=tmp_path,
+            env=os.environ,
+            timeout=60,
+            kill_grace=0.5,
+            log=lambda _: None,
+        )
+        assert time.monotonic() - started < 20
+        assert outcome.status == "succeeded"
+    finally:
+        deadline = time.monotonic() + 10
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        escaped = int(pid_file.read_text())
+        if alive(escaped):
+            os.kill(escaped, 9)
+        assert wait_until_gone([escaped], timeout=10) == []
 
 
 @pytest.mark.slow  # about 20 s per backend
