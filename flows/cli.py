@@ -18,6 +18,7 @@ from flows.config import (
     ConfigError,
     RunPlan,
     build_argv,
+    check_sites,
     load_plan,
     read_sites_file,
     site_output_dir,
@@ -36,6 +37,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _given(text: str) -> str:
+    """A path, name or id: an empty value is a mistake (a variable that was not set), never
+    "use the default"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a non-empty value")
+    return text
+
+
+def _deployment(text: str) -> str:
+    """FLOW/NAME, as `prefect deployment run` takes it."""
+    flow, slash, name = _given(text).partition("/")
+    if not (slash and flow.strip() and name.strip()):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FLOW/NAME, e.g. site-pipeline/adhoc")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="site-pipeline",
@@ -47,21 +64,29 @@ def _parser() -> argparse.ArgumentParser:
     def with_config(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
         sub.add_argument(
             "--config",
+            type=_given,
             metavar="PATH",
             help="config file (default: $SITE_PIPELINE_CONFIG, then ./config.yaml)",
         )
         return sub
 
     run = with_config(commands.add_parser("run", help="run the flow on the configured Prefect API"))
-    run.add_argument("--site", action="append", metavar="SITE", help="run this site (repeatable)")
-    run.add_argument("--sites-file", metavar="FILE", help="one site per line, '#' comments")
+    run.add_argument(
+        "--site", action="append", type=_given, metavar="SITE", help="run this site (repeatable)"
+    )
+    run.add_argument(
+        "--sites-file", type=_given, metavar="FILE", help="one site per line, '#' comments"
+    )
     run.add_argument("--max-concurrent", type=_positive_int, metavar="N", help="override the cap")
     run.add_argument("--sequential", action="store_true", help="one site at a time, in order")
-    run.add_argument("--summary-json", metavar="PATH", help="write the summary JSON here")
+    run.add_argument(
+        "--summary-json", type=_given, metavar="PATH", help="write the summary JSON here"
+    )
     run.add_argument(
         "--retry-failed",
         nargs="?",
         const="last",
+        type=_given,
         metavar="FLOW_RUN_ID",
         help="run again the sites that did not succeed in that flow run (default: last), "
         "with its config and overrides; the others are listed as skipped",
@@ -81,7 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     setup = with_config(
         commands.add_parser("setup", help="create or update the work pool and concurrency limit")
     )
-    setup.add_argument("--pool", default="site-pool", help="process work pool (default: site-pool)")
+    setup.add_argument(
+        "--pool",
+        type=_given,
+        default="site-pool",
+        help="process work pool (default: site-pool)",
+    )
     setup.add_argument(
         "--heartbeat-grace",
         type=_positive_int,
@@ -96,10 +126,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     submit.add_argument(
         "--deployment",
+        type=_deployment,
         metavar="FLOW/NAME",
         help="default: site-pipeline/adhoc, or with --retry-failed the deployment of that run",
     )
-    submit.add_argument("--site", action="append", metavar="SITE", help="the sites (repeatable)")
+    submit.add_argument(
+        "--site", action="append", type=_given, metavar="SITE", help="the sites (repeatable)"
+    )
     submit.add_argument(
         "--max-concurrent", type=_positive_int, metavar="N", help="override the cap"
     )
@@ -115,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
         "--retry-failed",
         nargs="?",
         const="last",
+        type=_given,
         metavar="FLOW_RUN_ID",
         help="run again, through the deployment, the sites that did not succeed in that flow "
         "run (default: last)",
@@ -123,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     doctor = commands.add_parser(
         "doctor", help="check the API, the limit, and runs or slots left behind by dead processes"
     )
-    doctor.add_argument("--config", metavar="PATH", help="config file (as for run)")
+    doctor.add_argument("--config", type=_given, metavar="PATH", help="config file (as for run)")
     doctor.add_argument(
         "--fix", action="store_true", help="mark those runs Crashed and free their slots"
     )
@@ -132,8 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     history.add_argument(
         "--limit", type=_positive_int, default=10, metavar="N", help="runs to show"
     )
-    history.add_argument("--site", metavar="SITE", help="only this site")
+    history.add_argument("--site", type=_given, metavar="SITE", help="only this site")
     history.add_argument("--json", action="store_true", help="print JSON for scripts")
+    # No abbreviations: `--sites x` must not quietly mean `--sites-file x`, and a script's
+    # abbreviation must not change meaning when an option is added.
+    for sub in (parser, *commands.choices.values()):
+        sub.allow_abbrev = False
     return parser
 
 
@@ -148,6 +186,8 @@ def _plan(args: argparse.Namespace) -> RunPlan:
     sites_file = getattr(args, "sites_file", None)
     if sites and sites_file:
         _fail("--site and --sites-file: expected one or the other, not both")
+    if sites:
+        check_sites(sites, "--site")  # named as the user typed it, not as the flow parameter
     if sites_file:
         sites = read_sites_file(Path(sites_file).absolute())
     return load_plan(
@@ -222,7 +262,6 @@ def _run(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = 
     from prefect.settings import get_current_settings
     from rich.console import Console
 
-    from flows import admin
     from flows.api import PipelineRunError, run_pipeline_summary
     from flows.console import Verbosity, run_console, summary_table
     from flows.interrupts import StopRequest, exit_status, on_signals
@@ -248,11 +287,7 @@ def _run(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = 
                 "and `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
                 file=sys.stderr,
             )
-        try:
-            admin.check_reachable()
-            admin.start_temporary_server()
-        except admin.ApiUnreachable as exc:
-            print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        if _connect() is None:
             return EXIT_FAILED
         verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
         outcome: list[Any] = []
@@ -324,12 +359,9 @@ def _history(args: argparse.Namespace) -> int:
         problem = site_problem(args.site)
         if problem:
             _fail(f"--site {args.site!r}: {problem}")
-    try:
-        admin.check_reachable()
-        data = admin.history(limit=args.limit, site=args.site)
-    except admin.ApiUnreachable as exc:
-        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+    if _connect() is None:
         return EXIT_FAILED
+    data = admin.history(limit=args.limit, site=args.site)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -356,7 +388,6 @@ def deployment_parameters(
     """
     import inspect
 
-    from flows.config import check_sites
     from flows.site_pipeline import run_sites
 
     known = list(inspect.signature(run_sites.fn).parameters)
@@ -407,10 +438,7 @@ def _submit(args: argparse.Namespace) -> int:
         params = deployment_parameters(args.param, args.site, args.max_concurrent)
     except ConfigError as exc:
         _fail(str(exc))
-    try:
-        admin.check_reachable()
-    except admin.ApiUnreachable as exc:
-        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+    if _connect() is None:
         return EXIT_FAILED
     if args.retry_failed:
         from flows.resume import choose
@@ -461,14 +489,13 @@ def _submit(args: argparse.Namespace) -> int:
 def _setup(args: argparse.Namespace, plan: RunPlan) -> int:
     from flows import admin
 
+    target = _connect()
+    if target is None:
+        return EXIT_FAILED
+    print(f"Prefect API: {target}")
     try:
-        target = admin.check_reachable()
-        print(f"Prefect API: {target}")
         for change in admin.setup(plan, pool=args.pool, heartbeat_grace=args.heartbeat_grace):
             print(change)
-    except admin.ApiUnreachable as exc:
-        print(f"site-pipeline: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
     except (ConfigError, ValueError) as exc:
         _fail(str(exc))
     return EXIT_OK
@@ -507,12 +534,9 @@ def _retry(args: argparse.Namespace) -> int:
             "--retry-failed and --site/--sites-file: expected one or the other; "
             "--retry-failed takes the sites of the run it resumes"
         )
-    from flows import admin
-
     try:
-        if not _reachable():
+        if _connect() is None:
             return EXIT_FAILED
-        admin.start_temporary_server()  # tied to this process before anything else
         plan, skip = _retry_plan(args)
         return _run(args, plan, skip)
     except KeyboardInterrupt:
@@ -529,27 +553,30 @@ def _doctor(args: argparse.Namespace) -> int:
             plan = load_plan(args.config)
         except ConfigError as exc:
             _fail(str(exc))
-    try:
-        print(f"Prefect API: {admin.check_reachable()}")
-        admin.start_temporary_server()
-        lines, healthy = admin.doctor(plan, fix=args.fix)
-    except admin.ApiUnreachable as exc:
-        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+    target = _connect()
+    if target is None:
         return EXIT_FAILED
+    print(f"Prefect API: {target}")
+    lines, healthy = admin.doctor(plan, fix=args.fix)
     for line in lines:
         print(line)
     return EXIT_OK if healthy else EXIT_FAILED
 
 
-def _reachable() -> bool:
+def _connect() -> str | None:
+    """Every command that uses the API starts here: check that it answers, and on the
+    embedded default start the temporary server now, tied to this process (the reaper), so
+    it ends with us however we end; left to Prefect, it would outlive a process killed by a
+    signal or a broken pipe. The API's description, or None once the reason is printed."""
     from flows import admin
 
     try:
-        admin.check_reachable()
+        target = admin.check_reachable()
+        admin.start_temporary_server()
     except admin.ApiUnreachable as exc:
         print(f"site-pipeline: error: {exc}", file=sys.stderr)
-        return False
-    return True
+        return None
+    return target
 
 
 if __name__ == "__main__":

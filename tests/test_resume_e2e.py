@@ -70,6 +70,13 @@ def completed_sites_when(proc: subprocess.Popen[str], count: int) -> list[str]:
     raise AssertionError(f"fewer than {count} sites completed in 120 s")
 
 
+def cmdline(pid: int) -> list[str]:
+    try:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
+        return []
+
+
 def descendants(pid: int) -> list[int]:
     return [child.pid for child in psutil.Process(pid).children(recursive=True)]
 
@@ -132,6 +139,26 @@ def test_sigterm_on_the_embedded_default_leaves_no_temporary_server(tmp_path: Pa
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 143, err[-3000:]
     assert wait_until_gone(pids + ours, timeout=30) == []
+
+
+@pytest.mark.parametrize("command", ["history", "submit", "setup", "doctor"])
+def test_a_killed_command_leaves_no_temporary_server(tmp_path: Path, command: str) -> None:
+    """Every command that uses the API ties the embedded default's temporary server to its
+    process: SIGKILLed as soon as that server exists, it leaves none behind. (Left to
+    Prefect, the server outlived `submit | head -1`: its atexit never ran.)"""
+    config = write_config(tmp_path, ["ok-a"])
+    args = {"setup": ["--config", str(config)], "doctor": ["--config", str(config)]}
+    proc = start_cli([command, *args.get(command, [])], embedded_env(tmp_path / "home"))
+    deadline, servers = time.monotonic() + 60, []
+    while not servers and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        servers = [pid for pid in descendants(proc.pid) if "uvicorn" in cmdline(pid)]
+        time.sleep(0.02)
+    assert servers, f"{command} started no temporary server in 60 s"
+    time.sleep(0.3)  # tied to us within 50 ms of existing (flows.admin.start_temporary_server)
+    proc.kill()
+    proc.wait()  # not communicate(): a server left behind would hold its pipes open
+    assert wait_until_gone(servers, timeout=30) == []
 
 
 def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
