@@ -173,7 +173,8 @@ def test_retry_delay_does_not_hold_the_slot(tmp_path: Path) -> None:
 
 def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
     """The summary has the documented shape; the UI has one task run per site, named after it,
-    tagged, with the artifacts and the stderr line in the failing site's logs."""
+    tagged, with the artifacts (the failures grouped by kind, progress at 100 %) and the
+    stderr line in the failing site's logs."""
     config = write_config(tmp_path, ["ok-a.com", "fail-b"], retry_count=1)
     state, summary = run(config)
     assert set(summary) == {"flow_run_id", "state", "counts", "sites"}
@@ -241,8 +242,35 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
         assert kinds.get("site-pipeline-summary") == "table"
         assert kinds.get("site-pipeline-failures") == "markdown"
         assert kinds.get("site-pipeline-progress") == "progress"
+        # What the UI shows: the failing site under its kind, and progress at 100 % at the end
+        failures = next(a for a in artifacts if a.key == "site-pipeline-failures")
+        assert failures.data == (
+            "# Failed sites by kind\n\n## exit code 1 (1)\n\n"
+            "- `fail-b` after 1 attempt(s): fail-b: boom on attempt 1\n"
+        )
+        progress = next(a for a in artifacts if a.key == "site-pipeline-progress")
+        assert progress.data == 100.0
         limit = client.read_global_concurrency_limit_by_name(f"test-{tmp_path.name}"[:60])
         assert limit.limit == 5 and limit.active_slots == 0  # every slot given back
+
+
+def test_progress_and_error_aggregation_off_make_no_such_artifacts(tmp_path: Path) -> None:
+    """async_settings.progress_reporting and error_aggregation reach the flow: off, a run with
+    a failure makes the summary table only (no progress bar, no failures by kind)."""
+    config = write_config(
+        tmp_path,
+        ["ok-a", "fail-b"],
+        async_settings={"progress_reporting": False, "error_aggregation": False},
+    )
+    _, summary = run(config)
+    assert summary["counts"]["failed"] == 1
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(summary["flow_run_id"])])
+            )
+        )
+    assert sorted(artifact.key for artifact in artifacts) == ["site-pipeline-summary"]
 
 
 def test_loud_site_logs_are_bounded_in_the_api(tmp_path: Path) -> None:
