@@ -379,10 +379,15 @@ def start_temporary_server() -> str | None:
     return server.api_url
 
 
-def mark_crashed(flow_run_id: str, message: str) -> None:
+def mark_crashed(
+    flow_run_id: str | UUID, message: str, client: SyncPrefectClient | None = None
+) -> None:
     """Set a flow run left Running by a dead process to Crashed (forced: it is over)."""
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(UUID(flow_run_id), Crashed(message=message), force=True)
+    if client is None:
+        with get_client(sync_client=True) as own:
+            mark_crashed(flow_run_id, message, own)
+        return
+    client.set_flow_run_state(UUID(str(flow_run_id)), Crashed(message=message), force=True)
 
 
 def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
@@ -438,10 +443,8 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
                 found += 1
                 pid = run.labels.get("site-pipeline.pid")
                 if fix:
-                    client.set_flow_run_state(
-                        run.id,
-                        Crashed(message=f"its process ({pid} on {where}) is gone (doctor --fix)"),
-                        force=True,
+                    mark_crashed(
+                        run.id, f"its process ({pid} on {where}) is gone (doctor --fix)", client
                     )
                     lines.append(f"flow run {run.name} ({run.id}): process {pid} gone; Crashed")
                 else:

@@ -23,6 +23,7 @@ from flows.config import (
     read_sites_file,
     site_output_dir,
 )
+from flows.resume import EarlierRun, RetryChoice, choose
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -220,17 +221,7 @@ def _retry_plan(args: argparse.Namespace) -> tuple[RunPlan, dict[str, str]]:
     """The plan and the `skip` of `run --retry-failed REF`: the earlier run's sites, config
     and overrides (a flag given now wins). Exits 2 when REF names no run, or one that may
     still be running."""
-    from flows import admin
-    from flows.resume import choose
-
-    try:
-        earlier = admin.earlier_run(args.retry_failed)
-        choice = choose(earlier)
-    except ConfigError as exc:
-        _fail(str(exc))
-    if not earlier.final:
-        admin.mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
-        print(f"flow run {earlier.name} was {earlier.state} with its process gone: now Crashed")
+    earlier, choice = _earlier_run(args.retry_failed)
     params = earlier.parameters
     config_path = args.config or params.get("config_path")
     cap = args.max_concurrent or params.get("max_concurrent_sites")
@@ -244,10 +235,31 @@ def _retry_plan(args: argparse.Namespace) -> tuple[RunPlan, dict[str, str]]:
         )
     except ConfigError as exc:
         _fail(str(exc))
+    _announce_resume(earlier, choice)
+    return plan, choice.skip
+
+
+def _earlier_run(ref: str) -> tuple[EarlierRun, RetryChoice]:
+    """The flow run `--retry-failed REF` names, and which of its sites to run again. Exits 2
+    when REF names no run, or one that may still be running; a run left unfinished by a dead
+    process is marked Crashed first (it is over), and the user is told."""
+    from flows import admin
+
+    try:
+        earlier = admin.earlier_run(ref)
+        choice = choose(earlier)
+    except ConfigError as exc:
+        _fail(str(exc))
+    if not earlier.final:
+        admin.mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
+        print(f"flow run {earlier.name} was {earlier.state} with its process gone: now Crashed")
+    return earlier, choice
+
+
+def _announce_resume(earlier: EarlierRun, choice: RetryChoice) -> None:
     print(f"resuming flow run {earlier.name} ({earlier.id}, {earlier.state}):")
     print(f"  running again {len(choice.rerun)}: " + _named(choice.rerun, choice.why))
     print(f"  skipped {len(choice.skip)} (succeeded): " + _named(tuple(choice.skip), {}))
-    return plan, choice.skip
 
 
 def _named(sites: Sequence[str], why: dict[str, str], shown: int = 10) -> str:
@@ -430,7 +442,6 @@ def deployment_parameters(
 
 
 def _submit(args: argparse.Namespace) -> int:
-    from flows import admin
 
     if args.retry_failed and args.site:
         _fail("--retry-failed and --site: expected one or the other")
@@ -441,18 +452,10 @@ def _submit(args: argparse.Namespace) -> int:
     if _connect() is None:
         return EXIT_FAILED
     if args.retry_failed:
-        from flows.resume import choose
-
-        try:
-            earlier = admin.earlier_run(args.retry_failed)
-            choice = choose(earlier)
-        except ConfigError as exc:
-            _fail(str(exc))
+        earlier, choice = _earlier_run(args.retry_failed)
         if not choice.rerun:
             print(f"nothing to retry: every site succeeded in flow run {earlier.name}")
             return EXIT_OK
-        if not earlier.final:
-            admin.mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
         inherited = {
             key: value
             for key, value in earlier.parameters.items()
@@ -460,9 +463,7 @@ def _submit(args: argparse.Namespace) -> int:
         }
         params = {**inherited, **params, "sites": list(earlier.sites), "skip": choice.skip}
         args.deployment = args.deployment or earlier.deployment
-        print(f"resuming flow run {earlier.name} ({earlier.id}, {earlier.state}):")
-        print(f"  running again {len(choice.rerun)}: " + _named(choice.rerun, choice.why))
-        print(f"  skipped {len(choice.skip)} (succeeded): " + _named(tuple(choice.skip), {}))
+        _announce_resume(earlier, choice)
     args.deployment = args.deployment or "site-pipeline/adhoc"
     from prefect.client.schemas.objects import FlowRun
     from prefect.deployments import run_deployment
