@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 _REAPER_SCRIPT = Path(__file__).with_name("_reaper.py")
 
@@ -142,18 +143,27 @@ def spawn(
     program cannot be started.
     """
     ensure_supported()
-    proc = subprocess.Popen(
+    proc = popen_pipeline(argv, cwd, env, start_new_session=True)
+    _registry.add(proc.pid, owner)
+    return proc
+
+
+def popen_pipeline(
+    argv: Sequence[str], cwd: str | os.PathLike[str], env: Mapping[str, str], **how: Any
+) -> subprocess.Popen[bytes]:
+    """Start `argv` as every backend starts a pipeline: never through a shell, stdin
+    /dev/null, stdout and stderr pipes, no other descriptor inherited. `how` adds the
+    backend's own (a new session; a new Windows process group). Raises OSError."""
+    return subprocess.Popen(
         list(argv),
         cwd=cwd,
         env=dict(env),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        start_new_session=True,
         close_fds=True,
+        **how,
     )
-    _registry.add(proc.pid, owner)
-    return proc
 
 
 def _linux_group_has_live_member(pgid: int) -> bool:

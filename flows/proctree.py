@@ -172,16 +172,7 @@ def spawn(
     owner: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start `argv` (never through a shell) and track its tree. Raises OSError."""
-    proc = subprocess.Popen(
-        list(argv),
-        cwd=cwd,
-        env=dict(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        close_fds=True,
-        creationflags=_CREATION_FLAGS,
-    )
+    proc = procgroup.popen_pipeline(argv, cwd, env, creationflags=_CREATION_FLAGS)
     track(proc, owner)
     return proc
 
