@@ -7,12 +7,14 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from flows import process_control, procgroup, runner
-from flows.runner import MAX_LINE_BYTES, BoundedLog, run_attempt
+from flows.runner import MAX_LINE_BYTES, AttemptOutcome, BoundedLog, run_attempt
 from tests.conftest import FAKE
 from tests.processes import alive, hanging_pids, wait_until_gone
 
@@ -35,17 +37,32 @@ def env_for(tmp_path: Path, **extra: str) -> dict[str, str]:
     return {**os.environ, "FAKE_PIDS_DIR": str(tmp_path), **extra}
 
 
+def attempt(
+    argv: list[str],
+    tmp_path: Path,
+    *,
+    timeout: float = 30,
+    kill_grace: float = 1,
+    env: Mapping[str, str] | None = None,
+    log: Callable[[str], None] = lambda _: None,
+    **more: Any,
+) -> AttemptOutcome:
+    """run_attempt in `tmp_path`, with the fake pipeline's environment; output not kept."""
+    return run_attempt(
+        argv,
+        cwd=tmp_path,
+        env=env_for(tmp_path) if env is None else env,
+        timeout=timeout,
+        kill_grace=kill_grace,
+        log=log,
+        **more,
+    )
+
+
 def test_success_captures_the_json_result_line(tmp_path: Path) -> None:
     """Exit 0 is success, and a JSON object on the last stdout line becomes the result."""
     lines: list[str] = []
-    outcome = run_attempt(
-        fake("ok.com"),
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        timeout=30,
-        kill_grace=1,
-        log=lines.append,
-    )
+    outcome = attempt(fake("ok.com"), tmp_path, log=lines.append)
     assert outcome.status == "succeeded" and outcome.exit_code == 0
     assert outcome.result is not None and outcome.result["site"] == "ok.com"
     assert any('"site": "ok.com"' in line for line in lines)
@@ -53,14 +70,7 @@ def test_success_captures_the_json_result_line(tmp_path: Path) -> None:
 
 def test_failure_keeps_the_stderr_tail(tmp_path: Path) -> None:
     """A non-zero exit is a failure with its exit code and its stderr lines."""
-    outcome = run_attempt(
-        fake("fail.com", 2),
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        timeout=30,
-        kill_grace=1,
-        log=lambda _: None,
-    )
+    outcome = attempt(fake("fail.com", 2), tmp_path)
     assert outcome.status == "failed" and outcome.exit_code == 1
     assert outcome.stderr_tail == ["fail.com: boom on attempt 2"]
     assert outcome.result is None
@@ -68,14 +78,7 @@ def test_failure_keeps_the_stderr_tail(tmp_path: Path) -> None:
 
 def test_a_program_that_cannot_start_is_reported_not_raised(tmp_path: Path) -> None:
     """A missing executable gives status not_started and a clear error."""
-    outcome = run_attempt(
-        [str(tmp_path / "no-such-program")],
-        cwd=tmp_path,
-        env=os.environ,
-        timeout=5,
-        kill_grace=1,
-        log=lambda _: None,
-    )
+    outcome = attempt([str(tmp_path / "no-such-program")], tmp_path, timeout=5)
     assert outcome.status == "not_started"
     assert outcome.error is not None and "could not start" in outcome.error
 
@@ -84,14 +87,7 @@ def test_a_program_that_cannot_start_is_reported_not_raised(tmp_path: Path) -> N
 def test_timeout_kills_the_pipeline_and_its_grandchild(tmp_path: Path, site: str) -> None:
     """On timeout the whole group is stopped (SIGKILL if SIGTERM is ignored): no process remains."""
     started = time.monotonic()
-    outcome = run_attempt(
-        fake(site),
-        cwd=tmp_path,
-        env=env_for(tmp_path),
-        timeout=1.5,
-        kill_grace=0.5,
-        log=lambda _: None,
-    )
+    outcome = attempt(fake(site), tmp_path, timeout=1.5, kill_grace=0.5)
     elapsed = time.monotonic() - started
     pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
     assert outcome.status == "timed_out"
@@ -113,14 +109,7 @@ def test_background_grandchild_is_stopped_after_a_normal_exit(tmp_path: Path) ->
         f"open({str(tmp_path / 'bg.pid')!r}, 'w').write(str(p.pid)); time.sleep(1); "
         "print('done')"
     )
-    outcome = run_attempt(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=os.environ,
-        timeout=30,
-        kill_grace=1,
-        log=lambda _: None,
-    )
+    outcome = attempt([sys.executable, "-c", script], tmp_path)
     assert outcome.status == "succeeded"
     assert not alive(int((tmp_path / "bg.pid").read_text()))
 
@@ -129,12 +118,11 @@ def test_20mb_of_output_is_bounded_in_logs_and_memory(tmp_path: Path) -> None:
     """20 MB of output: the attempt succeeds, logs stay about 2N lines, memory stays small."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     lines: list[str] = []
-    outcome = run_attempt(
+    outcome = attempt(
         fake("loud.com"),
-        cwd=tmp_path,
+        tmp_path,
         env=env_for(tmp_path, FAKE_LOUD_MB="20"),
         timeout=120,
-        kill_grace=1,
         log=lines.append,
         max_log_lines=50,
     )
@@ -151,14 +139,7 @@ def test_overlong_lines_are_cut(tmp_path: Path) -> None:
     """A single 1 MB line is logged cut to MAX_LINE_BYTES, and the next line still arrives."""
     script = "import sys; sys.stdout.write('y' * 1_000_000 + '\\nafter\\n')"
     lines: list[str] = []
-    outcome = run_attempt(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=os.environ,
-        timeout=30,
-        kill_grace=1,
-        log=lines.append,
-    )
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=lines.append)
     assert outcome.status == "succeeded"
     assert lines[0].endswith("[line cut]") and len(lines[0]) < MAX_LINE_BYTES + 20
     assert lines[1] == "after"
@@ -191,14 +172,7 @@ def test_interrupting_the_wait_stops_the_group(tmp_path: Path) -> None:
 
     def target() -> None:
         try:
-            run_attempt(
-                fake("hang.com"),
-                cwd=tmp_path,
-                env=env_for(tmp_path),
-                timeout=600,
-                kill_grace=0.5,
-                log=lambda _: None,
-            )
+            attempt(fake("hang.com"), tmp_path, timeout=600, kill_grace=0.5)
         except BaseException as exc:
             errors.append(exc)
 
@@ -270,14 +244,7 @@ def test_a_setsid_daemon_that_ignores_sigterm_is_stopped_too(tmp_path: Path) -> 
         f"p = subprocess.Popen([sys.executable, '-c', {daemon!r}], start_new_session=True); "
         f"open({str(tmp_path / 'daemon.pid')!r}, 'w').write(str(p.pid)); time.sleep(1000)"
     )
-    outcome = run_attempt(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=os.environ,
-        timeout=2,
-        kill_grace=0.5,
-        log=lambda _: None,
-    )
+    outcome = attempt([sys.executable, "-c", script], tmp_path, timeout=2, kill_grace=0.5)
     daemon_pid = int((tmp_path / "daemon.pid").read_text())
     assert outcome.status == "timed_out"
     assert wait_until_gone([daemon_pid], timeout=10) == []
@@ -288,14 +255,7 @@ def test_a_pipeline_that_closes_stdout_and_stderr_is_still_timed_out(tmp_path: P
     the timeout like any other."""
     script = "import os, time; os.close(1); os.close(2); time.sleep(1000)"
     started = time.monotonic()
-    outcome = run_attempt(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=os.environ,
-        timeout=1.5,
-        kill_grace=0.5,
-        log=lambda _: None,
-    )
+    outcome = attempt([sys.executable, "-c", script], tmp_path, timeout=1.5, kill_grace=0.5)
     assert outcome.status == "timed_out"
     assert 1.4 < time.monotonic() - started < 15
 
@@ -322,14 +282,7 @@ def test_a_process_that_escapes_and_holds_the_pipes_does_not_hang_the_attempt(
     )
     started = time.monotonic()
     try:
-        outcome = run_attempt(
-            [sys.executable, "-c", script],
-            cwd=tmp_path,
-            env=os.environ,
-            timeout=60,
-            kill_grace=0.5,
-            log=lambda _: None,
-        )
+        outcome = attempt([sys.executable, "-c", script], tmp_path, timeout=60, kill_grace=0.5)
         assert time.monotonic() - started < 20
         assert outcome.status == "succeeded"
     finally:
@@ -354,14 +307,7 @@ def test_a_gigabyte_without_a_newline_is_cut_and_memory_stays_bounded(tmp_path: 
     )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     lines: list[str] = []
-    outcome = run_attempt(
-        [sys.executable, "-c", script],
-        cwd=tmp_path,
-        env=os.environ,
-        timeout=300,
-        kill_grace=1,
-        log=lines.append,
-    )
+    outcome = attempt([sys.executable, "-c", script], tmp_path, timeout=300, log=lines.append)
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert outcome.status == "succeeded", outcome.error
     assert lines[0].endswith("[line cut]") and len(lines[0]) < MAX_LINE_BYTES + 20
