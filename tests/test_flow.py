@@ -46,7 +46,9 @@ def starts(rows: list[tuple[str, str, float]], name: str) -> list[float]:
 
 
 def test_flaky_site_succeeds_on_attempt_2_and_others_are_isolated(tmp_path: Path) -> None:
-    """A flaky site retries once and succeeds; an always-failing site doesn't stop the others."""
+    """A flaky site retries once and succeeds; an always-failing site doesn't stop the others.
+    Prefect's task runs record the retries and delays the config gave (2 retries, 0.1 s and
+    0.2 s) and the attempts each made."""
     config = write_config(tmp_path, ["flaky-a", "fail-b", "ok-c"], retry_count=3, retry_delay=0.1)
     state, summary = run(config)
     assert site(summary, "flaky-a")["status"] == "succeeded"
@@ -57,6 +59,16 @@ def test_flaky_site_succeeds_on_attempt_2_and_others_are_isolated(tmp_path: Path
     assert len(starts(read_timeline(tmp_path), "fail-b")) == 3  # exactly retry_count processes
     assert state.is_failed()
     assert state.message == "1 of 3 sites failed: fail-b"
+    # What Prefect recorded for each task run: the retries and delays it was given
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(summary["flow_run_id"])]))
+        )
+    assert sorted(run.name for run in task_runs) == ["fail-b", "flaky-a", "ok-c"]
+    for task_run in task_runs:
+        assert task_run.empirical_policy.retries == 2
+        assert task_run.empirical_policy.retry_delay == [0.1, 0.2]
+        assert task_run.run_count == {"flaky-a": 2, "fail-b": 3, "ok-c": 1}[task_run.name]
 
 
 def test_non_retryable_exit_code_runs_once(tmp_path: Path) -> None:
