@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from flows import process_control, procgroup, runner
@@ -313,3 +315,155 @@ def test_a_gigabyte_without_a_newline_is_cut_and_memory_stays_bounded(tmp_path: 
     assert lines[0].endswith("[line cut]") and len(lines[0]) < MAX_LINE_BYTES + 20
     assert outcome.result == {"records": 7}
     assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
+
+
+# -- Details a mutation test found unobserved (issue 12) --------------------------------------
+
+
+def test_output_that_comes_over_time_is_all_logged_in_order(tmp_path: Path) -> None:
+    """Lines printed a while apart, on both pipes, are all logged in order: a pipe is at its
+    end only when it says so, not after its first chunk."""
+    script = (
+        "import sys, time\n"
+        "for n in range(3):\n"
+        "    print(f'out {n}', flush=True); time.sleep(0.3)\n"
+        "    print(f'err {n}', file=sys.stderr, flush=True); time.sleep(0.3)\n"
+        "print('{\"done\": true}', flush=True)\n"
+    )
+    lines: list[str] = []
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=lines.append)
+    assert lines == [
+        "out 0",
+        "[stderr] err 0",
+        "out 1",
+        "[stderr] err 1",
+        "out 2",
+        "[stderr] err 2",
+        '{"done": true}',
+    ]
+    assert outcome.result == {"done": True}
+    assert outcome.stderr_tail == ["err 0", "err 1", "err 2"]
+
+
+def test_a_reader_that_stalls_loses_no_output(tmp_path: Path) -> None:
+    """While we are slow to take lines (the first log call takes a second), the pipeline's
+    small writes pile up in the pipe and the reader's queue; none is dropped."""
+    script = (
+        "import time\n"
+        "for n in range(600):\n"
+        "    print(n, flush=True); time.sleep(0.001)\n"
+        "print('{\"last\": 599}', flush=True)\n"
+    )
+    calls: list[str] = []
+
+    def log(line: str) -> None:
+        calls.append(line)
+        if len(calls) == 1:
+            time.sleep(1)
+
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=log)
+    assert outcome.status == "succeeded"
+    assert outcome.lines_total == 601
+    assert outcome.result == {"last": 599}
+
+
+def test_stop_all_stops_only_that_owners_pipelines_and_each_once(
+    tmp_path: Path, backend: str
+) -> None:
+    """`stop_all(owner=...)` (a cancelled flow run) stops that owner's pipelines only and
+    returns their ids; one already stopped, by `stop_all` or `stop`, is not returned again."""
+    control = runner.control_for("auto")
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    first = control.spawn(sleeper, cwd=tmp_path, env=os.environ, owner="run-a")
+    second = control.spawn(sleeper, cwd=tmp_path, env=os.environ, owner="run-b")
+    try:
+        assert control.stop_all(0.5, owner="run-a") == [first.pid]
+        assert wait_until_gone([first.pid], timeout=10) == []
+        assert alive(second.pid)
+        assert control.stop_all(0.5, owner="run-a") == []
+        control.stop(second, 0.5)
+        assert not alive(second.pid)
+        assert control.stop_all(0.5) == []
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            assert proc.stdout is not None and proc.stderr is not None
+            proc.stdout.close()
+            proc.stderr.close()
+
+
+def test_reader_threads_never_block_exit_and_end_with_their_pipes(
+    tmp_path: Path, backend: str
+) -> None:
+    """The thread reader (Windows): its two threads are daemons (a process that escaped and
+    holds the pipes can't keep us from exiting), and once that process ends, so do they,
+    even if it wrote more than the queue holds after we stopped reading."""
+    if backend != "tree-threads":
+        pytest.skip("only the thread reader has threads")
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork on this platform")
+    script = (
+        "import os, sys, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    end = time.monotonic() + 3\n"
+        "    while time.monotonic() < end:\n"
+        "        sys.stdout.buffer.write(b'x' * 65536); sys.stdout.buffer.flush()\n"
+        "    os._exit(0)\n"
+        "os._exit(0)\n"
+    )
+    before = set(threading.enumerate())
+    outcome = attempt([sys.executable, "-c", script], tmp_path, timeout=60, kill_grace=0.5)
+    assert outcome.status == "succeeded"
+    readers = [t for t in set(threading.enumerate()) - before if t.name.startswith("pipe-")]
+    assert sorted(t.name for t in readers) == ["pipe-stderr", "pipe-stdout"]
+    assert all(t.daemon for t in readers)
+    for thread in readers:
+        thread.join(timeout=30)
+    assert not any(t.is_alive() for t in readers)
+
+
+def test_reader_threads_end_after_a_timeout_that_cut_a_flood(tmp_path: Path, backend: str) -> None:
+    """A pipeline that floods stdout and ignores SIGTERM times out: while it is stopped
+    nobody reads, so the queue fills up; the reader threads still end once it is killed
+    (a reader waiting for room in the queue forever would leak a thread per attempt)."""
+    if backend != "tree-threads":
+        pytest.skip("only the thread reader has threads")
+    script = (
+        "import signal, sys\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "while True:\n"
+        "    sys.stdout.buffer.write(b'x' * 65536); sys.stdout.buffer.flush()\n"
+    )
+    before = set(threading.enumerate())
+    outcome = attempt([sys.executable, "-c", script], tmp_path, timeout=1, kill_grace=1)
+    assert outcome.status == "timed_out"
+    readers = [t for t in set(threading.enumerate()) - before if t.name.startswith("pipe-")]
+    for thread in readers:
+        thread.join(timeout=10)
+    assert not any(t.is_alive() for t in readers)
+
+
+def test_a_member_whose_name_holds_a_parenthesis_keeps_its_group_alive(tmp_path: Path) -> None:
+    """/proc/<pid>/stat puts the name in parentheses; a name with ') ' in it must not shift
+    the fields: the group is alive while that member runs, and gone after it is stopped."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc (Linux)")
+    script = (
+        "import ctypes, time\n"
+        "ctypes.CDLL(None).prctl(15, b'x) Z 1 1 1', 0, 0, 0)  # PR_SET_NAME\n"
+        "print('named', flush=True); time.sleep(60)\n"
+    )
+    proc = procgroup.spawn([sys.executable, "-c", script], cwd=tmp_path, env=os.environ)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"named\n"
+        assert psutil.Process(proc.pid).name().startswith("x) Z")
+        assert procgroup.group_alive(proc.pid)
+    finally:
+        procgroup.stop_group(proc, 0.5)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
+    assert not procgroup.group_alive(proc.pid)
