@@ -467,3 +467,45 @@ def test_a_member_whose_name_holds_a_parenthesis_keeps_its_group_alive(tmp_path:
         proc.stdout.close()
         proc.stderr.close()
     assert not procgroup.group_alive(proc.pid)
+
+
+def test_the_pipeline_runs_in_the_folder_it_is_given(tmp_path: Path) -> None:
+    """`cwd` reaches the process: the pipeline's working folder is the one asked for."""
+    folder = tmp_path / "work"
+    folder.mkdir()
+    lines: list[str] = []
+    outcome = attempt(
+        [sys.executable, "-c", "import os; print(os.getcwd())"], folder, log=lines.append
+    )
+    assert outcome.status == "succeeded"
+    assert lines == [str(folder.resolve())]
+
+
+def test_stop_all_gives_the_grace_then_returns_once_all_are_gone(
+    tmp_path: Path, backend: str
+) -> None:
+    """A pipeline that takes 0.5 s to clean up on SIGTERM finishes its cleanup within the
+    grace (no early SIGKILL), and stop_all returns soon after, not at the end of the grace."""
+    control = runner.control_for("auto")
+    done = tmp_path / "cleaned-up"
+    script = (
+        "import signal, sys, time\n"
+        "def bye(*_):\n"
+        f"    time.sleep(0.5); open({str(done)!r}, 'w').close(); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        "print('ready', flush=True); time.sleep(60)\n"
+    )
+    proc = control.spawn([sys.executable, "-c", script], cwd=tmp_path, env=os.environ, owner="o")
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        started = time.monotonic()
+        assert control.stop_all(20, owner="o") == [proc.pid]
+        assert time.monotonic() - started < 10
+        assert done.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
