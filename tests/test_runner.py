@@ -74,15 +74,36 @@ def test_failure_keeps_the_stderr_tail(tmp_path: Path) -> None:
     """A non-zero exit is a failure with its exit code and its stderr lines."""
     outcome = attempt(fake("fail.com", 2), tmp_path)
     assert outcome.status == "failed" and outcome.exit_code == 1
+    assert outcome.error == "exit code 1"
     assert outcome.stderr_tail == ["fail.com: boom on attempt 2"]
     assert outcome.result is None
 
 
+def test_the_stderr_tail_is_the_last_ten_lines_and_a_signal_death_says_which(
+    tmp_path: Path,
+) -> None:
+    """Of 25 stderr lines the last 10 are kept; a pipeline killed by a signal is a failure
+    with the negative exit code and the signal's number; the duration is measured."""
+    script = (
+        "import os, signal, sys, time\n"
+        "for n in range(25):\n"
+        "    print(f'problem {n}', file=sys.stderr, flush=True)\n"
+        "time.sleep(0.3); os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    outcome = attempt([sys.executable, "-c", script], tmp_path)
+    assert outcome.stderr_tail == [f"problem {n}" for n in range(15, 25)]
+    assert outcome.status == "failed" and outcome.exit_code == -9
+    assert outcome.error == "killed by signal 9"
+    assert 0.3 <= outcome.duration_s < 15
+
+
 def test_a_program_that_cannot_start_is_reported_not_raised(tmp_path: Path) -> None:
     """A missing executable gives status not_started and a clear error."""
-    outcome = attempt([str(tmp_path / "no-such-program")], tmp_path, timeout=5)
-    assert outcome.status == "not_started"
-    assert outcome.error is not None and "could not start" in outcome.error
+    program = str(tmp_path / "no-such-program")
+    outcome = attempt([program], tmp_path, timeout=5)
+    assert outcome.status == "not_started" and outcome.exit_code is None
+    assert outcome.error == f"could not start {program!r}: No such file or directory"
+    assert 0 <= outcome.duration_s < 5
 
 
 @pytest.mark.parametrize("site", ["hang.com", "stubborn.com"])
@@ -93,8 +114,12 @@ def test_timeout_kills_the_pipeline_and_its_grandchild(tmp_path: Path, site: str
     elapsed = time.monotonic() - started
     pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
     assert outcome.status == "timed_out"
+    assert outcome.error == "timed out after 1.5s; process group stopped"
     if site.startswith("stubborn"):  # SIGTERM ignored: SIGKILL came after the grace
         assert elapsed >= 1.5 + 0.5 - 0.05
+        assert outcome.exit_code == -9
+    else:
+        assert outcome.exit_code == -15
     assert not alive(pipeline) and not alive(grandchild)
     assert elapsed < 15  # generous: 1.5 s timeout + 0.5 s grace + start-up
     assert not procgroup.group_alive(pipeline)
@@ -509,3 +534,71 @@ def test_stop_all_gives_the_grace_then_returns_once_all_are_gone(
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_by_default_a_pipeline_leads_a_process_group_of_its_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no backend given, run_attempt uses `auto`: on POSIX a process group (and session)
+    of the pipeline's own, so a signal to our group never reaches it by accident."""
+    if not procgroup.supported():
+        pytest.skip("no POSIX process groups here")
+    monkeypatch.setattr(runner, "control_for", process_control.control_for)  # no fixture
+    lines: list[str] = []
+    script = "import os; print(os.getpgid(0) == os.getpid() != os.getpgid(os.getppid()))"
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=lines.append)
+    assert outcome.status == "succeeded" and lines == ["True"]
+
+
+def test_stop_all_by_owner_ends_a_running_attempt(tmp_path: Path) -> None:
+    """run_attempt registers its pipeline under `owner`: stop_all(owner) from another thread
+    (a cancelled flow run) ends it, and the attempt reports how it ended."""
+    outcomes: list[AttemptOutcome] = []
+    thread = threading.Thread(
+        target=lambda: outcomes.append(
+            attempt(fake("hang.com"), tmp_path, timeout=120, kill_grace=0.5, owner="run-x")
+        )
+    )
+    thread.start()
+    pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
+    time.sleep(0.5)  # the tree backends see the grandchild at their next watch
+    assert runner.control_for("auto").stop_all(0.5, owner="run-x") == [pipeline]
+    thread.join(timeout=30)
+    assert outcomes and outcomes[0].status == "failed" and outcomes[0].exit_code == -15
+    assert wait_until_gone([pipeline, grandchild], timeout=15) == []
+
+
+def test_the_reaper_stops_what_we_registered_when_its_pipe_from_us_closes(
+    tmp_path: Path, backend: str
+) -> None:
+    """What our death looks like to the reaper, without dying: its stdin from us closes. It
+    then stops every pipeline and tracked process we registered. It runs in a session of its
+    own (a Ctrl-C to our terminal doesn't end it), keeps none of our output pipes open, and is
+    not restarted by each registration; the next registration after its end starts a new one."""
+    control = runner.control_for("auto")
+    first = control.spawn(fake("hang-1.com"), cwd=tmp_path, env=env_for(tmp_path))
+    pids = hanging_pids(tmp_path, 1, timeout=10)
+    time.sleep(0.5)
+    control.watch(first)  # the tree backends register the grandchild now
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    second = control.spawn(sleeper, cwd=tmp_path, env=os.environ)
+    reaper = procgroup._registry._reaper
+    try:
+        assert reaper is not None and reaper.poll() is None
+        assert all(alive(pid) for pid in pids)  # a second registration did not reap the first
+        assert os.getsid(reaper.pid) == reaper.pid != os.getsid(0)
+        if sys.platform.startswith("linux"):
+            assert os.readlink(f"/proc/{reaper.pid}/fd/1") == "/dev/null"
+            assert os.readlink(f"/proc/{reaper.pid}/fd/2") == "/dev/null"
+        assert reaper.stdin is not None
+        reaper.stdin.close()
+        reaper.wait(timeout=15)
+        assert wait_until_gone([*pids, second.pid], timeout=15) == []
+        third = control.spawn(sleeper, cwd=tmp_path, env=os.environ)
+        assert procgroup._registry._reaper is not reaper
+        control.stop(third, 0.5)
+    finally:
+        for proc in (first, second):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
