@@ -602,3 +602,31 @@ def test_the_reaper_stops_what_we_registered_when_its_pipe_from_us_closes(
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def test_the_start_time_told_to_the_reaper_is_the_kernels_even_for_odd_names(
+    tmp_path: Path,
+) -> None:
+    """The reaper tells a process from a later one with the same pid by its start time:
+    `_start_time` gives the kernel's (in clock ticks since boot, as psutil reads it), also
+    for a process named with ') ', and "" for a pid that doesn't exist."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc (Linux)")
+    script = (
+        "import ctypes, time\n"
+        "ctypes.CDLL(None).prctl(15, b'x) Z 1 1 1', 0, 0, 0)  # PR_SET_NAME\n"
+        "print('named', flush=True); time.sleep(60)\n"
+    )
+    odd = procgroup.spawn([sys.executable, "-c", script], cwd=tmp_path, env=os.environ)
+    try:
+        assert odd.stdout is not None and odd.stdout.readline() == b"named\n"
+        ticks = os.sysconf("SC_CLK_TCK")
+        for pid in (os.getpid(), odd.pid):
+            expected = (psutil.Process(pid).create_time() - psutil.boot_time()) * ticks
+            assert abs(int(procgroup._start_time(pid)) - expected) <= 2
+        assert procgroup._start_time(2**22 + 1) == ""  # above Linux's pid_max
+    finally:
+        procgroup.stop_group(odd, 0.5)
+        assert odd.stdout is not None and odd.stderr is not None
+        odd.stdout.close()
+        odd.stderr.close()
