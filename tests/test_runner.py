@@ -408,7 +408,7 @@ def test_stop_all_stops_only_that_owners_pipelines_and_each_once(
         assert control.stop_all(0.5, owner="run-a") == []
         control.stop(second, 0.5)
         assert not alive(second.pid)
-        assert control.stop_all(0.5) == []
+        assert control.stop_all(0.5, owner="run-b") == []
     finally:
         for proc in (first, second):
             if proc.poll() is None:
@@ -599,9 +599,7 @@ def test_the_reaper_stops_what_we_registered_when_its_pipe_from_us_closes(
         control.stop(third, 0.5)
     finally:
         for proc in (first, second):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            control.stop(proc, 0.5)  # and forget it
 
 
 def test_the_start_time_told_to_the_reaper_is_the_kernels_even_for_odd_names(
