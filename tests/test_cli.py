@@ -21,6 +21,7 @@ def cli(args: list[str], api: str, timeout: float = 300) -> subprocess.Completed
     return run_cli(args, cli_env(api), timeout)
 
 
+@pytest.mark.slow  # a CLI process running a flow
 def test_run_exits_0_when_every_site_succeeds(tmp_path: Path, prefect_api: str) -> None:
     """All sites succeed: exit 0, a final table, and the summary JSON in its documented shape."""
     config = write_config(tmp_path, ["ok-a", "ok-b"])
@@ -36,6 +37,7 @@ def test_run_exits_0_when_every_site_succeeds(tmp_path: Path, prefect_api: str) 
     assert [s["site"] for s in summary["sites"]] == ["ok-a", "ok-b"]
 
 
+@pytest.mark.slow  # a CLI process running a flow
 def test_run_exits_1_when_a_site_fails(tmp_path: Path, prefect_api: str) -> None:
     """One failing site: the others still run, and the exit status is 1."""
     config = write_config(tmp_path, ["ok-a", "fail-b"])
@@ -57,6 +59,7 @@ def test_run_exits_2_on_bad_config_and_runs_nothing(tmp_path: Path, prefect_api:
     assert not (tmp_path / "timeline.tsv").exists()
 
 
+@pytest.mark.slow  # a CLI process running a flow
 def test_sites_file_and_sequential_flags(tmp_path: Path, prefect_api: str) -> None:
     """--sites-file reads sites (relative to the cwd) and --sequential runs them one by one."""
     config = write_config(tmp_path, ["ignored"])

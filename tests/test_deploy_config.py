@@ -90,6 +90,7 @@ def test_submit_with_a_bad_parameter_exits_2_with_one_line(tmp_path: Path) -> No
     ]
 
 
+@pytest.mark.slow  # three CLI processes, each a Prefect import and a refused connection
 @pytest.mark.parametrize("command", [["setup"], ["history"], ["submit", "--site", "a.com"]])
 def test_unreachable_server_is_named(tmp_path: Path, command: list[str]) -> None:
     """With PREFECT_API_URL pointing nowhere, the command fails with exit 1 and names the URL."""

@@ -118,7 +118,7 @@ def test_hanging_site_times_out_and_leaves_no_process(tmp_path: Path, control: s
             assert not alive(pid), f"pid {pid} from {pid_file.name} is still alive"
 
 
-@pytest.mark.parametrize(("cap", "count"), [(2, 6), (3, 12)])
+@pytest.mark.parametrize(("cap", "count"), [(2, 6), pytest.param(3, 12, marks=pytest.mark.slow)])
 def test_cap_is_never_exceeded(tmp_path: Path, cap: int, count: int) -> None:
     """`count` sites with cap `cap`: the pipelines' own timestamps never show more running."""
     sites = [f"ok-{i}" for i in range(count)]
@@ -313,6 +313,7 @@ def test_sites_parameter_overrides_config_and_is_validated(tmp_path: Path) -> No
     assert starts(read_timeline(tmp_path), "ok-from-config") == []
 
 
+@pytest.mark.slow  # waits out the API patience
 def test_an_api_that_keeps_failing_fails_waiting_sites_after_api_patience(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

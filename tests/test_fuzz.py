@@ -122,6 +122,7 @@ def check_usable(plan_sites: tuple[str, ...], command_ok: Any, folder: Path) -> 
     assert len(names) == len(set(plan_sites))  # one folder per site
 
 
+@pytest.mark.slow  # 300 documents, each also through the CLI's `validate`
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(document=documents)
 def test_random_yaml_is_a_clean_error_or_a_usable_plan(document: str) -> None:
