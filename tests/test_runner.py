@@ -3,12 +3,14 @@ control backends (`group` and `tree`), and `tree` also with the Windows pipe rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
+import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -226,7 +228,6 @@ def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path, backend: 
     """If the process that started a pipeline is SIGKILLed, the reaper stops the pipeline and
     its grandchild (a whole group, or each tracked process of a tree)."""
     import signal
-    import subprocess
 
     code = (
         "import os, sys, time; sys.path.insert(0, sys.argv[1]); from flows import runner; "
@@ -480,9 +481,10 @@ def test_reader_threads_end_after_a_timeout_that_cut_a_flood(tmp_path: Path, bac
     assert not any(t.is_alive() for t in readers)
 
 
-def test_a_member_whose_name_holds_a_parenthesis_keeps_its_group_alive(tmp_path: Path) -> None:
-    """/proc/<pid>/stat puts the name in parentheses; a name with ') ' in it must not shift
-    the fields: the group is alive while that member runs, and gone after it is stopped."""
+@contextlib.contextmanager
+def odd_named_process(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A pipeline (its own group) that renamed itself `x) Z 1 1 1`, as /proc/<pid>/stat
+    would show it inside its parentheses; stopped and its pipes closed at the end."""
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc (Linux)")
     script = (
@@ -493,13 +495,20 @@ def test_a_member_whose_name_holds_a_parenthesis_keeps_its_group_alive(tmp_path:
     proc = procgroup.spawn([sys.executable, "-c", script], cwd=tmp_path, env=os.environ)
     try:
         assert proc.stdout is not None and proc.stdout.readline() == b"named\n"
-        assert psutil.Process(proc.pid).name().startswith("x) Z")
-        assert procgroup.group_alive(proc.pid)
+        yield proc
     finally:
         procgroup.stop_group(proc, 0.5)
         assert proc.stdout is not None and proc.stderr is not None
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_a_member_whose_name_holds_a_parenthesis_keeps_its_group_alive(tmp_path: Path) -> None:
+    """/proc/<pid>/stat puts the name in parentheses; a name with ') ' in it must not shift
+    the fields: the group is alive while that member runs, and gone after it is stopped."""
+    with odd_named_process(tmp_path) as proc:
+        assert psutil.Process(proc.pid).name().startswith("x) Z")
+        assert procgroup.group_alive(proc.pid)
     assert not procgroup.group_alive(proc.pid)
 
 
@@ -621,23 +630,9 @@ def test_the_start_time_told_to_the_reaper_is_the_kernels_even_for_odd_names(
     """The reaper tells a process from a later one with the same pid by its start time:
     `_start_time` gives the kernel's (in clock ticks since boot, as psutil reads it), also
     for a process named with ') ', and "" for a pid that doesn't exist."""
-    if not sys.platform.startswith("linux"):
-        pytest.skip("reads /proc (Linux)")
-    script = (
-        "import ctypes, time\n"
-        "ctypes.CDLL(None).prctl(15, b'x) Z 1 1 1', 0, 0, 0)  # PR_SET_NAME\n"
-        "print('named', flush=True); time.sleep(60)\n"
-    )
-    odd = procgroup.spawn([sys.executable, "-c", script], cwd=tmp_path, env=os.environ)
-    try:
-        assert odd.stdout is not None and odd.stdout.readline() == b"named\n"
+    with odd_named_process(tmp_path) as odd:
         ticks = os.sysconf("SC_CLK_TCK")
         for pid in (os.getpid(), odd.pid):
             expected = (psutil.Process(pid).create_time() - psutil.boot_time()) * ticks
             assert abs(int(procgroup._start_time(pid)) - expected) <= 2
         assert procgroup._start_time(2**22 + 1) == ""  # above Linux's pid_max
-    finally:
-        procgroup.stop_group(odd, 0.5)
-        assert odd.stdout is not None and odd.stderr is not None
-        odd.stdout.close()
-        odd.stderr.close()
