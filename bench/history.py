@@ -31,8 +31,8 @@ def inner() -> dict[str, float]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import ArtifactCreate
 
-    from flows import history
     from flows.config import LearnedTimeout
+    from flows.engine import baselines as history
     from flows.timeouts import site_timeouts
 
     sites = [f"site-{n:04d}.example.com" for n in range(SITES)]

@@ -1,7 +1,7 @@
 """site-pipeline: run a per-site pipeline over many sites with Prefect 3.
 
 From Python: `run_pipeline(sites) -> dict[str, bool]` and its async and summary forms
-(`flows.api`). The Prefect layer is `flows.site_pipeline` (the flow) and `flows.tasks` (the
+(`flows.api`). The Prefect layer is `flows.site_pipeline` (the flow) and `flows.engine.task` (the
 task); config, backoff, process control, the slot pool's rules and the report are plain
 Python that needs no server.
 """

@@ -22,8 +22,7 @@ from typing import Any
 
 from flows.config import ConfigError, load_plan
 from flows.interrupts import StopRequest, stop_request
-from flows.report import as_bools
-from flows.resume import skipped_reports
+from flows.report import as_bools, skipped_reports
 
 ProgressFn = Callable[[int, int, int], None]
 """`on_progress(done, total, failed)`, called once after each site's final outcome."""

@@ -8,7 +8,7 @@ Plain Python. The pipeline's JSON status line (`result`) holds a number, e.g. `r
 - the site has at least `min_runs` earlier values on record, and the value is below
   `drop_factor x median` of the last `window` of them.
 
-The earlier values come from the summary artifacts of earlier runs (`flows.history`).
+The earlier values come from the summary artifacts of earlier runs (`flows.engine.baselines`).
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from flows import procgroup
+from flows.process import groups as procgroup
 
 CONFIG_ENV = "SITE_PIPELINE_CONFIG"
 DEFAULT_CONFIG = "config.yaml"

@@ -22,6 +22,8 @@ from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from flows.config import ConfigError
+
 # on_progress(done, total, failed), called by the flow after each site (see `flows.api`). A
 # context variable, so concurrent runs in one process each see their own. The flow reads it as
 # `report.progress_callback`: Prefect ships the flow to Dask workers, by value, with the
@@ -228,3 +230,16 @@ def count_line(summary: Mapping[str, Any]) -> str:
         f"{summary['state']}: {c['succeeded']}/{c['total']} succeeded, {c['failed']} failed, "
         f"{c['timed_out']} timed out, {c['cancelled']} cancelled, {c['skipped']} skipped"
     )
+
+
+def skipped_reports(sites: Sequence[str], skip: Mapping[str, str]) -> dict[str, SiteReport]:
+    """The summary's `skipped` rows for the flow's `skip` parameter. Raises `ConfigError`
+    for a site that is not in `sites`."""
+    unknown = [site for site in skip if site not in sites]
+    if unknown:
+        raise ConfigError(
+            [f"skip = {json.dumps(unknown[:5])}: expected sites of the run's site list"]
+        )
+    return {
+        site: SiteReport(site, "skipped", 0, None, 0.0, str(note)) for site, note in skip.items()
+    }

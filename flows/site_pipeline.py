@@ -33,13 +33,15 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled, Completed, Failed
 
-from flows import history, interrupts, report, resume
-from flows.cluster import task_runner
+from flows import interrupts, report
+from flows.cli.console import PROGRESS
 from flows.config import RunPlan, load_plan
-from flows.console import PROGRESS
-from flows.prefect_slots import ensure_limit, reclaim
-from flows.process_control import control_for
-from flows.tasks import LocalRun, SiteAttemptFailed, SiteJob, configured_task, local_run
+from flows.engine import baselines as history
+from flows.engine.task import LocalRun, SiteAttemptFailed, SiteJob, configured_task, local_run
+from flows.engine.task_runners import task_runner
+from flows.process import holders
+from flows.process.control import control_for
+from flows.slots.prefect_api import ensure_limit, reclaim
 from flows.timeouts import site_timeouts
 
 
@@ -63,7 +65,7 @@ def run_sites(
     full = load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
-    skipped = resume.skipped_reports(full.sites, skip or {})
+    skipped = report.skipped_reports(full.sites, skip or {})
     plan = dataclasses.replace(full, sites=tuple(s for s in full.sites if s not in skipped))
     for warning in plan.warnings:
         logger.warning(warning)
@@ -76,7 +78,7 @@ def run_sites(
         logger.info(ensure_limit(client, config.concurrency_tag, plan.max_concurrent_sites))
         # Name this process on the run, so `doctor` and `--retry-failed` can tell a run
         # left Running by a dead process; and give back what dead runs here still held.
-        client.update_flow_run_labels(flow_run_id, {**resume.this_process_labels()})
+        client.update_flow_run_labels(flow_run_id, {**holders.this_process_labels()})
         for line in reclaim(client):
             logger.warning(line)
     logger.info(
@@ -116,7 +118,7 @@ def run_sites(
             learned.min_runs,
         )
     # Task runs in this process share one slot pool, handed out in list order and filled up
-    # front; on Dask each worker makes its own (flows.tasks.local_run).
+    # front; on Dask each worker makes its own (flows.engine.task.local_run).
     in_process = config.task_runner.kind == "threads"
     with (
         local_run(job, prefetch=plan.max_concurrent_sites, in_flow=True)

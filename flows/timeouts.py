@@ -3,7 +3,7 @@
 Plain Python. With `pipeline.learned_timeout` set, a site whose last `window` successful
 attempts number at least `min_runs` gets `min(timeout, max(floor, factor x p95))` seconds
 per attempt; any other site gets `pipeline.timeout`, which stays the hard cap. The durations
-come from earlier runs' summaries (`flows.history.success_durations`).
+come from earlier runs' summaries (`flows.engine.baselines.success_durations`).
 """
 
 from __future__ import annotations

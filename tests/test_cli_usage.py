@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from flows import admin, cli
+from flows import cli
 from flows.cli import main
+from flows.ops import admin
 from tests.conftest import write_config
 
 

@@ -257,7 +257,7 @@ def test_group_control_where_there_are_no_process_groups_exits_2(
 ) -> None:
     """process_control: group on a platform without POSIX process groups: exit 2, naming the
     key and the choices; auto is fine there (it is tree)."""
-    from flows import procgroup
+    from flows.process import groups as procgroup
 
     monkeypatch.setattr(procgroup, "supported", lambda: False)
     config = write_config(tmp_path, ["ok-a"], process_control="group")

@@ -11,9 +11,9 @@ from uuid import uuid4
 import psutil
 import pytest
 
-from flows import ledger
-from flows.resume import holder_labels
-from flows.slots import SlotPool
+from flows.process.holders import holder_labels
+from flows.slots import ledger
+from flows.slots.pool import SlotPool
 from tests.fakes.slot_api import FakeLimit, FakeSlotApi, wait_for
 
 
@@ -92,7 +92,7 @@ def test_reclaim_releases_a_dead_runs_lease_on_a_real_server(
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows import prefect_slots
+    from flows.slots import prefect_api as prefect_slots
 
     monkeypatch.setattr(prefect_slots, "ledger_folder", lambda: tmp_path)
     name = f"reclaim-{uuid4().hex[:8]}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from flows.runner import MAX_LINE_BYTES, _LineSplitter, parse_result
+from flows.process.attempt import MAX_LINE_BYTES, _LineSplitter, parse_result
 
 
 def split(*chunks: bytes) -> list[str]:

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from flows.config import ConfigError, NotifyConfig, parse_config
-from flows.notify import (
+from flows.ops.notify import (
     OUTCOME_EVENTS,
     _block,
     block_name,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import procgroup
+from flows.process import groups as procgroup
 from tests.processes import alive, wait_until_gone
 
 REAPER = Path(procgroup.__file__).with_name("_reaper.py")

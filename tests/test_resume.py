@@ -11,15 +11,9 @@ import psutil
 import pytest
 
 from flows.config import ConfigError
-from flows.report import as_bools, build_summary, failure_message
-from flows.resume import (
-    EarlierRun,
-    choose,
-    holder_alive,
-    holder_labels,
-    skipped_reports,
-    this_process_labels,
-)
+from flows.ops.resume import EarlierRun, choose
+from flows.process.holders import holder_alive, holder_labels, this_process_labels
+from flows.report import as_bools, build_summary, failure_message, skipped_reports
 
 SITES = ("a", "b", "c", "d", "e", "f")
 

@@ -17,8 +17,10 @@ from typing import Any
 import psutil
 import pytest
 
-from flows import process_control, procgroup, runner
-from flows.runner import MAX_LINE_BYTES, AttemptOutcome, BoundedLog, run_attempt
+from flows.process import attempt as runner
+from flows.process import control as process_control
+from flows.process import groups as procgroup
+from flows.process.attempt import MAX_LINE_BYTES, AttemptOutcome, BoundedLog, run_attempt
 from tests.conftest import FAKE
 from tests.processes import alive, hanging_pids, wait_until_gone
 
@@ -230,8 +232,9 @@ def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path, backend: 
     import signal
 
     code = (
-        "import os, sys, time; sys.path.insert(0, sys.argv[1]); from flows import runner; "
-        "from flows.process_control import control_for; "
+        "import os, sys, time; sys.path.insert(0, sys.argv[1]); "
+        "from flows.process import attempt as runner; "
+        "from flows.process.control import control_for; "
         "runner.READER = 'threads' if sys.argv[2] == 'tree-threads' else runner.READER; "
         "runner.run_attempt(sys.argv[4:], cwd=sys.argv[3], env=os.environ, timeout=600, "
         "kill_grace=1, log=print, control=control_for(sys.argv[2].split('-')[0]))"
@@ -300,7 +303,7 @@ def test_a_process_that_escapes_and_holds_the_pipes_does_not_hang_the_attempt(
     tmp_path: Path,
 ) -> None:
     """A pipeline that forks a child into a session of its own and exits at once: no watch
-    can see the child (flows.proctree says so), and it keeps stdout and stderr open, silent.
+    can see the child (flows.process.trees says so), and it keeps stdout and stderr open, silent.
     The attempt still ends, with the pipeline's own status, within a few seconds (closing a
     pipe that a reader thread is blocked on used to wait for the child: forever)."""
     if not hasattr(os, "fork"):

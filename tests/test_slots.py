@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from flows.slots import SlotError, SlotPool
+from flows.slots.pool import SlotError, SlotPool
 from tests.fakes.slot_api import FakeLimit, FakeSlotApi, wait_for
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 from prefect.utilities.annotations import NotSet
 
-from flows.cluster import task_runner
 from flows.config import load_plan
-from flows.tasks import _should_retry, configured_task, site_cache_key
+from flows.engine.task import _should_retry, configured_task, site_cache_key
+from flows.engine.task_runners import task_runner
 from tests.conftest import write_config
 
 

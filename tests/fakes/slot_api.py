@@ -9,7 +9,7 @@ import threading
 import time
 from uuid import UUID, uuid4
 
-from flows.slots import ApiUnavailable
+from flows.slots.pool import ApiUnavailable
 
 
 class FakeLimit:
@@ -37,7 +37,7 @@ class FakeLimit:
 
 
 class FakeSlotApi:
-    """`flows.slots.SlotApi` on a `FakeLimit`. Set `down` to make every call fail."""
+    """`flows.slots.pool.SlotApi` on a `FakeLimit`. Set `down` to make every call fail."""
 
     url = "http://fake.invalid/api"
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal, Protocol
 
-from flows.process_control import ProcessControl, control_for
+from flows.process.control import ProcessControl, control_for
 
 MAX_LINE_BYTES = 8192  # longer lines are cut; the rest of the line is dropped
 STDERR_TAIL = 10
@@ -145,7 +145,7 @@ def run_attempt(
 ) -> AttemptOutcome:
     """Run `argv` once and wait for it, at most `timeout` seconds.
 
-    `control` (default: this platform's, `flows.process_control`) starts it as a process
+    `control` (default: this platform's, `flows.process.control`) starts it as a process
     group or a tracked tree. On timeout everything it started is asked to end, then killed
     after `kill_grace`. When the pipeline exits, anything it left running is stopped too.
     If this call is interrupted (an exception raised into the thread), its processes are

@@ -1,8 +1,8 @@
 """Process control behind one small interface, with two backends.
 
-- `group` (POSIX, `flows.procgroup`): the pipeline leads its own process group; stop =
+- `group` (POSIX, `flows.process.groups`): the pipeline leads its own process group; stop =
   SIGTERM to the group, then SIGKILL; a reaper process covers a SIGKILL of our own process.
-- `tree` (Windows, and anywhere, `flows.proctree`): the pipeline's descendants are tracked
+- `tree` (Windows, and anywhere, `flows.process.trees`): the pipeline's descendants are tracked
   while it runs; stop = a polite end of the whole tree (Ctrl-Break on Windows, SIGTERM
   elsewhere), then a kill; a Job Object (Windows) or the reaper covers our own death.
 
@@ -17,7 +17,8 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
-from flows import procgroup, proctree
+from flows.process import groups as procgroup
+from flows.process import trees as proctree
 
 ControlKind = Literal["auto", "group", "tree"]
 
@@ -57,10 +58,10 @@ class ProcessControl(Protocol):
 
 
 class GroupControl:
-    """POSIX process groups (`flows.procgroup`), and the tree tracked besides.
+    """POSIX process groups (`flows.process.groups`), and the tree tracked besides.
 
     The group holds every descendant that does not leave it; one that does (`setsid`, a
-    daemon) is still seen by the tree's watch (`flows.proctree`) while the attempt runs,
+    daemon) is still seen by the tree's watch (`flows.process.trees`) while the attempt runs,
     and stopped after the group.
     """
 
@@ -94,7 +95,7 @@ class GroupControl:
 
 
 class TreeControl:
-    """Tracked process trees (`flows.proctree`)."""
+    """Tracked process trees (`flows.process.trees`)."""
 
     name = "tree"
 

@@ -108,7 +108,7 @@ _registry = _Registry()
 
 def reap_pid_on_exit(pid: int) -> None:
     """Have the reaper kill the single process `pid` if this process dies first (a tracked
-    tree's member, `flows.proctree`)."""
+    tree's member, `flows.process.trees`)."""
     _registry.tell_reaper(f"+p{pid}:{_start_time(pid)}")
 
 

@@ -27,8 +27,9 @@ from prefect.settings import get_current_settings
 from prefect.states import Crashed
 
 from flows.config import ConfigError, RunPlan
-from flows.prefect_slots import ensure_limit
-from flows.resume import EarlierRun, holder_alive
+from flows.ops.resume import EarlierRun
+from flows.process.holders import holder_alive
+from flows.slots.prefect_api import ensure_limit
 
 FLOW_NAME = "site-pipeline"
 DEFAULT_POOL = "site-pool"
@@ -97,9 +98,9 @@ def setup(
     plan: RunPlan, pool: str = DEFAULT_POOL, heartbeat_grace: float = DEFAULT_HEARTBEAT_GRACE
 ) -> list[str]:
     """Create or update the process work pool, the concurrency limit, the notification
-    blocks and automations (`flows.notify`). Idempotent. Raises `ConfigError` before
+    blocks and automations (`flows.ops.notify`). Idempotent. Raises `ConfigError` before
     changing anything when a notification's URL variable is missing."""
-    from flows import notify
+    from flows.ops import notify
 
     notify.secret_urls(plan.config.notify)  # all of them, before any change
     changes = []
@@ -349,7 +350,7 @@ def start_temporary_server() -> str | None:
         return None
     from prefect.server.api.server import SubprocessASGIServer
 
-    from flows.proctree import end_with_us
+    from flows.process.trees import end_with_us
 
     server = SubprocessASGIServer()
     failure: list[BaseException] = []
@@ -394,14 +395,14 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
     """What `site-pipeline doctor` reports, and whether all is well (after `fix`).
 
     - the server's version, and the concurrency limit against the config's cap;
-    - slots still held by pools of dead processes on this host (`flows.ledger`);
+    - slots still held by pools of dead processes on this host (`flows.slots.ledger`);
     - `site-pipeline` flow runs Running or Pending whose process is gone (by the labels the
-      flow sets, `flows.resume.HOLDER_LABELS`); with `fix`, they are marked Crashed and the
+      flow sets, `flows.process.holders.HOLDER_LABELS`); with `fix`, they are marked Crashed and the
       slots are given back.
     """
     from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateType
 
-    from flows.prefect_slots import reclaim
+    from flows.slots.prefect_api import reclaim
 
     lines: list[str] = []
     healthy = True

@@ -9,7 +9,7 @@ for ever and the next run at the same cap would wait for ever.
 So each pool writes `<holder>-<pid>.jsonl` under `PREFECT_HOME/site-pipeline/leases`: a
 header naming the process and the API, then `+` and `-` lines as it takes and gives back
 leases. The file is removed when the pool closes. A file whose process is gone is an
-orphan: `orphans()` finds them, and `flows.prefect_slots.reclaim` gives their slots back.
+orphan: `orphans()` finds them, and `flows.slots.prefect_api.reclaim` gives their slots back.
 Only this host's files are seen: a run that died on another machine is that machine's.
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
 
-from flows.resume import holder_alive, this_process_labels
+from flows.process.holders import holder_alive, this_process_labels
 
 
 class Ledger:
@@ -64,7 +64,7 @@ class Orphan:
     path: Path
     holder: str
     api: str
-    labels: dict[str, object] = field(default_factory=dict)  # the process (flows.resume)
+    labels: dict[str, object] = field(default_factory=dict)  # the process (flows.ops.resume)
     leases: dict[UUID, str] = field(default_factory=dict)  # lease -> limit name
 
 

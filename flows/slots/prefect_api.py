@@ -22,9 +22,9 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
 
 from flows import _prefect_compat as compat
-from flows import ledger
-from flows.ledger import Ledger
-from flows.slots import ApiUnavailable, SlotError, SlotPool
+from flows.slots import ledger
+from flows.slots.ledger import Ledger
+from flows.slots.pool import ApiUnavailable, SlotError, SlotPool
 
 
 def ensure_limit(client: SyncPrefectClient, name: str, limit: int) -> str:
@@ -47,7 +47,7 @@ def describe_status(response: httpx.Response) -> str:
 
 
 class PrefectSlotApi:
-    """`flows.slots.SlotApi` on a Prefect server, for the leases of one holder (a flow run)."""
+    """`flows.slots.pool.SlotApi` on a Prefect server, for the leases of one holder (a flow run)."""
 
     def __init__(
         self, client: SyncPrefectClient, holder_id: UUID | None = None, *, fast: bool = True
@@ -194,7 +194,7 @@ def open_slot_pool(
 
 
 def ledger_folder() -> Path:
-    """Where this host's slot pools list their leases (`flows.ledger`)."""
+    """Where this host's slot pools list their leases (`flows.slots.ledger`)."""
     return Path(get_current_settings().home) / "site-pipeline" / "leases"
 
 

@@ -2,7 +2,7 @@
 
 `pipeline.task_runner.kind: dask` sends each task run to a Dask worker through
 `prefect-dask` (the `dask` extra), so each pipeline process runs on that worker's machine.
-The task is self-contained (`flows.tasks.SiteJob`), takes its concurrency slots from the
+The task is self-contained (`flows.engine.task.SiteJob`), takes its concurrency slots from the
 Prefect server, and stops its own process groups, so the cap and the timeouts hold there too.
 """
 

@@ -2,7 +2,7 @@
 
 Started by `procgroup` in a session of its own. It reads lines `+PGID:START` and
 `-PGID` (process groups) and `+pPID:START` and `-pPID` (single processes of a
-tracked tree, `flows.proctree`) on stdin; at end of file (the parent exited,
+tracked tree, `flows.process.trees`) on stdin; at end of file (the parent exited,
 however it exited) it sends SIGTERM to every group and process still registered,
 then SIGKILL 5 seconds later. Runs with `python -I`, so it imports nothing from
 the project. POSIX only: on Windows a Job Object does this job.

@@ -31,13 +31,13 @@ from prefect.utilities.annotations import NotSet
 
 from flows.backoff import retry_delays
 from flows.checks import check_result
+from flows.cli.console import PIPELINE_OUTPUT, SITE_EVENT
 from flows.config import RunPlan, build_argv, site_output_dir
-from flows.console import PIPELINE_OUTPUT, SITE_EVENT
-from flows.prefect_slots import open_slot_pool
-from flows.process_control import control_for
+from flows.process.attempt import run_attempt
+from flows.process.control import control_for
 from flows.report import SiteReport
-from flows.runner import run_attempt
-from flows.slots import SlotError, SlotPool
+from flows.slots.pool import SlotError, SlotPool
+from flows.slots.prefect_api import open_slot_pool
 from flows.timeouts import SiteTimeout, site_timeout
 
 IDLE_CLOSE_SECONDS = 5.0

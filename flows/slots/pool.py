@@ -1,6 +1,6 @@
 """Slots of a global concurrency limit, shared by the threads of one flow run.
 
-Plain Python: the API is passed in (`SlotApi`). `flows.prefect_slots` is the Prefect one;
+Plain Python: the API is passed in (`SlotApi`). `flows.slots.prefect_api` is the Prefect one;
 the tests use an in-memory fake. Why not Prefect's automatic tag limit, read from Prefect
 3.9's source:
 
@@ -101,7 +101,7 @@ class SlotApi(Protocol):
 
 
 class LeaseLedger(Protocol):
-    """Where the pool notes each lease it holds (`flows.ledger`), for cleanup after a crash."""
+    """Where the pool notes each lease it holds (`flows.slots.ledger`), for crash cleanup."""
 
     def held(self, lease: UUID, name: str) -> None: ...
 

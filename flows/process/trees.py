@@ -3,7 +3,7 @@
 - `spawn` starts the pipeline (never through a shell). On Windows it gets a new process
   group (`CREATE_NEW_PROCESS_GROUP`, so a Ctrl-Break reaches it and its children only) and
   joins a Job Object with kill-on-close, so the whole tree dies with our process even if it
-  is killed: the Windows counterpart of the reaper. Elsewhere the reaper (`flows.procgroup`)
+  is killed: the Windows counterpart of the reaper. Elsewhere the reaper (`flows.process.groups`)
   is told each pid of the tree.
 - `watch` records the pipeline's descendants while it runs (with psutil), so a grandchild
   whose parent already exited is still known.
@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import psutil
 
-from flows import procgroup
+from flows.process import groups as procgroup
 
 
 @dataclass

@@ -23,7 +23,7 @@ from flows.config import (
     read_sites_file,
     site_output_dir,
 )
-from flows.resume import EarlierRun, RetryChoice, choose
+from flows.ops.resume import EarlierRun, RetryChoice, choose
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -243,7 +243,7 @@ def _earlier_run(ref: str) -> tuple[EarlierRun, RetryChoice]:
     """The flow run `--retry-failed REF` names, and which of its sites to run again. Exits 2
     when REF names no run, or one that may still be running; a run left unfinished by a dead
     process is marked Crashed first (it is over), and the user is told."""
-    from flows import admin
+    from flows.ops import admin
 
     try:
         earlier = admin.earlier_run(ref)
@@ -275,7 +275,7 @@ def _run(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = 
     from rich.console import Console
 
     from flows.api import PipelineRunError, run_pipeline_summary
-    from flows.console import Verbosity, run_console, summary_table
+    from flows.cli.console import Verbosity, run_console, summary_table
     from flows.interrupts import StopRequest, exit_status, on_signals
     from flows.report import count_line, format_table
 
@@ -334,7 +334,7 @@ def _run(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = 
                 while runner.is_alive():
                     runner.join(0.2)
         except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
-            from flows.process_control import control_for
+            from flows.process.control import control_for
 
             control_for(plan.config.process_control).stop_all(plan.config.kill_grace_seconds)
             print("site-pipeline: interrupted; pipelines stopped", file=sys.stderr)
@@ -363,7 +363,7 @@ def _run(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = 
 
 
 def _history(args: argparse.Namespace) -> int:
-    from flows import admin
+    from flows.ops import admin
 
     if args.site:
         from flows.config import site_problem
@@ -383,7 +383,7 @@ def _history(args: argparse.Namespace) -> int:
     if not out.is_terminal:
         print(admin.format_history(data))
         return EXIT_OK
-    from flows.console import rows_table
+    from flows.cli.console import rows_table
 
     runs, sites = admin.history_rows(data)
     out.print(rows_table(*runs, title=f"Last {len(data['runs'])} runs ({data['api']})"))
@@ -488,7 +488,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _setup(args: argparse.Namespace, plan: RunPlan) -> int:
-    from flows import admin
+    from flows.ops import admin
 
     target = _connect()
     if target is None:
@@ -546,7 +546,7 @@ def _retry(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from flows import admin
+    from flows.ops import admin
 
     plan = None
     if args.config or Path("config.yaml").exists() or os.environ.get("SITE_PIPELINE_CONFIG"):
@@ -569,7 +569,7 @@ def _connect() -> str | None:
     embedded default start the temporary server now, tied to this process (the reaper), so
     it ends with us however we end; left to Prefect, it would outlive a process killed by a
     signal or a broken pipe. The API's description, or None once the reason is printed."""
-    from flows import admin
+    from flows.ops import admin
 
     try:
         target = admin.check_reachable()

@@ -32,7 +32,7 @@ from rich.text import Text
 
 Verbosity = Literal["quiet", "normal", "verbose"]
 
-# `extra` keys the task and the flow put on their log records (see flows.tasks).
+# `extra` keys the task and the flow put on their log records (see flows.engine.task).
 SITE_EVENT = "site_event"  # started | succeeded | retrying | failed | timed_out
 PIPELINE_OUTPUT = "pipeline_output"  # a line the pipeline printed
 PROGRESS = "site_progress"  # the flow's "7/10 sites done" line: the live view shows it instead
