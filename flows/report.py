@@ -214,13 +214,17 @@ def format_table(summary: Mapping[str, Any]) -> str:
         )
         for s in summary["sites"]
     ]
+    return plain_table(header, rows) + "\n" + count_line(summary)
+
+
+def plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart, no trailing blanks: the tables
+    printed where the output is not a terminal (pipes, files, CI logs)."""
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = [
+    return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
-    ]
-    lines.append(count_line(summary))
-    return "\n".join(lines)
+    )
 
 
 def count_line(summary: Mapping[str, Any]) -> str:

@@ -37,15 +37,19 @@ from flows import interrupts, report
 from flows.cli.console import PROGRESS
 from flows.config import RunPlan, load_plan
 from flows.engine import baselines as history
-from flows.engine.task import LocalRun, SiteAttemptFailed, SiteJob, configured_task, local_run
+from flows.engine.failure import SiteAttemptFailed
+from flows.engine.logfilter import install_traceback_filter
+from flows.engine.task import SiteJob, configured_task
 from flows.engine.task_runners import task_runner
+from flows.names import FAILURES_KEY, FLOW_NAME, PROGRESS_KEY, SUMMARY_KEY
 from flows.process import holders
 from flows.process.control import control_for
 from flows.slots.prefect_api import ensure_limit, reclaim
+from flows.slots.sharing import LocalRun, local_run
 from flows.timeouts import site_timeouts
 
 
-@flow(name="site-pipeline", persist_result=False, validate_parameters=True)
+@flow(name=FLOW_NAME, persist_result=False, validate_parameters=True)
 def run_sites(
     sites: list[str] | None = None,
     config_path: str | None = None,
@@ -61,6 +65,7 @@ def run_sites(
     The run ends Completed when every site it ran succeeded, Cancelled when it was asked to
     stop (`flows.interrupts`), else Failed.
     """
+    install_traceback_filter()
     logger = get_run_logger()
     full = load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
@@ -92,7 +97,7 @@ def run_sites(
     progress = (
         cast(
             UUID,
-            create_progress_artifact(0.0, key="site-pipeline-progress", description="sites done"),
+            create_progress_artifact(0.0, key=PROGRESS_KEY, description="sites done"),
         )
         if config.async_settings.progress_reporting
         else None
@@ -166,14 +171,14 @@ def run_sites(
         str(flow_run_id), ordered, state="Cancelled" if stopped else None
     )
     create_table_artifact(
-        report.table_rows(ordered), key="site-pipeline-summary", description="one row per site"
+        report.table_rows(ordered), key=SUMMARY_KEY, description="one row per site"
     )
     failures = (
         report.failures_markdown(ordered) if config.async_settings.error_aggregation else None
     )
     if failures:
         create_markdown_artifact(
-            failures, key="site-pipeline-failures", description="failures by kind"
+            failures, key=FAILURES_KEY, description="failures by kind"
         )
     warned = report.warning_message(ordered)
     if warned:

@@ -6,6 +6,7 @@
   against and what learned timeouts learn from.
 """
 
-from flows.engine.task import SiteAttemptFailed, SiteJob, configured_task, run_site
+from flows.engine.failure import SiteAttemptFailed
+from flows.engine.task import SiteJob, configured_task, run_site
 
 __all__ = ["SiteAttemptFailed", "SiteJob", "configured_task", "run_site"]

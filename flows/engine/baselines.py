@@ -16,7 +16,8 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.client.schemas.sorting import ArtifactSort
 
-SUMMARY_KEY = "site-pipeline-summary"
+from flows.names import SUMMARY_KEY
+
 PAGE = 200  # the API's largest page
 
 

@@ -6,18 +6,12 @@ a concurrency slot only while the pipeline process runs.
 
 The task is self-contained: its `SiteJob` parameter carries the plan and the flow run,
 so any process can run it (a thread of the flow's process, or a Dask worker). Each
-process keeps one slot pool per flow run (`local_run`), made on first use and closed
-once no task run of that flow run has used it for `IDLE_CLOSE_SECONDS`.
+process shares one slot pool per flow run (`flows.slots.sharing`).
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
@@ -33,14 +27,14 @@ from flows.backoff import retry_delays
 from flows.checks import check_result
 from flows.cli.console import PIPELINE_OUTPUT, SITE_EVENT
 from flows.config import RunPlan, build_argv, site_output_dir
+from flows.engine.failure import SiteAttemptFailed
+from flows.engine.logfilter import install_traceback_filter
 from flows.process.attempt import run_attempt
 from flows.process.control import control_for
 from flows.report import SiteReport
-from flows.slots.pool import SlotError, SlotPool
-from flows.slots.prefect_api import open_slot_pool
+from flows.slots.pool import SlotError
+from flows.slots.sharing import LocalRun, local_run
 from flows.timeouts import SiteTimeout, site_timeout
-
-IDLE_CLOSE_SECONDS = 5.0
 
 
 class SiteJob:
@@ -70,90 +64,6 @@ class SiteJob:
         return self.timeouts.get(site) or site_timeout((), None, self.plan.config.timeout)
 
 
-@dataclass
-class LocalRun:
-    """This process's share of one flow run: its slot pool, and whether the run stops."""
-
-    pool: SlotPool
-    stopping: threading.Event = field(default_factory=threading.Event)
-    stop_reason: str | None = None
-    users: int = 0
-
-    def stop(self, reason: str) -> None:
-        """Sites that have not finished end `cancelled`; their pipelines are stopped by
-        the caller (`ProcessControl.stop_all`)."""
-        self.stop_reason = self.stop_reason or reason
-        self.stopping.set()
-
-
-_local_runs: dict[UUID, LocalRun] = {}  # a cache: anything in it can be rebuilt from a SiteJob
-_local_lock = threading.Lock()
-
-
-@contextmanager
-def local_run(job: SiteJob, *, prefetch: int = 0, in_flow: bool = False) -> Iterator[LocalRun]:
-    """This process's `LocalRun` for `job`'s flow run, made on first use, held for the block.
-
-    The flow's own process (`in_flow`) hands slots out in list order and asks for
-    `prefetch` slots up front; another process (a Dask worker) sees only some sites, so it
-    hands them out as they ask, and gives each slot back before its task run ends (a worker
-    may be stopped as soon as the last task run ends). A run no block holds is closed (its
-    slots go back to the server) at once in the flow's process, else after
-    `IDLE_CLOSE_SECONDS`.
-    """
-    config = job.plan.config
-    with _local_lock:
-        run = _local_runs.get(job.flow_run_id)
-        if run is None:
-            pool = open_slot_pool(
-                config.concurrency_tag,
-                job.plan.sites,
-                holder_id=job.flow_run_id,
-                prefetch=prefetch,
-                patience=2.0 if in_flow else 0.0,
-                park=in_flow,
-                api_patience=config.api_patience,
-                tags=job.tags,
-            )
-            run = _local_runs[job.flow_run_id] = LocalRun(pool)
-        run.users += 1
-    try:
-        yield run
-    finally:
-        with _local_lock:
-            run.users -= 1
-            idle = run.users == 0
-        if idle and in_flow:
-            _close_if_idle(job.flow_run_id, run)
-        elif idle:
-            timer = threading.Timer(IDLE_CLOSE_SECONDS, _close_if_idle, (job.flow_run_id, run))
-            timer.daemon = True
-            timer.start()
-
-
-def _close_if_idle(flow_run_id: UUID, run: LocalRun) -> None:
-    with _local_lock:
-        if run.users or _local_runs.get(flow_run_id) is not run:
-            return
-        del _local_runs[flow_run_id]
-    run.pool.close()
-
-
-class SiteAttemptFailed(Exception):
-    """An attempt did not succeed. `report` is the site's outcome so far."""
-
-    def __init__(self, report: SiteReport, retryable: bool) -> None:
-        self.report = report
-        self.retryable = retryable
-        super().__init__(
-            f"{report.site}: attempt {report.attempts} {report.status}: {report.error}"
-        )
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # Crosses processes (Dask) inside the task run's state: rebuild from the fields.
-        return (SiteAttemptFailed, (self.report, self.retryable))
-
-
 def _should_retry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Prefect's retry_condition_fn: no retry for non-retryable exit codes or start errors."""
     error = state.data
@@ -179,6 +89,7 @@ def site_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
 def run_site(site: str, job: SiteJob) -> dict[str, Any] | State[Any]:
     """Run one attempt of `site`'s pipeline. Returns its report; raises on failure; returns
     a Cancelled state (its data the report) when the flow run is stopping."""
+    install_traceback_filter()  # in whichever process runs it (the flow's, a Dask worker)
     with local_run(job) as run:
         return _attempt(site, job, run)
 
@@ -326,29 +237,6 @@ def _cancelled(
         site, "cancelled", attempts, None, duration_s, reason, stderr_tail=stderr_tail or []
     )
     return Cancelled(message=reason, data=report.to_json() | {"stderr_tail": report.stderr_tail})
-
-
-class _NoTracebackForSiteFailures(logging.Filter):
-    """A site that fails is an expected outcome, not a bug in this tool: Prefect's
-    "Task run failed with exception" record keeps its one line, without the traceback, in
-    the UI's logs and on the console. A real bug keeps its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, SiteAttemptFailed):
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-def _install_traceback_filter() -> None:
-    # Wherever this module is imported (the flow's process, a Dask worker), once.
-    task_runs = logging.getLogger("prefect.task_runs")
-    if not any(isinstance(f, _NoTracebackForSiteFailures) for f in task_runs.filters):
-        task_runs.addFilter(_NoTracebackForSiteFailures())
-
-
-_install_traceback_filter()
 
 
 def configured_task(plan: RunPlan) -> Task[..., dict[str, Any] | State[Any]]:

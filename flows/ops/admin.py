@@ -27,11 +27,11 @@ from prefect.settings import get_current_settings
 from prefect.states import Crashed
 
 from flows.config import ConfigError, RunPlan
+from flows.names import FLOW_NAME
 from flows.ops.resume import EarlierRun
-from flows.process.holders import holder_alive
+from flows.process.holders import HOST_LABEL, PID_LABEL, holder_alive
 from flows.slots.prefect_api import ensure_limit
 
-FLOW_NAME = "site-pipeline"
 DEFAULT_POOL = "site-pool"
 DEFAULT_HEARTBEAT_GRACE = 90.0  # three heartbeats of the 30 s that prefect.yaml sets
 PAGE = 200  # the API's largest page
@@ -434,7 +434,7 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
         found = 0
         for run in stuck:
             alive = holder_alive(run.labels)
-            where = run.labels.get("site-pipeline.host", "an unknown host")
+            where = run.labels.get(HOST_LABEL, "an unknown host")
             if alive is None:
                 lines.append(
                     f"flow run {run.name} ({run.id}) is {run.state_name}; its process is on "
@@ -442,7 +442,7 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
                 )
             elif not alive:
                 found += 1
-                pid = run.labels.get("site-pipeline.pid")
+                pid = run.labels.get(PID_LABEL)
                 if fix:
                     mark_crashed(
                         run.id, f"its process ({pid} on {where}) is gone (doctor --fix)", client

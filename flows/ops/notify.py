@@ -37,8 +37,8 @@ from prefect.events.schemas.automations import AutomationCore, EventTrigger, Pos
 from prefect.events.schemas.events import ResourceSpecification
 
 from flows.config import ConfigError, NotifyConfig
+from flows.names import FLOW_NAME
 
-FLOW_NAME = "site-pipeline"
 HEARTBEAT_AUTOMATION = "site-pipeline: crash runs whose heartbeats stopped"
 
 DISCORD_PATH = re.compile(r"/webhooks/([^/]+)/([^/]+)/?$")  # .../api/webhooks/<id>/<token>

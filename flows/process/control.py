@@ -137,3 +137,9 @@ def control_for(kind: ControlKind) -> ProcessControl:
             )
         return GroupControl()
     return TreeControl()
+
+
+def stop_everything(kind: ControlKind, grace: float, owner: str | None = None) -> list[int]:
+    """The emergency stop: every pipeline this process started for `owner` (None: all),
+    now (politely, then by force after `grace` s), with `kind`'s backend."""
+    return control_for(kind).stop_all(grace, owner=owner)

@@ -12,7 +12,10 @@ import os
 import socket
 from collections.abc import Mapping
 
-HOLDER_LABELS = ("site-pipeline.host", "site-pipeline.pid", "site-pipeline.pid_started")
+HOST_LABEL = "site-pipeline.host"
+PID_LABEL = "site-pipeline.pid"
+STARTED_LABEL = "site-pipeline.pid_started"
+HOLDER_LABELS = (HOST_LABEL, PID_LABEL, STARTED_LABEL)
 """Flow run labels naming the process that runs it, so that a run left Running by a process
 that is gone can be told from one still running (`doctor`, `--retry-failed`)."""
 

@@ -22,6 +22,7 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
 
 from flows import _prefect_compat as compat
+from flows.process.holders import PID_LABEL
 from flows.slots import ledger
 from flows.slots.ledger import Ledger
 from flows.slots.pool import ApiUnavailable, SlotError, SlotPool
@@ -242,7 +243,7 @@ def reclaim(client: SyncPrefectClient, dry_run: bool = False) -> list[str]:
         verb = "would give back" if dry_run else "gave back"
         lines.append(
             f"{verb} {given} of {len(orphan.leases)} slot(s) held by flow run {orphan.holder}, "
-            f"whose process ({orphan.labels.get('site-pipeline.pid', '?')}) is gone"
+            f"whose process ({orphan.labels.get(PID_LABEL, '?')}) is gone"
         )
         if not dry_run:
             orphan.path.unlink(missing_ok=True)

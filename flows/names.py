@@ -1,0 +1,20 @@
+"""The names other programs see: the flow, its artifacts. One definition each (plain Python).
+
+Changing one breaks `history`, `--retry-failed`, the learned timeouts and result checks
+(they find earlier runs by these names), deployments and automations: treat them as a
+contract, like the summary JSON.
+"""
+
+FLOW_NAME = "site-pipeline"
+"""The flow's name: deployments are `site-pipeline/<name>`; `history` and `--retry-failed`
+find earlier runs by it; `setup`'s automations match it."""
+
+SUMMARY_KEY = "site-pipeline-summary"
+"""The table artifact with one row per site (`flows.report.table_rows`); earlier runs' rows
+are the baselines of result checks and learned timeouts (`flows.engine.baselines`)."""
+
+FAILURES_KEY = "site-pipeline-failures"
+"""The markdown artifact of failed sites, grouped (`flows.report.failures_markdown`)."""
+
+PROGRESS_KEY = "site-pipeline-progress"
+"""The progress artifact: the share of sites done."""
