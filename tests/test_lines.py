@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from flows.process.attempt import MAX_LINE_BYTES, _LineSplitter, parse_result
+from flows.process.output import MAX_LINE_BYTES, LineSplitter, parse_result
 
 
 def split(*chunks: bytes) -> list[str]:
     lines: list[str] = []
-    splitter = _LineSplitter(lines.append)
+    splitter = LineSplitter(lines.append)
     for chunk in chunks:
         splitter.feed(chunk)
     splitter.flush()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from flows.process import groups as procgroup
+from flows.process import procfs
 from tests.processes import alive, wait_until_gone
 
 REAPER = Path(procgroup.__file__).with_name("_reaper.py")
@@ -31,7 +32,7 @@ def test_the_reaper_kills_a_registered_process_but_not_a_reused_pid() -> None:
     (the number was reused by a new process) is left alone."""
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
-        start = procgroup._start_time(sleeper.pid)
+        start = procfs.start_time(sleeper.pid)
         assert start
         reap([f"+p{sleeper.pid}:{int(start) + 1}"])  # someone else's start time
         assert alive(sleeper.pid)

@@ -20,6 +20,7 @@ import pytest
 from flows.process import attempt as runner
 from flows.process import control as process_control
 from flows.process import groups as procgroup
+from flows.process import output, procfs
 from flows.process.attempt import MAX_LINE_BYTES, AttemptOutcome, BoundedLog, run_attempt
 from tests.conftest import FAKE
 from tests.processes import alive, hanging_pids, wait_until_gone
@@ -35,7 +36,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     kind = "tree" if request.param.startswith("tree") else "group"
     monkeypatch.setattr(runner, "control_for", lambda _: process_control.control_for(kind))
     if request.param == "tree-threads":
-        monkeypatch.setattr(runner, "READER", "threads")
+        monkeypatch.setattr(output, "READER", "threads")
     return str(request.param)
 
 
@@ -233,9 +234,9 @@ def test_crash_of_the_parent_leaves_no_pipeline_behind(tmp_path: Path, backend: 
 
     code = (
         "import os, sys, time; sys.path.insert(0, sys.argv[1]); "
-        "from flows.process import attempt as runner; "
+        "from flows.process import attempt as runner, output; "
         "from flows.process.control import control_for; "
-        "runner.READER = 'threads' if sys.argv[2] == 'tree-threads' else runner.READER; "
+        "output.READER = 'threads' if sys.argv[2] == 'tree-threads' else output.READER; "
         "runner.run_attempt(sys.argv[4:], cwd=sys.argv[3], env=os.environ, timeout=600, "
         "kill_grace=1, log=print, control=control_for(sys.argv[2].split('-')[0]))"
     )
@@ -631,11 +632,11 @@ def test_the_start_time_told_to_the_reaper_is_the_kernels_even_for_odd_names(
     tmp_path: Path,
 ) -> None:
     """The reaper tells a process from a later one with the same pid by its start time:
-    `_start_time` gives the kernel's (in clock ticks since boot, as psutil reads it), also
+    `procfs.start_time` gives the kernel's (in clock ticks since boot, as psutil reads it), also
     for a process named with ') ', and "" for a pid that doesn't exist."""
     with odd_named_process(tmp_path) as odd:
         ticks = os.sysconf("SC_CLK_TCK")
         for pid in (os.getpid(), odd.pid):
             expected = (psutil.Process(pid).create_time() - psutil.boot_time()) * ticks
-            assert abs(int(procgroup._start_time(pid)) - expected) <= 2
-        assert procgroup._start_time(2**22 + 1) == ""  # above Linux's pid_max
+            assert abs(int(procfs.start_time(pid)) - expected) <= 2
+        assert procfs.start_time(2**22 + 1) == ""  # above Linux's pid_max

@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from flows.process import procfs
+
 _REAPER_SCRIPT = Path(__file__).with_name("_reaper.py")
 
 
@@ -86,7 +88,7 @@ class _Registry:
     def add(self, pgid: int, owner: str | None) -> None:
         with self._lock:
             self._groups[pgid] = owner
-            self._tell_reaper(f"+{pgid}:{_start_time(pgid)}")
+            self._tell_reaper(f"+{pgid}:{procfs.start_time(pgid)}")
 
     def discard(self, pgid: int) -> None:
         with self._lock:
@@ -109,20 +111,7 @@ _registry = _Registry()
 def reap_pid_on_exit(pid: int) -> None:
     """Have the reaper kill the single process `pid` if this process dies first (a tracked
     tree's member, `flows.process.trees`)."""
-    _registry.tell_reaper(f"+p{pid}:{_start_time(pid)}")
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time as the reaper reads it (/proc, Linux), so that it never
-    signals a pid that was reused by another process; "" where there is no /proc.
-    (`_reaper.start_time` reads the same; the reaper imports nothing from the project.)"""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-    except OSError:
-        return ""
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    return fields[19].decode() if len(fields) > 19 else ""
+    _registry.tell_reaper(f"+p{pid}:{procfs.start_time(pid)}")
 
 
 def forget_pid(pid: int) -> None:
@@ -172,14 +161,13 @@ def _linux_group_has_live_member(pgid: int) -> bool:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as handle:
-                stat = handle.read()
-        except OSError:
-            continue
-        # Fields after the command name: state ppid pgrp ...
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        fields = procfs.stat_fields(entry.name)
+        if (
+            fields is not None
+            and len(fields) > procfs.PGRP
+            and int(fields[procfs.PGRP]) == pgid
+            and fields[procfs.STATE] not in (b"Z", b"X")
+        ):
             return True
     return False
 
