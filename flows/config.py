@@ -375,7 +375,6 @@ def load_plan(
         raise ConfigError([f"config = {str(path)!r}: cannot read it ({exc.strerror})"]) from None
     config = parse_config(text, source=str(path))
     base = path.parent
-
     if max_concurrent_sites is not None and (
         isinstance(max_concurrent_sites, bool)
         or not isinstance(max_concurrent_sites, int)
@@ -384,41 +383,9 @@ def load_plan(
         raise ConfigError(
             [f"max_concurrent_sites = {max_concurrent_sites!r}: expected a whole number > 0"]
         )
-
-    if sites is not None:
-        if isinstance(sites, str | bytes) or not isinstance(sites, Sequence):
-            raise ConfigError([f"sites = {sites!r}: expected a list of site names"])
-        raw_sites: list[object] = list(sites)
-        source = "sites"
-    elif sites_file is not None:
-        raw_sites = list(read_sites_file(base / Path(sites_file)))
-        source = f"sites_file {str(sites_file)!r} entry"
-    elif config.sites is not None:
-        raw_sites = list(config.sites)
-        source = "pipeline.sites"
-    elif config.sites_file is not None:
-        raw_sites = list(read_sites_file(base / config.sites_file))
-        source = f"pipeline.sites_file {config.sites_file!r} entry"
-    else:
-        raise ConfigError(
-            [f"{path}: pipeline.sites: required: give pipeline.sites or pipeline.sites_file"]
-        )
+    raw_sites, source = _raw_sites(config, path, sites, sites_file)
     unique, warnings = check_sites(raw_sites, source)
-
-    if config.process_control == "group" and not procgroup.supported():
-        raise ConfigError(
-            [
-                f"{path}: pipeline.process_control = 'group': {sys.platform!r} has no POSIX "
-                "process groups; expected auto or tree"
-            ]
-        )
-    if config.task_runner.kind == "dask" and importlib.util.find_spec("prefect_dask") is None:
-        raise ConfigError(
-            [
-                f"{path}: pipeline.task_runner.kind = 'dask': prefect-dask is not installed; "
-                'install the dask extra: pip install -e ".[dask]"'
-            ]
-        )
+    _check_platform(config, path)
     working_dir = (base / config.working_dir).resolve()
     if not working_dir.is_dir():
         raise ConfigError(
@@ -434,6 +401,52 @@ def load_plan(
         use_async=config.use_async if use_async is None else use_async,
         warnings=tuple(warnings),
     )
+
+
+def _raw_sites(
+    config: PipelineConfig,
+    path: Path,
+    sites: Sequence[object] | None,
+    sites_file: str | os.PathLike[str] | None,
+) -> tuple[list[object], str]:
+    """The sites as given, before they are checked, and where they came from (for errors):
+    the `sites` override, the `sites_file` override, then the config's own."""
+    base = path.parent
+    if sites is not None:
+        if isinstance(sites, str | bytes) or not isinstance(sites, Sequence):
+            raise ConfigError([f"sites = {sites!r}: expected a list of site names"])
+        return list(sites), "sites"
+    if sites_file is not None:
+        where = f"sites_file {str(sites_file)!r} entry"
+        return list(read_sites_file(base / Path(sites_file))), where
+    if config.sites is not None:
+        return list(config.sites), "pipeline.sites"
+    if config.sites_file is not None:
+        return (
+            list(read_sites_file(base / config.sites_file)),
+            f"pipeline.sites_file {config.sites_file!r} entry",
+        )
+    raise ConfigError(
+        [f"{path}: pipeline.sites: required: give pipeline.sites or pipeline.sites_file"]
+    )
+
+
+def _check_platform(config: PipelineConfig, path: Path) -> None:
+    """What the config asks of this machine: process groups, prefect-dask."""
+    if config.process_control == "group" and not procgroup.supported():
+        raise ConfigError(
+            [
+                f"{path}: pipeline.process_control = 'group': {sys.platform!r} has no POSIX "
+                "process groups; expected auto or tree"
+            ]
+        )
+    if config.task_runner.kind == "dask" and importlib.util.find_spec("prefect_dask") is None:
+        raise ConfigError(
+            [
+                f"{path}: pipeline.task_runner.kind = 'dask': prefect-dask is not installed; "
+                'install the dask extra: pip install -e ".[dask]"'
+            ]
+        )
 
 
 def site_dir_name(site: str) -> str:
