@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from flows import cli
 from flows.cli import main
+from flows.cli import run as run_command
 from flows.ops import admin
 from tests.conftest import write_config
 
@@ -27,7 +27,7 @@ def prefect_is_out_of_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(admin, "check_reachable", reached)
     monkeypatch.setattr(admin, "start_temporary_server", reached)
-    monkeypatch.setattr(cli, "_run", reached)
+    monkeypatch.setattr(run_command, "run_plan", reached)
 
 
 def status_and_stderr(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -185,7 +185,7 @@ def test_ctrl_c_during_a_run_exits_130_with_one_line(
     def interrupted(*_: object) -> int:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_run", interrupted)
+    monkeypatch.setattr(run_command, "run_plan", interrupted)
     status, err = status_and_stderr(["run", "--config", str(config)], capsys)
     assert status == 130
     assert err == "site-pipeline: interrupted; pipelines stopped\n"

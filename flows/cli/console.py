@@ -160,8 +160,10 @@ def run_console(total: int, verbosity: Verbosity, console: Console) -> Iterator[
     handler = ConsoleLogHandler(console, verbosity, view)
     handler.setFormatter(_Format())
     handler.setLevel(logging.DEBUG if verbosity == "verbose" else logging.INFO)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
     root = logging.getLogger()
-    replaced = [h for h in root.handlers if type(h).__name__ == "PrefectConsoleHandler"]
+    replaced = [h for h in root.handlers if isinstance(h, PrefectConsoleHandler)]
     for old in replaced:
         root.removeHandler(old)
     root.addHandler(handler)

@@ -1,0 +1,71 @@
+"""What every `site-pipeline` command shares: the exit statuses, the one-line usage error,
+the API check, the run plan from the command line, and the one answer to Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NoReturn
+
+from flows.config import RunPlan, check_sites, load_plan, read_sites_file
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # the shell's status for SIGINT, when no signal is known
+
+
+def fail(message: str) -> NoReturn:
+    """Bad usage or config: one `error:` line per line of `message`, then exit 2."""
+    for line in message.splitlines():
+        print(f"site-pipeline: error: {line}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def interrupted(status: int = EXIT_INTERRUPTED) -> int:
+    """Say, in one line and no traceback, that Ctrl-C stopped the pipelines; `status`."""
+    print("site-pipeline: interrupted; pipelines stopped", file=sys.stderr)
+    return status
+
+
+def interruptible(command: Callable[[], int]) -> int:
+    """`command()`'s status, or 130 and one line when a KeyboardInterrupt reaches here."""
+    try:
+        return command()
+    except KeyboardInterrupt:
+        return interrupted()
+
+
+def connect() -> str | None:
+    """Every command that uses the API starts here: check that it answers, and on the
+    embedded default start the temporary server now, tied to this process (the reaper), so
+    it ends with us however we end; left to Prefect, it would outlive a process killed by a
+    signal or a broken pipe. The API's description, or None once the reason is printed."""
+    from flows.ops import admin
+
+    try:
+        target = admin.check_reachable()
+        admin.start_temporary_server()
+    except admin.ApiUnreachable as exc:
+        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        return None
+    return target
+
+
+def plan_from_args(args: argparse.Namespace) -> RunPlan:
+    """The plan of `run`, `validate` or `setup`: the config, with the sites and overrides
+    given on the command line. Raises `ConfigError`."""
+    sites: list[str] | None = args.site if getattr(args, "site", None) else None
+    sites_file = getattr(args, "sites_file", None)
+    if sites and sites_file:
+        fail("--site and --sites-file: expected one or the other, not both")
+    if sites:
+        check_sites(sites, "--site")  # named as the user typed it, not as the flow parameter
+    if sites_file:
+        sites = read_sites_file(Path(sites_file).absolute())
+    return load_plan(
+        args.config,
+        sites=sites,
+        max_concurrent_sites=getattr(args, "max_concurrent", None),
+        use_async=False if getattr(args, "sequential", False) else None,
+    )

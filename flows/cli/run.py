@@ -1,0 +1,193 @@
+"""`site-pipeline run` and `validate`: run the flow here, with the live view on a terminal,
+then print the results; `--retry-failed` first resolves the earlier run it resumes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flows.cli import retry
+from flows.cli.common import EXIT_FAILED, EXIT_OK, connect, fail, interrupted
+from flows.config import ConfigError, RunPlan, build_argv, load_plan, site_output_dir
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from flows.cli.console import Verbosity
+    from flows.interrupts import StopRequest
+
+
+def validate(plan: RunPlan) -> int:
+    """`validate`: what would run, and the first site's command line; nothing starts."""
+    site = plan.sites[0]
+    argv = build_argv(plan.config, site, 1, site_output_dir(plan.output_dir, site))
+    print(f"config: {plan.config_path}")
+    more = ", ..." if len(plan.sites) > 5 else ""
+    mode = "async" if plan.use_async else "sequential"
+    print(f"sites: {len(plan.sites)} ({', '.join(plan.sites[:5])}{more})")
+    print(f"cap: {plan.max_concurrent_sites} at once ({mode}), tag {plan.config.concurrency_tag!r}")
+    print(
+        f"attempts: {plan.config.retry_count}, {plan.config.async_settings.retry_backoff} backoff "
+        f"from {plan.config.retry_delay:g}s, timeout {plan.config.timeout:g}s"
+    )
+    print(f"working dir: {plan.working_dir}")
+    print(f"output dir: {plan.output_dir}")
+    print(f"first site's argv: {json.dumps(argv)}")
+    return EXIT_OK
+
+
+def retry_failed(args: argparse.Namespace) -> int:
+    """`run --retry-failed REF`: run again, here, the sites of REF that did not succeed."""
+    if args.site or args.sites_file:
+        fail(
+            "--retry-failed and --site/--sites-file: expected one or the other; "
+            "--retry-failed takes the sites of the run it resumes"
+        )
+    if connect() is None:
+        return EXIT_FAILED
+    plan, skip = _retry_plan(args)
+    return run_plan(args, plan, skip)
+
+
+def _retry_plan(args: argparse.Namespace) -> tuple[RunPlan, dict[str, str]]:
+    """The plan and the `skip` of `run --retry-failed REF`: the earlier run's sites, config
+    and overrides (a flag given now wins). Exits 2 when REF names no run, or one that may
+    still be running."""
+    earlier, choice = retry.earlier_run(args.retry_failed)
+    params = earlier.parameters
+    config_path = args.config or params.get("config_path")
+    cap = args.max_concurrent or params.get("max_concurrent_sites")
+    use_async = False if args.sequential else params.get("use_async")
+    try:
+        plan = load_plan(
+            config_path if isinstance(config_path, str) else None,
+            sites=list(earlier.sites),
+            max_concurrent_sites=cap if isinstance(cap, int) else None,
+            use_async=use_async if isinstance(use_async, bool) else None,
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    retry.announce(earlier, choice)
+    return plan, choice.skip
+
+
+def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = None) -> int:
+    """`run`: the flow on the configured API (or a temporary server), then the results.
+    The first Ctrl-C (or SIGTERM) cancels politely; a second one stops every pipeline now."""
+    from prefect.settings import get_current_settings
+    from rich.console import Console
+
+    from flows.api import PipelineRunError
+    from flows.interrupts import StopRequest, exit_status, on_signals
+    from flows.process.control import stop_everything
+
+    if skip is not None and len(skip) == len(plan.sites):
+        print("nothing to retry: every site succeeded")
+        return EXIT_OK
+    err = Console(stderr=True)
+    stop = StopRequest()
+
+    def notice(text: str) -> None:
+        err.print(f"site-pipeline: {text}", highlight=False, markup=False)
+
+    # Dask workers can't see a stop request: there the first signal stops at once.
+    polite = plan.config.task_runner.kind == "threads"
+    with on_signals(stop, notice, polite=polite):
+        settings = get_current_settings()
+        if not settings.api.url:
+            print(
+                "site-pipeline: starting a temporary Prefect server for this run (a few "
+                "seconds); to skip this, keep one running: `prefect server start --background` "
+                "and `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
+                file=sys.stderr,
+            )
+        if connect() is None:
+            return EXIT_FAILED
+        verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
+        try:
+            outcome = _watch_flow(plan, skip, stop, verbosity, err)
+        except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
+            stop_everything(plan.config.process_control, plan.config.kill_grace_seconds)
+            return interrupted(exit_status(stop.signal))
+        if isinstance(outcome, PipelineRunError):
+            print(f"site-pipeline: {outcome}", file=sys.stderr)
+            return EXIT_FAILED
+        if isinstance(outcome, BaseException):
+            raise outcome
+    # A server that keeps running (not the temporary one): link to the run.
+    ui_url = str(settings.ui_url) if settings.api.url and settings.ui_url else None
+    _print_results(args, outcome, ui_url)
+    if outcome["state"] == "Cancelled" and stop.signal is not None:
+        return exit_status(stop.signal)
+    return EXIT_OK if outcome["state"] == "Completed" else EXIT_FAILED
+
+
+def _watch_flow(
+    plan: RunPlan,
+    skip: dict[str, str] | None,
+    stop: StopRequest,
+    verbosity: Verbosity,
+    err: Console,
+) -> dict[str, Any] | BaseException:
+    """Run the flow in a thread of its own while the console (and live view) shows it; the
+    summary, or what the flow raised (for the main thread to handle)."""
+    from flows.api import run_pipeline_summary
+    from flows.cli.console import run_console
+
+    outcome: list[dict[str, Any] | BaseException] = []
+
+    def flow_thread(on_progress: Callable[[int, int, int], None] | None) -> None:
+        try:
+            outcome.append(
+                run_pipeline_summary(
+                    plan.sites,
+                    config_path=plan.config_path,
+                    max_concurrent_sites=plan.max_concurrent_sites,
+                    use_async=plan.use_async,
+                    on_progress=on_progress,
+                    skip=skip,
+                    stop=stop,
+                )
+            )
+        except BaseException as exc:  # re-raised in the main thread
+            outcome.append(exc)
+
+    # The flow runs in a thread of its own: Prefect's engine sets its own SIGTERM handler
+    # when it runs in the main thread, and ours must see the signal to cancel politely.
+    with run_console(len(plan.sites), verbosity, err) as view:
+        runner = threading.Thread(
+            target=flow_thread,
+            args=(view.site_done if view is not None else None,),
+            name="site-pipeline-flow",
+            daemon=True,
+        )
+        runner.start()
+        while runner.is_alive():
+            runner.join(0.2)
+    return outcome[0]
+
+
+def _print_results(args: argparse.Namespace, summary: dict[str, Any], ui_url: str | None) -> None:
+    """The final table (rich on a terminal, plain elsewhere), the summary JSON if asked
+    for, and the link to the flow run in the UI when there is one."""
+    from rich.console import Console
+
+    from flows.cli.console import summary_table
+    from flows.report import count_line, format_table
+
+    out = Console()
+    if out.is_terminal:
+        out.print(summary_table(summary))
+        print(count_line(summary))
+    else:
+        print(format_table(summary))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        print(f"summary: {args.summary_json}")
+    if ui_url:
+        print(f"flow run: {ui_url.rstrip('/')}/runs/flow-run/{summary['flow_run_id']}")
