@@ -1,8 +1,9 @@
-"""Every use of a private Prefect name, fenced in one module. Read from Prefect 3.9.1.
+"""Every use of a private Prefect or Dask name, fenced in one module. Read from Prefect
+3.9.1 (`READ_FROM`) and distributed 2026.8.0 (`DISTRIBUTED_READ_FROM`).
 
-Each use has a reason, a fallback to Prefect's public surface that stays correct (slower,
-never wrong), and a test in `tests/test_prefect_compat.py` that fails when the name is
-gone or changes shape, so an upgrade shows up in CI and not in a nightly run.
+Each use has a reason, a fallback that stays correct (slower or less tidy, never wrong),
+and a test in `tests/test_prefect_compat.py` that fails when the name is gone or changes
+shape, so an upgrade shows up in CI and not in a nightly run.
 
 1. `SyncPrefectClient._client._send_with_retry(...)`: send one request through the
    client's own request path (its connection, auth header, CSRF token and custom
@@ -18,21 +19,45 @@ gone or changes shape, so an upgrade shows up in CI and not in a nightly run.
    get a 503 and the 2 s sleep above, stalling every task run behind it. We keep the entry
    fresh only while a read through the API confirms no such limit exists.
    Fallback: do nothing; Prefect checks as usual.
+
+3. `prefect.server.api.server.SubprocessASGIServer` (undocumented; the class behind the
+   embedded default's temporary server) and its `server_process` attribute (the uvicorn
+   `Popen`). Why: started by us, the server's pid is tied to our process as soon as it
+   exists (`flows.ops.server.start_temporary_server`), so a `kill -9` of the CLI does not
+   leave it behind; the class is a per-port singleton, so Prefect's client then uses the
+   same server. Fallback: start nothing; Prefect starts its own temporary server on first
+   use, as usual: the run still works, the server just isn't tied to our process.
+
+4. `distributed.deploy.utils.nprocesses_nthreads` (not in Dask's API reference): the
+   worker count `LocalCluster` picks by default, for `flows.engine.task_runners`. Why: the
+   local cluster's threads per worker are computed from its worker count, so we need the
+   count before the cluster exists. Fallback: `default_workers`, the same rule (all cores
+   as processes up to 4; above, the smallest factor of the core count that is at least its
+   square root) on the cores this process may use (`os.sched_getaffinity`, else
+   `os.cpu_count()`); Dask also counts cgroup CPU quotas, so in a container the fallback
+   may start more workers than Dask would: more processes, the same cap on sites.
+
+(`prefect.logging.handlers.PrefectConsoleHandler`, which the CLI's console replaces, is
+public: it is in Prefect's API reference and named in its default `logging.yml`.)
 """
 
 from __future__ import annotations
 
 import inspect
+import math
+import os
+import subprocess
 import threading
-from collections.abc import Iterable, MutableMapping
+from collections.abc import Callable, Iterable, MutableMapping
 from functools import partial
-from typing import Any
+from typing import Any, Protocol, cast
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.exceptions import PrefectHTTPStatusError
 
 READ_FROM = "3.9.1"
+DISTRIBUTED_READ_FROM = "2026.8.0"
 _SEND_PARAMS = ("request", "send", "send_args", "send_kwargs", "retry_codes", "retry_exceptions")
 
 
@@ -108,3 +133,74 @@ def mark_no_tag_limits(tag_limit_names: Iterable[str]) -> bool:
     with lock if lock is not None else threading.Lock():
         cache[frozenset(tag_limit_names)] = True
     return True
+
+
+class TemporaryServer(Protocol):
+    """What `start_temporary_server` uses of Prefect's `SubprocessASGIServer` (use 3)."""
+
+    server_process: subprocess.Popen[Any] | None
+
+    @property
+    def api_url(self) -> str:
+        """The server's API URL (`http://127.0.0.1:<port>/api`)."""
+        ...
+
+    def start(self, timeout: int | None = None) -> None:
+        """Start the server process and wait until it answers (once per process)."""
+        ...
+
+
+def temporary_server() -> TemporaryServer | None:
+    """Prefect's temporary server for the embedded default (the one its client uses), not
+    started yet unless something started it; None if it changed (use 3 above)."""
+    try:
+        from prefect.server.api.server import SubprocessASGIServer
+    except ImportError:
+        return None
+    try:
+        server = SubprocessASGIServer()
+    except Exception:
+        return None
+    if not (
+        hasattr(server, "server_process")
+        and callable(getattr(server, "start", None))
+        and isinstance(getattr(type(server), "api_url", None), property)
+    ):
+        return None
+    return cast(TemporaryServer, server)
+
+
+def _dask_nprocesses_nthreads() -> Callable[[], tuple[int, int]] | None:
+    """Dask's default (processes, threads) breakdown, or None if it changed (use 4 above)."""
+    try:
+        from distributed.deploy import utils
+    except ImportError:
+        return None
+    found = getattr(utils, "nprocesses_nthreads", None)
+    return cast(Callable[[], tuple[int, int]], found) if callable(found) else None
+
+
+def default_workers(cores: int | None = None) -> int:
+    """The worker count Dask's `LocalCluster` picks by default for `cores` (this
+    process's cores when None), by Dask's rule restated (the fallback of use 4)."""
+    if cores is None:
+        affinity = getattr(os, "sched_getaffinity", None)
+        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+    cores = max(1, cores)
+    if cores <= 4:
+        return cores
+    return min(f for f in range(1, cores + 1) if cores % f == 0 and f >= math.sqrt(cores))
+
+
+def dask_default_workers() -> int:
+    """How many workers a default local Dask cluster has on this machine (use 4 above)."""
+    breakdown = _dask_nprocesses_nthreads()
+    workers: object = None
+    if breakdown is not None:
+        try:
+            workers = breakdown()[0]
+        except (TypeError, IndexError, ValueError):  # its signature or result changed
+            workers = None
+    if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
+        return workers
+    return default_workers()

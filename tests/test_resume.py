@@ -118,3 +118,29 @@ def test_holder_alive_tells_this_process_a_dead_one_and_another_host() -> None:
     other = {**this_process_labels(), "site-pipeline.host": socket.gethostname() + "-other"}
     assert holder_alive(other) is None
     assert holder_alive({}) is None
+
+
+@pytest.mark.parametrize("module", ["flows.ops", "flows.ops.resume"])
+def test_the_cli_s_start_can_import_choose_without_loading_prefect(module: str) -> None:
+    """`flows.ops` and `flows.ops.resume` (which the CLI imports at its start, for `choose`)
+    load neither Prefect nor Dask; `earlier_run` loads Prefect only when called."""
+    from tests.test_boundaries import loaded_heavy
+
+    assert loaded_heavy(module) == []
+
+
+def test_flows_ops_exports_its_functions_even_once_their_modules_are_loaded() -> None:
+    """Each name `flows.ops` exports is the function or class, not a module of that name,
+    whether or not the modules (and `flows.ops.admin`, which loads them all) were imported."""
+    import types
+
+    import flows.ops
+    import flows.ops.admin
+
+    for name in flows.ops.__all__:
+        value = getattr(flows.ops, name)
+        assert not isinstance(value, types.ModuleType), name
+        assert callable(value), name
+    assert flows.ops.history is flows.ops.admin.history
+    assert flows.ops.doctor is flows.ops.admin.doctor
+    assert flows.ops.setup is flows.ops.admin.setup

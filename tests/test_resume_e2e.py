@@ -155,7 +155,7 @@ def test_a_killed_command_leaves_no_temporary_server(tmp_path: Path, command: st
         servers = [pid for pid in descendants(proc.pid) if "uvicorn" in cmdline(pid)]
         time.sleep(0.02)
     assert servers, f"{command} started no temporary server in 60 s"
-    time.sleep(0.3)  # tied to us within 50 ms of existing (flows.ops.admin.start_temporary_server)
+    time.sleep(0.3)  # tied to us within 50 ms of existing (flows.ops.server.start_temporary_server)
     proc.kill()
     proc.wait()  # not communicate(): a server left behind would hold its pipes open
     assert wait_until_gone(servers, timeout=30) == []

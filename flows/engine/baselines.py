@@ -9,11 +9,17 @@ the last `runs` of those tables, never one query per site.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
+from uuid import UUID
 
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    ArtifactFilterKey,
+)
+from prefect.client.schemas.objects import Artifact
 from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.names import SUMMARY_KEY
@@ -31,10 +37,42 @@ def summary_tables(runs: int = PAGE) -> list[list[dict[str, Any]]]:
         )
     found = []
     for table in tables:
-        rows: Any = json.loads(table.data) if isinstance(table.data, str) else table.data
-        if isinstance(rows, list):
-            found.append([row for row in rows if isinstance(row, dict)])
+        rows = _rows(table)
+        if rows is not None:
+            found.append(rows)
     return found
+
+
+def summary_tables_of(
+    client: SyncPrefectClient, flow_run_ids: Collection[UUID]
+) -> dict[UUID, list[dict[str, Any]]]:
+    """The summary table rows of these flow runs, by flow run id: one query per 200 runs.
+    A run that has not finished has no summary yet, and no entry."""
+    wanted = list(dict.fromkeys(flow_run_ids))
+    found: dict[UUID, list[dict[str, Any]]] = {}
+    for start in range(0, len(wanted), PAGE):
+        chunk = wanted[start : start + PAGE]
+        tables = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[SUMMARY_KEY]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=chunk),
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=PAGE,  # one summary per flow run
+        )
+        for table in tables:
+            rows = _rows(table)
+            if rows is not None and table.flow_run_id is not None:
+                found.setdefault(table.flow_run_id, rows)  # the newest, should there be two
+    return found
+
+
+def _rows(table: Artifact) -> list[dict[str, Any]] | None:
+    """A table artifact's rows (its data is JSON text or a list), or None if not a table."""
+    rows: Any = json.loads(table.data) if isinstance(table.data, str) else table.data
+    if not isinstance(rows, list):
+        return None
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def check_values(

@@ -24,11 +24,12 @@ DASK_EXTRA = 'pip install -e ".[dask]"'
 
 def local_cluster_size(plan: RunPlan) -> tuple[int, int]:
     """(workers, threads per worker) for a local cluster: Dask's default worker count unless
-    configured, and enough threads in all for the plan's thread budget."""
-    from distributed.deploy.utils import nprocesses_nthreads
+    configured (`flows._prefect_compat.dask_default_workers`), and enough threads in all for
+    the plan's thread budget."""
+    from flows._prefect_compat import dask_default_workers
 
     settings = plan.config.task_runner
-    workers = settings.n_workers or nprocesses_nthreads()[0]  # type: ignore[no-untyped-call]
+    workers = settings.n_workers or dask_default_workers()
     threads = settings.threads_per_worker or max(1, math.ceil(plan.workers / workers))
     return workers, threads
 

@@ -1,17 +1,28 @@
 """Which sites `--retry-failed` runs again, and how the skipped ones are reported.
 
-Plain Python: `flows.ops.admin.earlier_run` reads the earlier flow run from the API, then
-`choose` decides. A site is skipped only when it succeeded (in that run, or in the run
-*that* one resumed); everything else runs again: failed, timed out, cancelled, never
-started, or left Running by a process that is gone.
+`earlier_run` reads the earlier flow run from the API, then `choose` (plain Python: no API)
+decides. A site is skipped only when it succeeded (in that run, or in the run *that* one
+resumed); everything else runs again: failed, timed out, cancelled, never started, or left
+Running by a process that is gone. `mark_crashed` ends such a run (and `doctor --fix`'s).
+
+Importing this module loads no Prefect (the CLI's start imports `choose`): `earlier_run`
+and `mark_crashed` import it when they are called.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
-from flows.config import ConfigError
+from flows.config import ConfigError, load_plan
+from flows.names import FLOW_NAME
+from flows.process.holders import holder_alive
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
 
 UNFINISHED = frozenset({"Running", "Pending", "Scheduled", "AwaitingRetry", "Retrying"})
 """Task run states that only a run that died leaves behind (the run was not still running:
@@ -35,6 +46,8 @@ class EarlierRun:
 
 @dataclass(frozen=True)
 class RetryChoice:
+    """What `--retry-failed` does with each site of the earlier run."""
+
     rerun: tuple[str, ...]
     skip: dict[str, str]  # site -> note for the summary's `error` column
     why: dict[str, str]  # rerun site -> its earlier outcome
@@ -78,3 +91,112 @@ def choose(earlier: EarlierRun) -> RetryChoice:
             why[site] = outcome.lower()
     rerun = tuple(site for site in earlier.sites if site not in skip)
     return RetryChoice(rerun, skip, why)
+
+
+def earlier_run(ref: str) -> EarlierRun:
+    """The flow run that `--retry-failed REF` resumes: a flow run id, or `last` (the most
+    recently started `site-pipeline` run). Raises `ConfigError` for a REF that names none."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        run = _last_run(client) if ref == "last" else _run_by_id(client, ref)
+        deployment = _deployment_of(client, run)
+        outcomes = _outcomes(client, run.id)
+    params = dict(run.parameters)
+    state = run.state
+    return EarlierRun(
+        id=str(run.id),
+        name=run.name,
+        state=(state.name if state else None) or "Pending",
+        final=bool(state and state.is_final()),
+        parameters=params,
+        sites=_site_list(params),
+        outcomes=outcomes,
+        holder_alive=holder_alive(run.labels),
+        deployment=deployment,
+    )
+
+
+def _last_run(client: SyncPrefectClient) -> FlowRun:
+    """`--retry-failed last`: the flow's most recently started run."""
+    from flows.ops.queries import latest_runs
+    from flows.ops.server import api_target
+
+    found = latest_runs(client, 1)
+    if not found:
+        raise ConfigError([f"--retry-failed last: no {FLOW_NAME} flow run on {api_target()}"])
+    return found[0]
+
+
+def _run_by_id(client: SyncPrefectClient, ref: str) -> FlowRun:
+    """`--retry-failed ID`: that flow run, which must be one of this flow's."""
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.ops.server import api_target
+
+    try:
+        run = client.read_flow_run(UUID(ref))
+    except (ValueError, ObjectNotFound):
+        raise ConfigError(
+            [f"--retry-failed {ref!r}: expected `last` or the id of a flow run on {api_target()}"]
+        ) from None
+    flow = client.read_flow(run.flow_id)
+    if flow.name != FLOW_NAME:
+        raise ConfigError(
+            [
+                f"--retry-failed {ref}: flow run {run.name!r} is of flow {flow.name!r}; "
+                f"expected a {FLOW_NAME} run"
+            ]
+        )
+    return run
+
+
+def _deployment_of(client: SyncPrefectClient, run: FlowRun) -> str | None:
+    """`flow/name` of the deployment that made the run; None for none (or one deleted)."""
+    from prefect.exceptions import ObjectNotFound
+
+    if run.deployment_id is None:
+        return None
+    try:
+        return f"{FLOW_NAME}/{client.read_deployment(run.deployment_id).name}"
+    except ObjectNotFound:
+        return None
+
+
+def _outcomes(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, str]:
+    """Each site's task run state name in the flow run; `Completed` wins over the others
+    (a site with a completed task run succeeded)."""
+    from flows.ops.queries import task_runs
+
+    outcomes: dict[str, str] = {}
+    for task_run in task_runs(client, [flow_run_id], None, 1_000_000):
+        state = task_run.state
+        if outcomes.get(task_run.name) != "Completed":
+            completed = state is not None and state.is_completed()
+            outcomes[task_run.name] = (
+                "Completed" if completed else (state.name if state else None) or "Pending"
+            )
+    return outcomes
+
+
+def _site_list(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """The run's site list: its `sites` parameter, else its config's sites."""
+    sites = params.get("sites")
+    if not isinstance(sites, list):
+        config_path = params.get("config_path")
+        sites = list(load_plan(config_path if isinstance(config_path, str) else None).sites)
+    return tuple(str(site) for site in sites)
+
+
+def mark_crashed(
+    flow_run_id: str | UUID, message: str, client: SyncPrefectClient | None = None
+) -> None:
+    """Set a flow run left Running by a dead process to Crashed (forced: it is over)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    if client is None:
+        with get_client(sync_client=True) as own:
+            mark_crashed(flow_run_id, message, own)
+        return
+    client.set_flow_run_state(UUID(str(flow_run_id)), Crashed(message=message), force=True)

@@ -1,0 +1,94 @@
+"""`site-pipeline doctor`: the server, the concurrency limit, slots held by dead processes
+and flow runs whose process is gone; with `--fix`, the slots are given back and the runs
+marked Crashed."""
+
+from __future__ import annotations
+
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.exceptions import ObjectNotFound
+
+from flows.config import RunPlan
+from flows.ops.queries import PAGE, of_the_flow
+from flows.ops.resume import mark_crashed
+from flows.process.holders import HOST_LABEL, PID_LABEL, holder_alive
+from flows.slots.prefect_api import reclaim
+
+
+def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
+    """What `site-pipeline doctor` reports, and whether all is well (after `fix`).
+
+    - the server's version, and the concurrency limit against the config's cap;
+    - slots still held by pools of dead processes on this host (`flows.slots.ledger`);
+    - `site-pipeline` flow runs Running or Pending whose process is gone (by the labels the
+      flow sets, `flows.process.holders.HOLDER_LABELS`); with `fix`, they are marked Crashed
+      and the slots are given back.
+    """
+    with get_client(sync_client=True) as client:
+        lines = [f"server version: {client.api_version()}"]
+        if plan is not None:
+            lines.append(_limit_line(client, plan))
+        freed = reclaim(client, dry_run=not fix)
+        lines.extend(freed or ["no slots held by dead processes on this host"])
+        stuck_lines, found = _stuck_runs(client, fix)
+        lines.extend(stuck_lines)
+    return lines, fix or not (freed or found)
+
+
+def _limit_line(client: SyncPrefectClient, plan: RunPlan) -> str:
+    """The concurrency limit on the server against the config's cap."""
+    tag, cap = plan.config.concurrency_tag, plan.max_concurrent_sites
+    try:
+        limit = client.read_global_concurrency_limit_by_name(tag)
+    except ObjectNotFound:
+        return f"limit {tag!r}: missing (config: {cap}); `setup` or a run creates it"
+    same = "matches the config" if limit.limit == cap else f"config says {cap}"
+    return f"limit {tag!r}: {limit.limit} ({same}), {limit.active_slots} slot(s) in use"
+
+
+def _stuck_runs(client: SyncPrefectClient, fix: bool) -> tuple[list[str], int]:
+    """A line per unfinished flow run whose process is gone or can't be checked, and how
+    many are gone (with `fix`, marked Crashed)."""
+    unfinished = client.read_flow_runs(
+        flow_filter=of_the_flow(),
+        flow_run_filter=FlowRunFilter(
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=[StateType.RUNNING, StateType.PENDING])
+            )
+        ),
+        limit=PAGE,
+    )
+    lines: list[str] = []
+    found = 0
+    for run in unfinished:
+        alive = holder_alive(run.labels)
+        if alive is None:
+            where = run.labels.get(HOST_LABEL, "an unknown host")
+            lines.append(
+                f"flow run {run.name} ({run.id}) is {run.state_name}; its process is on "
+                f"{where}, which this host can't check"
+            )
+        elif not alive:
+            found += 1
+            lines.append(_gone(client, run, fix))
+    if not found:
+        lines.append("no flow runs left Running by a dead process on this host")
+    return lines, found
+
+
+def _gone(client: SyncPrefectClient, run: FlowRun, fix: bool) -> str:
+    """A flow run whose process is gone: marked Crashed with `fix`; the line that says so."""
+    pid = run.labels.get(PID_LABEL)
+    if not fix:
+        return (
+            f"flow run {run.name} ({run.id}) is {run.state_name} but its process "
+            f"({pid}) is gone; `doctor --fix` marks it Crashed"
+        )
+    where = run.labels.get(HOST_LABEL, "an unknown host")
+    mark_crashed(run.id, f"its process ({pid} on {where}) is gone (doctor --fix)", client)
+    return f"flow run {run.name} ({run.id}): process {pid} gone; Crashed"
