@@ -35,6 +35,8 @@ PLAIN = [
     "flows.slots.order",
     "flows.slots.ledger",
     "flows.cli",  # the CLI's start: its exit-2 paths must not wait for Prefect to load
+    "flows.ops",  # its names load on first use
+    "flows.ops.resume",
     *sorted(f"flows.process.{m.name}" for m in pkgutil.iter_modules(flows.process.__path__)),
 ]
 """Every module of `flows/process/` is plain, whatever is added there."""

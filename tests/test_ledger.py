@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import psutil
 import pytest
@@ -24,7 +24,7 @@ def dead_labels() -> dict[str, str]:
     return holder_labels(child.pid, started)
 
 
-def held_leases(path: Path) -> dict[object, str] | None:
+def held_leases(path: Path) -> dict[UUID, str] | None:
     found = ledger.read(path)
     return None if found is None else dict(found.leases)
 

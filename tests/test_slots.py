@@ -11,20 +11,25 @@ from typing import Any
 
 import pytest
 
-from flows.slots.pool import SlotError, SlotPool
+from flows.slots.pool import PoolSettings, SlotError, SlotPool
 from tests.fakes.slot_api import FakeLimit, FakeSlotApi, wait_for
 
 
 @contextmanager
-def pool_on(limit: FakeLimit, sites: Sequence[str], **options: Any) -> Iterator[SlotPool]:
-    pool = SlotPool("cap", sites, FakeSlotApi(limit), **options)
+def pool_on(
+    limit: FakeLimit, sites: Sequence[str], settings: PoolSettings | None = None, **hooks: Any
+) -> Iterator[SlotPool]:
+    """A pool on `limit` (default settings unless given), closed after the block."""
+    pool = SlotPool("cap", sites, FakeSlotApi(limit), settings or PoolSettings(), **hooks)
     try:
         yield pool
     finally:
         pool.close()
 
 
-def run_site(pool: SlotPool, site: str, order: list[str], hold: float, finish: bool = True):
+def run_site(
+    pool: SlotPool, site: str, order: list[str], hold: float, finish: bool = True
+) -> threading.Thread:
     """A thread body: take a slot for `site`, note the order, hold it, give it back."""
 
     def body() -> None:
@@ -41,7 +46,7 @@ def test_slots_go_to_sites_in_list_order() -> None:
     """With one slot, sites that ask in reverse order still start in list order."""
     sites = ["a", "b", "c", "d"]
     order: list[str] = []
-    with pool_on(FakeLimit(1), sites, patience=10) as pool:
+    with pool_on(FakeLimit(1), sites, PoolSettings(patience=10)) as pool:
         threads = [run_site(pool, site, order, hold=0.05) for site in reversed(sites)]
         for thread in threads:
             thread.start()
@@ -55,7 +60,7 @@ def test_a_retry_of_a_started_site_goes_before_a_later_first_attempt() -> None:
     """A started site's retry needs no turn in line; a first attempt out of order waits."""
     order: list[str] = []
     # 'a' never asks, so 'b' and 'c' are out of line until `patience` (1 s) passes.
-    with pool_on(FakeLimit(1), ["a", "b", "c"], patience=1.0) as pool:
+    with pool_on(FakeLimit(1), ["a", "b", "c"], PoolSettings(patience=1.0)) as pool:
         first = run_site(pool, "c", order, hold=0.0, finish=False)
         first.start()
         first.join(10)  # c started after 1 s of patience; its retry is due
@@ -73,7 +78,7 @@ def test_a_retry_goes_before_the_next_first_attempt() -> None:
     """One slot; 'a' failed its first attempt and waits to retry while 'c' waits for its first:
     when 'b' gives the slot back, 'a' (earlier in the list, already started) gets it."""
     order: list[str] = []
-    with pool_on(FakeLimit(1), ["a", "b", "c"], patience=10) as pool:
+    with pool_on(FakeLimit(1), ["a", "b", "c"], PoolSettings(patience=10)) as pool:
         first = run_site(pool, "a", order, hold=0.0, finish=False)
         first.start()
         first.join(5)
@@ -94,7 +99,7 @@ def test_after_a_fair_share_release_the_pool_lets_others_ask_first() -> None:
     """A slot given back for fair share is not asked for again by the same pool at once:
     its next acquire comes at least a few polls after the release."""
     limit = FakeLimit(1)
-    with pool_on(limit, ["a", "b"], fair_share=0.0, poll=0.05) as pool:
+    with pool_on(limit, ["a", "b"], PoolSettings(fair_share=0.0, poll=0.05)) as pool:
         waiter = run_site(pool, "b", [], hold=0.0)
         with pool.slot("a"):
             waiter.start()
@@ -124,7 +129,7 @@ def test_an_unused_slot_lingers_then_goes_back_to_the_server() -> None:
     """A slot given back while sites remain is parked (no API call), then returned after
     `linger` seconds when nobody asked for it."""
     limit = FakeLimit(2)
-    with pool_on(limit, ["a", "b"], linger=0.5) as pool:
+    with pool_on(limit, ["a", "b"], PoolSettings(linger=0.5)) as pool:
         with pool.slot("a"):
             assert limit.active == 1
         time.sleep(0.1)
@@ -145,7 +150,7 @@ def test_without_parking_a_slot_is_back_on_the_server_when_the_block_ends() -> N
 def test_a_parked_slot_is_handed_over_without_asking_the_server() -> None:
     """The next site takes the parked slot: one acquire served two sites."""
     limit = FakeLimit(1)
-    with pool_on(limit, ["a", "b"], linger=5) as pool:
+    with pool_on(limit, ["a", "b"], PoolSettings(linger=5)) as pool:
         with pool.slot("a"):
             pass
         pool.site_finished("a")
@@ -161,8 +166,8 @@ def test_fair_share_gives_a_second_pool_a_turn() -> None:
     busy_sites = [f"a{i}" for i in range(30)]
     order: list[str] = []
     with (
-        pool_on(limit, busy_sites, fair_share=0.3) as busy,
-        pool_on(limit, ["b"], fair_share=0.3) as other,
+        pool_on(limit, busy_sites, PoolSettings(fair_share=0.3)) as busy,
+        pool_on(limit, ["b"], PoolSettings(fair_share=0.3)) as other,
     ):
 
         def busy_body() -> None:
@@ -210,7 +215,9 @@ def test_a_failing_api_warns_then_fails_waiting_sites_after_api_patience(
     after `api_patience` s the waiting site gets SlotError; a running site is not touched."""
     limit = FakeLimit(2)
     api = FakeSlotApi(limit)
-    pool = SlotPool("cap", ["a", "b"], api, api_patience=1.0, warn_every=0.4, warn_after=0)
+    pool = SlotPool(
+        "cap", ["a", "b"], api, PoolSettings(api_patience=1.0, warn_every=0.4, warn_after=0)
+    )
     errors: list[str] = []
     running_done = threading.Event()
     try:
@@ -253,7 +260,7 @@ def test_a_short_failure_heals_without_failing_anyone_or_warning(
     waiting site: no error, no warning."""
     limit = FakeLimit(1)
     api = FakeSlotApi(limit)
-    pool = SlotPool("cap", ["a"], api, api_patience=5, warn_after=2)
+    pool = SlotPool("cap", ["a"], api, PoolSettings(api_patience=5, warn_after=2))
     api.down = "HTTP 503 Service Unavailable"
     threading.Timer(0.5, lambda: setattr(api, "down", None)).start()
     try:
@@ -282,7 +289,7 @@ def test_an_expired_lease_is_not_given_back_twice() -> None:
     by name again, which would free a slot someone else holds."""
     limit = FakeLimit(2)
     api = FakeSlotApi(limit)
-    pool = SlotPool("cap", ["a"], api, lease_seconds=0.3)
+    pool = SlotPool("cap", ["a"], api, PoolSettings(lease_seconds=0.3))
     try:
         with pool.slot("a"):
             api.renew_down = True  # the keeper can't renew it
@@ -301,7 +308,7 @@ def test_waiting_sites_do_not_spin_when_patience_is_zero() -> None:
     """patience=0 (a Dask worker's pool): 4 sites waiting a second for a slot cost little CPU,
     not a busy loop."""
     limit = FakeLimit(1)
-    with pool_on(limit, ["a", "b", "c", "d", "e"], patience=0, park=False) as pool:
+    with pool_on(limit, ["a", "b", "c", "d", "e"], PoolSettings(patience=0), park=False) as pool:
         order: list[str] = []
         with pool.slot("a"):
             waiters = [run_site(pool, site, order, hold=0.0) for site in "bcde"]

@@ -1,6 +1,8 @@
 """The cap: slots of a Prefect global concurrency limit, handed out to one flow run's sites.
 
-- `pool`: `SlotPool`, the plain pool (threads, leases, fair share), on any `SlotApi`;
+- `pool`: `SlotPool`, the plain pool (threads, leases, fair share), on any `SlotApi`,
+  tuned by a `PoolSettings`;
+- `order`: `HandOutOrder`, which waiting site gets the next slot (pure, no threads);
 - `ledger`: the file of leases a pool holds, for cleanup after a crash.
 - `prefect_api`: the pool's Prefect side (the lease endpoints through Prefect's client),
   opening a pool on the current API, and reclaiming a dead pool's slots;
@@ -10,6 +12,22 @@ This package's surface (re-exported here) is plain Python; `prefect_api` and `sh
 import Prefect and are imported by name.
 """
 
-from flows.slots.pool import ApiUnavailable, LeaseLedger, SlotApi, SlotError, SlotPool
+from flows.slots.order import HandOutOrder
+from flows.slots.pool import (
+    ApiUnavailable,
+    LeaseLedger,
+    PoolSettings,
+    SlotApi,
+    SlotError,
+    SlotPool,
+)
 
-__all__ = ["ApiUnavailable", "LeaseLedger", "SlotApi", "SlotError", "SlotPool"]
+__all__ = [
+    "ApiUnavailable",
+    "HandOutOrder",
+    "LeaseLedger",
+    "PoolSettings",
+    "SlotApi",
+    "SlotError",
+    "SlotPool",
+]

@@ -11,7 +11,8 @@ the tests use an in-memory fake. Why not Prefect's automatic tag limit, read fro
 - On SQLite a busy database answers 503, and the Prefect client sleeps about 2 s before it
   retries; the serialized queue waits behind that sleep too.
 
-The rules here:
+The tuning (`linger`, `poll`, `patience`, `fair_share`, `api_patience`, `warn_every`,
+`warn_after`, `lease_seconds`) is one `PoolSettings`. The rules here:
 
 - A slot is taken right before a pipeline process starts and given back when it ends, so a
   site sleeping before its retry holds nothing.
@@ -22,9 +23,10 @@ The rules here:
   sites left. A lease reused for more than `fair_share` seconds goes back to the server when
   its pipeline ends, and the broker waits a few polls before asking again, so a concurrent
   flow run on the same limit gets its turn.
-- Slots go to sites in list order: with k slots parked, a site's first attempt waits until
-  all but k - 1 of the sites before it have started (for at most `patience` seconds, so a
-  site that never asks can't block the others). Retries of started sites come first.
+- Slots go to sites in list order (`flows.slots.order`): with k slots parked, a site's
+  first attempt waits until all but k - 1 of the sites before it have started (for at most
+  `patience` seconds, so a site that never asks can't block the others). Retries of
+  started sites come first.
 - `prefetch` slots are asked for before any thread waits, and kept until a site takes one.
 - `park=False` (a process that may end at any moment, like a Dask worker): a slot no thread
   of this process waits for goes back to the server at once, before `slot()` returns, so
@@ -54,6 +56,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 from uuid import UUID
+
+from flows.slots.order import HandOutOrder
 
 logger = logging.getLogger("site_pipeline.slots")
 
@@ -110,6 +114,20 @@ class LeaseLedger(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class PoolSettings:
+    """A pool's tuning, in seconds (see the module docstring for what each one does)."""
+
+    linger: float = 1.0  # how long a slot nobody waits for stays parked
+    poll: float = 0.05  # how often the broker asks a full server again
+    patience: float = 2.0  # how long a first attempt out of line waits for its turn
+    fair_share: float = 30.0  # how long a lease is reused before it goes back
+    api_patience: float = 300.0  # how long the API may fail before waiting sites fail
+    warn_every: float = 30.0  # how often a failing API is warned about
+    warn_after: float = 1.0  # how long the API fails before the first warning
+    lease_seconds: float = LEASE_SECONDS  # each lease's duration on the server
+
+
 @dataclass
 class _Lease:
     acquired_at: float  # for fair_share
@@ -117,272 +135,37 @@ class _Lease:
     lost: bool = False  # the server forgot it (a restart) but still counts its slot
 
 
-class SlotPool:
-    """Slots of the global concurrency limit `name` for one flow run over `sites`."""
+class LeaseBook:
+    """The leases one pool holds: noting, renewing and giving them back to the server.
+
+    A server that restarts with leases in memory forgets them but still counts their
+    slots; a lease it no longer knows, though it confirmed it less than a lease duration
+    ago, was lost that way, and its slot is given back by name."""
 
     def __init__(
-        self,
-        name: str,
-        sites: Sequence[str],
-        api: SlotApi,
-        *,
-        linger: float = 1.0,
-        poll: float = 0.05,
-        patience: float = 2.0,
-        fair_share: float = 30.0,
-        prefetch: int = 0,
-        api_patience: float = 300.0,
-        warn_every: float = 30.0,
-        warn_after: float = 1.0,
-        lease_seconds: float = LEASE_SECONDS,
-        on_tick: Callable[[], None] | None = None,
-        on_close: Callable[[], None] | None = None,
-        ledger: LeaseLedger | None = None,
-        park: bool = True,
+        self, name: str, api: SlotApi, lease_seconds: float, ledger: LeaseLedger | None
     ) -> None:
         self.name = name
         self._api = api
-        self._index = {site: i for i, site in enumerate(sites)}
-        self._linger = linger
-        self._poll = poll
-        self._patience = patience
-        self._fair_share = fair_share
-        self._api_patience = api_patience
-        self._warn_every = warn_every
-        self._warn_after = warn_after
         self._lease_seconds = lease_seconds
-        self._on_tick = on_tick
-        self._on_close = on_close
         self._ledger = ledger
-        self._park = park
         self._leases: dict[UUID, _Lease] = {}
-        self._cond = threading.Condition()
-        self._parked: list[tuple[UUID, float]] = []
-        self._in_use: set[UUID] = set()
-        self._waiting: dict[int, float] = {}  # site index -> when it began to wait
-        self._started: set[int] = set()
-        self._finished: set[int] = set()
-        self._frontier = 0  # lowest index that has neither started nor finished
-        self._hold_off_until = 0.0  # after a fair-share release, let other runs ask first
-        self._prefetch = min(prefetch, len(sites))
-        self._closed = False
-        self._error: SlotError | None = None
-        self._stopped = threading.Event()
-        self._releases: queue.SimpleQueue[UUID | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._broker, name=f"slots-broker-{name}", daemon=True),
-            threading.Thread(target=self._keeper, name=f"slots-keeper-{name}", daemon=True),
-            threading.Thread(target=self._releaser, name=f"slots-release-{name}", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
 
-    # -- public ---------------------------------------------------------------
+    def took(self, lease: UUID, now: float) -> None:
+        """The server granted `lease` at `now`."""
+        self._leases[lease] = _Lease(acquired_at=now, confirmed_at=now)
+        if self._ledger is not None:
+            self._ledger.held(lease, self.name)
 
-    @contextmanager
-    def slot(self, site: str) -> Iterator[None]:
-        """Hold one slot for `site` for the duration of the block. Raises `SlotError`."""
-        lease = self._acquire(self._index[site])
-        try:
-            yield
-        finally:
-            self._give_back(lease)
+    def acquired_at(self, lease: UUID) -> float | None:
+        """When `lease` was granted; None once it went back."""
+        info = self._leases.get(lease)
+        return None if info is None else info.acquired_at
 
-    def site_finished(self, site: str) -> None:
-        """`site` reached its final outcome: it will not ask for a slot again."""
-        with self._cond:
-            self._finished.add(self._index[site])
-            self._advance()
-            self._cond.notify_all()
+    def give_back(self, lease: UUID) -> None:
+        """Release `lease`; if the server lost it (a restart), give its slot back by name.
 
-    def close(self) -> None:
-        """Give every lease back to the server and stop the pool's threads."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._stopped.set()
-        broker, keeper, releaser = self._threads
-        broker.join(timeout=10)  # it may still bring one lease; it releases that itself
-        keeper.join(timeout=10)
-        with self._cond:
-            leases = [lease for lease, _ in self._parked] + list(self._in_use)
-            self._parked.clear()
-            self._in_use.clear()
-        for lease in leases:
-            self._releases.put(lease)
-        self._releases.put(None)
-        releaser.join(timeout=self._api_patience + 5)
-        if self._ledger is not None and not self._leases:
-            self._ledger.close()
-        if self._on_close is not None:
-            self._on_close()
-
-    # -- hand-out (call with the lock held where noted) -----------------------
-
-    def _advance(self) -> None:
-        # Lock held.
-        while self._frontier in self._started or self._frontier in self._finished:
-            self._frontier += 1
-
-    def _next_in_line(self, now: float) -> int | None:
-        """The waiting site that gets the next slot (lock held)."""
-        # With k slots parked, the first k sites not yet started may take them in any
-        # order (no one behind them waits for nothing); with one, it's the next in line.
-        horizon = self._frontier + max(0, len(self._parked) - 1)
-        eligible = [
-            index
-            for index, since in self._waiting.items()
-            if index in self._started or index <= horizon or now - since >= self._patience
-        ]
-        return min(eligible) if eligible else None
-
-    def _acquire(self, index: int) -> UUID:
-        with self._cond:
-            self._waiting[index] = time.monotonic()
-            self._cond.notify_all()  # wake the broker
-            try:
-                while True:
-                    if self._error is not None:
-                        raise self._error
-                    if self._closed:
-                        raise SlotError(f"slot pool for {self.name!r} is closed")
-                    if self._parked and self._next_in_line(time.monotonic()) == index:
-                        break
-                    # Timed wait: `patience` can make this site eligible with no notify.
-                    # (With no patience every waiter is eligible: a hand-over notifies.)
-                    self._cond.wait(self._patience / 4 if self._patience > 0 else 1.0)
-                lease, _ = self._parked.pop()
-                self._prefetch = 0  # sites ask now: demand is what waits
-                self._in_use.add(lease)
-                self._started.add(index)
-                self._advance()
-                self._cond.notify_all()
-                return lease
-            finally:
-                del self._waiting[index]
-
-    def _give_back(self, lease: UUID) -> None:
-        with self._cond:
-            self._in_use.discard(lease)
-            unfinished = len(self._index) - len(self._finished)
-            info = self._leases.get(lease)
-            fresh = info is not None and time.monotonic() - info.acquired_at < self._fair_share
-            # Keep it (briefly) only while a thread waits or a site of this run may ask,
-            # and only for `fair_share` seconds in all: then other flow runs get a turn.
-            wanted = len(self._waiting) > len(self._parked) or (
-                self._park and unfinished > len(self._in_use)
-            )
-            if not self._closed and fresh and wanted:
-                self._parked.append((lease, time.monotonic()))
-                self._cond.notify_all()
-                return
-            if not fresh:  # its turn is over: don't race other flow runs for this slot
-                self._hold_off_until = time.monotonic() + 4 * self._poll
-        if self._park:
-            self._releases.put(lease)
-        else:
-            self._release_now(lease)
-
-    def _release_now(self, lease: UUID) -> None:
-        """Give `lease` back before returning (retrying while the API fails)."""
-        deadline = time.monotonic() + self._api_patience
-        while True:
-            try:
-                self._return_to_server(lease)
-                return
-            except SlotError as exc:
-                logger.warning("could not give back slot lease %s: %s", lease, exc)
-                return
-            except ApiUnavailable as exc:
-                if time.monotonic() > deadline:
-                    logger.warning(
-                        "could not give back slot lease %s of %r to %s: %s",
-                        lease,
-                        self.name,
-                        self._api.url,
-                        exc.status,
-                    )
-                    return
-                time.sleep(self._poll)
-
-    def _demand(self) -> int:
-        """How many slots this run wants parked right now (lock held)."""
-        return max(len(self._waiting), self._prefetch)
-
-    # -- threads --------------------------------------------------------------
-
-    def _broker(self) -> None:
-        """Ask the server for a slot whenever more threads wait than slots are parked."""
-        failing_since: float | None = None
-        warned_at = -float("inf")
-        while True:
-            with self._cond:
-                while not self._closed and self._demand() <= len(self._parked):
-                    self._cond.wait()
-                if self._closed:
-                    return
-                hold_off = self._hold_off_until - time.monotonic()
-                if hold_off > 0:
-                    self._cond.wait(hold_off)
-                    continue
-            try:
-                lease = self._api.acquire(self.name, self._lease_seconds)
-            except SlotError as exc:
-                self._fail(exc)
-                return
-            except ApiUnavailable as exc:
-                now = time.monotonic()
-                failing_since = now if failing_since is None else failing_since
-                failing_for = now - failing_since
-                if failing_for >= self._warn_after and now - warned_at >= self._warn_every:
-                    warned_at = now
-                    logger.warning(
-                        "could not get a concurrency slot of %r from %s: %s; retrying, "
-                        "waiting sites give up after %gs",
-                        self.name,
-                        self._api.url,
-                        exc.status,
-                        self._api_patience,
-                    )
-                if failing_for >= self._api_patience:
-                    self._fail(
-                        SlotError(
-                            f"could not get a concurrency slot from {self._api.url}: {exc.status}"
-                        )
-                    )
-                    return
-                with self._cond:  # ask less often while it fails
-                    self._cond.wait(min(1.0, self._poll * 10))
-                continue
-            failing_since = None
-            with self._cond:
-                if lease is None:
-                    # Full: wait for the next poll (a local hand-over needs no broker).
-                    self._cond.wait(self._poll * random.uniform(0.8, 1.2))  # noqa: S311
-                    continue
-                now = time.monotonic()
-                self._leases[lease] = _Lease(acquired_at=now, confirmed_at=now)
-                if self._ledger is not None:
-                    self._ledger.held(lease, self.name)
-                if not self._closed:
-                    self._parked.append((lease, now))
-                    self._cond.notify_all()
-                    continue
-            self._releases.put(lease)
-            return
-
-    def _fail(self, error: SlotError) -> None:
-        with self._cond:
-            self._error = error
-            self._cond.notify_all()
-
-    def _releaser(self) -> None:
-        """Give queued leases back until `None` arrives, retrying while the API fails."""
-        while (lease := self._releases.get()) is not None:
-            self._release_now(lease)
-
-    def _return_to_server(self, lease: UUID) -> None:
-        """Release `lease`; if the server lost it (a restart), give its slot back by name."""
+        Raises `ApiUnavailable`, or `SlotError` when the server refuses for good."""
         info = self._leases.get(lease)
         if info is None:
             return
@@ -395,45 +178,8 @@ class SlotPool:
         if self._ledger is not None:
             self._ledger.given_back(lease)
 
-    def _lost(self, lease: UUID, info: _Lease) -> bool:
-        """The server doesn't know `lease`: lost in a restart (True) or expired (False)."""
-        info.lost = time.monotonic() - info.confirmed_at < self._lease_seconds
-        if info.lost:
-            logger.warning(
-                "the server at %s no longer knows slot lease %s of %r (did it restart?); "
-                "its slot is given back by name",
-                self._api.url,
-                lease,
-                self.name,
-            )
-        else:
-            logger.warning("slot lease %s of %r expired on the server", lease, self.name)
-        return info.lost
-
-    def _keeper(self) -> None:
-        """Return slots parked longer than `linger` seconds, and renew held leases."""
-        next_renewal = time.monotonic() + self._lease_seconds / 3
-        while not self._stopped.wait(min(self._linger / 2, 0.25)):
-            if self._on_tick is not None:
-                self._on_tick()
-            with self._cond:
-                now = time.monotonic()
-                surplus = len(self._parked) - self._demand()
-                stale = [lease for lease, since in self._parked if now - since >= self._linger]
-                stale = stale[: max(0, surplus)]
-                self._parked = [(lease, s) for lease, s in self._parked if lease not in stale]
-                renew = (
-                    [lease for lease, _ in self._parked] + list(self._in_use)
-                    if now >= next_renewal
-                    else []
-                )
-            for lease in stale:
-                self._releases.put(lease)
-            if renew:
-                next_renewal = now + self._lease_seconds / 3
-                self._renew(renew)
-
-    def _renew(self, leases: list[UUID]) -> None:
+    def renew(self, leases: list[UUID]) -> None:
+        """Extend `leases` on the server, noting the ones it lost."""
         for lease in leases:
             try:
                 known = self._api.renew(lease, self._lease_seconds)
@@ -453,3 +199,293 @@ class SlotPool:
                 info.confirmed_at = time.monotonic()
             else:
                 self._lost(lease, info)
+
+    def close(self) -> None:
+        """Close the ledger, if every lease went back (else its file stays, for cleanup)."""
+        if self._ledger is not None and not self._leases:
+            self._ledger.close()
+
+    def _lost(self, lease: UUID, info: _Lease) -> bool:
+        """The server doesn't know `lease`: lost in a restart (True) or expired (False)."""
+        info.lost = time.monotonic() - info.confirmed_at < self._lease_seconds
+        if info.lost:
+            logger.warning(
+                "the server at %s no longer knows slot lease %s of %r (did it restart?); "
+                "its slot is given back by name",
+                self._api.url,
+                lease,
+                self.name,
+            )
+        else:
+            logger.warning("slot lease %s of %r expired on the server", lease, self.name)
+        return info.lost
+
+
+@dataclass
+class _Outage:
+    """The broker's view of a failing API."""
+
+    since: float | None = None  # when the API began to fail
+    warned_at: float = -float("inf")
+
+
+class SlotPool:
+    """Slots of the global concurrency limit `name` for one flow run over `sites`."""
+
+    def __init__(
+        self,
+        name: str,
+        sites: Sequence[str],
+        api: SlotApi,
+        settings: PoolSettings = PoolSettings(),  # frozen: one shared default is safe
+        *,
+        prefetch: int = 0,
+        park: bool = True,
+        on_tick: Callable[[], None] | None = None,
+        on_close: Callable[[], None] | None = None,
+        ledger: LeaseLedger | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self._api = api
+        self._order = HandOutOrder(sites, settings.patience)
+        self._book = LeaseBook(name, api, settings.lease_seconds, ledger)
+        self._on_tick = on_tick
+        self._on_close = on_close
+        self._park = park
+        self._cond = threading.Condition()
+        self._parked: list[tuple[UUID, float]] = []
+        self._in_use: set[UUID] = set()
+        self._hold_off_until = 0.0  # after a fair-share release, let other runs ask first
+        self._prefetch = min(prefetch, len(sites))
+        self._closed = False
+        self._error: SlotError | None = None
+        self._stopped = threading.Event()
+        self._releases: queue.SimpleQueue[UUID | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._broker, name=f"slots-broker-{name}", daemon=True),
+            threading.Thread(target=self._keeper, name=f"slots-keeper-{name}", daemon=True),
+            threading.Thread(target=self._releaser, name=f"slots-release-{name}", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- public ---------------------------------------------------------------
+
+    @contextmanager
+    def slot(self, site: str) -> Iterator[None]:
+        """Hold one slot for `site` for the duration of the block. Raises `SlotError`."""
+        lease = self._acquire(site)
+        try:
+            yield
+        finally:
+            self._give_back(lease)
+
+    def site_finished(self, site: str) -> None:
+        """`site` reached its final outcome: it will not ask for a slot again."""
+        with self._cond:
+            self._order.finished(site)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Give every lease back to the server and stop the pool's threads."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._stopped.set()
+        broker, keeper, releaser = self._threads
+        broker.join(timeout=10)  # it may still bring one lease; it releases that itself
+        keeper.join(timeout=10)
+        with self._cond:
+            leases = [lease for lease, _ in self._parked] + list(self._in_use)
+            self._parked.clear()
+            self._in_use.clear()
+        for lease in leases:
+            self._releases.put(lease)
+        self._releases.put(None)
+        releaser.join(timeout=self.settings.api_patience + 5)
+        self._book.close()
+        if self._on_close is not None:
+            self._on_close()
+
+    # -- hand-out -------------------------------------------------------------
+
+    def _acquire(self, site: str) -> UUID:
+        patience = self.settings.patience
+        with self._cond:
+            self._order.wait(site, time.monotonic())
+            self._cond.notify_all()  # wake the broker
+            try:
+                while True:
+                    if self._error is not None:
+                        raise self._error
+                    if self._closed:
+                        raise SlotError(f"slot pool for {self.name!r} is closed")
+                    parked = len(self._parked)
+                    if parked and self._order.next_in_line(parked, time.monotonic()) == site:
+                        break
+                    # Timed wait: `patience` can make this site eligible with no notify.
+                    # (With no patience every waiter is eligible: a hand-over notifies.)
+                    self._cond.wait(patience / 4 if patience > 0 else 1.0)
+                lease, _ = self._parked.pop()
+                self._prefetch = 0  # sites ask now: demand is what waits
+                self._in_use.add(lease)
+                self._order.started(site)
+                self._cond.notify_all()
+                return lease
+            finally:
+                self._order.stop_waiting(site)
+
+    def _give_back(self, lease: UUID) -> None:
+        with self._cond:
+            self._in_use.discard(lease)
+            acquired_at = self._book.acquired_at(lease)
+            fresh = (
+                acquired_at is not None
+                and time.monotonic() - acquired_at < self.settings.fair_share
+            )
+            # Keep it (briefly) only while a thread waits or a site of this run may ask,
+            # and only for `fair_share` seconds in all: then other flow runs get a turn.
+            wanted = self._order.waiting > len(self._parked) or (
+                self._park and self._order.unfinished > len(self._in_use)
+            )
+            if not self._closed and fresh and wanted:
+                self._parked.append((lease, time.monotonic()))
+                self._cond.notify_all()
+                return
+            if not fresh:  # its turn is over: don't race other flow runs for this slot
+                self._hold_off_until = time.monotonic() + 4 * self.settings.poll
+        if self._park:
+            self._releases.put(lease)
+        else:
+            self._release_now(lease)
+
+    def _release_now(self, lease: UUID) -> None:
+        """Give `lease` back before returning (retrying while the API fails)."""
+        deadline = time.monotonic() + self.settings.api_patience
+        while True:
+            try:
+                self._book.give_back(lease)
+                return
+            except SlotError as exc:
+                logger.warning("could not give back slot lease %s: %s", lease, exc)
+                return
+            except ApiUnavailable as exc:
+                if time.monotonic() > deadline:
+                    logger.warning(
+                        "could not give back slot lease %s of %r to %s: %s",
+                        lease,
+                        self.name,
+                        self._api.url,
+                        exc.status,
+                    )
+                    return
+                time.sleep(self.settings.poll)
+
+    def _demand(self) -> int:
+        """How many slots this run wants parked right now (lock held)."""
+        return max(self._order.waiting, self._prefetch)
+
+    # -- threads --------------------------------------------------------------
+
+    def _broker(self) -> None:
+        """Ask the server for a slot whenever more threads wait than slots are parked."""
+        outage = _Outage()
+        while self._wait_for_demand():
+            try:
+                lease = self._api.acquire(self.name, self.settings.lease_seconds)
+            except SlotError as exc:
+                self._fail(exc)
+                return
+            except ApiUnavailable as exc:
+                if self._gave_up(outage, exc):
+                    return
+                with self._cond:  # ask less often while it fails
+                    self._cond.wait(min(1.0, self.settings.poll * 10))
+                continue
+            outage.since = None
+            with self._cond:
+                if lease is None:
+                    # Full: wait for the next poll (a local hand-over needs no broker).
+                    self._cond.wait(self.settings.poll * random.uniform(0.8, 1.2))  # noqa: S311
+                    continue
+                now = time.monotonic()
+                self._book.took(lease, now)
+                if not self._closed:
+                    self._parked.append((lease, now))
+                    self._cond.notify_all()
+                    continue
+            self._releases.put(lease)
+            return
+
+    def _wait_for_demand(self) -> bool:
+        """Wait until more slots are wanted than parked and no hold-off is on; False once
+        the pool is closed."""
+        with self._cond:
+            while True:
+                while not self._closed and self._demand() <= len(self._parked):
+                    self._cond.wait()
+                if self._closed:
+                    return False
+                hold_off = self._hold_off_until - time.monotonic()
+                if hold_off <= 0:
+                    return True
+                self._cond.wait(hold_off)
+
+    def _gave_up(self, outage: _Outage, exc: ApiUnavailable) -> bool:
+        """Note a failed acquire: warn now and then; after `api_patience` seconds of
+        failing, fail every waiting site (True)."""
+        settings = self.settings
+        now = time.monotonic()
+        outage.since = now if outage.since is None else outage.since
+        failing_for = now - outage.since
+        if failing_for >= settings.warn_after and now - outage.warned_at >= settings.warn_every:
+            outage.warned_at = now
+            logger.warning(
+                "could not get a concurrency slot of %r from %s: %s; retrying, "
+                "waiting sites give up after %gs",
+                self.name,
+                self._api.url,
+                exc.status,
+                settings.api_patience,
+            )
+        if failing_for < settings.api_patience:
+            return False
+        self._fail(
+            SlotError(f"could not get a concurrency slot from {self._api.url}: {exc.status}")
+        )
+        return True
+
+    def _fail(self, error: SlotError) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def _releaser(self) -> None:
+        """Give queued leases back until `None` arrives, retrying while the API fails."""
+        while (lease := self._releases.get()) is not None:
+            self._release_now(lease)
+
+    def _keeper(self) -> None:
+        """Return slots parked longer than `linger` seconds, and renew held leases."""
+        linger, lease_seconds = self.settings.linger, self.settings.lease_seconds
+        next_renewal = time.monotonic() + lease_seconds / 3
+        while not self._stopped.wait(min(linger / 2, 0.25)):
+            if self._on_tick is not None:
+                self._on_tick()
+            with self._cond:
+                now = time.monotonic()
+                surplus = len(self._parked) - self._demand()
+                stale = [lease for lease, since in self._parked if now - since >= linger]
+                stale = stale[: max(0, surplus)]
+                self._parked = [(lease, s) for lease, s in self._parked if lease not in stale]
+                renew = (
+                    [lease for lease, _ in self._parked] + list(self._in_use)
+                    if now >= next_renewal
+                    else []
+                )
+            for lease in stale:
+                self._releases.put(lease)
+            if renew:
+                next_renewal = now + lease_seconds / 3
+                self._book.renew(renew)

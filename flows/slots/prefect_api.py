@@ -25,7 +25,7 @@ from flows import _prefect_compat as compat
 from flows.process.holders import PID_LABEL
 from flows.slots import ledger
 from flows.slots.ledger import Ledger
-from flows.slots.pool import ApiUnavailable, SlotError, SlotPool
+from flows.slots.pool import ApiUnavailable, PoolSettings, SlotError, SlotPool
 
 
 def ensure_limit(client: SyncPrefectClient, name: str, limit: int) -> str:
@@ -47,6 +47,11 @@ def describe_status(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
 
 
+def may_pass(status_code: int) -> bool:
+    """An HTTP status worth retrying (`ApiUnavailable`): 5xx, 401, 403, 408, 429."""
+    return status_code >= 500 or status_code in (401, 403, 408, 429)
+
+
 class PrefectSlotApi:
     """`flows.slots.pool.SlotApi` on a Prefect server, for the leases of one holder (a flow run)."""
 
@@ -66,8 +71,7 @@ class PrefectSlotApi:
             response = compat.post_once(self._client, path, body, fast=self._fast)
         except httpx.TransportError as exc:
             raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
-        code = response.status_code
-        if code >= 500 or code in (401, 403, 408, 429):
+        if may_pass(response.status_code):
             raise ApiUnavailable(describe_status(response))
         return response
 
@@ -110,8 +114,7 @@ class PrefectSlotApi:
                 names=[name], slots=1, occupancy_seconds=max(0.001, held_seconds)
             )
         except PrefectHTTPStatusError as exc:
-            code = exc.response.status_code
-            if code >= 500 or code in (401, 403, 408, 429):
+            if may_pass(exc.response.status_code):
                 raise ApiUnavailable(describe_status(exc.response)) from None
             status = describe_status(exc.response)
             raise SlotError(f"concurrency limit {name!r}: {status}") from None
@@ -181,10 +184,9 @@ def open_slot_pool(
             name,
             sites,
             PrefectSlotApi(client, holder_id),
+            PoolSettings(patience=patience, api_patience=api_patience),
             prefetch=prefetch,
-            patience=patience,
             park=park,
-            api_patience=api_patience,
             on_tick=shortcut.refresh,
             on_close=lambda: client.__exit__(None, None, None),
             ledger=Ledger(ledger_folder(), str(holder_id), ledger_api()),

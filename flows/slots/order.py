@@ -1,0 +1,80 @@
+"""Which waiting site gets the next parked slot: the slot pool's hand-out order.
+
+Plain Python, no threads, no locks, no clock: the caller (`flows.slots.pool.SlotPool`,
+under its lock) passes the time in. The rules:
+
+- Sites are served in list order. The frontier is the lowest list index that has neither
+  started nor finished.
+- With k slots parked, the first k sites from the frontier on may take them in any order
+  (nobody behind them waits for nothing); with one slot, only the frontier site may.
+- A site that has waited `patience` seconds is eligible anyway, so a site that never asks
+  can't block the others.
+- A started site (a retry) is always eligible: it needs no turn in line.
+- Of the eligible waiting sites, the one earliest in the list gets the slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class HandOutOrder:
+    """The hand-out order of one flow run over `sites` (list order, with `patience`)."""
+
+    def __init__(self, sites: Sequence[str], patience: float) -> None:
+        self.patience = patience
+        self._sites = list(sites)
+        self._index = {site: i for i, site in enumerate(sites)}
+        self._waiting: dict[int, float] = {}  # site index -> when it began to wait
+        self._started: set[int] = set()
+        self._finished: set[int] = set()
+        self._frontier = 0  # lowest index that has neither started nor finished
+
+    @property
+    def frontier(self) -> int:
+        """The lowest list index that has neither started nor finished."""
+        return self._frontier
+
+    @property
+    def waiting(self) -> int:
+        """How many sites wait for a slot."""
+        return len(self._waiting)
+
+    @property
+    def unfinished(self) -> int:
+        """How many sites have not reached their final outcome."""
+        return len(self._index) - len(self._finished)
+
+    def wait(self, site: str, now: float) -> None:
+        """`site` begins to wait for a slot at `now`. KeyError for a site not in the list."""
+        self._waiting[self._index[site]] = now
+
+    def stop_waiting(self, site: str) -> None:
+        """`site` no longer waits (it got a slot, or gave up)."""
+        del self._waiting[self._index[site]]
+
+    def started(self, site: str) -> None:
+        """`site` took a slot: its later attempts are retries."""
+        self._started.add(self._index[site])
+        self._advance()
+
+    def finished(self, site: str) -> None:
+        """`site` reached its final outcome: it will not ask again."""
+        self._finished.add(self._index[site])
+        self._advance()
+
+    def next_in_line(self, parked: int, now: float) -> str | None:
+        """The waiting site that gets the next of `parked` slots at `now`, or None.
+
+        (`parked` = 0 counts as 1: the caller asks only when a slot is parked.)"""
+        horizon = self._frontier + max(0, parked - 1)
+        eligible = [
+            index
+            for index, since in self._waiting.items()
+            if index in self._started or index <= horizon or now - since >= self.patience
+        ]
+        return self._sites[min(eligible)] if eligible else None
+
+    def _advance(self) -> None:
+        while self._frontier in self._started or self._frontier in self._finished:
+            self._frontier += 1
