@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.states import Failed
 from prefect.utilities.annotations import NotSet
 
 from flows.config import load_plan
+from flows.engine.failure import SiteAttemptFailed
 from flows.engine.task import _should_retry, configured_task, site_cache_key
 from flows.engine.task_runners import task_runner
+from flows.report import SiteReport
 from tests.conftest import write_config
 
 
@@ -84,3 +87,20 @@ def test_the_thread_budget_reaches_the_task_runner(
     plan = plan_for(tmp_path, max_concurrent_sites=cap, use_async=use_async)
     with task_runner(plan) as runner:
         assert runner._max_workers == threads
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (SiteAttemptFailed(SiteReport("a", "failed", 1, 1, 0.0), retryable=True), True),
+        (SiteAttemptFailed(SiteReport("a", "failed", 1, 2, 0.0), retryable=False), False),
+        (RuntimeError("a bug in this tool"), True),
+    ],
+)
+def test_prefects_retry_condition_follows_the_attempts_decision(
+    tmp_path: Path, error: Exception, retried: bool
+) -> None:
+    """The retry_condition_fn retries what the attempt decided to retry (and a bug), never
+    what it decided not to (a listed exit code, no retries left, no slot, a result check)."""
+    task = configured_task(plan_for(tmp_path, retry_count=3))
+    assert _should_retry(task, None, Failed(data=error)) is retried  # type: ignore[arg-type]

@@ -12,7 +12,8 @@ from flows.report import SiteReport
 
 
 class SiteAttemptFailed(Exception):
-    """An attempt did not succeed. `report` is the site's outcome so far."""
+    """An attempt did not succeed. `report` is the site's outcome so far; `retryable`: another
+    attempt follows (`flows.engine.outcomes.retry_decision`), so the site is not finished."""
 
     def __init__(self, report: SiteReport, retryable: bool) -> None:
         self.report = report

@@ -7,11 +7,21 @@ a concurrency slot only while the pipeline process runs.
 The task is self-contained: its `SiteJob` parameter carries the plan and the flow run,
 so any process can run it (a thread of the flow's process, or a Dask worker). Each
 process shares one slot pool per flow run (`flows.slots.sharing`).
+
+An attempt is run by `AttemptEngine`, in the shape of Prefect's own task engine: prepare,
+run under the slot (`begin_run`), one handler per outcome (`handle_success`,
+`handle_check_failure`, `handle_retry`, `handle_failure`, `handle_no_slot`,
+`handle_cancelled`) returning an `Ending` (data), and `end`, the one place a site is
+finished. Whether a failure is retried is decided once, by
+`flows.engine.outcomes.retry_decision`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -29,7 +39,8 @@ from flows.cli.console import PIPELINE_OUTPUT, SITE_EVENT
 from flows.config import RunPlan, build_argv, site_output_dir
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.logfilter import install_traceback_filter
-from flows.process.attempt import run_attempt
+from flows.engine.outcomes import retry_decision
+from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for
 from flows.report import SiteReport
 from flows.slots.pool import SlotError
@@ -65,7 +76,8 @@ class SiteJob:
 
 
 def _should_retry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Prefect's retry_condition_fn: no retry for non-retryable exit codes or start errors."""
+    """Prefect's retry_condition_fn: the attempt's own decision (`retry_decision`, carried in
+    `SiteAttemptFailed.retryable`); anything else (a bug in this tool) is retried."""
     error = state.data
     return not isinstance(error, SiteAttemptFailed) or error.retryable
 
@@ -95,148 +107,241 @@ def run_site(site: str, job: SiteJob) -> dict[str, Any] | State[Any]:
 
 
 def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[Any]:
-    plan, config = job.plan, job.plan.config
-    logger = get_run_logger()
-    attempt = max(1, int(current_task_run.run_count))
+    """Prepare the attempt, run it under a slot, and end it through its outcome's handler."""
+    engine = AttemptEngine(site, job, run, max(1, int(current_task_run.run_count)))
     try:
-        out_dir = site_output_dir(plan.output_dir, site)
+        out_dir = site_output_dir(job.plan.output_dir, site)
         out_dir.mkdir(parents=True, exist_ok=True)
-    except BaseException:
-        run.pool.site_finished(site)  # it will never ask for a slot: don't keep others waiting
-        raise
-    argv = build_argv(config, site, attempt, out_dir)
-    env = {
-        **os.environ,
-        **config.env,
-        "SITE": site,
-        "SITE_ATTEMPT": str(attempt),
-        "SITE_OUTPUT_DIR": str(out_dir),
-        "SITE_FLOW_RUN_ID": str(job.flow_run_id),
-    }
-    of = config.retry_count
-    limit = job.timeout(site)
-    if run.stopping.is_set():
-        return _cancelled(site, attempt - 1, run)
-    try:
-        with run.pool.slot(site):
-            if run.stopping.is_set():
-                outcome = None
-            else:
-                logger.info(
-                    "attempt %d/%d started; %s",
-                    attempt,
-                    of,
-                    limit.why,
-                    extra={SITE_EVENT: "started"},
-                )
-                logger.debug("argv: %s", argv)
-                outcome = run_attempt(
-                    argv,
-                    cwd=plan.working_dir,
-                    env=env,
-                    timeout=limit.seconds,
-                    kill_grace=config.kill_grace_seconds,
-                    log=lambda line: logger.info(line, extra={PIPELINE_OUTPUT: True}),
-                    max_log_lines=config.max_log_lines,
-                    owner=str(job.flow_run_id),
-                    control=control_for(config.process_control),
-                )
-    except SlotError as exc:
-        if run.stopping.is_set():
-            return _cancelled(site, attempt - 1, run)
-        # The API kept failing (api_patience) or the limit is gone: retrying can't help.
-        run.pool.site_finished(site)
-        logger.error("no slot: %s", exc, extra={SITE_EVENT: "failed"})
-        report = SiteReport(site, "failed", attempt - 1, None, 0.0, str(exc), kind="no slot")
-        raise SiteAttemptFailed(report, retryable=False) from None
-    if outcome is None:
-        return _cancelled(site, attempt - 1, run)
-    if run.stopping.is_set():
-        return _cancelled(site, attempt, run, outcome.duration_s, outcome.stderr_tail)
+    except BaseException as exc:
+        # It will never ask for a slot: don't keep others waiting.
+        return engine.end(Ending(exc))
+    return engine.end(engine.dispatch(engine.begin_run(out_dir)))
 
-    status = "failed" if outcome.status == "not_started" else outcome.status
-    report = SiteReport(
-        site=site,
-        status=status,
-        attempts=attempt,
-        exit_code=outcome.exit_code,
-        duration_s=outcome.duration_s,
-        error=outcome.error,
-        result=outcome.result,
-        stderr_tail=outcome.stderr_tail,
-        timeout_s=limit.seconds,
-    )
-    checks = config.result_checks
-    if outcome.status == "succeeded" and checks is not None:
-        verdict = check_result(outcome.result, checks, job.check_history.get(site, ()))
-        report.check = verdict.to_json(checks.field)
-        if not verdict.ok and checks.on_fail == "fail":
-            # The scraper ran fine and the data is what it is: retrying can't help.
-            run.pool.site_finished(site)
-            report.status, report.kind, report.error = "failed", "result check", verdict.reason
-            logger.error(
-                "attempt %d/%d: result check failed: %s; not retried",
-                attempt,
-                of,
-                verdict.reason,
-                extra={SITE_EVENT: "failed"},
-            )
-            raise SiteAttemptFailed(report, retryable=False)
-        if not verdict.ok:
-            logger.warning("result check: %s (on_fail: warn; the site succeeds)", verdict.reason)
-    if outcome.status == "succeeded":
-        run.pool.site_finished(site)
+
+@dataclass(frozen=True)
+class Ending:
+    """An attempt's outcome as data: what the task run returns or raises (`result`), whether
+    the site is done (`final`: it will not ask for a slot again), and the log line to write
+    (`message`, `args`, `level`, `event`)."""
+
+    result: dict[str, Any] | State[Any] | BaseException
+    final: bool = True
+    level: int = logging.INFO
+    message: str | None = None
+    args: tuple[Any, ...] = ()
+    event: str | None = None
+
+
+def _report_data(report: SiteReport) -> dict[str, Any]:
+    """A report as a task run's result: its JSON, and its stderr tail for the console."""
+    return report.to_json() | {"stderr_tail": report.stderr_tail}
+
+
+class AttemptEngine:
+    """One attempt of one site, in the shape of Prefect's task engine: `begin_run` runs the
+    pipeline under a slot, `dispatch` picks the outcome's handler, `end` acts on it."""
+
+    def __init__(
+        self,
+        site: str,
+        job: SiteJob,
+        run: LocalRun,
+        attempt: int,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+    ) -> None:
+        self.site, self.job, self.run, self.attempt = site, job, run, attempt
+        self.config = job.plan.config
+        self.of = self.config.retry_count
+        self.limit = job.timeout(site)
+        self.logger = logger if logger is not None else get_run_logger()
+
+    def begin_run(self, out_dir: Path) -> AttemptOutcome | SlotError | None:
+        """Run the pipeline while holding a slot. None: the flow run stopped before it began."""
+        argv = build_argv(self.config, self.site, self.attempt, out_dir)
+        env = {
+            **os.environ,
+            **self.config.env,
+            "SITE": self.site,
+            "SITE_ATTEMPT": str(self.attempt),
+            "SITE_OUTPUT_DIR": str(out_dir),
+            "SITE_FLOW_RUN_ID": str(self.job.flow_run_id),
+        }
+        if self.run.stopping.is_set():
+            return None
+        try:
+            with self.run.pool.slot(self.site):
+                if self.run.stopping.is_set():
+                    return None
+                return self._run_pipeline(argv, env)
+        except SlotError as exc:
+            return exc
+
+    def _run_pipeline(self, argv: list[str], env: dict[str, str]) -> AttemptOutcome:
+        config, logger = self.config, self.logger
         logger.info(
-            "attempt %d/%d succeeded in %.1fs",
-            attempt,
-            of,
-            outcome.duration_s,
-            extra={SITE_EVENT: "succeeded"},
+            "attempt %d/%d started; %s",
+            self.attempt,
+            self.of,
+            self.limit.why,
+            extra={SITE_EVENT: "started"},
         )
-        return report.to_json() | {"stderr_tail": report.stderr_tail}
+        logger.debug("argv: %s", argv)
+        return run_attempt(
+            argv,
+            cwd=self.job.plan.working_dir,
+            env=env,
+            timeout=self.limit.seconds,
+            kill_grace=config.kill_grace_seconds,
+            log=lambda line: logger.info(line, extra={PIPELINE_OUTPUT: True}),
+            max_log_lines=config.max_log_lines,
+            owner=str(self.job.flow_run_id),
+            control=control_for(config.process_control),
+        )
 
-    retryable = outcome.status != "not_started" and (
-        outcome.exit_code not in config.non_retryable_exit_codes
-    )
-    what = (
-        f"attempt {attempt}/{of} {outcome.error}"
-        if outcome.status == "timed_out"
-        else f"attempt {attempt}/{of} failed: {outcome.error}"
-    )
-    if not retryable or attempt >= of:
-        run.pool.site_finished(site)
-        if retryable:
-            why = "no retries left"
-        elif outcome.status == "not_started":
-            why = "not retried: the command can't start"
-        else:
-            why = f"not retried: exit code {outcome.exit_code} is in non_retryable_exit_codes"
-        logger.error("%s; %s", what, why, extra={SITE_EVENT: status})
-    else:
+    def dispatch(self, outcome: AttemptOutcome | SlotError | None) -> Ending:
+        """The handler of `begin_run`'s outcome."""
+        stopping = self.run.stopping.is_set()
+        if outcome is None or (isinstance(outcome, SlotError) and stopping):
+            return self.handle_cancelled(self.attempt - 1)
+        if isinstance(outcome, SlotError):
+            return self.handle_no_slot(outcome)
+        if stopping:
+            return self.handle_cancelled(self.attempt, outcome.duration_s, outcome.stderr_tail)
+        report = SiteReport(
+            site=self.site,
+            status="failed" if outcome.status == "not_started" else outcome.status,
+            attempts=self.attempt,
+            exit_code=outcome.exit_code,
+            duration_s=outcome.duration_s,
+            error=outcome.error,
+            result=outcome.result,
+            stderr_tail=outcome.stderr_tail,
+            timeout_s=self.limit.seconds,
+        )
+        if outcome.status == "succeeded":
+            return self.handle_success(outcome, report)
+        return self.handle_failure(outcome, report)
+
+    def handle_success(self, outcome: AttemptOutcome, report: SiteReport) -> Ending:
+        """The pipeline succeeded: the result checks (if any) have the last word."""
+        checks = self.config.result_checks
+        if checks is not None:
+            history = self.job.check_history.get(self.site, ())
+            verdict = check_result(outcome.result, checks, history)
+            report.check = verdict.to_json(checks.field)
+            if not verdict.ok and checks.on_fail == "fail":
+                return self.handle_check_failure(report, verdict.reason)
+            if not verdict.ok:
+                self.logger.warning(
+                    "result check: %s (on_fail: warn; the site succeeds)", verdict.reason
+                )
+        return Ending(
+            message="attempt %d/%d succeeded in %.1fs",
+            args=(self.attempt, self.of, outcome.duration_s),
+            event="succeeded",
+            result=_report_data(report),
+        )
+
+    def handle_check_failure(self, report: SiteReport, reason: str | None) -> Ending:
+        """The scraper ran fine and the data is what it is: retrying can't help."""
+        report.status, report.kind, report.error = "failed", "result check", reason
+        return Ending(
+            level=logging.ERROR,
+            message="attempt %d/%d: result check failed: %s; not retried",
+            args=(self.attempt, self.of, reason),
+            event="failed",
+            result=SiteAttemptFailed(report, retryable=False),
+        )
+
+    def handle_failure(self, outcome: AttemptOutcome, report: SiteReport) -> Ending:
+        """Failed, timed out or could not start: retried (`handle_retry`), or final."""
+        decision = retry_decision(
+            outcome.status,
+            outcome.exit_code,
+            self.attempt,
+            self.of,
+            self.config.non_retryable_exit_codes,
+        )
+        what = (
+            f"attempt {self.attempt}/{self.of} {outcome.error}"
+            if outcome.status == "timed_out"
+            else f"attempt {self.attempt}/{self.of} failed: {outcome.error}"
+        )
+        if decision.retry:
+            return self.handle_retry(what, report)
+        return Ending(
+            level=logging.ERROR,
+            message="%s; %s",
+            args=(what, decision.why),
+            event=report.status,
+            result=SiteAttemptFailed(report, retryable=False),
+        )
+
+    def handle_retry(self, what: str, report: SiteReport) -> Ending:
+        """Another attempt follows (Prefect schedules it): the site is not finished."""
+        config = self.config
         delay = retry_delays(
-            config.async_settings.retry_backoff, config.retry_delay, config.retry_max_delay, of
-        )[attempt - 1]
+            config.async_settings.retry_backoff, config.retry_delay, config.retry_max_delay, self.of
+        )[self.attempt - 1]
         then = f"retrying in ~{delay:g}s" if delay else "retrying now"
-        logger.warning("%s; %s", what, then, extra={SITE_EVENT: "retrying"})
-    raise SiteAttemptFailed(report, retryable=retryable)
+        return Ending(
+            final=False,
+            level=logging.WARNING,
+            message="%s; %s",
+            args=(what, then),
+            event="retrying",
+            result=SiteAttemptFailed(report, retryable=True),
+        )
 
+    def handle_no_slot(self, exc: SlotError) -> Ending:
+        """The API kept failing (api_patience) or the limit is gone: retrying can't help."""
+        report = SiteReport(
+            self.site, "failed", self.attempt - 1, None, 0.0, str(exc), kind="no slot"
+        )
+        return Ending(
+            level=logging.ERROR,
+            message="no slot: %s",
+            args=(exc,),
+            event="failed",
+            result=SiteAttemptFailed(report, retryable=False),
+        )
 
-def _cancelled(
-    site: str,
-    attempts: int,
-    run: LocalRun,
-    duration_s: float = 0.0,
-    stderr_tail: list[str] | None = None,
-) -> State[Any]:
-    """The flow run is stopping (Ctrl-C, SIGTERM): this site ends Cancelled, not Failed, with
-    its report as the state's data; a pipeline it was running has been stopped."""
-    run.pool.site_finished(site)
-    reason = run.stop_reason or "the flow run is stopping"
-    get_run_logger().warning("cancelled: %s", reason, extra={SITE_EVENT: "failed"})
-    report = SiteReport(
-        site, "cancelled", attempts, None, duration_s, reason, stderr_tail=stderr_tail or []
-    )
-    return Cancelled(message=reason, data=report.to_json() | {"stderr_tail": report.stderr_tail})
+    def handle_cancelled(
+        self, attempts: int, duration_s: float = 0.0, stderr_tail: list[str] | None = None
+    ) -> Ending:
+        """The flow run is stopping (Ctrl-C, SIGTERM): this site ends Cancelled, not Failed,
+        with its report as the state's data; a pipeline it was running has been stopped."""
+        reason = self.run.stop_reason or "the flow run is stopping"
+        report = SiteReport(
+            self.site,
+            "cancelled",
+            attempts,
+            None,
+            duration_s,
+            reason,
+            stderr_tail=stderr_tail or [],
+        )
+        return Ending(
+            level=logging.WARNING,
+            message="cancelled: %s",
+            args=(reason,),
+            event="failed",
+            result=Cancelled(message=reason, data=_report_data(report)),
+        )
+
+    def end(self, ending: Ending) -> dict[str, Any] | State[Any]:
+        """The one place a site is finished: every final outcome finishes it exactly once
+        (before its log line, so a waiting site gets the slot order at once); a site that
+        will retry is not. Then the log line, then the task run's result or exception."""
+        if ending.final:
+            self.run.pool.site_finished(self.site)
+        if ending.message is not None:
+            self.logger.log(
+                ending.level, ending.message, *ending.args, extra={SITE_EVENT: ending.event}
+            )
+        if isinstance(ending.result, BaseException):
+            raise ending.result
+        return ending.result
 
 
 def configured_task(plan: RunPlan) -> Task[..., dict[str, Any] | State[Any]]:

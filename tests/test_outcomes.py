@@ -1,0 +1,246 @@
+"""An attempt's outcomes, without a Prefect server: the one retry decision (every branch),
+and the attempt engine's handlers: each final outcome finishes its site exactly once, a site
+that will retry is not finished, and each outcome writes its log line and result."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from flows.config import load_plan
+from flows.engine.failure import SiteAttemptFailed
+from flows.engine.outcomes import RetryDecision, retry_decision
+from flows.engine.task import AttemptEngine, Ending, SiteJob
+from flows.process.attempt import AttemptOutcome
+from flows.slots.pool import SlotError
+from flows.slots.sharing import LocalRun
+from tests.conftest import write_config
+
+CODES = [2, 7]
+
+
+def test_a_command_that_cant_start_is_never_retried() -> None:
+    """not_started: no retry, though attempts are left and the exit code is retryable."""
+    assert retry_decision("not_started", None, 1, 3, CODES) == RetryDecision(
+        False, "not retried: the command can't start"
+    )
+
+
+def test_a_non_retryable_exit_code_is_never_retried() -> None:
+    """An exit code in non_retryable_exit_codes: no retry, though attempts are left."""
+    assert retry_decision("failed", 7, 1, 3, CODES) == RetryDecision(
+        False, "not retried: exit code 7 is in non_retryable_exit_codes"
+    )
+
+
+def test_the_exit_code_rule_applies_to_a_timeout_too() -> None:
+    """A timed-out attempt whose exit code is listed is not retried either (as before)."""
+    assert retry_decision("timed_out", 2, 1, 3, CODES).why == (
+        "not retried: exit code 2 is in non_retryable_exit_codes"
+    )
+
+
+@pytest.mark.parametrize("status", ["failed", "timed_out"])
+def test_the_last_attempt_has_no_retries_left(status: str) -> None:
+    """A retryable failure or timeout on the last attempt (or past it): no retries left."""
+    assert retry_decision(status, 1, 3, 3, CODES) == RetryDecision(False, "no retries left")
+    assert retry_decision(status, None, 4, 3, CODES) == RetryDecision(False, "no retries left")
+
+
+@pytest.mark.parametrize(("status", "code"), [("failed", 1), ("timed_out", None)])
+def test_a_retryable_failure_with_attempts_left_retries(status: str, code: int | None) -> None:
+    """Attempts left and nothing against it: retry, with no "why not"."""
+    assert retry_decision(status, code, 2, 3, CODES) == RetryDecision(True, None)
+
+
+def test_one_attempt_allowed_means_no_retry() -> None:
+    """retry_count 1: the first failure is final."""
+    assert retry_decision("failed", 1, 1, 1, []).why == "no retries left"
+
+
+# -- the engine's handlers --------------------------------------------------------------
+
+
+class FakePool:
+    """Records which sites were finished and which asked for a slot."""
+
+    def __init__(self, slot_error: str | None = None) -> None:
+        self.finished: list[str] = []
+        self.asked: list[str] = []
+        self.slot_error = slot_error
+
+    def site_finished(self, site: str) -> None:
+        self.finished.append(site)
+
+    @contextmanager
+    def slot(self, site: str) -> Iterator[None]:
+        self.asked.append(site)
+        if self.slot_error is not None:
+            raise SlotError(self.slot_error)
+        yield
+
+
+class Lines(logging.Handler):
+    """Keeps (level, message, site event) of each record."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int, str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.rows.append((record.levelno, record.getMessage(), getattr(record, "site_event", None)))
+
+
+@pytest.fixture
+def lines() -> Iterator[Lines]:
+    handler = Lines()
+    logger = logging.getLogger("tests.outcomes")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+
+
+def engine_for(
+    tmp_path: Path, attempt: int = 1, pool: FakePool | None = None, **pipeline: Any
+) -> tuple[AttemptEngine, FakePool]:
+    plan = load_plan(write_config(tmp_path, ["a"], **pipeline))
+    pool = pool or FakePool()
+    run = LocalRun(pool=pool)  # type: ignore[arg-type]
+    job = SiteJob(plan, uuid4(), ("t",))
+    return AttemptEngine("a", job, run, attempt, logging.getLogger("tests.outcomes")), pool
+
+
+def failed(code: int | None = 1, status: str = "failed") -> AttemptOutcome:
+    return AttemptOutcome(status, code, 1.0, error=f"exit code {code}")  # type: ignore[arg-type]
+
+
+def test_a_success_finishes_the_site_once_and_returns_its_report(
+    tmp_path: Path, lines: Lines
+) -> None:
+    """Succeeded: the site is finished once; the report (with stderr tail) is the result."""
+    engine, pool = engine_for(tmp_path, retry_count=3)
+    outcome = AttemptOutcome("succeeded", 0, 1.25, result={"n": 1}, stderr_tail=["warn"])
+    result = engine.end(engine.dispatch(outcome))
+    assert pool.finished == ["a"]
+    assert isinstance(result, dict)
+    assert (result["status"], result["attempts"], result["stderr_tail"]) == (
+        "succeeded",
+        1,
+        ["warn"],
+    )
+    assert lines.rows[-1] == (logging.INFO, "attempt 1/3 succeeded in 1.2s", "succeeded")
+
+
+def test_a_failure_with_attempts_left_does_not_finish_the_site(
+    tmp_path: Path, lines: Lines
+) -> None:
+    """Failed with retries left: raised as retryable, the site stays unfinished."""
+    engine, pool = engine_for(tmp_path, attempt=1, retry_count=3)
+    with pytest.raises(SiteAttemptFailed) as raised:
+        engine.end(engine.dispatch(failed(1)))
+    assert raised.value.retryable is True
+    assert pool.finished == []
+    assert lines.rows[-1] == (
+        logging.WARNING,
+        "attempt 1/3 failed: exit code 1; retrying now",
+        "retrying",
+    )
+
+
+@pytest.mark.parametrize(
+    ("attempt", "outcome", "message", "event"),
+    [
+        (3, failed(1), "attempt 3/3 failed: exit code 1; no retries left", "failed"),
+        (
+            1,
+            failed(2),
+            "attempt 1/3 failed: exit code 2; not retried: exit code 2 is in "
+            "non_retryable_exit_codes",
+            "failed",
+        ),
+        (
+            1,
+            failed(None, "not_started"),
+            "attempt 1/3 failed: exit code None; not retried: the command can't start",
+            "failed",
+        ),
+        (3, failed(None, "timed_out"), "attempt 3/3 exit code None; no retries left", "timed_out"),
+    ],
+)
+def test_a_final_failure_finishes_the_site_once(
+    tmp_path: Path, lines: Lines, attempt: int, outcome: AttemptOutcome, message: str, event: str
+) -> None:
+    """No retry (last attempt, listed exit code, can't start): not retryable, finished once."""
+    engine, pool = engine_for(tmp_path, attempt=attempt, retry_count=3)
+    with pytest.raises(SiteAttemptFailed) as raised:
+        engine.end(engine.dispatch(outcome))
+    assert raised.value.retryable is False
+    assert raised.value.report.status == event
+    assert pool.finished == ["a"]
+    assert lines.rows[-1] == (logging.ERROR, message, event)
+
+
+def test_no_slot_finishes_the_site_and_counts_no_attempt(tmp_path: Path, lines: Lines) -> None:
+    """SlotError: the site fails as "no slot" (not retried), its attempt not counted."""
+    engine, pool = engine_for(tmp_path, attempt=2, pool=FakePool("gone"), retry_count=3)
+    outcome = engine.begin_run(tmp_path)
+    with pytest.raises(SiteAttemptFailed) as raised:
+        engine.end(engine.dispatch(outcome))
+    report = raised.value.report
+    assert (report.kind, report.attempts, report.error) == ("no slot", 1, "gone")
+    assert raised.value.retryable is False
+    assert pool.finished == ["a"]
+    assert lines.rows[-1] == (logging.ERROR, "no slot: gone", "failed")
+
+
+def test_a_failed_result_check_finishes_the_site_without_retry(
+    tmp_path: Path, lines: Lines
+) -> None:
+    """The scraper succeeded but the check fails (on_fail: fail): failed, not retried."""
+    engine, pool = engine_for(tmp_path, retry_count=3, result_checks={"field": "n", "min": 5})
+    with pytest.raises(SiteAttemptFailed) as raised:
+        engine.end(engine.dispatch(AttemptOutcome("succeeded", 0, 1.0, result={"n": 1})))
+    assert (raised.value.report.status, raised.value.report.kind) == ("failed", "result check")
+    assert raised.value.retryable is False
+    assert pool.finished == ["a"]
+    level, message, event = lines.rows[-1]
+    assert (level, event) == (logging.ERROR, "failed")
+    assert message.startswith("attempt 1/3: result check failed: ")
+    assert message.endswith("; not retried")
+
+
+def test_a_stopping_run_cancels_before_the_slot(tmp_path: Path, lines: Lines) -> None:
+    """The flow run is stopping: no slot is asked for, the site ends Cancelled, finished."""
+    engine, pool = engine_for(tmp_path, attempt=2)
+    engine.run.stop("Ctrl-C")
+    result = engine.end(engine.dispatch(engine.begin_run(tmp_path)))
+    assert pool.asked == [] and pool.finished == ["a"]
+    assert not isinstance(result, dict) and result.is_cancelled()
+    assert (result.data["status"], result.data["attempts"]) == ("cancelled", 1)
+    assert lines.rows[-1] == (logging.WARNING, "cancelled: Ctrl-C", "failed")
+
+
+def test_a_stopping_run_cancels_an_attempt_that_ran(tmp_path: Path) -> None:
+    """Stopped while it ran: Cancelled, the attempt counted, its duration and stderr kept."""
+    engine, pool = engine_for(tmp_path, attempt=2)
+    engine.run.stop("SIGTERM")
+    result = engine.end(engine.dispatch(AttemptOutcome("failed", -15, 3.0, stderr_tail=["x"])))
+    assert pool.finished == ["a"]
+    assert not isinstance(result, dict)
+    data = result.data
+    assert (data["attempts"], data["duration_s"], data["stderr_tail"]) == (2, 3.0, ["x"])
+
+
+def test_an_error_before_the_slot_finishes_the_site_and_is_raised(tmp_path: Path) -> None:
+    """An ending that is an exception (the output folder can't be made): finished, raised."""
+    engine, pool = engine_for(tmp_path)
+    with pytest.raises(OSError, match="read-only"):
+        engine.end(Ending(OSError("read-only")))
+    assert pool.finished == ["a"]
