@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flows.config import ConfigError, load_plan
-from flows.interrupts import StopRequest, stop_request
+from flows.context import ProgressFn, RunContext
+from flows.interrupts import StopRequest
 from flows.report import as_bools, skipped_reports
-
-ProgressFn = Callable[[int, int, int], None]
-"""`on_progress(done, total, failed)`, called once after each site's final outcome."""
 
 
 class PipelineRunError(RuntimeError):
@@ -54,12 +52,9 @@ def run_pipeline_summary(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
     skipped_reports(plan.sites, skip or {})  # a bad `skip` is a ConfigError before the run
-    from flows.report import progress_callback
     from flows.site_pipeline import run_sites  # Prefect is imported only when a run starts
 
-    token = progress_callback.set(on_progress)
-    stop_token = stop_request.set(stop)
-    try:
+    with RunContext(stop=stop, on_progress=on_progress):
         state = run_sites(
             sites=list(plan.sites),
             config_path=str(plan.config_path),
@@ -68,9 +63,6 @@ def run_pipeline_summary(
             skip=dict(skip) if skip else None,
             return_state=True,
         )
-    finally:
-        stop_request.reset(stop_token)
-        progress_callback.reset(token)
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):
         raise PipelineRunError(f"the flow run ended {state.name}: {state.message}")

@@ -1,7 +1,7 @@
 """Stop a run politely: the first Ctrl-C or SIGTERM cancels, a second one stops at once.
 
-Plain Python. `StopRequest` is what a caller hands a run (`flows.api`, through the
-`stop_request` context variable); the flow watches it, and when it is set the flow
+Plain Python. `StopRequest` is what a caller hands a run (`flows.api`, through
+`flows.context.RunContext`); the flow watches it, and when it is set the flow
 stops the running pipelines, marks their sites and the ones still waiting `cancelled`,
 and still returns its summary. `on_signals` is how the CLI sets it from SIGINT/SIGTERM.
 """
@@ -13,7 +13,6 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from types import FrameType
 
 
@@ -42,11 +41,6 @@ class StopRequest:
 
     def wait(self, timeout: float) -> bool:
         return self._event.wait(timeout)
-
-
-# The flow reads it as `interrupts.stop_request`. A context variable, not a global: two runs
-# in one process each have their own (and a ContextVar is not shipped to Dask workers).
-stop_request: ContextVar[StopRequest | None] = ContextVar("stop_request", default=None)
 
 
 @contextmanager

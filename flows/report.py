@@ -17,20 +17,11 @@ The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tool
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextvars import ContextVar
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from flows.config import ConfigError
-
-# on_progress(done, total, failed), called by the flow after each site (see `flows.api`). A
-# context variable, so concurrent runs in one process each see their own. The flow reads it as
-# `report.progress_callback`: Prefect ships the flow to Dask workers, by value, with the
-# globals it names, and a ContextVar can't be pickled.
-progress_callback: ContextVar[Callable[[int, int, int], None] | None] = ContextVar(
-    "progress_callback", default=None
-)
 
 SiteStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped"]
 STATUSES: tuple[SiteStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")

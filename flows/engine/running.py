@@ -1,0 +1,102 @@
+"""While the sites run: `running_sites(job, stop)`, and each site's report from its task run.
+
+`running_sites` holds, for the length of the block, what the task runs need around them:
+
+- the slot pool they share in this process (threads task runner; on Dask each worker makes
+  its own, `flows.slots.sharing`);
+- the task runner (`flows.engine.task_runners`);
+- the stop watcher: once the caller's `StopRequest` is set, the sites not finished end
+  cancelled and this run's pipelines are stopped;
+- the emergency stop: when the block raises (the flow run is cancelled or crashing), this
+  run's pipelines are stopped before the task runner waits for its threads, so none
+  outlives the flow run.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+from prefect.client.schemas.objects import State
+from prefect.task_runners import TaskRunner
+
+from flows import report
+from flows.config import PipelineConfig
+from flows.engine.failure import SiteAttemptFailed
+from flows.engine.states import site_status
+from flows.engine.task import SiteJob
+from flows.engine.task_runners import task_runner
+from flows.interrupts import StopRequest
+from flows.process.control import stop_everything
+from flows.slots.sharing import LocalRun, local_run
+
+
+@contextmanager
+def running_sites(job: SiteJob, stop: StopRequest | None) -> Iterator[TaskRunner[Any]]:
+    """The plan's task runner, started, with the slot pool, the stop watcher and the
+    emergency stop around it (see the module's docstring)."""
+    plan, owner = job.plan, str(job.flow_run_id)
+    config = plan.config
+    in_process = config.task_runner.kind == "threads"
+    with (
+        local_run(job, prefetch=plan.max_concurrent_sites, in_flow=True)
+        if in_process
+        else nullcontext() as run,
+        task_runner(plan) as runner,
+        _stopping_on(stop, run, config, owner),
+    ):
+        try:
+            yield runner
+        except BaseException:
+            # Cancelled or crashing: stop this run's pipelines now, before the task runner
+            # waits for its threads, so none outlives the flow run. (On Dask, closing a
+            # local cluster ends its workers, and their reapers stop their pipelines.)
+            if run is not None:
+                run.stopping.set()
+            stop_everything(config.process_control, config.kill_grace_seconds, owner=owner)
+            raise
+
+
+@contextmanager
+def _stopping_on(
+    stop: StopRequest | None, run: LocalRun | None, config: PipelineConfig, owner: str
+) -> Iterator[None]:
+    """While the sites run: once `stop` is requested, the sites not finished end cancelled
+    and this run's pipelines are stopped (again every half second, for any that started
+    in between). Threads task runner only: a Dask worker can't see this process's event."""
+    if stop is None or run is None:
+        yield
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            if stop.wait(0.2):
+                run.stop(stop.reason or "the flow run is stopping")
+                stop_everything(config.process_control, config.kill_grace_seconds, owner=owner)
+                done.wait(0.5)
+
+    watcher = threading.Thread(target=watch, name="site-pipeline-stop", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()
+
+
+def site_report(site: str, state: State[Any]) -> report.SiteReport:
+    """The site's final report, from its task run's final state: the report the task
+    returned or failed with; else `cancelled` (cancelled, or never finished) or `failed`."""
+    value = state.result(raise_on_failure=False) if state.is_final() else None
+    if isinstance(value, SiteAttemptFailed):
+        return value.report
+    if isinstance(value, dict) and (state.is_completed() or state.is_cancelled()):
+        return report.SiteReport(**value)
+    status: report.SiteStatus = "failed"
+    if site_status(state) == "cancelled" or not state.is_final():
+        status = "cancelled"
+    error = state.message or (repr(value) if value is not None else None)
+    return report.SiteReport(site, status, 0, None, 0.0, error)
