@@ -1,4 +1,5 @@
-"""The names other programs see: the flow, its artifacts. One definition each (plain Python).
+"""The names other programs see: the flow, its artifacts, its log records' keys. One
+definition each (plain Python).
 
 Changing one breaks `history`, `--retry-failed`, the learned timeouts and result checks
 (they find earlier runs by these names), deployments and automations: treat them as a
@@ -18,3 +19,9 @@ FAILURES_KEY = "site-pipeline-failures"
 
 PROGRESS_KEY = "site-pipeline-progress"
 """The progress artifact: the share of sites done."""
+
+# `extra` keys the task and the flow put on their log records, which the CLI's console reads
+# (flows.cli.console): the lifecycle lines, the pipelines' own lines, the progress line.
+SITE_EVENT = "site_event"  # started | succeeded | retrying | failed | timed_out
+PIPELINE_OUTPUT = "pipeline_output"  # a line the pipeline printed
+PROGRESS = "site_progress"  # the flow's "7/10 sites done" line: the live view shows it instead

@@ -30,13 +30,9 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from flows.names import PIPELINE_OUTPUT, PROGRESS, SITE_EVENT
+
 Verbosity = Literal["quiet", "normal", "verbose"]
-
-# `extra` keys the task and the flow put on their log records (see flows.engine.task).
-SITE_EVENT = "site_event"  # started | succeeded | retrying | failed | timed_out
-PIPELINE_OUTPUT = "pipeline_output"  # a line the pipeline printed
-PROGRESS = "site_progress"  # the flow's "7/10 sites done" line: the live view shows it instead
-
 
 class LiveView:
     """The bottom of the screen while a run goes on: a progress bar and the running sites."""

@@ -1,6 +1,13 @@
 """The flow's Prefect layer: what `flows.site_pipeline.run_sites` is made of.
 
+- `prepare`: the plan, the limit claim, the job every task run gets (`SiteJob`);
+- `progress`: the progress line, callback and artifact;
+- `running`: `running_sites`, the slot pool, the task runner, the stop watcher and the
+  emergency stop while the sites run; each site's report from its task run's state;
+- `finish`: the artifacts and the flow run's final state;
 - `task`: the `run_site` task, one attempt per task run attempt, and its retry options;
+- `outcomes`: the pure retry decision; `failure`: `SiteAttemptFailed`; `states`: a task
+  run's state as a site status; `logfilter`: no tracebacks for a site's failure;
 - `task_runners`: where task runs run (threads in the flow's process, or Dask);
 - `baselines`: earlier runs' summaries, read in one query: what result checks compare
   against and what learned timeouts learn from.

@@ -11,10 +11,9 @@ from uuid import UUID
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows import report
-from flows.cli.console import PROGRESS
 from flows.context import ProgressFn
 from flows.engine.prepare import RunLogger
-from flows.names import PROGRESS_KEY
+from flows.names import PROGRESS, PROGRESS_KEY
 
 
 class ProgressReporter:

@@ -35,11 +35,11 @@ from prefect.utilities.annotations import NotSet
 
 from flows.backoff import retry_delays
 from flows.checks import check_result
-from flows.cli.console import PIPELINE_OUTPUT, SITE_EVENT
 from flows.config import RunPlan, build_argv, site_output_dir
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.logfilter import install_traceback_filter
 from flows.engine.outcomes import retry_decision
+from flows.names import PIPELINE_OUTPUT, SITE_EVENT
 from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for
 from flows.report import SiteReport
