@@ -165,7 +165,7 @@ def test_stopping_the_flow_process_leaves_no_pipeline(
 
 def test_history_tables_put_each_value_in_its_column() -> None:
     """`history` (plain, for pipes): runs and sites, each value under its own header."""
-    from flows.ops.admin import format_history
+    from flows.ops import format_history
 
     data = {
         "api": "http://x/api",

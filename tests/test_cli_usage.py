@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from flows import ops
 from flows.cli import main
 from flows.cli import run as run_command
-from flows.ops import admin
 from tests.conftest import write_config
 
 
@@ -25,8 +25,8 @@ def prefect_is_out_of_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
     def reached(*_: object, **__: object) -> None:
         raise AssertionError("bad input reached Prefect")
 
-    monkeypatch.setattr(admin, "check_reachable", reached)
-    monkeypatch.setattr(admin, "start_temporary_server", reached)
+    monkeypatch.setattr(ops, "check_reachable", reached)
+    monkeypatch.setattr(ops, "start_temporary_server", reached)
     monkeypatch.setattr(run_command, "run_plan", reached)
 
 

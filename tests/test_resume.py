@@ -131,16 +131,18 @@ def test_the_cli_s_start_can_import_choose_without_loading_prefect(module: str) 
 
 def test_flows_ops_exports_its_functions_even_once_their_modules_are_loaded() -> None:
     """Each name `flows.ops` exports is the function or class, not a module of that name,
-    whether or not the modules (and `flows.ops.admin`, which loads them all) were imported."""
+    whether or not the modules it lives in were imported."""
     import types
 
     import flows.ops
-    import flows.ops.admin
+    import flows.ops.health
+    import flows.ops.provision
+    import flows.ops.run_history
 
     for name in flows.ops.__all__:
         value = getattr(flows.ops, name)
         assert not isinstance(value, types.ModuleType), name
         assert callable(value), name
-    assert flows.ops.history is flows.ops.admin.history
-    assert flows.ops.doctor is flows.ops.admin.doctor
-    assert flows.ops.setup is flows.ops.admin.setup
+    assert flows.ops.history is flows.ops.run_history.history
+    assert flows.ops.doctor is flows.ops.health.doctor
+    assert flows.ops.setup is flows.ops.provision.setup

@@ -41,12 +41,12 @@ def connect() -> str | None:
     embedded default start the temporary server now, tied to this process (the reaper), so
     it ends with us however we end; left to Prefect, it would outlive a process killed by a
     signal or a broken pipe. The API's description, or None once the reason is printed."""
-    from flows.ops import admin
+    from flows import ops
 
     try:
-        target = admin.check_reachable()
-        admin.start_temporary_server()
-    except admin.ApiUnreachable as exc:
+        target = ops.check_reachable()
+        ops.start_temporary_server()
+    except ops.ApiUnreachable as exc:
         print(f"site-pipeline: error: {exc}", file=sys.stderr)
         return None
     return target

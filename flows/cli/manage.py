@@ -20,14 +20,14 @@ _INHERITED = ("config_path", "max_concurrent_sites", "use_async")
 
 def setup(args: argparse.Namespace, plan: RunPlan) -> int:
     """`setup`: create or update the work pool and the concurrency limit; print each change."""
-    from flows.ops import admin
+    from flows import ops
 
     target = connect()
     if target is None:
         return EXIT_FAILED
     print(f"Prefect API: {target}")
     try:
-        for change in admin.setup(plan, pool=args.pool, heartbeat_grace=args.heartbeat_grace):
+        for change in ops.setup(plan, pool=args.pool, heartbeat_grace=args.heartbeat_grace):
             print(change)
     except (ConfigError, ValueError) as exc:
         fail(str(exc))
@@ -36,7 +36,7 @@ def setup(args: argparse.Namespace, plan: RunPlan) -> int:
 
 def doctor(args: argparse.Namespace) -> int:
     """`doctor`: the API, the limit, and what dead processes left behind (`--fix`: clean it)."""
-    from flows.ops import admin
+    from flows import ops
 
     plan = None
     if args.config or Path("config.yaml").exists() or os.environ.get("SITE_PIPELINE_CONFIG"):
@@ -48,7 +48,7 @@ def doctor(args: argparse.Namespace) -> int:
     if target is None:
         return EXIT_FAILED
     print(f"Prefect API: {target}")
-    lines, healthy = admin.doctor(plan, fix=args.fix)
+    lines, healthy = ops.doctor(plan, fix=args.fix)
     for line in lines:
         print(line)
     return EXIT_OK if healthy else EXIT_FAILED
@@ -56,7 +56,7 @@ def doctor(args: argparse.Namespace) -> int:
 
 def history(args: argparse.Namespace) -> int:
     """`history`: recent runs and each site's last status, as tables or `--json`."""
-    from flows.ops import admin
+    from flows import ops
 
     if args.site:
         from flows.config import site_problem
@@ -66,7 +66,7 @@ def history(args: argparse.Namespace) -> int:
             fail(f"--site {args.site!r}: {problem}")
     if connect() is None:
         return EXIT_FAILED
-    data = admin.history(limit=args.limit, site=args.site)
+    data = ops.history(limit=args.limit, site=args.site)
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -74,11 +74,11 @@ def history(args: argparse.Namespace) -> int:
 
     out = Console()
     if not out.is_terminal:
-        print(admin.format_history(data))
+        print(ops.format_history(data))
         return EXIT_OK
     from flows.cli.console import rows_table
 
-    runs, sites = admin.history_rows(data)
+    runs, sites = ops.history_rows(data)
     out.print(rows_table(*runs, title=f"Last {len(data['runs'])} runs ({data['api']})"))
     out.print(rows_table(*sites, title="Sites"))
     return EXIT_OK

@@ -17,16 +17,16 @@ def earlier_run(ref: str) -> tuple[EarlierRun, RetryChoice]:
     """The flow run `--retry-failed REF` names, and which of its sites to run again. Exits 2
     when REF names no run, or one that may still be running; a run left unfinished by a dead
     process is marked Crashed first (it is over), and the user is told."""
-    from flows.ops import admin
+    from flows import ops
     from flows.ops.resume import choose
 
     try:
-        earlier = admin.earlier_run(ref)
+        earlier = ops.earlier_run(ref)
         choice = choose(earlier)
     except ConfigError as exc:
         fail(str(exc))
     if not earlier.final:
-        admin.mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
+        ops.mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
         print(f"flow run {earlier.name} was {earlier.state} with its process gone: now Crashed")
     return earlier, choice
 

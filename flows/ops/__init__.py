@@ -5,7 +5,7 @@
 - `run_history`: `history`, the last runs and each site's last status;
 - `resume`: the earlier run `--retry-failed` resumes, and which sites it runs again;
 - `health`: `doctor`, slots and flow runs left behind by dead processes;
-- `queries`: the reads those share; `admin`: the old names, re-exported.
+- `queries`: the reads those share.
 
 The names below are re-exported here, each loaded on first use: importing `flows.ops` (or
 the plain `flows.ops.resume`, which the CLI's start imports) loads no Prefect. No module is
