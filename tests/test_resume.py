@@ -104,6 +104,29 @@ def test_a_skip_for_a_site_outside_the_list_is_a_config_error() -> None:
     """`skip` names only sites of the run: anything else is refused before the run."""
     with pytest.raises(ConfigError, match=r'skip = \["zzz"\]: expected sites'):
         skipped_reports(["a"], {"zzz": "x"})
+    many = {f"x{i}": "x" for i in range(7)}
+    with pytest.raises(ConfigError) as raised:
+        skipped_reports(["a"], many)
+    assert str(raised.value) == (
+        'skip = ["x0", "x1", "x2", "x3", "x4"]: expected sites of the run\'s site list'
+    )
+
+
+def test_a_skipped_site_ran_no_attempt_and_took_no_time() -> None:
+    """A skipped site's row: status skipped, 0 attempts, no exit code, 0 s, the note as its
+    error, no result."""
+    (report,) = skipped_reports(["a", "b"], {"b": "succeeded in flow run x"}).values()
+    assert report.to_json() == {
+        "site": "b",
+        "status": "skipped",
+        "attempts": 0,
+        "exit_code": None,
+        "duration_s": 0.0,
+        "error": "succeeded in flow run x",
+        "result": None,
+        "check": None,
+        "timeout_s": None,
+    }
 
 
 def test_holder_alive_tells_this_process_a_dead_one_and_another_host() -> None:
