@@ -14,7 +14,8 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 
 from flows.config import RunPlan
-from flows.ops.queries import PAGE, of_the_flow
+from flows.engine.baselines import PAGE
+from flows.ops.queries import of_the_flow
 from flows.ops.resume import mark_crashed
 from flows.process.holders import HOST_LABEL, PID_LABEL, holder_alive
 from flows.slots.prefect_api import reclaim

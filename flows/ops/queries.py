@@ -1,5 +1,7 @@
 """The API reads that `history`, `--retry-failed` and `doctor` share: the flow's runs and
-their task runs, by the flow's name (`flows.names.FLOW_NAME`)."""
+their task runs, by the flow's name (`flows.names.FLOW_NAME`).
+`PAGE`, the API's largest page, is defined once in `flows.engine.baselines`.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +21,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.client.schemas.sorting import FlowRunSort, TaskRunSort
 
+from flows.engine.baselines import PAGE
 from flows.names import FLOW_NAME
-
-PAGE = 200  # the API's largest page
 
 
 def of_the_flow() -> FlowFilter:

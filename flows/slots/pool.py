@@ -25,8 +25,9 @@ The tuning (`linger`, `poll`, `patience`, `fair_share`, `api_patience`, `warn_ev
   flow run on the same limit gets its turn.
 - Slots go to sites in list order (`flows.slots.order`): with k slots parked, a site's
   first attempt waits until all but k - 1 of the sites before it have started (for at most
-  `patience` seconds, so a site that never asks can't block the others). Retries of
-  started sites come first.
+  `patience` seconds, so a site that never asks can't block the others). A retry of a
+  started site needs no turn in line; of the eligible waiting sites, the earliest in the
+  list gets the slot.
 - `prefetch` slots are asked for before any thread waits, and kept until a site takes one.
 - `park=False` (a process that may end at any moment, like a Dask worker): a slot no thread
   of this process waits for goes back to the server at once, before `slot()` returns, so
