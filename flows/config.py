@@ -114,6 +114,64 @@ class NotifyConfig(_Strict):
     on: list[NotifyOutcome] = Field(default_factory=lambda: [*DEFAULT_NOTIFY_ON], min_length=1)
 
 
+DEFAULT_NON_RETRYABLE_ERRORS: tuple[str, ...] = (
+    r"^ModuleNotFoundError:",
+    r"^ImportError:",
+    r"^SyntaxError:",
+    r"^IndentationError:",
+)
+"""Causes that no retry can fix: the pipeline's code or its installation is broken."""
+
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*%\s*$")
+
+
+class HaltConfig(_Strict):
+    """`pipeline.halt`: stop starting sites once too many have failed (GNU parallel's
+    `--halt soon,fail=N` / `now,fail=N%`). `failed` is a count (3) or a share ("30%") of the
+    sites done so far, judged once `min_done` sites are done; `when: soon` starts nothing
+    new and lets running sites finish, `now` stops them too."""
+
+    failed: int | None = Field(default=None, ge=1)
+    failed_percent: float | None = Field(default=None, gt=0, le=100)
+    min_done: int = Field(default=1, ge=1)
+    when: Literal["soon", "now"] = "soon"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_percent(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or "failed_percent" in data:
+            return data
+        failed = data.get("failed")
+        if isinstance(failed, str):
+            match = _PERCENT_RE.match(failed)
+            if match is None:
+                raise ValueError(
+                    f"failed = {failed!r}: expected a count >= 1 or a percentage in (0, 100], "
+                    'e.g. 3 or "30%"'
+                )
+            percent = float(match.group(1))
+            if not 0 < percent <= 100:
+                raise ValueError(f"failed = {failed!r}: expected a percentage in (0, 100]")
+            data = {k: v for k, v in data.items() if k != "failed"}
+            data["failed_percent"] = percent
+        return data
+
+    @model_validator(mode="after")
+    def _check_rule(self) -> HaltConfig:
+        if (self.failed is None) == (self.failed_percent is None):
+            raise ValueError(
+                'failed: required: expected a count >= 1 or a percentage in (0, 100], e.g. 3 '
+                'or "30%"'
+            )
+        return self
+
+    def describe(self) -> str:
+        """`failed: 3` or `failed: 30% of at least 10 done`, for messages."""
+        if self.failed is not None:
+            return f"halt: {self.failed} failed"
+        return f"halt: {self.failed_percent:g}% failed (of at least {self.min_done} done)"
+
+
 class PipelineConfig(_Strict):
     """The `pipeline:` section. Keys and meanings of the original executor, plus ours."""
 
@@ -145,10 +203,24 @@ class PipelineConfig(_Strict):
     learned_timeout: LearnedTimeout | None = None
     notify: list[NotifyConfig] = Field(default_factory=list)
     process_control: Literal["auto", "group", "tree"] = "auto"
+    non_retryable_errors: list[str] = Field(
+        default_factory=lambda: [*DEFAULT_NON_RETRYABLE_ERRORS]
+    )
+    stall_timeout: float | None = Field(default=None, gt=0)
+    keep_logs: int = Field(default=14, ge=1)
+    halt: HaltConfig | None = None
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
         problems: list[str] = []
+        for index, pattern in enumerate(self.non_retryable_errors):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                problems.append(
+                    f"non_retryable_errors[{index}] = {pattern!r}: expected a regular "
+                    f"expression ({exc})"
+                )
         if not any("{site}" in part for part in self.command):
             problems.append(
                 f"command = {self.command!r}: expected an element containing '{{site}}'"
@@ -196,6 +268,11 @@ class PipelineConfig(_Strict):
             elif "\0" in value:
                 problems.append(f"env.{name} = {value!r}: expected no NUL character")
         return problems
+
+
+    def non_retryable_error_patterns(self) -> list[re.Pattern[str]]:
+        """`non_retryable_errors`, compiled (each was checked when the config was read)."""
+        return [re.compile(pattern) for pattern in self.non_retryable_errors]
 
 
 class ConfigFile(_Strict):
@@ -346,7 +423,7 @@ def check_sites(sites: Iterable[object], source: str = "sites") -> tuple[list[st
 def read_sites_file(path: Path) -> list[str]:
     """One site per line; blank lines and '#' comments are ignored."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError(
             [f"sites_file = {str(path)!r}: cannot read it ({exc.strerror})"]
@@ -370,7 +447,7 @@ def load_plan(
     """Read the config and apply overrides. Raises `ConfigError` listing every problem."""
     path = find_config(config_path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError([f"config = {str(path)!r}: cannot read it ({exc.strerror})"]) from None
     config = parse_config(text, source=str(path))

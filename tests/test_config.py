@@ -128,6 +128,56 @@ BAD_CONFIGS = [
         "pipeline:\n  sites: [a]\n  env: {'A=B': x}\n",
         "pipeline.env.'A=B': expected a variable name",
     ),
+    (
+        "invalid non-retryable error pattern",
+        "pipeline:\n  sites: [a]\n  non_retryable_errors: ['^ok', '(unclosed']\n",
+        "pipeline.non_retryable_errors[1] = '(unclosed': expected a regular expression",
+    ),
+    (
+        "stall_timeout zero",
+        "pipeline:\n  sites: [a]\n  stall_timeout: 0\n",
+        "pipeline.stall_timeout = 0: expected greater than 0",
+    ),
+    (
+        "stall_timeout negative",
+        "pipeline:\n  sites: [a]\n  stall_timeout: -5\n",
+        "pipeline.stall_timeout = -5: expected greater than 0",
+    ),
+    (
+        "keep_logs zero",
+        "pipeline:\n  sites: [a]\n  keep_logs: 0\n",
+        "pipeline.keep_logs = 0: expected greater than or equal to 1",
+    ),
+    (
+        "halt count zero",
+        "pipeline:\n  sites: [a]\n  halt: {failed: 0}\n",
+        "pipeline.halt.failed = 0: expected greater than or equal to 1",
+    ),
+    (
+        "halt percentage zero",
+        "pipeline:\n  sites: [a]\n  halt: {failed: '0%'}\n",
+        "pipeline.halt.failed = '0%': expected a percentage in (0, 100]",
+    ),
+    (
+        "halt percentage above 100",
+        "pipeline:\n  sites: [a]\n  halt: {failed: '101%'}\n",
+        "pipeline.halt.failed = '101%': expected a percentage in (0, 100]",
+    ),
+    (
+        "halt neither count nor percentage",
+        "pipeline:\n  sites: [a]\n  halt: {failed: lots}\n",
+        "pipeline.halt.failed = 'lots': expected a count >= 1 or a percentage in (0, 100]",
+    ),
+    (
+        "halt without a rule",
+        "pipeline:\n  sites: [a]\n  halt: {when: now}\n",
+        "pipeline.halt.failed: required",
+    ),
+    (
+        "halt when unknown",
+        "pipeline:\n  sites: [a]\n  halt: {failed: 2, when: later}\n",
+        "pipeline.halt.when = 'later': expected 'soon' or 'now'",
+    ),
 ]
 
 
@@ -349,6 +399,98 @@ def test_site_and_sites_file_together_exit_2(
         capsys,
     )
     assert code == 2 and "not both" in err
+
+
+def test_halt_reads_a_count_or_a_percentage() -> None:
+    """`halt.failed` is a count (3) or a share ("30%"); `when` defaults to soon, `min_done`
+    to 1; no `halt` is off."""
+    assert parse_config("pipeline: {sites: [a]}").halt is None
+    count = parse_config("pipeline: {sites: [a], halt: {failed: 3}}").halt
+    assert count is not None
+    assert (count.failed, count.failed_percent, count.min_done, count.when) == (3, None, 1, "soon")
+    share = parse_config(
+        "pipeline: {sites: [a], halt: {failed: ' 12.5 %', min_done: 10, when: now}}"
+    ).halt
+    assert share is not None
+    assert (share.failed, share.failed_percent, share.min_done, share.when) == (
+        None,
+        12.5,
+        10,
+        "now",
+    )
+    assert parse_config("pipeline: {sites: [a], halt: {failed: '100%'}}").halt is not None
+
+
+def test_non_retryable_errors_default_to_python_import_and_syntax_errors() -> None:
+    """By default the causes of a broken install or broken code are not retried; `[]` turns
+    the rule off."""
+    patterns = parse_config("pipeline: {sites: [a]}").non_retryable_error_patterns()
+    for cause in (
+        "ModuleNotFoundError: No module named 'pandas'",
+        "ImportError: cannot import name 'save_schema_matrix' from 'x'",
+        "SyntaxError: invalid syntax",
+        "IndentationError: unexpected indent",
+    ):
+        assert any(p.search(cause) for p in patterns), cause
+    for cause in ("ConnectionError: reset", "ValueError: ImportError: inside a message"):
+        assert not any(p.search(cause) for p in patterns), cause
+    off = parse_config("pipeline: {sites: [a], non_retryable_errors: []}")
+    assert off.non_retryable_error_patterns() == []
+
+
+@pytest.mark.parametrize("where", ["config", "--sites-file"])
+def test_a_sites_file_saved_on_windows_reads_as_meant(tmp_path: Path, where: str) -> None:
+    """A sites file with a UTF-8 BOM, CRLF line ends and trailing blanks gives the names the
+    user typed, the first one included."""
+    (tmp_path / "sites.txt").write_bytes(
+        b"\xef\xbb\xbffirst.com\r\nsecond.com  \r\n\r\n# a comment\r\nthird.com\t\r\n"
+    )
+    if where == "config":
+        config = tmp_path / "config.yaml"
+        config.write_text("pipeline:\n  sites_file: sites.txt\n", encoding="utf-8")
+        plan = load_plan(config)
+    else:
+        plan = load_plan(write_config(tmp_path, ["x"]), sites_file="sites.txt")
+    assert plan.sites == ("first.com", "second.com", "third.com")
+
+
+def test_a_config_saved_on_windows_reads_as_meant(tmp_path: Path) -> None:
+    """A config.yaml with a UTF-8 BOM and CRLF line ends is read as written."""
+    config = tmp_path / "config.yaml"
+    config.write_bytes(
+        b"\xef\xbb\xbfpipeline:\r\n  sites: [a.com, b.com]   \r\n  timeout: 30\r\n"
+    )
+    plan = load_plan(config)
+    assert plan.sites == ("a.com", "b.com") and plan.config.timeout == 30
+
+
+def test_validate_takes_site_and_sites_file_like_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate --site S` and `validate --sites-file F` show those sites, as `run` would run
+    them; a bad `--site` is exit 2, naming it."""
+    config = write_config(tmp_path, ["configured.com"])
+    code, out, _ = run_cli(["validate", "--config", str(config), "--site", "given.com"], capsys)
+    assert code == 0 and "sites: 1 (given.com)" in out, out
+    (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbffrom-file.com\r\nnext.com\r\n")
+    code, out, _ = run_cli(
+        ["validate", "--config", str(config), "--sites-file", str(tmp_path / "list.txt")], capsys
+    )
+    assert code == 0 and "sites: 2 (from-file.com, next.com)" in out, out
+    code, _, err = run_cli(["validate", "--config", str(config), "--site=-rf"], capsys)
+    assert code == 2 and "--site[0] = '-rf'" in err, err
+
+
+def test_validate_shows_the_stall_halt_and_error_rules(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`validate` says what stops an attempt or the run early."""
+    config = write_config(
+        tmp_path, ["a"], stall_timeout=120, halt={"failed": "30%", "min_done": 10}
+    )
+    code, out, _ = run_cli(["validate", "--config", str(config)], capsys)
+    assert code == 0
+    assert "stops: stall after 120s; halt: 30% failed (of at least 10 done) (soon); 4 " in out
 
 
 def test_shipped_config_is_valid() -> None:

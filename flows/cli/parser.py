@@ -62,17 +62,22 @@ def _add_retry_failed(sub: argparse.ArgumentParser, text: str) -> None:
     )
 
 
+def _add_sites(sub: argparse.ArgumentParser) -> None:
+    """`--site` and `--sites-file`, for `run` and `validate`."""
+    sub.add_argument(
+        "--site", action="append", type=_given, metavar="SITE", help="run this site (repeatable)"
+    )
+    sub.add_argument(
+        "--sites-file", type=_given, metavar="FILE", help="one site per line, '#' comments"
+    )
+
+
 def _add_run(commands: Commands) -> None:
-    """`run` with its options, and `validate` (only `--config`)."""
+    """`run` with its options, and `validate` (`--config`, `--site`, `--sites-file`)."""
     run = _with_config(
         commands.add_parser("run", help="run the flow on the configured Prefect API")
     )
-    run.add_argument(
-        "--site", action="append", type=_given, metavar="SITE", help="run this site (repeatable)"
-    )
-    run.add_argument(
-        "--sites-file", type=_given, metavar="FILE", help="one site per line, '#' comments"
-    )
+    _add_sites(run)
     _add_cap(run)
     run.add_argument("--sequential", action="store_true", help="one site at a time, in order")
     run.add_argument(
@@ -90,8 +95,12 @@ def _add_run(commands: Commands) -> None:
     loudness.add_argument(
         "-q", "--quiet", action="store_true", help="print only problems and the final table"
     )
-    _with_config(
-        commands.add_parser("validate", help="check the config and sites; show what would run")
+    _add_sites(
+        _with_config(
+            commands.add_parser(
+                "validate", help="check the config and sites; show what would run"
+            )
+        )
     )
 
 

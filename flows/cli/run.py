@@ -35,10 +35,20 @@ def validate(plan: RunPlan) -> int:
         f"attempts: {plan.config.retry_count}, {plan.config.async_settings.retry_backoff} backoff "
         f"from {plan.config.retry_delay:g}s, timeout {plan.config.timeout:g}s"
     )
+    print(f"stops: {_stops(plan)}")
     print(f"working dir: {plan.working_dir}")
     print(f"output dir: {plan.output_dir}")
     print(f"first site's argv: {json.dumps(argv)}")
     return EXIT_OK
+
+
+def _stops(plan: RunPlan) -> str:
+    """`stall after 120s; halt: 3 failed (soon)`: what stops an attempt or the run early."""
+    config = plan.config
+    stall = f"stall after {config.stall_timeout:g}s" if config.stall_timeout else "no stall timeout"
+    halt = f"{config.halt.describe()} ({config.halt.when})" if config.halt else "no halt"
+    rules = len(config.non_retryable_errors)
+    return f"{stall}; {halt}; {rules} non-retryable error rule{'s' if rules != 1 else ''}"
 
 
 def retry_failed(args: argparse.Namespace) -> int:
