@@ -7,13 +7,15 @@ those lines and exits with status 2 before anything runs.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import sys
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -172,10 +174,51 @@ class HaltConfig(_Strict):
         return f"halt: {self.failed_percent:g}% failed (of at least {self.min_done} done)"
 
 
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class SiteEntry(_Strict):
+    """One `sites` entry written as a mapping: a site with settings of its own. Each one
+    left out takes the config's value."""
+
+    site: str
+    timeout: float | None = Field(default=None, gt=0)
+    retry_count: int | None = Field(default=None, ge=1, le=MAX_RETRY_COUNT)
+    flags: list[str] = Field(default_factory=list)  # after default_flags, one argv element each
+    env: dict[str, str] = Field(default_factory=dict)  # over the config's env
+    group: str | None = None  # a `groups` entry; else the group whose `match` finds it
+    priority: int = 0  # higher starts first, before the history order
+
+
+class GroupConfig(_Strict):
+    """One `pipeline.groups` entry: at most `max_concurrent` of its sites at once, across
+    flow runs (a Prefect global concurrency limit of its own, `group_limit_name`)."""
+
+    max_concurrent: int = Field(gt=0)
+    match: str | None = Field(default=None, min_length=1)  # re.search on the site name
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """A site's resolved settings: its entry's, else the config's."""
+
+    timeout: float
+    retry_count: int
+    flags: tuple[str, ...] = ()
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    group: str | None = None
+    priority: int = 0
+
+
+def group_limit_name(tag: str, group: str) -> str:
+    """The Prefect global concurrency limit of `group`: `<concurrency_tag>:<group>`."""
+    return f"{tag}:{group}"
+
+
 class PipelineConfig(_Strict):
     """The `pipeline:` section. Keys and meanings of the original executor, plus ours."""
 
-    sites: list[str] | None = None
+    sites: list[Any] | None = None  # names, or SiteEntry mappings (checked by load_plan)
     sites_file: str | None = None
     command: list[str] = Field(
         default_factory=lambda: ["{python}", "-m", "universal_recon.main", "--site", "{site}"],
@@ -209,6 +252,8 @@ class PipelineConfig(_Strict):
     stall_timeout: float | None = Field(default=None, gt=0)
     keep_logs: int = Field(default=14, ge=1)
     halt: HaltConfig | None = None
+    order: Literal["longest_first", "listed"] = "longest_first"
+    groups: dict[str, GroupConfig] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
@@ -242,6 +287,7 @@ class PipelineConfig(_Strict):
         if self.sites is not None and self.sites_file is not None:
             problems.append("sites_file: expected either sites or sites_file, not both")
         problems.extend(self._os_string_problems())
+        problems.extend(self._group_problems())
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -270,6 +316,28 @@ class PipelineConfig(_Strict):
         return problems
 
 
+    def _group_problems(self) -> list[str]:
+        problems = []
+        for name, group in self.groups.items():
+            if not re.match(_NAME_PATTERN, name):
+                problems.append(
+                    f"groups.{name!r}: expected a name of letters, digits, '_', '.' or '-'"
+                )
+            if group.max_concurrent > self.max_concurrent_sites:
+                problems.append(
+                    f"groups.{name}.max_concurrent = {group.max_concurrent}: expected at most "
+                    f"the global cap, max_concurrent_sites ({self.max_concurrent_sites})"
+                )
+            if group.match is not None:
+                try:
+                    re.compile(group.match)
+                except re.error as exc:
+                    problems.append(
+                        f"groups.{name}.match = {group.match!r}: expected a regular "
+                        f"expression ({exc})"
+                    )
+        return problems
+
     def non_retryable_error_patterns(self) -> list[re.Pattern[str]]:
         """`non_retryable_errors`, compiled (each was checked when the config was read)."""
         return [re.compile(pattern) for pattern in self.non_retryable_errors]
@@ -291,6 +359,32 @@ class RunPlan:
     max_concurrent_sites: int
     use_async: bool
     warnings: tuple[str, ...] = ()
+    settings: Mapping[str, SiteSettings] = dataclasses.field(default_factory=dict)
+    given: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    """The mapping entries of the `sites` override (not the config's own), by site."""
+
+    def site(self, name: str) -> SiteSettings:
+        """`name`'s resolved settings (the config's, for a site without an entry)."""
+        found = self.settings.get(name)
+        if found is not None:
+            return found
+        return SiteSettings(self.config.timeout, self.config.retry_count, env=self.config.env)
+
+    def group_of(self, site: str) -> str | None:
+        return self.site(site).group
+
+    @property
+    def group_limits(self) -> dict[str, int]:
+        """Each group's cap, never above the run's global cap."""
+        return {
+            name: min(group.max_concurrent, self.max_concurrent_sites)
+            for name, group in self.config.groups.items()
+        }
+
+    def flow_sites(self) -> list[str | dict[str, Any]]:
+        """The sites as the flow's `sites` parameter: names, and the override's mapping
+        entries as they were given (the config's own entries the flow reads itself)."""
+        return [dict(self.given[site]) if site in self.given else site for site in self.sites]
 
     @property
     def workers(self) -> int:
@@ -420,20 +514,40 @@ def check_sites(sites: Iterable[object], source: str = "sites") -> tuple[list[st
     return unique, warnings
 
 
-def read_sites_file(path: Path) -> list[str]:
-    """One site per line; blank lines and '#' comments are ignored."""
+def read_sites_file(path: Path) -> list[Any]:
+    """A `.txt` file (or any other): one site per line; blank lines and '#' comments are
+    ignored. A `.yaml`, `.yml` or `.json` file: a list of entries, names or mappings, as
+    `pipeline.sites` takes them."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError(
             [f"sites_file = {str(path)!r}: cannot read it ({exc.strerror})"]
         ) from None
-    sites = []
+    if path.suffix.lower() in (".yaml", ".yml", ".json"):
+        return _structured_sites(path, text)
+    sites: list[Any] = []
     for line in text.splitlines():
         entry = line.split("#", 1)[0].strip()
         if entry:
             sites.append(entry)
     return sites
+
+
+def _structured_sites(path: Path, text: str) -> list[Any]:
+    """The list in a `.yaml` / `.json` sites file."""
+    try:
+        raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ConfigError([f"sites_file = {str(path)!r}: cannot parse it ({exc})"]) from None
+    if not isinstance(raw, list):
+        raise ConfigError(
+            [
+                f"sites_file = {str(path)!r}: expected a list of sites (names or mappings), "
+                f"got {type(raw).__name__}"
+            ]
+        )
+    return raw
 
 
 def load_plan(
@@ -461,7 +575,14 @@ def load_plan(
             [f"max_concurrent_sites = {max_concurrent_sites!r}: expected a whole number > 0"]
         )
     raw_sites, source = _raw_sites(config, path, sites, sites_file)
-    unique, warnings = check_sites(raw_sites, source)
+    entries = _site_entries(raw_sites, source)
+    unique, warnings = check_sites([entry.site for entry, _ in entries], source)
+    given = {entry.site: raw for (entry, raw) in entries if isinstance(raw, dict)}
+    own = _own_entries(config, path) if sites is not None or sites_file is not None else {}
+    labels = {entry.site: label for entry, label in _labelled(entries, source)}
+    listed = {entry.site: entry for entry, raw in entries if isinstance(raw, dict)}
+    chosen = {**own, **listed}  # an override's own mapping wins; a bare name keeps the config's
+    settings = resolve_settings(config, unique, chosen, labels)
     _check_platform(config, path)
     working_dir = (base / config.working_dir).resolve()
     if not working_dir.is_dir():
@@ -477,7 +598,135 @@ def load_plan(
         max_concurrent_sites=max_concurrent_sites or config.max_concurrent_sites,
         use_async=config.use_async if use_async is None else use_async,
         warnings=tuple(warnings),
+        settings=settings,
+        given=given if sites is not None or sites_file is not None else {},
     )
+
+
+def _site_entries(raw: Sequence[object], source: str) -> list[tuple[SiteEntry, object]]:
+    """Each raw entry as a `SiteEntry` (a name becomes one without settings), with the raw
+    entry. Raises `ConfigError` naming each bad mapping entry, `<source>[i].<key>`."""
+    problems: list[str] = []
+    entries: list[tuple[SiteEntry, object]] = []
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            entries.append((SiteEntry.model_construct(site=item), item))  # checked by name
+            continue
+        label = f"{source}[{index}]"
+        try:
+            entry = SiteEntry.model_validate(item)
+        except ValidationError as exc:
+            problems.extend(_validation_problems(exc, (label,)))
+            continue
+        problems.extend(_entry_problems(entry, label))
+        entries.append((entry, item))
+    if problems:
+        raise ConfigError(problems)
+    return entries
+
+
+def _labelled(
+    entries: Sequence[tuple[SiteEntry, object]], source: str
+) -> Iterator[tuple[SiteEntry, str]]:
+    for index, (entry, _) in enumerate(entries):
+        yield entry, f"{source}[{index}]"
+
+
+def _entry_problems(entry: SiteEntry, label: str) -> list[str]:
+    """A mapping entry's flags and env go to the OS, as `command` and `env` do."""
+    problems = []
+    for index, flag in enumerate(entry.flags):
+        if "\0" in flag:
+            problems.append(f"{label}.flags[{index}] = {flag!r}: expected no NUL character")
+        for name in _PLACEHOLDER_RE.findall(flag):
+            if name not in PLACEHOLDERS:
+                known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                problems.append(
+                    f"{label}.flags[{index}] = {flag!r}: unknown placeholder {{{name}}}, "
+                    f"expected one of {known}"
+                )
+    for name, value in entry.env.items():
+        if not name or "=" in name or "\0" in name or "\0" in value:
+            problems.append(
+                f"{label}.env.{name!r}: expected a variable name (not empty, without '=' or "
+                "NUL) and a value without NUL"
+            )
+    return problems
+
+
+def _own_entries(config: PipelineConfig, path: Path) -> dict[str, SiteEntry]:
+    """The config's own mapping entries, for sites given on the command line or as the
+    flow's parameter: `--site S` keeps S's settings. A sites file that can't be read gives
+    none (the override doesn't need it)."""
+    if config.sites is not None:
+        raw, source = list(config.sites), "pipeline.sites"
+    elif config.sites_file is not None:
+        source = f"pipeline.sites_file {config.sites_file!r} entry"
+        try:
+            raw = read_sites_file(path.parent / config.sites_file)
+        except ConfigError:
+            return {}
+    else:
+        return {}
+    entries = _site_entries(raw, source)
+    return {entry.site: entry for entry, item in entries if isinstance(item, dict)}
+
+
+def resolve_settings(
+    config: PipelineConfig,
+    sites: Sequence[str],
+    entries: Mapping[str, SiteEntry],
+    labels: Mapping[str, str],
+) -> dict[str, SiteSettings]:
+    """Each site's settings: its mapping entry's, else the config's; its group by its own
+    `group:`, else by the one `match` that finds it. Raises `ConfigError` naming the entry
+    (`labels`: `pipeline.sites[3]`)."""
+    problems: list[str] = []
+    settings: dict[str, SiteSettings] = {}
+    defaults = SiteSettings(config.timeout, config.retry_count, env=config.env)
+    for site in sites:
+        entry = entries.get(site)
+        group, problem = _group_of(config, site, entry, labels.get(site, f"site {site!r}"))
+        if problem:
+            problems.append(problem)
+        if entry is None:
+            settings[site] = dataclasses.replace(defaults, group=group) if group else defaults
+            continue
+        settings[site] = SiteSettings(
+            timeout=entry.timeout if entry.timeout is not None else config.timeout,
+            retry_count=entry.retry_count if entry.retry_count is not None else config.retry_count,
+            flags=tuple(entry.flags),
+            env={**config.env, **entry.env} if entry.env else config.env,
+            group=group,
+            priority=entry.priority,
+        )
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _group_of(
+    config: PipelineConfig, site: str, entry: SiteEntry | None, label: str
+) -> tuple[str | None, str | None]:
+    """(the site's group, a problem): its own `group:`, else the one group that matches."""
+    names = ", ".join(config.groups) or "none are defined"
+    if entry is not None and entry.group is not None:
+        if entry.group not in config.groups:
+            expected = f"expected a group of pipeline.groups ({names})"
+            return None, f"{label}.group = {entry.group!r}: {expected}"
+        return entry.group, None
+    matching = [
+        name
+        for name, group in config.groups.items()
+        if group.match is not None and re.search(group.match, site)
+    ]
+    if len(matching) > 1:
+        both = " and ".join(repr(name) for name in matching)
+        return None, (
+            f"{label} = {site!r}: matched by groups {both}; expected one: give the entry its "
+            "own group"
+        )
+    return (matching[0] if matching else None), None
 
 
 def _raw_sites(
@@ -563,8 +812,15 @@ def site_output_dir(output_dir: Path, site: str) -> Path:
     return target
 
 
-def build_argv(config: PipelineConfig, site: str, attempt: int, output_dir: Path) -> list[str]:
-    """The pipeline's argv for one attempt; placeholders are filled in one pass.
+def build_argv(
+    config: PipelineConfig,
+    site: str,
+    attempt: int,
+    output_dir: Path,
+    flags: Sequence[str] = (),
+) -> list[str]:
+    """The pipeline's argv for one attempt: `command`, `default_flags`, then the site's own
+    `flags`, one element each; placeholders are filled in one pass.
 
     A value is never re-scanned, so a site name holding '{attempt}' stays literal.
     """
@@ -578,4 +834,4 @@ def build_argv(config: PipelineConfig, site: str, attempt: int, output_dir: Path
     def fill(part: str) -> str:
         return _PLACEHOLDER_RE.sub(lambda match: values[match.group(1)], part)
 
-    return [fill(part) for part in [*config.command, *config.default_flags]]
+    return [fill(part) for part in [*config.command, *config.default_flags, *flags]]

@@ -1,0 +1,252 @@
+"""Per-site settings and groups in the config (issue 21), without a Prefect server: each
+entry resolves to its own settings, and every bad entry is an exit 2 that names it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows.cli import main
+from flows.config import ConfigError, build_argv, group_limit_name, load_plan
+
+BASE: dict[str, Any] = {
+    "command": ["{python}", "pipe.py", "--site", "{site}"],
+    "default_flags": ["--emit-status"],
+    "max_concurrent_sites": 4,
+    "timeout": 600,
+    "retry_count": 3,
+    "env": {"SHARED": "config", "BOTH": "config"},
+}
+
+
+def write(folder: Path, **pipeline: Any) -> Path:
+    path = folder / "config.yaml"
+    text = yaml.safe_dump({"pipeline": {**BASE, **pipeline}}, sort_keys=False)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def problems(folder: Path, **pipeline: Any) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        load_plan(write(folder, **pipeline))
+    return caught.value.problems
+
+
+def test_a_mapping_entry_has_its_own_settings_and_the_rest_take_the_configs(
+    tmp_path: Path,
+) -> None:
+    """timeout, retry_count, flags, env, group and priority come from the entry; a plain
+    name, and every key an entry leaves out, takes the config's value."""
+    plan = load_plan(
+        write(
+            tmp_path,
+            sites=[
+                "plain.com",
+                {
+                    "site": "slow.com",
+                    "timeout": 7200,
+                    "retry_count": 1,
+                    "flags": ["--depth", "3 levels"],
+                    "env": {"BOTH": "site", "OWN": "1"},
+                    "priority": 5,
+                },
+                {"site": "half.com", "timeout": 30},
+            ],
+        )
+    )
+    assert plan.sites == ("plain.com", "slow.com", "half.com")
+    slow, plain, half = plan.site("slow.com"), plan.site("plain.com"), plan.site("half.com")
+    assert (slow.timeout, slow.retry_count, slow.flags, slow.priority) == (
+        7200,
+        1,
+        ("--depth", "3 levels"),
+        5,
+    )
+    assert slow.env == {"SHARED": "config", "BOTH": "site", "OWN": "1"}  # merged over env
+    assert (plain.timeout, plain.retry_count, plain.flags, plain.priority) == (600, 3, (), 0)
+    assert plain.env == BASE["env"]
+    assert (half.timeout, half.retry_count) == (30, 3)
+
+
+def test_site_flags_come_after_default_flags_as_separate_elements(tmp_path: Path) -> None:
+    """A site's flags are appended after default_flags, one argv element each, with the
+    placeholders filled and nothing read by a shell."""
+    plan = load_plan(
+        write(tmp_path, sites=[{"site": "a.com", "flags": ["--out", "{output_dir}/x; rm -rf /"]}])
+    )
+    argv = build_argv(plan.config, "a.com", 2, tmp_path, plan.site("a.com").flags)
+    assert argv[1:] == [
+        "pipe.py",
+        "--site",
+        "a.com",
+        "--emit-status",
+        "--out",
+        f"{tmp_path}/x; rm -rf /",
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_a_structured_sites_file_holds_the_same_entries(tmp_path: Path, suffix: str) -> None:
+    """sites_file may be a .yaml or .json list of names and mappings; .txt stays one name a
+    line."""
+    entries = ["a.com", {"site": "b.com", "timeout": 99}]
+    text = json.dumps(entries) if suffix == ".json" else yaml.safe_dump(entries)
+    (tmp_path / f"sites{suffix}").write_text(text, encoding="utf-8")
+    plan = load_plan(write(tmp_path, sites_file=f"sites{suffix}"))
+    assert plan.sites == ("a.com", "b.com") and plan.site("b.com").timeout == 99
+    (tmp_path / "names.txt").write_text("{site: c.com}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"c\.com"):  # a .txt line is a name, not YAML
+        load_plan(write(tmp_path, sites_file="names.txt"))
+
+
+def test_a_structured_sites_file_must_hold_a_list(tmp_path: Path) -> None:
+    """A .yaml sites file with a mapping at the top is refused, naming the file."""
+    (tmp_path / "sites.yaml").write_text("sites: [a]\n", encoding="utf-8")
+    found = problems(tmp_path, sites_file="sites.yaml")
+    assert len(found) == 1 and "expected a list of sites (names or mappings), got dict" in found[0]
+
+
+def test_a_site_given_on_the_command_line_keeps_its_config_settings(tmp_path: Path) -> None:
+    """`--site S` (the `sites` override) for a site with settings in the config keeps them;
+    an override's own mapping wins, and is what the flow is given."""
+    config = write(tmp_path, sites=["a.com", {"site": "b.com", "timeout": 9, "priority": 2}])
+    plan = load_plan(config, sites=["b.com", {"site": "c.com", "flags": ["-v"]}])
+    assert plan.sites == ("b.com", "c.com")
+    assert (plan.site("b.com").timeout, plan.site("b.com").priority) == (9, 2)
+    assert plan.site("c.com").flags == ("-v",)
+    assert plan.flow_sites() == ["b.com", {"site": "c.com", "flags": ["-v"]}]
+    override = load_plan(config, sites=[{"site": "b.com", "timeout": 5}])
+    assert override.site("b.com").timeout == 5
+
+
+def test_a_site_joins_a_group_by_its_own_group_or_by_a_match(tmp_path: Path) -> None:
+    """`group:` decides; else the one group whose `match` finds the name; else none. Each
+    group's limit is named after the tag and the group."""
+    plan = load_plan(
+        write(
+            tmp_path,
+            concurrency_tag="nightly",
+            sites=[
+                "one.vendor.com",
+                "two.vendor.com",
+                "other.org",
+                {"site": "three.elsewhere.net", "group": "vendor"},
+            ],
+            groups={"vendor": {"max_concurrent": 1, "match": r"\.vendor\.com$"}},
+        )
+    )
+    assert [plan.group_of(s) for s in plan.sites] == ["vendor", "vendor", None, "vendor"]
+    assert plan.group_limits == {"vendor": 1}
+    assert group_limit_name("nightly", "vendor") == "nightly:vendor"
+
+
+def test_two_matching_groups_are_an_error_unless_the_entry_decides(tmp_path: Path) -> None:
+    """A site that two groups match is an error naming both; its own `group:` settles it."""
+    groups = {
+        "host": {"max_concurrent": 1, "match": r"\.vendor\.com$"},
+        "dotcom": {"max_concurrent": 2, "match": r"\.com$"},
+    }
+    found = problems(tmp_path, sites=["a.vendor.com"], groups=groups)
+    assert found == [
+        "pipeline.sites[0] = 'a.vendor.com': matched by groups 'host' and 'dotcom'; "
+        "expected one: give the entry its own group"
+    ]
+    plan = load_plan(
+        write(tmp_path, sites=[{"site": "a.vendor.com", "group": "dotcom"}], groups=groups)
+    )
+    assert plan.group_of("a.vendor.com") == "dotcom"
+
+
+BAD_ENTRIES = [
+    ("no site", [{"timeout": 5}], None, "pipeline.sites[0].site: required key is missing"),
+    (
+        "unknown key",
+        ["a", {"site": "b", "retries": 2}],
+        None,
+        "pipeline.sites[1].retries: unknown key",
+    ),
+    (
+        "negative timeout",
+        ["a", "b", "c", {"site": "d", "timeout": -1}],
+        None,
+        "pipeline.sites[3].timeout = -1: expected greater than 0",
+    ),
+    (
+        "priority not an integer",
+        [{"site": "a", "priority": "high"}],
+        None,
+        "pipeline.sites[0].priority = 'high': expected a valid integer",
+    ),
+    (
+        "priority a float",
+        [{"site": "a", "priority": 1.5}],
+        None,
+        "pipeline.sites[0].priority = 1.5: expected a valid integer",
+    ),
+    (
+        "undefined group",
+        [{"site": "a", "group": "nope"}],
+        {"real": {"max_concurrent": 1}},
+        "pipeline.sites[0].group = 'nope': expected a group of pipeline.groups (real)",
+    ),
+    (
+        "bad site name in a mapping",
+        [{"site": "-rf"}],
+        None,
+        "pipeline.sites[0] = '-rf': must not start with '-'",
+    ),
+    (
+        "invalid match",
+        ["a"],
+        {"g": {"max_concurrent": 1, "match": "(oops"}},
+        "pipeline.groups.g.match = '(oops': expected a regular expression",
+    ),
+    (
+        "group cap zero",
+        ["a"],
+        {"g": {"max_concurrent": 0}},
+        "pipeline.groups.g.max_concurrent = 0: expected greater than 0",
+    ),
+    (
+        "group cap above the global cap",
+        ["a"],
+        {"g": {"max_concurrent": 5}},
+        "pipeline.groups.g.max_concurrent = 5: expected at most the global cap, "
+        "max_concurrent_sites (4)",
+    ),
+    (
+        "bad placeholder in flags",
+        [{"site": "a", "flags": ["{nope}"]}],
+        None,
+        "pipeline.sites[0].flags[0] = '{nope}': unknown placeholder {nope}",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "sites", "groups", "expected"), BAD_ENTRIES, ids=[c[0] for c in BAD_ENTRIES]
+)
+def test_a_bad_entry_or_group_exits_2_naming_it_and_nothing_runs(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    case: str,
+    sites: list[Any],
+    groups: dict[str, Any] | None,
+    expected: str,
+) -> None:
+    """Each bad entry, group or match makes `run` and `validate` exit 2 naming the entry."""
+    config = write(tmp_path, sites=sites, **({"groups": groups} if groups else {}))
+    for command in ("validate", "run"):
+        try:
+            code = main([command, "--config", str(config)])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert expected in err, err
+        assert "Traceback" not in err
+    assert not (tmp_path / "output").exists()
