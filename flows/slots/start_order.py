@@ -1,0 +1,69 @@
+"""In which order a run starts its sites: priority, then history, then the list.
+
+Plain Python. A night ends when its last site ends, so a long site listed last makes the
+night about as long as that site longer than it has to be. The recorded summaries already
+say which sites are long (the learned timeouts read them), so by default
+(`order: longest_first`) the sites start:
+
+1. by `priority`, higher first (a site's own setting, default 0), before either rule;
+2. sites with no recorded success first, in list order: an unknown site may be long;
+3. then the known sites, longest expected duration first (the median of its recent
+   successful durations; one earlier success is enough), ties in list order.
+
+`order: listed` keeps list order after the priority; the old one-at-a-time loop
+(`use_async: false`) keeps list order, priorities and all. Retries of started sites still go
+before new sites: that is the slot pool's rule (`flows.slots.order`), given this order.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+OrderMode = Literal["longest_first", "listed", "sequential"]
+
+
+@dataclass(frozen=True)
+class StartOrder:
+    """The sites in start order, and the one line the run logs about it."""
+
+    sites: tuple[str, ...]
+    line: str
+
+
+def expected_durations(durations: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Each site's expected duration: the median of its recent successful durations; a site
+    with none has no expectation."""
+    return {site: statistics.median(values) for site, values in durations.items() if values}
+
+
+def start_order(
+    sites: Sequence[str],
+    expected: Mapping[str, float],
+    priority: Mapping[str, int],
+    mode: OrderMode,
+) -> StartOrder:
+    """`sites` (in list order) in the order they start, by the module's rules."""
+    if mode == "sequential":
+        return StartOrder(tuple(sites), "order: as listed (one site at a time)")
+    position = {site: index for index, site in enumerate(sites)}
+
+    def key(site: str) -> tuple[int, int, float, int]:
+        rank = -priority.get(site, 0)
+        if mode == "listed" or site not in expected:
+            return (rank, 0, 0.0, position[site])
+        return (rank, 1, -expected[site], position[site])
+
+    ordered = tuple(sorted(sites, key=key))
+    prioritised = sum(1 for site in sites if priority.get(site, 0) != 0)
+    by_priority = f"; {prioritised} by priority first" if prioritised else ""
+    if mode == "listed":
+        return StartOrder(ordered, f"order: as listed{by_priority}")
+    known = sum(1 for site in sites if site in expected)
+    return StartOrder(
+        ordered,
+        f"order: longest expected first ({known} of {len(sites)} sites have history; "
+        f"the others first){by_priority}",
+    )

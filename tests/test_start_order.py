@@ -1,0 +1,79 @@
+"""The start order (issue 21): priority, then sites without history, then longest expected
+first; `listed` and the sequential loop keep list order."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flows.slots.start_order import expected_durations, start_order
+
+
+def test_unknown_sites_start_first_in_list_order_then_the_longest_known() -> None:
+    """Sites with no history first (an unknown site may be long), in list order; then the
+    known ones, longest expected first; ties keep list order."""
+    sites = ["short", "new-1", "long", "mid", "new-2", "mid-too"]
+    expected = {"short": 10.0, "long": 3600.0, "mid": 300.0, "mid-too": 300.0}
+    order = start_order(sites, expected, {}, "longest_first")
+    assert order.sites == ("new-1", "new-2", "long", "mid", "mid-too", "short")
+    assert order.line == (
+        "order: longest expected first (4 of 6 sites have history; the others first)"
+    )
+
+
+def test_priority_comes_before_either_rule() -> None:
+    """A higher priority starts first, under longest_first and listed alike; a negative one
+    starts last."""
+    sites = ["a", "b", "c", "d"]
+    expected = {"a": 1.0, "b": 100.0, "c": 50.0, "d": 5.0}
+    priority = {"d": 2, "a": 1, "b": -1}
+    assert start_order(sites, expected, priority, "longest_first").sites == ("d", "a", "c", "b")
+    listed = start_order(sites, expected, priority, "listed")
+    assert listed.sites == ("d", "a", "c", "b")
+    assert listed.line == "order: as listed; 3 by priority first"
+
+
+def test_listed_keeps_list_order_whatever_the_history() -> None:
+    """`order: listed`: list order, history ignored."""
+    order = start_order(["a", "b", "c"], {"a": 1.0, "c": 99.0}, {}, "listed")
+    assert order.sites == ("a", "b", "c") and order.line == "order: as listed"
+
+
+def test_the_sequential_loop_keeps_list_order_priorities_and_all() -> None:
+    """`use_async: false` (the old loop) always keeps list order."""
+    order = start_order(["a", "b", "c"], {"a": 1.0, "c": 99.0}, {"c": 5}, "sequential")
+    assert order.sites == ("a", "b", "c")
+    assert order.line == "order: as listed (one site at a time)"
+
+
+def test_expected_duration_is_the_median_of_recent_successes() -> None:
+    """One earlier success is enough; a site with none has no expectation."""
+    assert expected_durations({"a": [10.0, 30.0, 1000.0], "b": [7.0], "c": []}) == {
+        "a": 30.0,
+        "b": 7.0,
+    }
+
+
+@given(
+    st.lists(st.text(min_size=1, max_size=4), unique=True, max_size=12),
+    st.data(),
+)
+def test_the_order_is_a_permutation_sorted_by_its_rules(
+    sites: list[str], data: st.DataObject
+) -> None:
+    """Every site starts exactly once; within one priority, unknown sites come before known
+    ones, and known ones never come before a longer known one."""
+    expected = {
+        site: data.draw(st.floats(0, 1e4)) for site in sites if data.draw(st.booleans())
+    }
+    priority = {site: data.draw(st.integers(-2, 2)) for site in sites}
+    order = start_order(sites, expected, priority, "longest_first").sites
+    assert sorted(order) == sorted(sites)
+    for first, then in itertools.pairwise(order):
+        assert priority[first] >= priority[then]
+        if priority[first] == priority[then]:
+            assert not (first in expected and then not in expected)
+            if first in expected and then in expected:
+                assert expected[first] >= expected[then]
