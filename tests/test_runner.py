@@ -80,10 +80,11 @@ def test_success_captures_the_json_result_line(tmp_path: Path) -> None:
 
 
 def test_failure_keeps_the_stderr_tail(tmp_path: Path) -> None:
-    """A non-zero exit is a failure with its exit code and its stderr lines."""
+    """A non-zero exit is a failure with its exit code and its stderr lines; its last stderr
+    line is the cause, in the error too."""
     outcome = attempt(fake("fail.com", 2), tmp_path)
     assert outcome.status == "failed" and outcome.exit_code == 1
-    assert outcome.error == "exit code 1"
+    assert outcome.error == "exit code 1: fail.com: boom on attempt 2"
     assert outcome.stderr_tail == ["fail.com: boom on attempt 2"]
     assert outcome.result is None
 
@@ -102,7 +103,7 @@ def test_the_stderr_tail_is_the_last_ten_lines_and_a_signal_death_says_which(
     outcome = attempt([sys.executable, "-c", script], tmp_path)
     assert outcome.stderr_tail == [f"problem {n}" for n in range(15, 25)]
     assert outcome.status == "failed" and outcome.exit_code == -9
-    assert outcome.error == "killed by signal 9"
+    assert outcome.error == "killed by signal 9: problem 24"
     assert 0.3 <= outcome.duration_s < 15
 
 
@@ -124,7 +125,7 @@ def test_timeout_kills_the_pipeline_and_its_grandchild(tmp_path: Path, site: str
     elapsed = time.monotonic() - started
     pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
     assert outcome.status == "timed_out"
-    assert outcome.error == "timed out after 1.5s; process group stopped"
+    assert outcome.error == "timed out after 1.5 s: hanging"
     if site.startswith("stubborn"):  # SIGTERM ignored: SIGKILL came after the grace
         assert elapsed >= 1.5 + 0.5 - 0.05
         assert outcome.exit_code == -9

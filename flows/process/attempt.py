@@ -2,8 +2,14 @@
 
 Plain Python: the caller passes a `log` callable (the Prefect task run logger
 in production, a list's `append` in tests). The output is read as it comes
-(`flows.process.output`), in bounded memory however much the pipeline prints; the
-process tree is started, watched and stopped by a `ProcessControl` backend.
+(`flows.process.output`), in bounded memory however much the pipeline prints, and
+written whole to the attempt's log file (`flows.process.logfile`); the process tree is
+started, watched and stopped by a `ProcessControl` backend. A failed attempt's `cause` is
+read from the end of its output once, when it ends (`flows.process.cause`).
+
+An attempt ends in one of three ways (`Ending`): the pipeline exits; the `timeout`
+passes; or, with `stall_timeout`, it prints nothing on either pipe for that long. The last
+two stop the tree the same way (TERM, then KILL after `kill_grace`) and are `timed_out`.
 """
 
 from __future__ import annotations
@@ -13,9 +19,12 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+from flows.process.cause import cause_of, clean
 from flows.process.control import ProcessControl, control_for
+from flows.process.logfile import AttemptLog
 from flows.process.output import (
     MAX_LINE_BYTES,
     POLL_SECONDS,
@@ -29,11 +38,20 @@ from flows.process.output import (
 )
 
 AttemptStatus = Literal["succeeded", "failed", "timed_out", "not_started"]
+Ending = Literal["exited", "timed_out", "stalled"]
 
 
 @dataclass
 class AttemptOutcome:
-    """What one attempt did. `result` is the JSON object of the last stdout line, if any."""
+    """What one attempt did. `result` is the JSON object of the last stdout line, if any.
+
+    `cause` is the one line that says why it failed (`flows.process.cause`; for a timeout
+    or a stall, the last line seen), and `error` says how it ended, with the cause:
+    `exit code 1: ModuleNotFoundError: No module named 'pandas'`, `killed by signal 9:
+    <cause>`, `timed out after 30 s: <last line>`, `stalled: no output for 20 s`, or the
+    bare `exit code 1` when there is no cause. `log_path` is the attempt's full log file
+    (None without one); `log_complete` is False when it could not be written whole.
+    """
 
     status: AttemptStatus
     exit_code: int | None
@@ -43,6 +61,9 @@ class AttemptOutcome:
     stderr_tail: list[str] = field(default_factory=list)
     lines_total: int = 0
     lines_not_logged: int = 0
+    cause: str | None = None
+    log_path: str | None = None
+    log_complete: bool = True
 
 
 def run_attempt(
@@ -56,15 +77,21 @@ def run_attempt(
     max_log_lines: int = 200,
     owner: str | None = None,
     control: ProcessControl | None = None,
+    stall_timeout: float | None = None,
+    log_file: Path | None = None,
+    warn: LogFn | None = None,
 ) -> AttemptOutcome:
     """Run `argv` once and wait for it, at most `timeout` seconds.
 
     `control` (default: this platform's, `flows.process.control`) starts it as a process
     group or a tracked tree. On timeout everything it started is asked to end, then killed
-    after `kill_grace`. When the pipeline exits, anything it left running is stopped too.
-    If this call is interrupted (an exception raised into the thread), its processes are
-    stopped before the exception propagates. `owner` (a flow run id) is what
-    `stop_all` stops by.
+    after `kill_grace`; the same when `stall_timeout` is set and the pipeline prints nothing
+    on stdout or stderr for that many seconds. When the pipeline exits, anything it left
+    running is stopped too. If this call is interrupted (an exception raised into the
+    thread), its processes are stopped before the exception propagates. `owner` (a flow
+    run id) is what `stop_all` stops by. `log_file`: where its whole output is written
+    (`flows.process.logfile`); a write that fails calls `warn` (default: `log`) once and
+    never fails the attempt.
     """
     control = control or control_for("auto")
     started = time.monotonic()
@@ -77,19 +104,21 @@ def run_attempt(
             duration_s=time.monotonic() - started,
             error=f"could not start {argv[0]!r}: {exc.strerror or exc}",
         )
-    output = AttemptOutput(log, max_log_lines)
+    writer = None if log_file is None else AttemptLog(log_file, warn or log).open()
+    output = AttemptOutput(log, max_log_lines, writer)
     assert proc.stdout is not None and proc.stderr is not None  # noqa: S101  (pipes requested)
     pipes = open_pipes({"stdout": proc.stdout, "stderr": proc.stderr})
-    timed_out = False
+    ending: Ending = "exited"
     try:
-        timed_out = _follow(proc, control, pipes, output, deadline=started + timeout)
+        ending = _follow(proc, control, pipes, output, started + timeout, stall_timeout)
     finally:
         control.stop(proc, kill_grace)
-        if not timed_out:
+        if ending == "exited":
             drain(pipes, output, until=time.monotonic() + 0.5)
         pipes.close()
         output.close()
-    return _outcome(proc.returncode, timed_out, timeout, time.monotonic() - started, output)
+    limits = {"timed_out": timeout, "stalled": stall_timeout or 0.0, "exited": 0.0}
+    return _outcome(proc.returncode, ending, limits[ending], time.monotonic() - started, output)
 
 
 def _follow(
@@ -98,26 +127,42 @@ def _follow(
     pipes: Pipes,
     output: AttemptOutput,
     deadline: float,
-) -> bool:
-    """Read the pipeline's output until it exits (False) or `deadline` passes (True)."""
+    stall_timeout: float | None,
+) -> Ending:
+    """Read the pipeline's output until it exits, `deadline` passes, or it has printed
+    nothing for `stall_timeout` seconds. The tree is watched every POLL_SECONDS, not at
+    every read: a walk of the process table per chunk was most of a loud pipeline's cost."""
+    next_watch = time.monotonic()
+    nap = 0.005
     while True:
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        remaining = deadline - now
         if remaining <= 0:
-            return True
+            return "timed_out"
+        quiet_left = (
+            remaining if stall_timeout is None else (output.last_output + stall_timeout - now)
+        )
         if control.exited(proc):
             # The pipeline is gone; a grandchild may still hold the pipes open.
             drain(pipes, output, until=time.monotonic() + 0.5)
-            return False
-        control.watch(proc)
+            return "exited"
+        if quiet_left <= 0:  # after the exit check: a silent pipeline that just ended ended
+            return "stalled"
+        if now >= next_watch:
+            control.watch(proc)
+            next_watch = now + POLL_SECONDS
+        wait = min(remaining, quiet_left, POLL_SECONDS)
         if pipes.open():
-            for name, data in pipes.read(min(remaining, POLL_SECONDS)):
+            for name, data in pipes.read(wait):
                 output.feed(name, data)
         else:  # it closed stdout and stderr but runs on: wait for its end or the timeout
-            time.sleep(min(remaining, POLL_SECONDS))
+            # Short naps first: pipes closed is most often a pipeline that is exiting now.
+            time.sleep(min(wait, nap))
+            nap = min(nap * 2, POLL_SECONDS)
 
 
 def _outcome(
-    code: int | None, timed_out: bool, timeout: float, duration: float, output: AttemptOutput
+    code: int | None, ending: Ending, limit: float, duration: float, output: AttemptOutput
 ) -> AttemptOutcome:
     """The attempt's outcome, from how it ended and what it printed."""
     common: dict[str, Any] = {
@@ -126,19 +171,29 @@ def _outcome(
         "stderr_tail": output.stderr_tail(),
         "lines_total": output.logged.total,
         "lines_not_logged": output.logged.dropped,
+        "log_path": None,
+        "log_complete": True,
     }
-    if timed_out:
-        return AttemptOutcome(
-            status="timed_out",
-            exit_code=code,
-            error=f"timed out after {timeout:g}s; process group stopped",
-            **common,
+    if output.log_file is not None:
+        common["log_path"] = str(output.log_file.path) if output.log_file.created else None
+        common["log_complete"] = output.log_file.complete
+    if ending != "exited":
+        seen = output.last_seen()
+        last = clean(seen) if seen else None
+        error = (
+            f"timed out after {limit:g} s" + (f": {last}" if last else "")
+            if ending == "timed_out"
+            else f"stalled: no output for {limit:g} s"
         )
+        return AttemptOutcome("timed_out", code, error=error, cause=last or None, **common)
     if code == 0:
         return AttemptOutcome(status="succeeded", exit_code=0, **common)
     assert code is not None  # noqa: S101  (control.stop waited for it)
+    cause = cause_of(output.tail("stderr"), output.tail("stdout"), output.result_line())
     error = f"exit code {code}" if code > 0 else f"killed by signal {-code}"
-    return AttemptOutcome(status="failed", exit_code=code, error=error, **common)
+    if cause:
+        error = f"{error}: {cause}"
+    return AttemptOutcome("failed", code, error=error, cause=cause, **common)
 
 
 __all__ = [

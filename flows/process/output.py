@@ -4,7 +4,14 @@ Plain Python. On POSIX both pipes are read in the calling thread with `selectors
 attempt costs no extra threads; on Windows, where `select` takes sockets only, one reader
 thread per pipe (`READER`). Lines longer than `MAX_LINE_BYTES` are cut, and `BoundedLog`
 logs the first and last `max_log_lines` of them, so a 20 MB pipeline costs a bounded number
-of log records.
+of log records. The full output goes to the attempt's log file (`flows.process.logfile`),
+chunk by chunk.
+
+Speed: the work is per chunk, not per line. Reads take up to `READ_BYTES`, and on Linux
+each pipe is widened to `PIPE_BYTES`, so a loud pipeline rarely waits on a full pipe. A
+chunk is split with `bytes.split` (in C); only the lines that are logged live, or kept at
+the end (the log's tail, the last `CAUSE_LINES` of each pipe, the last stdout line) are
+ever decoded, and those once, at the end.
 """
 
 from __future__ import annotations
@@ -20,35 +27,69 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import IO, Any, Literal, Protocol
 
+from flows.process.cause import CAUSE_LINES
+from flows.process.logfile import AttemptLog
+
 MAX_LINE_BYTES = 8192  # longer lines are cut; the rest of the line is dropped
 POLL_SECONDS = 0.2  # how long one read waits at most
 STDERR_TAIL = 10  # the last stderr lines kept for the report
+READ_BYTES = 1 << 20  # one read takes at most this much
+PIPE_BYTES = 1 << 18  # Linux: each pipe's buffer (F_SETPIPE_SZ), 4x the default
+CUT_MARK = b" [line cut]"
 
 LogFn = Callable[[str], None]
+
+
+def decode(line: bytes) -> str:
+    """One line's text: invalid UTF-8 becomes U+FFFD, a CRLF's `\r` goes."""
+    return line.decode("utf-8", errors="replace").rstrip("\r")
 
 
 class BoundedLog:
     """Log the first `limit` lines as they come, then keep only the last `limit`.
 
     `close()` logs how many lines were left out, then the kept tail, so a 20 MB
-    pipeline costs at most about 2 * limit log records.
+    pipeline costs at most about 2 * limit log records. The tail is kept as raw lines in
+    blocks (one per chunk) and decoded at `close()` only.
     """
 
     def __init__(self, log: LogFn, limit: int) -> None:
         self._log = log
         self._limit = limit
         self.total = 0
-        self._tail: deque[str] = deque(maxlen=limit)
-        self.dropped = 0
+        self._blocks: deque[tuple[str, list[bytes]]] = deque()
+        self._kept = 0
+
+    @property
+    def dropped(self) -> int:
+        """Lines neither logged live nor kept for the end."""
+        return self.total - min(self.total, self._limit) - self._kept
 
     def add(self, line: str) -> None:
-        self.total += 1
-        if self.total <= self._limit:
-            self._log(line)
+        self.add_lines([line.encode("utf-8", errors="replace")])
+
+    def add_lines(self, lines: list[bytes], prefix: str = "") -> None:
+        """Whole lines of one pipe, in order; each is logged as `prefix` + its text."""
+        live = max(0, min(len(lines), self._limit - self.total))
+        for line in lines[:live]:
+            self._log(prefix + decode(line))
+        self.total += len(lines)
+        rest = lines[live:][-self._limit :] if self._limit else []
+        if not rest:
             return
-        if len(self._tail) == self._limit:
-            self.dropped += 1
-        self._tail.append(line)
+        self._blocks.append((prefix, rest))
+        self._kept += len(rest)
+        excess = self._kept - self._limit
+        while excess > 0:
+            first_prefix, first = self._blocks[0]
+            if len(first) <= excess:
+                self._blocks.popleft()
+                taken = len(first)
+            else:
+                self._blocks[0] = (first_prefix, first[excess:])
+                taken = excess
+            self._kept -= taken
+            excess -= taken
 
     def close(self) -> None:
         if self.dropped:
@@ -56,9 +97,53 @@ class BoundedLog:
                 f"... {self.dropped} output lines not logged (only the first and last "
                 f"{self._limit} are kept) ..."
             )
-        for line in self._tail:
-            self._log(line)
-        self._tail.clear()
+        for prefix, lines in self._blocks:
+            for line in lines:
+                self._log(prefix + decode(line))
+        self._blocks.clear()  # `_kept` stays: `dropped` still counts right
+
+
+class ChunkSplitter:
+    """Split a byte stream into whole lines (bytes, `\n` removed), cutting lines longer
+    than MAX_LINE_BYTES to that many bytes plus CUT_MARK; the rest of such a line is dropped.
+    The work is per chunk: `bytes.split` does the splitting."""
+
+    def __init__(self) -> None:
+        self._buffer = b""  # the unfinished line, at most MAX_LINE_BYTES
+        self._skipping = False  # inside the dropped rest of an over-long line
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The lines that `data` finishes, in order."""
+        parts = data.split(b"\n")
+        rest = parts.pop()
+        if parts:
+            if self._skipping:
+                del parts[0]
+                self._skipping = False
+            elif self._buffer:
+                parts[0] = self._buffer + parts[0]
+            self._buffer = b""
+            if parts and max(map(len, parts)) > MAX_LINE_BYTES:
+                parts = [_cut(part) for part in parts]
+        if rest and not self._skipping:
+            room = MAX_LINE_BYTES - len(self._buffer)
+            if len(rest) > room:
+                parts.append(self._buffer + rest[:room] + CUT_MARK)
+                self._buffer = b""
+                self._skipping = True
+            else:
+                self._buffer += rest
+        return parts
+
+    def flush(self) -> list[bytes]:
+        """The last line, if the stream ended without a newline."""
+        last = [self._buffer] if self._buffer and not self._skipping else []
+        self._buffer = b""
+        return last
+
+
+def _cut(line: bytes) -> bytes:
+    return line if len(line) <= MAX_LINE_BYTES else line[:MAX_LINE_BYTES] + CUT_MARK
 
 
 class LineSplitter:
@@ -66,80 +151,79 @@ class LineSplitter:
 
     def __init__(self, emit: Callable[[str], None]) -> None:
         self._emit = emit
-        self._buffer = bytearray()
-        self._skipping = False  # inside the dropped rest of an over-long line
+        self._lines = ChunkSplitter()
 
     def feed(self, data: bytes) -> None:
-        start = 0
-        while True:
-            newline = data.find(b"\n", start)
-            if newline < 0:
-                break
-            self._push(data[start:newline], complete=True)
-            start = newline + 1
-        self._push(data[start:], complete=False)
-
-    def _push(self, chunk: bytes, complete: bool) -> None:
-        if not self._skipping:
-            room = MAX_LINE_BYTES - len(self._buffer)
-            self._buffer += chunk[:room]
-            if len(chunk) > room:
-                self._emit(self._decode() + " [line cut]")
-                self._skipping = True
-        if complete:
-            if not self._skipping:
-                self._emit(self._decode())
-            self._skipping = False
-
-    def _decode(self) -> str:
-        text = self._buffer.decode("utf-8", errors="replace").rstrip("\r")
-        self._buffer.clear()
-        return text
+        for line in self._lines.feed(data):
+            self._emit(decode(line))
 
     def flush(self) -> None:
-        if self._buffer and not self._skipping:
-            self._emit(self._decode())
-        self._buffer.clear()
+        for line in self._lines.flush():
+            self._emit(decode(line))
 
 
 class AttemptOutput:
-    """One attempt's output as it comes: each pipe split into lines, logged (bounded), the
-    last stderr lines and the last non-empty stdout line kept (the result)."""
+    """One attempt's output as it comes: each pipe split into lines, logged (bounded) and
+    written whole to `log_file` (if given); kept for the end: the last `CAUSE_LINES` lines
+    of each pipe, the last non-empty stdout line (the result) and the last non-empty line
+    of either pipe (`last_seen`). `last_output` is when the last bytes came (monotonic)."""
 
-    def __init__(self, log: LogFn, max_log_lines: int) -> None:
+    def __init__(self, log: LogFn, max_log_lines: int, log_file: AttemptLog | None = None) -> None:
         self.logged = BoundedLog(log, max_log_lines)
-        self._stderr_tail: deque[str] = deque(maxlen=STDERR_TAIL)
-        self._last_stdout: str | None = None
-        self._splitters = {
-            "stdout": LineSplitter(self._on_stdout),
-            "stderr": LineSplitter(self._on_stderr),
+        self.log_file = log_file
+        self.last_output = time.monotonic()
+        self._tails: dict[str, deque[bytes]] = {
+            "stdout": deque(maxlen=CAUSE_LINES),
+            "stderr": deque(maxlen=CAUSE_LINES),
         }
-
-    def _on_stdout(self, line: str) -> None:
-        if line.strip():
-            self._last_stdout = line
-        self.logged.add(line)
-
-    def _on_stderr(self, line: str) -> None:
-        self._stderr_tail.append(line)
-        self.logged.add(f"[stderr] {line}")
+        self._last_stdout: bytes | None = None
+        self._last_seen: bytes | None = None
+        self._splitters = {"stdout": ChunkSplitter(), "stderr": ChunkSplitter()}
 
     def feed(self, pipe: str, data: bytes) -> None:
         """Bytes read from `pipe` (`stdout` or `stderr`)."""
-        self._splitters[pipe].feed(data)
+        self.last_output = time.monotonic()
+        if self.log_file is not None:
+            self.log_file.write(pipe, data)
+        self._take(pipe, self._splitters[pipe].feed(data))
+
+    def _take(self, pipe: str, lines: list[bytes]) -> None:
+        if not lines:
+            return
+        self.logged.add_lines(lines, "[stderr] " if pipe == "stderr" else "")
+        self._tails[pipe].extend(lines[-CAUSE_LINES:])
+        for line in reversed(lines):  # the last non-empty one: nearly always the last
+            if line.strip():
+                self._last_seen = line
+                if pipe == "stdout":
+                    self._last_stdout = line
+                break
 
     def close(self) -> None:
         """The end of both pipes: flush the last lines, then the log's kept tail."""
-        for splitter in self._splitters.values():
-            splitter.flush()
+        for pipe, splitter in self._splitters.items():
+            self._take(pipe, splitter.flush())
         self.logged.close()
+        if self.log_file is not None:
+            self.log_file.close()
 
     def result(self) -> dict[str, Any] | None:
         """The JSON object on the last non-empty stdout line, if it is one."""
-        return parse_result(self._last_stdout)
+        return parse_result(self.result_line())
+
+    def result_line(self) -> str | None:
+        return None if self._last_stdout is None else decode(self._last_stdout)
 
     def stderr_tail(self) -> list[str]:
-        return list(self._stderr_tail)
+        return [decode(line) for line in list(self._tails["stderr"])[-STDERR_TAIL:]]
+
+    def tail(self, pipe: str) -> list[str]:
+        """The last `CAUSE_LINES` lines of `pipe`, as text."""
+        return [decode(line) for line in self._tails[pipe]]
+
+    def last_seen(self) -> str | None:
+        """The last non-empty line of either pipe, as text."""
+        return None if self._last_seen is None else decode(self._last_seen)
 
 
 def parse_result(line: str | None) -> dict[str, Any] | None:
@@ -186,6 +270,7 @@ class _SelectorPipes:
         self._streams = list(streams.values())
         self._selector = selectors.DefaultSelector()
         for name, stream in streams.items():
+            widen_pipe(stream.fileno())
             self._selector.register(stream, selectors.EVENT_READ, name)
 
     def open(self) -> bool:
@@ -194,7 +279,7 @@ class _SelectorPipes:
     def read(self, timeout: float) -> list[tuple[str, bytes]]:
         chunks = []
         for key, _ in self._selector.select(timeout):
-            data = os.read(key.fd, 65536)
+            data = os.read(key.fd, READ_BYTES)
             if data:
                 chunks.append((str(key.data), data))
             else:
@@ -205,6 +290,17 @@ class _SelectorPipes:
         self._selector.close()
         for stream in self._streams:
             stream.close()
+
+
+def widen_pipe(fd: int) -> None:
+    """Linux: give the pipe a `PIPE_BYTES` buffer, so a loud pipeline waits less on us.
+    Elsewhere, or where the limit (/proc/sys/fs/pipe-max-size) is lower, nothing changes."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)  # type: ignore[attr-defined,unused-ignore]
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 class _ThreadPipes:
