@@ -70,8 +70,9 @@ def test_each_failure_lands_in_its_own_kind() -> None:
 
 
 def test_failures_markdown_groups_biggest_first_with_the_last_stderr_line() -> None:
-    """Groups by kind, largest first then by name; each line names the site, its attempts
-    and its last stderr line (else its error). Skipped and succeeded sites are not in it."""
+    """Without causes, groups by kind (a cancelled or timed-out site by its error, a crash by
+    its error), largest first then by key; each line names the site, its attempts and its
+    last stderr line (else its error). Skipped and succeeded sites are not in it."""
     reports = [
         *outcomes(),
         SiteReport("exit2.com", "failed", 1, 3, 0.1, "exit code 3"),
@@ -79,18 +80,18 @@ def test_failures_markdown_groups_biggest_first_with_the_last_stderr_line() -> N
     text = failures_markdown(reports)
     assert text is not None
     lines = text.splitlines()
-    assert lines[:3] == ["# Failed sites by kind", "", "## exit code 3 (2)"]
+    assert lines[:3] == ["# Failed sites by cause", "", "## exit code 3 (2)"]
     assert "- `exit.com` after 3 attempt(s): d" in lines
     assert "- `exit2.com` after 1 attempt(s): exit code 3" in lines
     headings = [line for line in lines if line.startswith("## ")]
     assert headings == [
         "## exit code 3 (2)",
-        "## cancelled (1)",
+        "## boom (1)",
+        "## cancelled by SIGTERM (1)",
         "## could not start (1)",
-        "## crashed (1)",
         "## killed by signal 9 (1)",
         "## no slot (1)",
-        "## timed out (1)",
+        "## timed out after 60s (1)",
     ]
     assert "done.com" not in text and "ok.com" not in text
     assert failures_markdown([outcomes()[0]]) is None
@@ -106,6 +107,8 @@ def test_table_rows_put_each_value_in_its_column() -> None:
         "attempts": 1,
         "exit_code": 0,
         "duration_s": 1.23,
+        "error": "",
+        "cause": "",
         "last_stderr": "",
         "result": '{"records":9}',
         "check": "ok",
@@ -115,6 +118,7 @@ def test_table_rows_put_each_value_in_its_column() -> None:
     }
     assert rows[1]["check"] == "records = 3, below min 5" and rows[1]["check_value"] == 3
     assert rows[2]["last_stderr"] == "b | c | d"  # the last 3 lines
+    assert rows[2]["error"] == "exit code 3" and rows[2]["cause"] == ""
     assert rows[4]["check"] == "" and rows[4]["check_field"] is None
 
 
@@ -151,12 +155,15 @@ def test_summary_state_and_the_bool_view() -> None:
 
 
 def test_failure_and_warning_messages_name_sites_up_to_a_limit() -> None:
-    """`k of n sites failed: a, b, ... and N more`; warnings the same way."""
+    """`k of n sites failed: k × <group> (a, b, ... and N more)`; warnings the same way."""  # noqa: RUF002
     many = [SiteReport(f"s{n}", "failed", 1, 1, 0.0) for n in range(12)]
     assert failure_message(many, shown=10) == (
-        "12 of 12 sites failed: s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, and 2 more"
+        "12 of 12 sites failed: 12 \N{MULTIPLICATION SIGN} exit code 1 "
+        "(s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, and 2 more)"
     )
-    assert failure_message(many[:2]) == "2 of 2 sites failed: s0, s1"
+    assert failure_message(many[:2]) == (
+        "2 of 2 sites failed: 2 \N{MULTIPLICATION SIGN} exit code 1 (s0, s1)"
+    )
     assert warning_message(outcomes()) == (
         "1 result check warning: warn.com (records = 3, below min 5)"
     )
@@ -182,8 +189,8 @@ def test_the_edges_of_each_message() -> None:
     limit no "and more", an exit code 0 that failed is an exit code (not a signal), a
     cut at 120 characters by default, values JSON can't encode shown as text."""
     eleven = [SiteReport(f"s{n}", "failed", 1, 1, 0.0) for n in range(11)]
-    assert failure_message(eleven).endswith("s9, and 1 more")  # type: ignore[union-attr]
-    assert failure_message(eleven[:10]).endswith("s8, s9")  # type: ignore[union-attr]
+    assert failure_message(eleven).endswith("s9, and 1 more)")  # type: ignore[union-attr]
+    assert failure_message(eleven[:10]).endswith("s8, s9)")  # type: ignore[union-attr]
     warned = [SiteReport(f"w{n}", "succeeded", 1, 0, 0.0, check=CHECK_FAILED) for n in range(11)]
     assert warning_message(warned[:2]) == (
         "2 result check warnings: w0 (records = 3, below min 5), w1 (records = 3, below min 5)"
@@ -202,7 +209,7 @@ def test_the_markdown_and_the_plain_table_exactly() -> None:
     """One failed site: the whole failures markdown; a row with no exit code and no error
     has empty cells and no trailing spaces."""
     assert failures_markdown([SiteReport("a", "failed", 2, None, 0.0, None)]) == (
-        "# Failed sites by kind\n\n## crashed (1)\n\n- `a` after 2 attempt(s): \n"
+        "# Failed sites by cause\n\n## crashed (1)\n\n- `a` after 2 attempt(s): \n"
     )
     table = format_table(build_summary("id", [SiteReport("a", "cancelled", 0, None, 0.0)]))
     assert table.splitlines()[1] == "a     cancelled  0               0.00"

@@ -97,7 +97,9 @@ def test_skipped_sites_count_as_done_not_failed() -> None:
     assert as_bools(summary) == {"a": True, "b": True}
     assert failure_message(reports) is None
     reports[1].status = "failed"
-    assert failure_message(reports) == "1 of 2 sites failed: b"
+    assert failure_message(reports) == (
+        "1 of 2 sites failed: 1 \N{MULTIPLICATION SIGN} exit code 0 (b)"
+    )
 
 
 def test_a_skip_for_a_site_outside_the_list_is_a_config_error() -> None:
@@ -126,6 +128,8 @@ def test_a_skipped_site_ran_no_attempt_and_took_no_time() -> None:
         "result": None,
         "check": None,
         "timeout_s": None,
+        "cause": None,
+        "logs": [],
     }
 
 

@@ -34,6 +34,7 @@ from flows.names import PIPELINE_OUTPUT, PROGRESS, SITE_EVENT
 
 Verbosity = Literal["quiet", "normal", "verbose"]
 
+
 class LiveView:
     """The bottom of the screen while a run goes on: a progress bar and the running sites."""
 
@@ -175,27 +176,49 @@ def run_console(total: int, verbosity: Verbosity, console: Console) -> Iterator[
             root.addHandler(old)
 
 
-def summary_table(summary: Mapping[str, Any]) -> Table:
-    """The final table: one row per site."""
+SITE_MIN_WIDTH = 40  # a longer site name may be cut when the terminal is narrow
+ERROR_MIN_WIDTH = 10
+_FIXED_COLUMNS: tuple[tuple[str, Literal["left", "right"]], ...] = (
+    ("site", "left"),
+    ("status", "left"),
+    ("attempts", "right"),
+    ("exit", "right"),
+    ("seconds", "right"),
+)
+
+
+def summary_table(summary: Mapping[str, Any], width: int | None = None) -> Table:
+    """The final table: one row per site. The error (with its cause) is one line that takes
+    the room the other columns leave of `width` (the console's), cut with an ellipsis; the
+    other columns keep their width (a site name up to `SITE_MIN_WIDTH`)."""
     table = Table(title=None, show_edge=False, pad_edge=False)
-    for name, justify in (
-        ("site", "left"),
-        ("status", "left"),
-        ("attempts", "right"),
-        ("exit", "right"),
-        ("seconds", "right"),
-        ("error", "left"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
     styles = {"succeeded": "green", "failed": "red", "timed_out": "yellow"}
-    for s in summary["sites"]:
-        table.add_row(
+    rows = [
+        (
             str(s["site"]),
-            Text(str(s["status"]), style=styles.get(s["status"], "")),
+            str(s["status"]),
             str(s["attempts"]),
             "" if s["exit_code"] is None else str(s["exit_code"]),
             f"{s['duration_s']:.2f}",
-            s["error"] or "",
+        )
+        for s in summary["sites"]
+    ]
+    widths = [
+        min(SITE_MIN_WIDTH, max([len(name), *(len(row[at]) for row in rows)]))
+        for at, (name, _) in enumerate(_FIXED_COLUMNS)
+    ]
+    for (name, justify), column_width in zip(_FIXED_COLUMNS, widths, strict=True):
+        table.add_column(name, justify=justify, min_width=column_width)
+    # Each column boundary takes 3 characters (" │ "); the table has no outer edge.
+    room = None if width is None else max(ERROR_MIN_WIDTH, width - sum(widths) - 3 * len(widths))
+    table.add_column("error", justify="left", min_width=ERROR_MIN_WIDTH, max_width=room)
+    for row, s in zip(rows, summary["sites"], strict=True):
+        error = " ".join((s["error"] or "").split())  # one line, whatever the pipeline printed
+        table.add_row(
+            row[0],
+            Text(row[1], style=styles.get(row[1], "")),
+            *row[2:],
+            Text(error, no_wrap=True, overflow="ellipsis"),
         )
     return table
 

@@ -155,7 +155,7 @@ def _watch_flow(
         try:
             outcome.append(
                 run_pipeline_summary(
-                    plan.sites,
+                    plan.flow_sites(),
                     config_path=plan.config_path,
                     max_concurrent_sites=plan.max_concurrent_sites,
                     use_async=plan.use_async,
@@ -183,19 +183,22 @@ def _watch_flow(
 
 
 def _print_results(args: argparse.Namespace, summary: dict[str, Any], ui_url: str | None) -> None:
-    """The final table (rich on a terminal, plain elsewhere), the summary JSON if asked
-    for, and the link to the flow run in the UI when there is one."""
+    """The final table (rich on a terminal, plain elsewhere), one line per failure group
+    (`2 sites: <cause> (a, b)`), the summary JSON if asked for, and the link to the flow run
+    in the UI when there is one."""
     from rich.console import Console
 
     from flows.cli.console import summary_table
-    from flows.report import count_line, format_table
+    from flows.report import count_line, format_table, group_lines_of
 
     out = Console()
     if out.is_terminal:
-        out.print(summary_table(summary))
+        out.print(summary_table(summary, out.width))
         print(count_line(summary))
     else:
         print(format_table(summary))
+    for line in group_lines_of(summary):
+        print(line)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         print(f"summary: {args.summary_json}")
