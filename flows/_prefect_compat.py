@@ -27,6 +27,14 @@ shape, so an upgrade shows up in CI and not in a nightly run.
    leave it behind; the class is a per-port singleton, so Prefect's client then uses the
    same server. Fallback: start nothing; Prefect starts its own temporary server on first
    use, as usual: the run still works, the server just isn't tied to our process.
+   Its `_run_uvicorn_command` (a method with no arguments that calls `subprocess.Popen` with
+   no `stdout`/`stderr`, so the server writes to our terminal; `start` calls it again for a
+   restart on another port when the process exits with status 3). Why: the server's own log
+   (a telemetry traceback, "Failed to send telemetry" offline) landed in the user's terminal
+   and the live view; `send_server_output` runs a copy of that method's code whose
+   `subprocess` is a stand-in that sends both streams to a log file (Prefect's module is not
+   changed), and lets us refuse a start. Fallback: the server writes to our terminal, as
+   before, and restarts as Prefect decides.
 
 4. `distributed.deploy.utils.nprocesses_nthreads` (not in Dask's API reference): the
    worker count `LocalCluster` picks by default, for `flows.engine.task_runners`. Why: the
@@ -48,9 +56,10 @@ import math
 import os
 import subprocess
 import threading
+import types
 from collections.abc import Callable, Iterable, MutableMapping
 from functools import partial
-from typing import Any, Protocol, cast
+from typing import IO, Any, Protocol, cast
 
 import httpx
 from prefect.client.orchestration import SyncPrefectClient
@@ -168,6 +177,65 @@ def temporary_server() -> TemporaryServer | None:
     ):
         return None
     return cast(TemporaryServer, server)
+
+
+class _LoggedSubprocess:
+    """`subprocess` as the copied `_run_uvicorn_command` sees it: `Popen` sends stdout and
+    stderr to `log` unless told otherwise; every other name is the real module's."""
+
+    def __init__(self, log: IO[bytes]) -> None:
+        self._log = log
+        self.used = False
+
+    def Popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
+        """`subprocess.Popen`, with both streams going to the log file."""
+        kwargs.setdefault("stdout", self._log)
+        kwargs.setdefault("stderr", subprocess.STDOUT)
+        self.used = True
+        return subprocess.Popen(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def _uvicorn_command(server: TemporaryServer) -> types.FunctionType | None:
+    """The server class's `_run_uvicorn_command`, or None if it changed shape (use 3)."""
+    method = getattr(type(server), "_run_uvicorn_command", None)
+    if not isinstance(method, types.FunctionType) or method.__closure__:
+        return None
+    if tuple(inspect.signature(method).parameters) != ("self",):
+        return None
+    if method.__globals__.get("subprocess") is not subprocess:
+        return None
+    return method
+
+
+def send_server_output(
+    server: TemporaryServer, log: IO[bytes], before_start: Callable[[], None] | None = None
+) -> bool:
+    """From now on every process `server` starts (the first and any restart) writes its
+    stdout and stderr to `log`; `before_start()` runs before each one and may raise to
+    refuse it (the server's `start` then raises that). False when Prefect changed (use 3):
+    nothing is done and the server writes to our terminal."""
+    method = _uvicorn_command(server)
+    if method is None:
+        return False
+
+    def run_logged() -> subprocess.Popen[Any]:
+        if before_start is not None:
+            before_start()
+        stand_in = _LoggedSubprocess(log)
+        logged = types.FunctionType(
+            method.__code__,
+            {**method.__globals__, "subprocess": stand_in},
+            method.__name__,
+            method.__defaults__,
+        )
+        process: subprocess.Popen[Any] = logged(server)
+        return process
+
+    setattr(server, "_run_uvicorn_command", run_logged)  # noqa: B010  (this instance only)
+    return True
 
 
 def _dask_nprocesses_nthreads() -> Callable[[], tuple[int, int]] | None:

@@ -40,14 +40,18 @@ def connect() -> str | None:
     """Every command that uses the API starts here: check that it answers, and on the
     embedded default start the temporary server now, tied to this process (the reaper), so
     it ends with us however we end; left to Prefect, it would outlive a process killed by a
-    signal or a broken pipe. The API's description, or None once the reason is printed."""
+    signal or a broken pipe. The API's description, or None once the reason is printed
+    (one `error:` line; a temporary server that died adds its log's last lines, indented)."""
     from flows import ops
 
     try:
         target = ops.check_reachable()
         ops.start_temporary_server()
     except ops.ApiUnreachable as exc:
-        print(f"site-pipeline: error: {exc}", file=sys.stderr)
+        first, *rest = str(exc).splitlines() or [""]
+        print(f"site-pipeline: error: {first}", file=sys.stderr)
+        for line in rest:
+            print(f"  {line}", file=sys.stderr)
         return None
     return target
 

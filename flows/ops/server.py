@@ -1,9 +1,15 @@
 """Which Prefect API the CLI talks to, whether it answers, and the embedded default's
-temporary server started early enough to end with us."""
+temporary server started early enough to end with us, its own log in a file under
+PREFECT_HOME (`logs/temporary-server.log`, the previous run's kept as `.1`), never in the
+user's terminal."""
 
 from __future__ import annotations
 
+import os
+import re
 import threading
+from pathlib import Path
+from typing import IO
 
 import httpx
 from prefect.client.orchestration import get_client
@@ -12,9 +18,25 @@ from prefect.settings import get_current_settings
 
 from flows import _prefect_compat as compat
 
+SERVER_LOG = Path("logs") / "temporary-server.log"
+"""The temporary server's log, under PREFECT_HOME; the previous run's is `<name>.1`."""
+STARTUP_TIMEOUT = 60
+"""Seconds to wait for the temporary server when PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+is not set: Prefect's own 20 s ran out on one run in ten on a loaded 2-core machine."""
+MAX_STARTS = 4
+"""Server processes one start may use: Prefect starts another on a new port whenever one exits
+with status 3 (its port was taken, but also uvicorn's status for any startup failure)."""
+TAIL_LINES = 8
+_TIMEOUT_SETTING = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
 
 class ApiUnreachable(RuntimeError):
     """No Prefect API can be used; the message names the URL that was tried."""
+
+
+class ServerStartFailed(ApiUnreachable):
+    """The temporary server did not come up: the first line says what happened, with the
+    log's path; any further lines are the last lines of that log."""
 
 
 def api_target() -> str:
@@ -72,48 +94,179 @@ def _refusal(url: str, response: httpx.Response) -> str:
 
 
 def start_temporary_server() -> str | None:
-    """Start the embedded default's temporary server now, its process tied to ours.
+    """Start the embedded default's temporary server now, its process tied to ours, its
+    stdout and stderr in `$PREFECT_HOME/logs/temporary-server.log`.
 
     With no PREFECT_API_URL, Prefect starts a temporary server on first use and stops it
     at interpreter exit; a `kill -9` (or a SIGTERM with no handler) skips that and the server
     stays behind. Started here, its pid goes to the reaper (a Job Object on Windows) as
     soon as it exists, so it ends with this process however this process ends. Prefect's
-    client then finds the same server (one per process). Returns its URL, or None when
-    nothing was started: a URL is configured, or Prefect's temporary server is not the shape
-    `flows._prefect_compat.temporary_server` read (then Prefect starts its own on first use,
-    as usual, only not tied to our process).
+    client then finds the same server (one per process). It waits `STARTUP_TIMEOUT` seconds
+    unless PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS is set. Returns its URL, or None
+    when nothing was started: a URL is configured, or Prefect's temporary server is not the
+    shape `flows._prefect_compat.temporary_server` read (then Prefect starts its own on
+    first use, as usual, only not tied to our process). Raises `ServerStartFailed` (one
+    line, the log's path, its last lines) when the server does not come up.
     """
     if get_current_settings().api.url:
         return None
     server = compat.temporary_server()
     if server is None:
         return None
-    from flows.process.trees import end_with_us
-
-    failure: list[BaseException] = []
-
-    def start() -> None:
-        try:
-            server.start()
-        except BaseException as exc:
-            failure.append(exc)
-
-    starter = threading.Thread(target=start, name="temporary-prefect-server", daemon=True)
-    starter.start()
-    tied: set[int] = set()
-
-    def tie_new_process() -> None:
-        process = server.server_process
-        if process is not None and process.pid not in tied:
-            end_with_us(process.pid)
-            tied.add(process.pid)
-
-    while True:  # tie each server process to us as soon as it exists (it may restart once)
-        tie_new_process()
-        if not starter.is_alive():
-            break
-        starter.join(0.05)
-    if failure:
-        raise failure[0]
-    tie_new_process()  # a restart between the last look and the thread's end
+    path = Path(get_current_settings().home) / SERVER_LOG
+    log = _open_server_log(path)
+    startup = _Startup(server)
+    if log is not None and not compat.send_server_output(server, log, startup.before_start):
+        log.close()
+        log = None
+    try:
+        failure = startup.run(startup_timeout())
+        if failure is not None:
+            raise ServerStartFailed(_failure_message(startup, failure, path, log))
+    finally:
+        if log is not None:
+            log.close()  # the server has its own copy
     return server.api_url
+
+
+def startup_timeout() -> int:
+    """How long to wait for the temporary server: the user's setting, else `STARTUP_TIMEOUT`."""
+    ephemeral = get_current_settings().server.ephemeral
+    if "startup_timeout_seconds" in ephemeral.model_fields_set:
+        return ephemeral.startup_timeout_seconds
+    return max(STARTUP_TIMEOUT, ephemeral.startup_timeout_seconds)
+
+
+def _open_server_log(path: Path) -> IO[bytes] | None:
+    """This run's server log, opened to append (the server writes, we read its tail); the
+    previous run's moved to `<name>.1`. None when it can't be written: the server then
+    writes to our terminal, as Prefect does."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(path, path.with_name(path.name + ".1"))
+        except OSError:  # none yet, or another run's server holds it open (Windows): share it
+            pass
+        return path.open("a+b")
+    except OSError:
+        return None
+
+
+class _Startup:
+    """One start of the temporary server: its processes tied to ours as they appear, at
+    most `MAX_STARTS` of them, and the end of the wait as soon as one has died for good."""
+
+    def __init__(self, server: compat.TemporaryServer) -> None:
+        self.server = server
+        self.starts = 0
+        self.gave_up = False
+        self.timeout = 0
+        self.tied: set[int] = set()
+
+    def before_start(self) -> None:
+        """Refuse a server process past `MAX_STARTS`, or once we stopped waiting."""
+        if self.gave_up or self.starts >= MAX_STARTS:
+            self.gave_up = True
+            raise RuntimeError(f"the server process was started {self.starts} times")
+        self.starts += 1
+
+    def tie_new_process(self) -> None:
+        from flows.process.trees import end_with_us
+
+        process = self.server.server_process
+        if process is not None and process.pid not in self.tied:
+            end_with_us(process.pid)
+            self.tied.add(process.pid)
+
+    def exit_status(self) -> int | None:
+        """The current server process's exit status, None while it runs (or none yet)."""
+        process = self.server.server_process
+        return None if process is None else process.poll()
+
+    def run(self, timeout: int) -> BaseException | None:
+        """Start the server and wait for it: None once it answers, else what went wrong."""
+        self.timeout = timeout
+        failure: list[BaseException] = []
+
+        def start() -> None:
+            try:
+                self.server.start(timeout)
+            except BaseException as exc:
+                failure.append(exc)
+
+        starter = threading.Thread(target=start, name="temporary-prefect-server", daemon=True)
+        starter.start()
+        while True:  # tie each server process to us as soon as it exists (it may restart)
+            self.tie_new_process()
+            if not starter.is_alive():
+                break
+            status = self.exit_status()
+            if status is not None and status != 3:  # died, and Prefect won't restart it
+                self.gave_up = True
+                return RuntimeError(f"the server process exited with status {status}")
+            starter.join(0.05)
+        self.tie_new_process()  # a restart between the last look and the thread's end
+        return failure[0] if failure else None
+
+
+def _failure_message(
+    startup: _Startup, failure: BaseException, path: Path, log: IO[bytes] | None
+) -> str:
+    """What to tell the user when the temporary server did not come up (one line, then the
+    log's last lines when the server died)."""
+    where = f"its log: {path}" if log is not None else "its log went to this terminal"
+    process = startup.server.server_process
+    alive = process is not None and process.poll() is None
+    if alive and len(startup.tied) <= 1 and not startup.gave_up:  # up, but not answering
+        longer = max(120, startup.timeout * 2)
+        return (
+            f"the temporary Prefect server did not answer within {startup.timeout} s; "
+            f"to wait longer, set {_TIMEOUT_SETTING} (e.g. {longer}), or keep a "
+            f"server running (`prefect server start`) and set PREFECT_API_URL; {where}"
+        )
+    status = startup.exit_status()
+    if status is not None:
+        what = f"exit status {status}"
+    elif alive:  # an earlier process died (status 3), its restart did not answer in time
+        what = f"restarted {len(startup.tied) - 1} times, then no answer in {startup.timeout} s"
+    else:
+        what = _one_line(failure)
+    tail = log_tail(log) if log is not None else []
+    lines = [f"the temporary Prefect server failed to start ({what}); {where}"]
+    if tail:
+        lines[0] += "; its last lines:"
+        lines += tail
+    return "\n".join(lines)
+
+
+def _one_line(failure: BaseException) -> str:
+    text = " ".join(str(failure).split())
+    return f"{type(failure).__name__}: {text[:300]}" if text else type(failure).__name__
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_CLOCK = re.compile(r"^\d\d:\d\d:\d\d(\.\d+)? \| ")  # Prefect's log line starts with the time
+_NOT_SAYING = ("Traceback (most recent call last)", "The above exception", "During handling")
+
+
+def log_tail(log: IO[bytes], lines: int = TAIL_LINES, window: int = 64 * 1024) -> list[str]:
+    """The last `lines` lines of the server's log that say something: blank lines, traceback
+    frames and headers left out (the exception lines stay), a line said again by a restart
+    kept once (its last time), ANSI escapes stripped, each cut at 300 characters. Reads only
+    the last `window` bytes."""
+    try:
+        log.seek(0, os.SEEK_END)
+        size = log.tell()
+        log.seek(max(0, size - window))
+        text = log.read().decode("utf-8", "replace")
+    except (OSError, ValueError):
+        return []
+    kept: dict[str, str] = {}  # the line without its time -> the line, in last-seen order
+    for raw in text.splitlines():
+        line = _ANSI.sub("", raw).rstrip()
+        if not line.strip() or line[:1].isspace() or any(n in line for n in _NOT_SAYING):
+            continue
+        said = _CLOCK.sub("", line)
+        kept.pop(said, None)
+        kept[said] = line[:300]
+    return list(kept.values())[-lines:]
