@@ -24,7 +24,7 @@ def dead_labels() -> dict[str, str]:
     return holder_labels(child.pid, started)
 
 
-def held_leases(path: Path) -> dict[UUID, str] | None:
+def held_leases(path: Path) -> dict[UUID, tuple[str, ...]] | None:
     found = ledger.read(path)
     return None if found is None else dict(found.leases)
 
@@ -46,7 +46,7 @@ def test_a_pool_notes_each_lease_and_removes_its_file_when_all_went_back(tmp_pat
     try:
         with pool.slot("a"):
             held = ledger.read(book.path)
-            assert held is not None and list(held.leases.values()) == ["cap"]
+            assert held is not None and list(held.leases.values()) == [("cap",)]
             assert set(held.leases) == limit.leases
         pool.site_finished("a")
         # The release happens on the pool's releaser thread.
@@ -68,10 +68,10 @@ def test_orphans_are_ledgers_of_dead_processes_for_this_api_only(tmp_path: Path)
     )
     write_dead_ledger(tmp_path, "api-y", [{"+": str(uuid4()), "name": "cap"}])
     live = ledger.Ledger(tmp_path, "run-2", "api-x")
-    live.held(uuid4(), "cap")
+    live.held(uuid4(), ["cap"])
     found = list(ledger.orphans(tmp_path, "api-x"))
     assert [o.path for o in found] == [dead]
-    assert found[0].leases == {kept: "cap"} and found[0].holder == "run-1"
+    assert found[0].leases == {kept: ("cap",)} and found[0].holder == "run-1"
     live.close()
 
 
@@ -98,7 +98,7 @@ def test_reclaim_releases_a_dead_runs_lease_on_a_real_server(
     name = f"reclaim-{uuid4().hex[:8]}"
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         prefect_slots.ensure_limit(client, name, 1)
-        lease = prefect_slots.PrefectSlotApi(client).acquire(name, 60)
+        lease = prefect_slots.PrefectSlotApi(client).acquire([name], 60)
         assert lease is not None
         path = write_dead_ledger(
             tmp_path, prefect_slots.ledger_api(), [{"+": str(lease), "name": name}]

@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
 
-from flows.config import RunPlan
+from flows.config import RunPlan, group_limit_name
 from flows.engine.baselines import PAGE
 from flows.ops.queries import of_the_flow
 from flows.ops.resume import mark_crashed
@@ -24,7 +24,8 @@ from flows.slots.prefect_api import reclaim
 def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
     """What `site-pipeline doctor` reports, and whether all is well (after `fix`).
 
-    - the server's version, and the concurrency limit against the config's cap;
+    - the server's version, and the concurrency limit against the config's cap, and each
+      group's limit against its cap;
     - slots still held by pools of dead processes on this host (`flows.slots.ledger`);
     - `site-pipeline` flow runs Running or Pending whose process is gone (by the labels the
       flow sets, `flows.process.holders.HOLDER_LABELS`); with `fix`, they are marked Crashed
@@ -34,6 +35,7 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
         lines = [f"server version: {client.api_version()}"]
         if plan is not None:
             lines.append(_limit_line(client, plan))
+            lines.extend(_group_lines(client, plan))
         freed = reclaim(client, dry_run=not fix)
         lines.extend(freed or ["no slots held by dead processes on this host"])
         stuck_lines, found = _stuck_runs(client, fix)
@@ -50,6 +52,25 @@ def _limit_line(client: SyncPrefectClient, plan: RunPlan) -> str:
         return f"limit {tag!r}: missing (config: {cap}); `setup` or a run creates it"
     same = "matches the config" if limit.limit == cap else f"config says {cap}"
     return f"limit {tag!r}: {limit.limit} ({same}), {limit.active_slots} slot(s) in use"
+
+
+def _group_lines(client: SyncPrefectClient, plan: RunPlan) -> list[str]:
+    """Each group's limit on the server against its cap in the config."""
+    lines = []
+    for group, cap in plan.group_limits.items():
+        name = group_limit_name(plan.config.concurrency_tag, group)
+        try:
+            limit = client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            lines.append(
+                f"group limit {name!r}: missing (config: {cap}); `setup` or a run creates it"
+            )
+            continue
+        same = "matches the config" if limit.limit == cap else f"config says {cap}"
+        lines.append(
+            f"group limit {name!r}: {limit.limit} ({same}), {limit.active_slots} slot(s) in use"
+        )
+    return lines
 
 
 def _stuck_runs(client: SyncPrefectClient, fix: bool) -> tuple[list[str], int]:

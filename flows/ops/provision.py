@@ -7,7 +7,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 
-from flows.config import RunPlan
+from flows.config import RunPlan, group_limit_name
 from flows.slots.prefect_api import ensure_limit
 
 DEFAULT_POOL = "site-pool"
@@ -17,9 +17,10 @@ DEFAULT_HEARTBEAT_GRACE = 90.0  # three heartbeats of the 30 s that prefect.yaml
 def setup(
     plan: RunPlan, pool: str = DEFAULT_POOL, heartbeat_grace: float = DEFAULT_HEARTBEAT_GRACE
 ) -> list[str]:
-    """Create or update the process work pool, the concurrency limit, the notification
-    blocks and automations (`flows.ops.notify`). Idempotent. Raises `ConfigError` before
-    changing anything when a notification's URL variable is missing."""
+    """Create or update the process work pool, the concurrency limit and each group's
+    (`pipeline.groups`), the notification blocks and automations (`flows.ops.notify`).
+    Idempotent. Raises `ConfigError` before changing anything when a notification's URL
+    variable is missing."""
     from flows.ops import notify
 
     notify.secret_urls(plan.config.notify)  # all of them, before any change
@@ -27,6 +28,10 @@ def setup(
     with get_client(sync_client=True) as client:
         changes.append(_ensure_process_pool(client, pool))
         changes.append(ensure_limit(client, plan.config.concurrency_tag, plan.max_concurrent_sites))
+        for group, cap in plan.group_limits.items():  # each group's own cap (issue 21)
+            changes.append(
+                ensure_limit(client, group_limit_name(plan.config.concurrency_tag, group), cap)
+            )
         changes.extend(notify.setup_notifications(client, plan.config.notify, heartbeat_grace))
     return changes
 

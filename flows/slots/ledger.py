@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from uuid import UUID
@@ -42,9 +42,10 @@ class Ledger:
         self._file.write(json.dumps(entry) + "\n")
         self._file.flush()
 
-    def held(self, lease: UUID, name: str) -> None:
+    def held(self, lease: UUID, names: Sequence[str]) -> None:
+        """`lease` holds a slot of each of `names` (the global limit, and maybe a group's)."""
         with self._lock:
-            self._write({"+": str(lease), "name": name})
+            self._write({"+": str(lease), "name": names[0], "names": list(names)})
 
     def given_back(self, lease: UUID) -> None:
         with self._lock:
@@ -65,7 +66,7 @@ class Orphan:
     holder: str
     api: str
     labels: dict[str, object] = field(default_factory=dict)  # the process (flows.ops.resume)
-    leases: dict[UUID, str] = field(default_factory=dict)  # lease -> limit name
+    leases: dict[UUID, tuple[str, ...]] = field(default_factory=dict)  # lease -> limit names
 
 
 def read(path: Path) -> Orphan | None:
@@ -80,7 +81,8 @@ def read(path: Path) -> Orphan | None:
             except ValueError:  # a line cut short by the crash
                 continue
             if "+" in entry:
-                orphan.leases[UUID(entry["+"])] = str(entry["name"])
+                names = entry.get("names") or [entry["name"]]  # "names": since group caps
+                orphan.leases[UUID(entry["+"])] = tuple(str(name) for name in names)
             elif "-" in entry:
                 orphan.leases.pop(UUID(entry["-"]), None)
         return orphan

@@ -11,20 +11,27 @@ under its lock) passes the time in. The rules:
   can't block the others.
 - A started site (a retry) is always eligible: it needs no turn in line.
 - Of the eligible waiting sites, the one earliest in the list gets the slot.
+- A site of a group the caller says is full (`full`) is never eligible, and the line skips
+  it: the frontier is the first site that is not in a full group, and the horizon does not
+  count such sites, so a site waiting for its group never holds up the sites behind it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 
 class HandOutOrder:
-    """The hand-out order of one flow run over `sites` (list order, with `patience`)."""
+    """The hand-out order of one flow run over `sites` (list order, with `patience`);
+    `groups` maps a site to its group (a site not in it belongs to none)."""
 
-    def __init__(self, sites: Sequence[str], patience: float) -> None:
+    def __init__(
+        self, sites: Sequence[str], patience: float, groups: Mapping[str, str] | None = None
+    ) -> None:
         self.patience = patience
         self._sites = list(sites)
         self._index = {site: i for i, site in enumerate(sites)}
+        self._group = {self._index[s]: g for s, g in (groups or {}).items() if s in self._index}
         self._waiting: dict[int, float] = {}  # site index -> when it began to wait
         self._started: set[int] = set()
         self._finished: set[int] = set()
@@ -39,6 +46,11 @@ class HandOutOrder:
     def waiting(self) -> int:
         """How many sites wait for a slot."""
         return len(self._waiting)
+
+    @property
+    def waiting_sites(self) -> list[str]:
+        """The sites that wait for a slot, in list order."""
+        return [self._sites[index] for index in sorted(self._waiting)]
 
     @property
     def unfinished(self) -> int:
@@ -63,17 +75,44 @@ class HandOutOrder:
         self._finished.add(self._index[site])
         self._advance()
 
-    def next_in_line(self, parked: int, now: float) -> str | None:
-        """The waiting site that gets the next of `parked` slots at `now`, or None.
+    def next_in_line(
+        self, parked: int, now: float, full: Collection[str] = frozenset()
+    ) -> str | None:
+        """The waiting site that gets the next of `parked` slots at `now`, or None; no site
+        of a group in `full` gets it.
 
         (`parked` = 0 counts as 1: the caller asks only when a slot is parked.)"""
-        horizon = self._frontier + max(0, parked - 1)
+        line = self.in_line(parked, now, full)
+        return line[0] if line else None
+
+    def in_line(self, parked: int, now: float, full: Collection[str] = frozenset()) -> list[str]:
+        """The eligible waiting sites at `now` with `parked` slots, earliest in the list
+        first; none of a group in `full`."""
+        horizon = self._horizon(parked, full)
         eligible = [
             index
             for index, since in self._waiting.items()
-            if index in self._started or index <= horizon or now - since >= self.patience
+            if self._group.get(index) not in full
+            and (index in self._started or index <= horizon or now - since >= self.patience)
         ]
-        return self._sites[min(eligible)] if eligible else None
+        return [self._sites[index] for index in sorted(eligible)]
+
+    def _horizon(self, parked: int, full: Collection[str]) -> int:
+        """The last list index whose first attempt may take one of `parked` slots."""
+        if not full:
+            return self._frontier + max(0, parked - 1)
+        blocked = {index for index, group in self._group.items() if group in full}
+        index, end = self._frontier, len(self._sites)
+        while index < end and (
+            index in blocked or index in self._started or index in self._finished
+        ):
+            index += 1
+        left = max(0, parked - 1)
+        while left and index < end:
+            index += 1
+            if index not in blocked:
+                left -= 1
+        return index
 
     def _advance(self) -> None:
         while self._frontier in self._started or self._frontier in self._finished:

@@ -52,7 +52,7 @@ import queue
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -85,10 +85,10 @@ class SlotApi(Protocol):
         """Where the API is, for messages."""
         ...
 
-    def acquire(self, name: str, lease_seconds: float) -> UUID | None:
-        """A lease on one slot of `name`, or None while the limit is full.
+    def acquire(self, names: Sequence[str], lease_seconds: float) -> UUID | None:
+        """One lease on a slot of each of `names`, all or none: None while any is full.
 
-        Raises `ApiUnavailable`, or `SlotError` when the limit does not exist."""
+        Raises `ApiUnavailable`, or `SlotError` when a limit does not exist."""
         ...
 
     def renew(self, lease: UUID, lease_seconds: float) -> bool:
@@ -96,19 +96,19 @@ class SlotApi(Protocol):
         ...
 
     def release(self, lease: UUID) -> None:
-        """Give a lease's slot back. Raises `ApiUnavailable`."""
+        """Give a lease's slots back. Raises `ApiUnavailable`."""
         ...
 
-    def release_unleased(self, name: str, held_seconds: float) -> None:
-        """Give back one slot of `name` without a lease. Raises `ApiUnavailable`, or
-        `SlotError` when the server refuses for good."""
+    def release_unleased(self, names: Sequence[str], held_seconds: float) -> None:
+        """Give back one slot of each of `names` without a lease. Raises `ApiUnavailable`,
+        or `SlotError` when the server refuses for good."""
         ...
 
 
 class LeaseLedger(Protocol):
     """Where the pool notes each lease it holds (`flows.slots.ledger`), for crash cleanup."""
 
-    def held(self, lease: UUID, name: str) -> None: ...
+    def held(self, lease: UUID, names: Sequence[str]) -> None: ...
 
     def given_back(self, lease: UUID) -> None: ...
 
@@ -127,12 +127,14 @@ class PoolSettings:
     warn_every: float = 30.0  # how often a failing API is warned about
     warn_after: float = 1.0  # how long the API fails before the first warning
     lease_seconds: float = LEASE_SECONDS  # each lease's duration on the server
+    group_recheck: float = 1.0  # how long a group the server found full is passed over
 
 
 @dataclass
 class _Lease:
     acquired_at: float  # for fair_share
     confirmed_at: float  # the last time the server said it knew this lease
+    names: tuple[str, ...]  # the limits it holds a slot of
     lost: bool = False  # the server forgot it (a restart) but still counts its slot
 
 
@@ -152,11 +154,12 @@ class LeaseBook:
         self._ledger = ledger
         self._leases: dict[UUID, _Lease] = {}
 
-    def took(self, lease: UUID, now: float) -> None:
-        """The server granted `lease` at `now`."""
-        self._leases[lease] = _Lease(acquired_at=now, confirmed_at=now)
+    def took(self, lease: UUID, now: float, names: Sequence[str] = ()) -> None:
+        """The server granted `lease` at `now`, on `names` (default: this book's limit)."""
+        held = tuple(names) or (self.name,)
+        self._leases[lease] = _Lease(acquired_at=now, confirmed_at=now, names=held)
         if self._ledger is not None:
-            self._ledger.held(lease, self.name)
+            self._ledger.held(lease, held)
 
     def acquired_at(self, lease: UUID) -> float | None:
         """When `lease` was granted; None once it went back."""
@@ -174,7 +177,7 @@ class LeaseBook:
         if not info.lost and self._api.renew(lease, self._lease_seconds):
             self._api.release(lease)
         elif info.lost or self._lost(lease, info):
-            self._api.release_unleased(self.name, time.monotonic() - info.acquired_at)
+            self._api.release_unleased(info.names, time.monotonic() - info.acquired_at)
         del self._leases[lease]
         if self._ledger is not None:
             self._ledger.given_back(lease)
@@ -230,8 +233,21 @@ class _Outage:
     warned_at: float = -float("inf")
 
 
+@dataclass(frozen=True)
+class _Ask:
+    """One acquire the broker makes: a global slot (`site` None, parked when granted) or a
+    site's pair of its group's slot and a global slot, for that site."""
+
+    names: tuple[str, ...]
+    site: str | None = None
+    room: UUID | None = None  # a parked global slot to give back first, to make room
+
+
 class SlotPool:
-    """Slots of the global concurrency limit `name` for one flow run over `sites`."""
+    """Slots of the global concurrency limit `name` for one flow run over `sites`.
+
+    `site_groups` maps a site to its group's limit name, `group_caps` that name to its cap:
+    such a site holds a slot of both limits while its pipeline runs, taken in one call."""
 
     def __init__(
         self,
@@ -245,20 +261,28 @@ class SlotPool:
         on_tick: Callable[[], None] | None = None,
         on_close: Callable[[], None] | None = None,
         ledger: LeaseLedger | None = None,
+        site_groups: Mapping[str, str] | None = None,
+        group_caps: Mapping[str, int] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self._api = api
-        self._order = HandOutOrder(sites, settings.patience)
+        self._groups = {site: group for site, group in (site_groups or {}).items()}
+        self._caps = dict(group_caps or {})
+        self._order = HandOutOrder(sites, settings.patience, self._groups)
         self._book = LeaseBook(name, api, settings.lease_seconds, ledger)
         self._on_tick = on_tick
         self._on_close = on_close
         self._park = park
         self._cond = threading.Condition()
-        self._parked: list[tuple[UUID, float]] = []
-        self._in_use: set[UUID] = set()
+        self._parked: list[tuple[UUID, float]] = []  # global slots only
+        self._in_use: dict[UUID, str | None] = {}  # lease -> its group (None: global only)
+        self._granted: dict[str, UUID] = {}  # a group site's pair, until it takes it
+        self._asking: set[str] = set()  # group sites the broker is getting a pair for
+        self._passed_over: dict[str, float] = {}  # group -> until when (the server refused)
+        self._group_errors: dict[str, SlotError] = {}
         self._hold_off_until = 0.0  # after a fair-share release, let other runs ask first
-        self._prefetch = min(prefetch, len(sites))
+        self._prefetch = min(prefetch, sum(site not in self._groups for site in sites))
         self._closed = False
         self._error: SlotError | None = None
         self._stopped = threading.Event()
@@ -275,7 +299,8 @@ class SlotPool:
 
     @contextmanager
     def slot(self, site: str) -> Iterator[None]:
-        """Hold one slot for `site` for the duration of the block. Raises `SlotError`."""
+        """Hold one slot for `site` (and one of its group's) for the duration of the block.
+        Raises `SlotError`."""
         lease = self._acquire(site)
         try:
             yield
@@ -299,8 +324,10 @@ class SlotPool:
         keeper.join(timeout=10)
         with self._cond:
             leases = [lease for lease, _ in self._parked] + list(self._in_use)
+            leases += list(self._granted.values())
             self._parked.clear()
             self._in_use.clear()
+            self._granted.clear()
         for lease in leases:
             self._releases.put(lease)
         self._releases.put(None)
@@ -313,6 +340,7 @@ class SlotPool:
 
     def _acquire(self, site: str) -> UUID:
         patience = self.settings.patience
+        group = self._groups.get(site)
         with self._cond:
             self._order.wait(site, time.monotonic())
             self._cond.notify_all()  # wake the broker
@@ -320,26 +348,75 @@ class SlotPool:
                 while True:
                     if self._error is not None:
                         raise self._error
+                    if group is not None and group in self._group_errors:
+                        raise self._group_errors[group]
                     if self._closed:
                         raise SlotError(f"slot pool for {self.name!r} is closed")
-                    parked = len(self._parked)
-                    if parked and self._order.next_in_line(parked, time.monotonic()) == site:
+                    lease = self._take(site, group)
+                    if lease is not None:
                         break
                     # Timed wait: `patience` can make this site eligible with no notify.
                     # (With no patience every waiter is eligible: a hand-over notifies.)
                     self._cond.wait(patience / 4 if patience > 0 else 1.0)
-                lease, _ = self._parked.pop()
-                self._prefetch = 0  # sites ask now: demand is what waits
-                self._in_use.add(lease)
+                self._in_use[lease] = group
                 self._order.started(site)
                 self._cond.notify_all()
                 return lease
             finally:
                 self._order.stop_waiting(site)
+                unused = self._granted.pop(site, None)  # granted as it gave up
+                if unused is not None:
+                    self._releases.put(unused)
+
+    def _take(self, site: str, group: str | None) -> UUID | None:
+        """`site`'s lease, if one is there for it now (lock held): its granted pair, or for
+        a site outside groups a parked slot, when it is among the first in line."""
+        if group is not None:
+            return self._granted.pop(site, None)
+        if not self._parked or site not in self._line_plan(time.monotonic())[0]:
+            return None
+        lease, _ = self._parked.pop()
+        self._prefetch = 0  # sites ask now: demand is what waits
+        return lease
+
+    def _full(self, now: float) -> set[str]:
+        """The groups none of whose sites may get a slot now (lock held): at their cap in
+        this pool, refused by the server a moment ago, or failed."""
+        busy: dict[str, int] = {}
+        holders = [*self._in_use.values(), *(self._groups[s] for s in self._granted)]
+        for group in holders + [self._groups[s] for s in self._asking]:
+            if group is not None:
+                busy[group] = busy.get(group, 0) + 1
+        full = {g for g, n in busy.items() if g in self._caps and n >= self._caps[g]}
+        full |= {g for g, until in self._passed_over.items() if until > now}
+        return full | set(self._group_errors)
+
+    def _line_plan(self, now: float) -> tuple[list[str], list[str]]:
+        """Who the parked slots are for (lock held): the sites outside groups that may take
+        one, and the group sites to get a pair for (the first of them use parked slots).
+
+        Parked slots go to the first sites in line, each one; a group site's is given back
+        to make room for its pair. Groups in `_full` are skipped, so their sites hold
+        nothing while they wait and hold up nobody."""
+        spare = len(self._parked)
+        line = self._order.in_line(spare, now, self._full(now))
+        takers: list[str] = []
+        pairs: list[str] = []
+        for site in line:
+            if site in self._granted or site in self._asking:
+                continue
+            group = self._groups.get(site)
+            if group is None and spare:
+                takers.append(site)
+                spare -= 1
+            elif group is not None and group not in {self._groups[p] for p in pairs}:
+                pairs.append(site)  # one pair per group per round: `_full` counts the rest
+                spare -= 1 if spare else 0
+        return takers, pairs
 
     def _give_back(self, lease: UUID) -> None:
         with self._cond:
-            self._in_use.discard(lease)
+            group = self._in_use.pop(lease, None)
             acquired_at = self._book.acquired_at(lease)
             fresh = (
                 acquired_at is not None
@@ -347,16 +424,25 @@ class SlotPool:
             )
             # Keep it (briefly) only while a thread waits or a site of this run may ask,
             # and only for `fair_share` seconds in all: then other flow runs get a turn.
+            # A pair is never kept: it goes back, and the broker asks for what is next.
             wanted = self._order.waiting > len(self._parked) or (
                 self._park and self._order.unfinished > len(self._in_use)
             )
-            if not self._closed and fresh and wanted:
+            if group is None and not self._closed and fresh and wanted:
                 self._parked.append((lease, time.monotonic()))
                 self._cond.notify_all()
                 return
             if not fresh:  # its turn is over: don't race other flow runs for this slot
                 self._hold_off_until = time.monotonic() + 4 * self.settings.poll
-        if self._park:
+            self._cond.notify_all()  # a group below its cap again
+        if group is not None:
+            # A pair goes back now, before its group's next site asks: released later, the
+            # server would still count it, refuse that pair, and pass the group over.
+            self._release_now(lease)
+            with self._cond:
+                self._passed_over.pop(group, None)
+                self._cond.notify_all()
+        elif self._park:
             self._releases.put(lease)
         else:
             self._release_now(lease)
@@ -384,54 +470,143 @@ class SlotPool:
                 time.sleep(self.settings.poll)
 
     def _demand(self) -> int:
-        """How many slots this run wants parked right now (lock held)."""
-        return max(self._order.waiting, self._prefetch)
+        """How many global slots this run wants parked right now (lock held)."""
+        outside = sum(site not in self._groups for site in self._order.waiting_sites)
+        return max(outside, self._prefetch)
 
     # -- threads --------------------------------------------------------------
 
     def _broker(self) -> None:
-        """Ask the server for a slot whenever more threads wait than slots are parked."""
+        """Ask the server for what waits: a global slot whenever more sites outside groups
+        wait than slots are parked, and a pair for each group site in line."""
         outage = _Outage()
-        while self._wait_for_demand():
-            try:
-                lease = self._api.acquire(self.name, self.settings.lease_seconds)
-            except SlotError as exc:
-                self._fail(exc)
-                return
-            except ApiUnavailable as exc:
-                if self._gave_up(outage, exc):
+        while (asks := self._wait_for_asks()) is not None:
+            granted: list[_Ask] = []
+            refused: list[_Ask] = []
+            for done, ask in enumerate(asks):
+                try:
+                    lease = self._ask(ask)
+                except SlotError as exc:
+                    self._refuse_for_good(ask, exc)
+                    if ask.site is None:
+                        self._asked(asks, done + 1)
+                        return
+                    continue
+                except ApiUnavailable as exc:
+                    self._asked(asks, done + 1)
+                    if self._gave_up(outage, exc):
+                        return
+                    with self._cond:  # ask less often while it fails
+                        self._cond.wait(min(1.0, self.settings.poll * 10))
+                    break
+                outage.since = None
+                (granted if lease is not None else refused).append(ask)
+                if lease is not None and not self._bring(ask, lease):
+                    self._asked(asks, done + 1)
                     return
-                with self._cond:  # ask less often while it fails
-                    self._cond.wait(min(1.0, self.settings.poll * 10))
-                continue
-            outage.since = None
-            with self._cond:
-                if lease is None:
-                    # Full: wait for the next poll (a local hand-over needs no broker).
-                    self._cond.wait(self.settings.poll * random.uniform(0.8, 1.2))  # noqa: S311
-                    continue
-                now = time.monotonic()
-                self._book.took(lease, now)
-                if not self._closed:
-                    self._parked.append((lease, now))
-                    self._cond.notify_all()
-                    continue
-            self._releases.put(lease)
-            return
+            else:
+                self._asked(asks, len(asks))
+                if self._note_refusals(refused, granted):
+                    with self._cond:  # full: wait for the next poll (a hand-over needs none)
+                        self._cond.wait(self.settings.poll * random.uniform(0.8, 1.2))  # noqa: S311
 
-    def _wait_for_demand(self) -> bool:
-        """Wait until more slots are wanted than parked and no hold-off is on; False once
-        the pool is closed."""
+    def _ask(self, ask: _Ask) -> UUID | None:
+        """One acquire; first the room it makes goes back (else it stays parked)."""
+        if ask.room is not None:
+            try:
+                self._book.give_back(ask.room)
+            except ApiUnavailable:
+                with self._cond:
+                    self._parked.append((ask.room, time.monotonic()))
+                raise
+        return self._api.acquire(ask.names, self.settings.lease_seconds)
+
+    def _wait_for_asks(self) -> list[_Ask] | None:
+        """Wait until something is to be asked for and no hold-off is on; the asks (their
+        pair sites marked as being asked for); None once the pool is closed."""
         with self._cond:
-            while True:
-                while not self._closed and self._demand() <= len(self._parked):
-                    self._cond.wait()
-                if self._closed:
-                    return False
-                hold_off = self._hold_off_until - time.monotonic()
-                if hold_off <= 0:
-                    return True
-                self._cond.wait(hold_off)
+            while not self._closed:
+                now = time.monotonic()
+                hold_off = self._hold_off_until - now
+                asks = self._asks(now) if hold_off <= 0 else []
+                if asks:
+                    return asks
+                waits_for_group = any(s in self._groups for s in self._order.waiting_sites)
+                if hold_off > 0:
+                    self._cond.wait(hold_off)
+                else:  # a group site's turn can come with no notify (patience, a refusal)
+                    self._cond.wait(0.25 if waits_for_group else None)
+            return None
+
+    def _asks(self, now: float) -> list[_Ask]:
+        """What to ask for now, in line order (lock held). A parked slot that a group site
+        is first in line for leaves the parked ones now, and goes back to the server just
+        before its pair is asked for, to make room."""
+        takers, pairs = self._line_plan(now)
+        spare = len(self._parked) - len(takers)
+        asks = []
+        for site in pairs:
+            room = None
+            if spare > 0:
+                spare -= 1
+                room = self._parked.pop(0)[0]
+                self._prefetch = 0  # sites ask now: demand is what waits
+            self._asking.add(site)
+            asks.append(_Ask((self.name, self._groups[site]), site, room))
+        if self._demand() > len(self._parked):
+            asks.append(_Ask((self.name,)))
+        return asks
+
+    def _asked(self, asks: list[_Ask], done: int) -> None:
+        """The broker is done with `asks`; the room the ones from `done` on would have made
+        is parked again."""
+        with self._cond:
+            self._asking.difference_update(ask.site for ask in asks if ask.site is not None)
+            now = time.monotonic()
+            self._parked += [(ask.room, now) for ask in asks[done:] if ask.room is not None]
+            self._cond.notify_all()
+
+    def _bring(self, ask: _Ask, lease: UUID) -> bool:
+        """Note a granted lease: parked, or held for its site; False once the pool closed."""
+        with self._cond:
+            now = time.monotonic()
+            self._book.took(lease, now, ask.names)
+            if self._closed:
+                self._releases.put(lease)
+                return False
+            if ask.site is None:
+                self._parked.append((lease, now))
+            elif ask.site in self._order.waiting_sites:
+                self._granted[ask.site] = lease
+            else:  # it gave up meanwhile
+                self._releases.put(lease)
+            self._cond.notify_all()
+            return True
+
+    def _note_refusals(self, refused: list[_Ask], granted: list[_Ask]) -> bool:
+        """Note the server's refusals of one round; True when it granted nothing (wait a
+        poll). A refused pair whose global slot had room (one was made for it, or a global
+        slot was granted in the same round) means its group is full: the group's sites are
+        passed over for `group_recheck` seconds, so the sites behind them get the slots."""
+        room = any(ask.site is None for ask in granted)
+        until = time.monotonic() + self.settings.group_recheck
+        with self._cond:
+            for ask in refused:
+                if ask.site is not None and (ask.room is not None or room):
+                    self._passed_over[ask.names[1]] = until
+            self._cond.notify_all()
+        return not granted
+
+    def _refuse_for_good(self, ask: _Ask, error: SlotError) -> None:
+        """A limit is missing: the global one fails every waiting site, a group's only the
+        group's sites."""
+        with self._cond:
+            self._asking.discard(ask.site or "")
+            if ask.site is None:
+                self._error = error
+            else:
+                self._group_errors[ask.names[1]] = error
+            self._cond.notify_all()
 
     def _gave_up(self, outage: _Outage, exc: ApiUnavailable) -> bool:
         """Note a failed acquire: warn now and then; after `api_patience` seconds of
@@ -481,7 +656,7 @@ class SlotPool:
                 stale = stale[: max(0, surplus)]
                 self._parked = [(lease, s) for lease, s in self._parked if lease not in stale]
                 renew = (
-                    [lease for lease, _ in self._parked] + list(self._in_use)
+                    [lease for lease, _ in self._parked] + [*self._in_use, *self._granted.values()]
                     if now >= next_renewal
                     else []
                 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -22,6 +22,7 @@ from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
 
 from flows import _prefect_compat as compat
+from flows.config import group_limit_name
 from flows.process.holders import PID_LABEL
 from flows.slots import ledger
 from flows.slots.ledger import Ledger
@@ -75,9 +76,14 @@ class PrefectSlotApi:
             raise ApiUnavailable(describe_status(response))
         return response
 
-    def acquire(self, name: str, lease_seconds: float) -> UUID | None:
+    def acquire(self, names: Sequence[str], lease_seconds: float) -> UUID | None:
+        """One lease on a slot of each of `names`, all or none (Prefect 3.9's
+        `increment-with-lease` bumps every named limit in one UPDATE and rolls back unless
+        all had room: 423 then). The server skips a name it does not know and leases the
+        rest, so such a lease goes back at once and this raises `SlotError`."""
+        names = [names] if isinstance(names, str) else list(names)
         body: dict[str, Any] = {
-            "names": [name],
+            "names": names,
             "slots": 1,
             "mode": "concurrency",
             "lease_duration": lease_seconds,
@@ -85,16 +91,20 @@ class PrefectSlotApi:
         if self._holder is not None:
             body["holder"] = self._holder.model_dump(mode="json")
         response = self._post("/v2/concurrency_limits/increment-with-lease", body)
-        if response.status_code == 423:  # full
+        if response.status_code == 423:  # one of them is full
             return None
         if response.status_code >= 400:
             raise SlotError(
-                f"concurrency limit {name!r}: {describe_status(response)}: {response.text}"
+                f"concurrency limit {_listed(names)}: {describe_status(response)}: {response.text}"
             )
         data: dict[str, Any] = response.json()
-        if not data.get("limits"):
+        known = {str(limit.get("name")) for limit in data.get("limits") or ()}
+        missing = [name for name in names if name not in known]
+        if missing:
+            if known:  # it leased the others: give them back
+                self.release(UUID(data["lease_id"]))
             raise SlotError(
-                f"concurrency limit {name!r} does not exist or is inactive; "
+                f"concurrency limit {_listed(missing)} does not exist or is inactive; "
                 "run `site-pipeline setup` or start the flow again to create it"
             )
         return UUID(data["lease_id"])
@@ -108,18 +118,24 @@ class PrefectSlotApi:
     def release(self, lease: UUID) -> None:
         self._post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease)})
 
-    def release_unleased(self, name: str, held_seconds: float) -> None:
+    def release_unleased(self, names: Sequence[str], held_seconds: float) -> None:
+        names = [names] if isinstance(names, str) else list(names)
         try:
             self._client.release_concurrency_slots(
-                names=[name], slots=1, occupancy_seconds=max(0.001, held_seconds)
+                names=names, slots=1, occupancy_seconds=max(0.001, held_seconds)
             )
         except PrefectHTTPStatusError as exc:
             if may_pass(exc.response.status_code):
                 raise ApiUnavailable(describe_status(exc.response)) from None
             status = describe_status(exc.response)
-            raise SlotError(f"concurrency limit {name!r}: {status}") from None
+            raise SlotError(f"concurrency limit {_listed(names)}: {status}") from None
         except httpx.TransportError as exc:
             raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+
+def _listed(names: Sequence[str]) -> str:
+    """`'a'`, or `'a', 'b'`, for messages."""
+    return ", ".join(repr(name) for name in names)
 
 
 class TagCheckShortcut:
@@ -172,9 +188,17 @@ def open_slot_pool(
     park: bool = True,
     api_patience: float = 300.0,
     tags: Sequence[str] = (),
+    groups: Mapping[str, str] | None = None,
+    group_limits: Mapping[str, int] | None = None,
 ) -> SlotPool:
     """A `SlotPool` on the current Prefect API, with a client of its own that `close()`
-    closes after giving every lease back."""
+    closes after giving every lease back.
+
+    `groups` maps a site to its group (`RunPlan.group_of`), `group_limits` a group to its
+    cap (`RunPlan.group_limits`): a group's sites take a slot of its limit
+    (`group_limit_name(name, group)`) and of `name` in one call."""
+    limit_of = {group: group_limit_name(name, group) for group in (group_limits or {})}
+    limit_of |= {group: group_limit_name(name, group) for group in (groups or {}).values()}
     client = get_client(sync_client=True)
     client.__enter__()
     try:
@@ -190,6 +214,8 @@ def open_slot_pool(
             on_tick=shortcut.refresh,
             on_close=lambda: client.__exit__(None, None, None),
             ledger=Ledger(ledger_folder(), str(holder_id), ledger_api()),
+            site_groups={site: limit_of[group] for site, group in (groups or {}).items()},
+            group_caps={limit_of[g]: cap for g, cap in (group_limits or {}).items()},
         )
     except BaseException:
         client.__exit__(None, None, None)
@@ -232,12 +258,12 @@ def reclaim(client: SyncPrefectClient, dry_run: bool = False) -> list[str]:
                 orphan.path.unlink(missing_ok=True)
             continue
         given = 0
-        for lease, name in orphan.leases.items():
+        for lease, names in orphan.leases.items():
             if dry_run:
                 given += 1
                 continue
             if api.startswith("embedded "):
-                slots.release_unleased(name, held_seconds=0.001)
+                slots.release_unleased(names, held_seconds=0.001)
                 given += 1
             elif slots.renew(lease, 60.0):
                 slots.release(lease)

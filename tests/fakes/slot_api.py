@@ -1,15 +1,22 @@
-"""An in-memory concurrency limit that behaves like the server's, for `SlotPool` unit tests.
+"""In-memory concurrency limits that behave like the server's, for `SlotPool` unit tests.
 
 Several `FakeSlotApi` objects may share one `FakeLimit`, like flow runs sharing a server.
+A `FakeSlotApi` knows the global limit (any name but its groups') and, by name, its
+group limits: an acquire of several names takes a slot
+of each or of none, under one lock, like Prefect's `increment-with-lease` (one UPDATE,
+rolled back unless every limit had room), and one lease holds all of them.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from uuid import UUID, uuid4
 
-from flows.slots.pool import ApiUnavailable
+from flows.slots.pool import ApiUnavailable, SlotError
+
+_SERVER = threading.RLock()  # one lock for every fake limit: multi-name calls are atomic
 
 
 class FakeLimit:
@@ -22,7 +29,7 @@ class FakeLimit:
         self.leases: set[UUID] = set()
         self.calls: list[str] = []
         self.times: list[tuple[str, float]] = []  # (call, monotonic time)
-        self.lock = threading.Lock()
+        self.lock = _SERVER
 
     def forget_leases(self) -> None:
         """What a restart does to a server with leases in memory: slots stay counted."""
@@ -37,14 +44,24 @@ class FakeLimit:
 
 
 class FakeSlotApi:
-    """`flows.slots.pool.SlotApi` on a `FakeLimit`. Set `down` to make every call fail."""
+    """`flows.slots.pool.SlotApi` on a `FakeLimit` (the global one) and `groups` (limit
+    name -> `FakeLimit`). Set `down` to make every call fail. The calls are recorded on the
+    global limit; `asked` lists the names of every acquire."""
 
     url = "http://fake.invalid/api"
 
-    def __init__(self, limit: FakeLimit) -> None:
+    def __init__(
+        self,
+        limit: FakeLimit,
+        groups: Mapping[str, FakeLimit] | None = None,
+        missing: Sequence[str] = (),
+    ) -> None:
         self.limit = limit
+        self.groups = dict(groups or {})
+        self.missing = set(missing)  # names the server does not know
         self.down: str | None = None
         self.renew_down = False
+        self.asked: list[tuple[str, ...]] = []
 
     def _call(self, what: str) -> None:
         self.limit.calls.append(what)
@@ -52,35 +69,48 @@ class FakeSlotApi:
         if self.down is not None:
             raise ApiUnavailable(self.down)
 
-    def acquire(self, name: str, lease_seconds: float) -> UUID | None:
+    def _limits(self) -> list[FakeLimit]:
+        return [self.limit, *self.groups.values()]
+
+    def acquire(self, names: Sequence[str], lease_seconds: float) -> UUID | None:
         self._call("acquire")
-        with self.limit.lock:
-            if self.limit.active >= self.limit.limit:
-                return None
-            self.limit.active += 1
-            self.limit.peak = max(self.limit.peak, self.limit.active)
+        self.asked.append(tuple(names))
+        unknown = [name for name in names if name in self.missing]
+        if unknown:
+            raise SlotError(f"concurrency limit {unknown[0]!r} does not exist or is inactive")
+        limits = [self.groups.get(name, self.limit) for name in names]
+        with _SERVER:
+            if any(limit.active >= limit.limit for limit in limits):
+                return None  # all or none, like the server's 423
             lease = uuid4()
-            self.limit.leases.add(lease)
+            for limit in limits:
+                limit.active += 1
+                limit.peak = max(limit.peak, limit.active)
+                limit.leases.add(lease)
             return lease
 
     def renew(self, lease: UUID, lease_seconds: float) -> bool:
         self._call("renew")
         if self.renew_down:
             raise ApiUnavailable("HTTP 503 Service Unavailable")
-        with self.limit.lock:
-            return lease in self.limit.leases
+        with _SERVER:
+            return lease in self.limit.leases or any(
+                lease in g.leases for g in self.groups.values()
+            )
 
     def release(self, lease: UUID) -> None:
         self._call("release")
-        with self.limit.lock:
-            if lease in self.limit.leases:  # like the server: unknown leases are a no-op
-                self.limit.leases.discard(lease)
-                self.limit.active -= 1
+        with _SERVER:
+            for limit in self._limits():  # like the server: unknown leases are a no-op
+                if lease in limit.leases:
+                    limit.leases.discard(lease)
+                    limit.active -= 1
 
-    def release_unleased(self, name: str, held_seconds: float) -> None:
+    def release_unleased(self, names: Sequence[str], held_seconds: float) -> None:
         self._call("release_unleased")
-        with self.limit.lock:
-            self.limit.active -= 1
+        with _SERVER:
+            for name in names:
+                self.groups.get(name, self.limit).active -= 1
 
 
 def wait_for(predicate: object, timeout: float = 5.0) -> bool:
