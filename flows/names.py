@@ -17,6 +17,10 @@ are the baselines of result checks and learned timeouts (`flows.engine.baselines
 FAILURES_KEY = "site-pipeline-failures"
 """The markdown artifact of failed sites, grouped (`flows.report.failures_markdown`)."""
 
+HEALTH_KEY = "site-pipeline-health"
+"""The markdown artifact of each site's health: its last outcomes, durations and records,
+and its failure streak (`flows.health.health_markdown`), published every run."""
+
 PROGRESS_KEY = "site-pipeline-progress"
 """The progress artifact: the share of sites done."""
 

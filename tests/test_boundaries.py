@@ -26,6 +26,7 @@ PLAIN = [
     "flows.checks",
     "flows.config",
     "flows.context",
+    "flows.health",
     "flows.interrupts",
     "flows.names",
     "flows.report",
@@ -33,6 +34,7 @@ PLAIN = [
     "flows.slots",
     "flows.slots.pool",
     "flows.slots.order",
+    "flows.slots.start_order",
     "flows.slots.ledger",
     "flows.cli",  # the CLI's start: its exit-2 paths must not wait for Prefect to load
     "flows.ops",  # its names load on first use

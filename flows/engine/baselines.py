@@ -1,5 +1,6 @@
 """Earlier runs, read back from the Prefect API in bulk: what result checks compare against,
-and the durations that learned timeouts come from.
+the durations that learned timeouts come from, and each site's health (`flows.health`:
+its last outcomes and its failure streak).
 
 Each flow run's summary table artifact (`site-pipeline-summary`) has one row per site with
 its status and, when result checks are on, the checked field and its value. One query reads
@@ -27,14 +28,19 @@ from flows.names import SUMMARY_KEY
 PAGE = 200  # the API's largest page
 
 
-def summary_tables(runs: int = PAGE) -> list[list[dict[str, Any]]]:
-    """The rows of the last `runs` flow runs' summary tables, newest run first: one query."""
-    with get_client(sync_client=True) as client:
-        tables = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=min(runs, PAGE),
-        )
+def summary_tables(
+    runs: int = PAGE, client: SyncPrefectClient | None = None
+) -> list[list[dict[str, Any]]]:
+    """The rows of the last `runs` flow runs' summary tables, newest run first: one query
+    (on `client` when given, else on a client of its own)."""
+    if client is None:
+        with get_client(sync_client=True) as own:
+            return summary_tables(runs, own)
+    tables = client.read_artifacts(
+        artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[SUMMARY_KEY])),
+        sort=ArtifactSort.CREATED_DESC,
+        limit=min(runs, PAGE),
+    )
     found = []
     for table in tables:
         rows = _rows(table)
