@@ -31,7 +31,7 @@ class PipelineRunError(RuntimeError):
 
 
 def run_pipeline_summary(
-    sites: Sequence[str] | None = None,
+    sites: Sequence[str | Mapping[str, Any]] | None = None,
     *,
     config_path: str | os.PathLike[str] | None = None,
     use_async: bool | None = None,
@@ -56,7 +56,7 @@ def run_pipeline_summary(
 
     with RunContext(stop=stop, on_progress=on_progress):
         state = run_sites(
-            sites=list(plan.sites),
+            sites=plan.flow_sites(),
             config_path=str(plan.config_path),
             max_concurrent_sites=plan.max_concurrent_sites,
             use_async=plan.use_async,
@@ -70,7 +70,7 @@ def run_pipeline_summary(
 
 
 def run_pipeline(
-    sites: Sequence[str] | None = None,
+    sites: Sequence[str | Mapping[str, Any]] | None = None,
     *,
     config_path: str | os.PathLike[str] | None = None,
     use_async: bool | None = None,
@@ -90,7 +90,7 @@ def run_pipeline(
 
 
 async def run_pipeline_summary_async(
-    sites: Sequence[str] | None = None,
+    sites: Sequence[str | Mapping[str, Any]] | None = None,
     *,
     config_path: str | os.PathLike[str] | None = None,
     use_async: bool | None = None,
@@ -116,7 +116,7 @@ async def run_pipeline_summary_async(
 
 
 async def run_pipeline_async(
-    sites: Sequence[str] | None = None,
+    sites: Sequence[str | Mapping[str, Any]] | None = None,
     *,
     config_path: str | os.PathLike[str] | None = None,
     use_async: bool | None = None,

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
 if __package__ in (None, ""):  # loaded by path (a deployment entrypoint): make `flows` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from prefect import flow, unmapped
+from prefect import flow
 from prefect.client.schemas.objects import State
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
@@ -27,14 +27,14 @@ from flows.engine.logfilter import install_traceback_filter
 from flows.engine.prepare import claim_limit, plan_run, site_job
 from flows.engine.progress import ProgressReporter
 from flows.engine.running import running_sites, site_report
-from flows.engine.task import configured_task
+from flows.engine.task import submit_sites
 from flows.names import FLOW_NAME
 from flows.report import SiteReport
 
 
 @flow(name=FLOW_NAME, persist_result=False, validate_parameters=True)
 def run_sites(
-    sites: list[str] | None = None,
+    sites: list[str | dict[str, Any]] | None = None,
     config_path: str | None = None,
     max_concurrent_sites: int | None = None,
     use_async: bool | None = None,
@@ -42,11 +42,12 @@ def run_sites(
 ) -> State[dict[str, Any]]:
     """Run every site's pipeline; the state's data is the summary dict (see `flows.report`).
 
-    `sites`, `max_concurrent_sites` and `use_async` override the config file. `skip` maps
+    `sites`, `max_concurrent_sites` and `use_async` override the config file; a `sites`
+    entry is a name or a mapping with its own settings, as in the config. `skip` maps
     sites that already succeeded (in the run that `--retry-failed` resumes) to a note; they
     are not run and the summary lists them as `skipped`.
     The run ends Completed when every site it ran succeeded, Cancelled when it was asked to
-    stop (`flows.context.RunContext`), else Failed.
+    stop (`flows.context.RunContext`), else Failed (a halt, `pipeline.halt`, is named).
     """
     install_traceback_filter()
     logger = get_run_logger()
@@ -59,21 +60,21 @@ def run_sites(
     progress = ProgressReporter.start(
         len(plan.sites), logger, context.on_progress, plan.config.async_settings.progress_reporting
     )
-    job = site_job(logger, plan, flow_run_id)
+    job, earlier = site_job(logger, plan, flow_run_id)  # job.plan.sites: in start order
 
     reports: dict[str, SiteReport] = {}
-    with running_sites(job, context.stop) as runner:
-        futures = runner.map(
-            cast(Any, configured_task(plan)), {"site": list(plan.sites), "job": unmapped(job)}
-        )
-        site_of = {id(future): site for future, site in zip(futures, plan.sites, strict=True)}
-        for future in as_completed(list(futures)):
+    with running_sites(job, context.stop) as (runner, halt):
+        futures = submit_sites(runner, job)
+        site_of = {id(future): site for future, site in zip(futures, job.plan.sites, strict=True)}
+        for future in as_completed(futures):
             site = site_of[id(future)]
             future.wait()
-            reports[site] = progress.site_done(site_report(site, future.state))
+            reports[site] = progress.site_done(halt.seen(site_report(site, future.state)))
 
     ordered = [skipped.get(site) or reports[site] for site in full.sites]
-    return finish_run(logger, plan, str(flow_run_id), ordered, context.stop)
+    return finish_run(
+        logger, plan, str(flow_run_id), ordered, context.stop, halt.reason, earlier
+    )
 
 
 if __name__ == "__main__":

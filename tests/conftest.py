@@ -51,6 +51,9 @@ def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
         "retry_jitter": 0,
         "kill_grace_seconds": 1,
         "timeout": 60,
+        # The harness's history is shared by every test, and sites of the same name ran in
+        # other tests: tests that assert an order other than the list's say so themselves.
+        "order": "listed",
         "concurrency_tag": f"test-{folder.name}"[:60].replace("[", "-").replace("]", ""),
         "env": {
             "FAKE_TIMELINE": str(folder / "timeline.tsv"),

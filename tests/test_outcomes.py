@@ -5,6 +5,7 @@ that will retry is not finished, and each outcome writes its log line and result
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -244,3 +245,90 @@ def test_an_error_before_the_slot_finishes_the_site_and_is_raised(tmp_path: Path
     with pytest.raises(OSError, match="read-only"):
         engine.end(Ending(OSError("read-only")))
     assert pool.finished == ["a"]
+
+
+# -- non_retryable_errors and the halt (issue 22) ---------------------------------------
+
+PATTERNS = [re.compile(r"^ModuleNotFoundError:"), re.compile(r"ImportError")]
+MISSING = "ModuleNotFoundError: No module named 'pandas'"
+
+
+def test_a_cause_that_matches_a_rule_is_never_retried() -> None:
+    """A failed attempt whose cause one rule finds: no retry, though attempts are left; the
+    why names the first rule that matched, as written."""
+    assert retry_decision("failed", 1, 1, 3, CODES, MISSING, PATTERNS) == RetryDecision(
+        False, "not retried: the cause matches non_retryable_errors rule '^ModuleNotFoundError:'"
+    )
+    assert retry_decision("failed", 1, 1, 3, CODES, "x: ImportError: y", PATTERNS).why == (
+        "not retried: the cause matches non_retryable_errors rule 'ImportError'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "cause", "patterns"),
+    [
+        ("failed", "ConnectionError: reset by peer", PATTERNS),  # no rule finds it
+        ("failed", None, PATTERNS),  # no cause read
+        ("failed", MISSING, []),  # non_retryable_errors: [] turns the rule off
+        ("timed_out", MISSING, PATTERNS),  # a timeout's cause is only its last line
+    ],
+)
+def test_a_cause_no_rule_finds_retries(
+    status: str, cause: str | None, patterns: list[re.Pattern[str]]
+) -> None:
+    """No rule finds the cause (or there is none, or no rules, or it timed out): the usual
+    decision, a retry while attempts are left."""
+    assert retry_decision(status, 1, 1, 3, CODES, cause, patterns) == RetryDecision(True, None)
+
+
+def test_the_default_rules_stop_a_missing_module_at_attempt_one(
+    tmp_path: Path, lines: Lines
+) -> None:
+    """The default non_retryable_errors: a ModuleNotFoundError cause ends the site failed on
+    attempt 1 of 3, finished once, the log line naming the cause and the rule."""
+    engine, pool = engine_for(tmp_path, attempt=1, retry_count=3)
+    outcome = AttemptOutcome("failed", 1, 1.0, error=f"exit code 1: {MISSING}", cause=MISSING)
+    with pytest.raises(SiteAttemptFailed) as raised:
+        engine.end(engine.dispatch(outcome))
+    assert raised.value.retryable is False
+    assert raised.value.report.cause == MISSING
+    assert pool.finished == ["a"]
+    assert lines.rows[-1] == (
+        logging.ERROR,
+        f"attempt 1/3 failed: exit code 1: {MISSING}; not retried: the cause matches "
+        "non_retryable_errors rule '^ModuleNotFoundError:'",
+        "failed",
+    )
+
+
+def test_a_halted_run_starts_no_attempt(tmp_path: Path, lines: Lines) -> None:
+    """The run halted: no slot is asked for; the site ends Cancelled with the halt's reason,
+    its earlier attempts counted, finished once."""
+    engine, pool = engine_for(tmp_path, attempt=2)
+    engine.run.halt("the run halted after 3 failures (halt: 3 failed)")
+    result = engine.end(engine.dispatch(engine.begin_run(tmp_path)))
+    assert pool.asked == [] and pool.finished == ["a"]
+    assert not isinstance(result, dict) and result.is_cancelled()
+    assert (result.data["status"], result.data["attempts"], result.data["error"]) == (
+        "cancelled",
+        1,
+        "the run halted after 3 failures (halt: 3 failed)",
+    )
+
+
+def test_a_halt_that_comes_while_waiting_for_the_slot_stops_the_start(tmp_path: Path) -> None:
+    """The halt trips while the site waits for its slot: once it has the slot it checks again,
+    and does not start."""
+    engine, pool = engine_for(tmp_path, attempt=1)
+
+    @contextmanager
+    def slot(site: str) -> Iterator[None]:
+        pool.asked.append(site)
+        engine.run.halt("the run halted after 1 failure (halt: 1 failed)")
+        yield
+
+    pool.slot = slot  # type: ignore[method-assign]
+    result = engine.end(engine.dispatch(engine.begin_run(tmp_path)))
+    assert pool.asked == ["a"] and pool.finished == ["a"]
+    assert not isinstance(result, dict) and result.is_cancelled()
+    assert result.data["attempts"] == 0

@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.slots.start_order import expected_durations, start_order
+from flows.slots.start_order import expected_durations, spread_groups, start_order
 
 
 def test_unknown_sites_start_first_in_list_order_then_the_longest_known() -> None:
@@ -77,3 +77,44 @@ def test_the_order_is_a_permutation_sorted_by_its_rules(
             assert not (first in expected and then not in expected)
             if first in expected and then in expected:
                 assert expected[first] >= expected[then]
+
+
+def test_group_sites_move_back_behind_sites_that_can_run() -> None:
+    """Four sites of a cap-1 group listed first, 4 threads: each group site is followed by
+    others that can run, so the threads never fill with group sites that must wait."""
+    sites = ["g1", "g2", "g3", "g4", "o1", "o2", "o3", "o4", "o5", "o6"]
+    group_of = {s: "host" for s in sites if s.startswith("g")}
+    assert spread_groups(sites, group_of, {"host": 1}, 4) == (
+        "g1", "o1", "o2", "o3", "g2", "o4", "o5", "o6", "g3", "g4",
+    )  # fmt: skip
+    assert spread_groups(sites, {}, {}, 4) == tuple(sites)  # no groups: unchanged
+
+
+@given(
+    st.lists(st.sampled_from(["a", "b", None]), max_size=30),
+    st.integers(1, 3),
+    st.integers(1, 3),
+    st.integers(1, 8),
+)
+def test_spreading_keeps_every_site_and_each_groups_order(
+    groups: list[str | None], cap_a: int, cap_b: int, window: int
+) -> None:
+    """Every site once; each group's sites, and the ungrouped ones, keep their order; and a
+    window holds more of a group than its cap only where nothing else was left to place."""
+    sites = [f"s{i}" for i in range(len(groups))]
+    group_of = {s: g for s, g in zip(sites, groups, strict=True) if g}
+    caps = {"a": cap_a, "b": cap_b}
+    out = spread_groups(sites, group_of, caps, window)
+    assert sorted(out) == sorted(sites)
+    for group in ("a", "b", None):
+        members = [s for s in sites if group_of.get(s) == group]
+        assert [s for s in out if group_of.get(s) == group] == members
+    for end in range(len(out)):
+        chunk = out[max(0, end - window + 1) : end + 1]
+        group = group_of.get(out[end])
+        if group is not None and sum(group_of.get(s) == group for s in chunk) > caps[group]:
+            rest = out[end:]  # over the cap: only sites of full groups were left
+            full = {
+                g for g in caps if sum(group_of.get(s) == g for s in chunk[:-1]) >= caps[g]
+            }
+            assert all(group_of.get(s) in full for s in rest)

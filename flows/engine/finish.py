@@ -2,6 +2,9 @@
 
 - the summary table (`SUMMARY_KEY`, one row per site);
 - the failures grouped by kind (`FAILURES_KEY`, with `async_settings.error_aggregation`);
+- the site health (`HEALTH_KEY`, every run): each site's last outcomes, durations and
+  records, and its failure streak (`flows.health`), from the history that `prepare` read
+  and this run;
 - the result check warnings, logged;
 - the state: Cancelled when the caller asked to stop, Failed when a site failed, else
   Completed; its data is the summary dict (`flows.report.build_summary`).
@@ -9,30 +12,43 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Cancelled, Completed, Failed
 
-from flows import report
+from flows import health, report
 from flows.config import RunPlan
 from flows.engine.prepare import RunLogger
 from flows.interrupts import StopRequest
-from flows.names import FAILURES_KEY, SUMMARY_KEY
+from flows.names import FAILURES_KEY, HEALTH_KEY, SUMMARY_KEY
 
 
-def publish_artifacts(plan: RunPlan, reports: Sequence[report.SiteReport]) -> None:
-    """The summary table, and the failures by kind when the plan aggregates errors."""
-    create_table_artifact(
-        report.table_rows(reports), key=SUMMARY_KEY, description="one row per site"
+def publish_artifacts(
+    plan: RunPlan,
+    reports: Sequence[report.SiteReport],
+    earlier: Sequence[Sequence[Mapping[str, Any]]] = (),
+) -> dict[str, int]:
+    """The summary table, the site health (this run and the `earlier` runs' summary rows,
+    newest first), and the failures by kind when the plan aggregates errors. Returns each
+    site's failure streak, this run included."""
+    rows = report.table_rows(reports)
+    create_table_artifact(rows, key=SUMMARY_KEY, description="one row per site")
+    field = plan.config.result_checks.field if plan.config.result_checks else None
+    healths = health.health_table([r.site for r in reports], [rows, *earlier], field is not None)
+    create_markdown_artifact(
+        health.health_markdown(healths, field),
+        key=HEALTH_KEY,
+        description="each site's last runs and failure streak",
     )
     failures = (
         report.failures_markdown(reports) if plan.config.async_settings.error_aggregation else None
     )
     if failures:
         create_markdown_artifact(failures, key=FAILURES_KEY, description="failures by kind")
+    return {h.site: h.streak for h in healths}
 
 
 def finish_run(
@@ -41,20 +57,28 @@ def finish_run(
     flow_run_id: str,
     reports: Sequence[report.SiteReport],
     stop: StopRequest | None,
+    halted: str | None = None,
+    earlier: Sequence[Sequence[Mapping[str, Any]]] = (),
 ) -> State[dict[str, Any]]:
     """Publish the artifacts and return the final state, its data the summary; `reports`
-    are every site's, skipped ones included, in the config's order."""
+    are every site's, skipped ones included, in the config's order. `halted`: why the run
+    halted (`pipeline.halt`): the run ends Failed, its message led by the halt. `earlier`: the
+    earlier runs' summary rows (`prepare.PreparedJob.earlier`), for the health and streaks."""
     stopped = stop is not None and stop.requested
     summary = report.build_summary(flow_run_id, reports, state="Cancelled" if stopped else None)
-    publish_artifacts(plan, reports)
+    streaks = publish_artifacts(plan, reports, earlier)
     warned = report.warning_message(reports)
     if warned:
         logger.warning(warned)
-    message = report.failure_message(reports)
+    message = report.failure_message(reports, streaks=streaks)
     if stop is not None and stopped:
         reason = f"{stop.reason}: {message}" if message else str(stop.reason)
         logger.warning(reason)
         return Cancelled(message=reason, data=summary)
+    if halted:
+        reason = f"{halted}: {message}" if message else halted
+        logger.error(reason)
+        return Failed(message="; ".join(filter(None, [reason, warned])), data=summary)
     if message:
         logger.error(message)
         return Failed(message="; ".join(filter(None, [message, warned])), data=summary)

@@ -7,7 +7,8 @@ Plain Python (no Prefect): the `run_site` task makes the decision once per attem
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 NO_RETRIES_LEFT = "no retries left"
@@ -28,12 +29,17 @@ def retry_decision(
     attempt: int,
     attempts: int,
     non_retryable_exit_codes: Collection[int],
+    cause: str | None = None,
+    non_retryable_errors: Sequence[re.Pattern[str]] = (),
 ) -> RetryDecision:
     """The decision for attempt `attempt` (1-based) of `attempts`, which ended `status`
-    ("failed", "timed_out" or "not_started", as `AttemptOutcome.status`) with `exit_code`.
+    ("failed", "timed_out" or "not_started", as `AttemptOutcome.status`) with `exit_code`
+    and `cause` (the attempt's cause line, `AttemptOutcome.cause`).
 
-    A command that can't start, or an exit code in `non_retryable_exit_codes`, is never
-    retried (retrying can't help); otherwise the site retries while attempts are left.
+    A command that can't start, an exit code in `non_retryable_exit_codes`, or a failed
+    attempt's cause that one of `non_retryable_errors` finds (`re.search`; the first that
+    matches is named; not a timeout's) is never retried (retrying can't help); otherwise
+    the site retries while attempts are left.
     """
     if status == "not_started":
         return RetryDecision(False, CANT_START)
@@ -41,6 +47,22 @@ def retry_decision(
         return RetryDecision(
             False, f"not retried: exit code {exit_code} is in non_retryable_exit_codes"
         )
+    # A timeout's cause is only the last line it printed: it did not end the attempt.
+    rule = matching_rule(cause, non_retryable_errors) if status == "failed" else None
+    if rule is not None:
+        return RetryDecision(
+            False, f"not retried: the cause matches non_retryable_errors rule {rule!r}"
+        )
     if attempt >= attempts:
         return RetryDecision(False, NO_RETRIES_LEFT)
     return RetryDecision(True)
+
+
+def matching_rule(cause: str | None, patterns: Sequence[re.Pattern[str]]) -> str | None:
+    """The first of `patterns` that `cause` matches (`re.search`), as written; None if none."""
+    if not cause:
+        return None
+    for pattern in patterns:
+        if pattern.search(cause):
+            return pattern.pattern
+    return None

@@ -2,26 +2,30 @@
 
 Each step logs what it found on the flow run's logger, in the order a reader of the run's
 log expects: the plan's warnings and skipped sites, the limit and what was reclaimed, the
-run's shape, then the learned timeouts.
+run's shape, then the learned timeouts. The one history query (`flows.engine.baselines`)
+happens here: it gives the start order, and what the run's end needs is handed back with the
+job (`PreparedJob.earlier`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.context import TagsContext
 
-from flows import report
-from flows.config import RunPlan, load_plan
+from flows import health, report
+from flows.config import RunPlan, group_limit_name, load_plan
 from flows.engine import baselines
 from flows.engine.task import SiteJob
 from flows.process import holders
 from flows.slots.prefect_api import ensure_limit, reclaim
-from flows.timeouts import site_timeouts
+from flows.slots.start_order import StartOrder, expected_durations, spread_groups, start_order
+from flows.timeouts import site_timeout
 
 RunLogger = logging.Logger | logging.LoggerAdapter[logging.Logger]
 """What `prefect.get_run_logger()` returns: the flow run's logger, which every step logs to."""
@@ -38,7 +42,7 @@ class PlannedRun(NamedTuple):
 def plan_run(
     logger: RunLogger,
     config_path: str | None,
-    sites: list[str] | None,
+    sites: Sequence[str | dict[str, Any]] | None,
     max_concurrent_sites: int | None,
     use_async: bool | None,
     skip: dict[str, str] | None,
@@ -64,6 +68,8 @@ def claim_limit(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> None:
     config = plan.config
     with get_client(sync_client=True) as client:
         logger.info(ensure_limit(client, config.concurrency_tag, plan.max_concurrent_sites))
+        for group, cap in plan.group_limits.items():  # each group's own limit (issue 21)
+            logger.info(ensure_limit(client, group_limit_name(config.concurrency_tag, group), cap))
         # Name this process on the run, so `doctor` and `--retry-failed` can tell a run
         # left Running by a dead process; and give back what dead runs here still held.
         client.update_flow_run_labels(flow_run_id, {**holders.this_process_labels()})
@@ -78,19 +84,38 @@ def claim_limit(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> None:
     )
 
 
-def site_job(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> SiteJob:
-    """The task runs' shared parameter: the plan, the run, its tags, and what earlier runs
-    tell (result check baselines, learned timeouts: one query for both)."""
+class PreparedJob(NamedTuple):
+    """What `site_job` prepared: the task runs' `job` (its plan's sites in start order), and
+    the earlier runs' summary rows (`flows.health.compact`, newest run first) that the run's
+    end needs for the site health and the streaks; those stay in the flow's process."""
+
+    job: SiteJob
+    earlier: list[list[health.Row]]
+
+
+HISTORY_WINDOW = 20  # the successes an expected duration is the median of, without learned
+
+
+def site_job(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> PreparedJob:
+    """The task runs' shared parameter: the plan (its sites in start order), the run, its
+    tags, and what earlier runs tell (the start order, result check baselines, learned
+    timeouts, and for the run's end each site's health: one query for all)."""
     config = plan.config
     checks, learned = config.result_checks, config.learned_timeout
-    tables = baselines.summary_tables() if checks or learned else []
-    durations = baselines.success_durations(plan.sites, learned.window, tables) if learned else {}
+    tables = baselines.summary_tables()
+    window = learned.window if learned else HISTORY_WINDOW
+    durations = baselines.success_durations(plan.sites, window, tables)
+    order = _start_order(plan, durations)
+    logger.info(order.line)
     job = SiteJob(
-        plan,
+        dataclasses.replace(plan, sites=order.sites),
         flow_run_id,
         tuple(sorted({config.concurrency_tag, *(TagsContext.get().current_tags or ())})),
         baselines.check_values(checks.field, plan.sites, checks.window, tables) if checks else {},
-        site_timeouts(plan.sites, durations, learned, config.timeout),
+        {
+            site: site_timeout(durations.get(site, ()), learned, plan.site(site).timeout)
+            for site in plan.sites
+        },
     )
     if learned:
         logger.info(
@@ -99,4 +124,19 @@ def site_job(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> SiteJob:
             len(plan.sites),
             learned.min_runs,
         )
-    return job
+    return PreparedJob(job, health.compact(tables))
+
+
+def _start_order(plan: RunPlan, durations: Mapping[str, Sequence[float]]) -> StartOrder:
+    """The sites in start order (`flows.slots.start_order`): priority, history, list; then
+    each group's sites spread so that no cap's worth of consecutive sites holds more of a
+    group than its cap: the slots are handed out in this order, and the task runner's threads
+    don't fill with sites of a full group."""
+    mode = plan.config.order if plan.use_async else "sequential"
+    priority = {site: plan.site(site).priority for site in plan.sites}
+    order = start_order(plan.sites, expected_durations(durations), priority, mode)
+    group_of = {site: group for site in plan.sites if (group := plan.group_of(site))}
+    if not group_of or not plan.use_async:
+        return order
+    spread = spread_groups(order.sites, group_of, plan.group_limits, plan.max_concurrent_sites)
+    return StartOrder(spread, order.line)

@@ -9,11 +9,14 @@
   cancelled and this run's pipelines are stopped;
 - the emergency stop: when the block raises (the flow run is cancelled or crashing), this
   run's pipelines are stopped before the task runner waits for its threads, so none
-  outlives the flow run.
+  outlives the flow run;
+- the halt (`HaltWatch`, `pipeline.halt`): the flow counts every site's final report, and
+  once the rule trips no further site starts, in this process or on a Dask worker.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -28,15 +31,20 @@ from flows.engine.failure import SiteAttemptFailed
 from flows.engine.states import site_status
 from flows.engine.task import SiteJob
 from flows.engine.task_runners import task_runner
+from flows.halt import HaltTally
 from flows.interrupts import StopRequest
 from flows.process.control import stop_everything
-from flows.slots.sharing import LocalRun, local_run
+from flows.slots.sharing import LocalRun, local_run, write_halt_label
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
-def running_sites(job: SiteJob, stop: StopRequest | None) -> Iterator[TaskRunner[Any]]:
+def running_sites(
+    job: SiteJob, stop: StopRequest | None
+) -> Iterator[tuple[TaskRunner[Any], HaltWatch]]:
     """The plan's task runner, started, with the slot pool, the stop watcher and the
-    emergency stop around it (see the module's docstring)."""
+    emergency stop around it (see the module's docstring), and the run's `HaltWatch`."""
     plan, owner = job.plan, str(job.flow_run_id)
     config = plan.config
     in_process = config.task_runner.kind == "threads"
@@ -48,7 +56,7 @@ def running_sites(job: SiteJob, stop: StopRequest | None) -> Iterator[TaskRunner
         _stopping_on(stop, run, config, owner),
     ):
         try:
-            yield runner
+            yield runner, HaltWatch(job, run)
         except BaseException:
             # Cancelled or crashing: stop this run's pipelines now, before the task runner
             # waits for its threads, so none outlives the flow run. (On Dask, closing a
@@ -85,6 +93,41 @@ def _stopping_on(
     finally:
         done.set()
         watcher.join()
+
+
+class HaltWatch:
+    """The flow's side of the halt (`flows.halt`): it sees every site's final report. Once
+    the rule trips, no further site starts: in this process (`LocalRun.halt`; a task may have
+    tripped it first, under its slot) and on Dask workers (the flow run's halt label, which a
+    worker reads before a site starts, `flows.slots.sharing`)."""
+
+    def __init__(self, job: SiteJob, run: LocalRun | None) -> None:
+        self.job, self.run = job, run
+        self.rule = job.plan.config.halt
+        self.tally = run.tally if run is not None else HaltTally(self.rule)
+        self._reason: str | None = None
+
+    @property
+    def reason(self) -> str | None:
+        """Why the run halted, or None: it did not."""
+        return self._reason or (self.run.halt_reason if self.run is not None else None)
+
+    def seen(self, site_report: report.SiteReport) -> report.SiteReport:
+        """Count a site's final report (returned as it is); halt the run when it trips."""
+        if self.rule is None or self._reason is not None:
+            return site_report
+        reason = self.tally.site_done(site_report.site, site_report.status)
+        if reason is None:
+            return site_report
+        self._reason = reason
+        if self.run is not None:
+            self.run.halt(reason)
+            return site_report
+        try:
+            write_halt_label(self.job.flow_run_id, reason)
+        except Exception as exc:  # the sites still end; the workers just don't hear of it
+            log.warning("could not tell the workers that %s: %s", reason, exc)
+        return site_report
 
 
 def site_report(site: str, state: State[Any]) -> report.SiteReport:

@@ -14,6 +14,14 @@ run under the slot (`begin_run`), one handler per outcome (`handle_success`,
 `handle_cancelled`) returning an `Ending` (data), and `end`, the one place a site is
 finished. Whether a failure is retried is decided once, by
 `flows.engine.outcomes.retry_decision`.
+
+Each attempt's full output goes to its log file (`flows.process.logfile`), under the site's
+output folder; the first attempt of a site in a run prunes the older runs' logs
+(`keep_logs`). The report lists this run's attempt logs as absolute paths.
+
+The halt (`pipeline.halt`, `flows.halt`) is checked where a site is about to start: before it
+asks for a slot, and again once it has one. A final failure is counted while its slot is still
+held (`LocalRun.site_done`), so the site that would get that slot next already sees the halt.
 """
 
 from __future__ import annotations
@@ -22,15 +30,17 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from prefect import Task, task
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import TaskRunContext
+from prefect.futures import PrefectFuture
 from prefect.logging import get_run_logger
 from prefect.runtime import task_run as current_task_run
 from prefect.states import Cancelled
+from prefect.task_runners import TaskRunner
 from prefect.utilities.annotations import NotSet
 
 from flows.backoff import retry_delays
@@ -38,10 +48,11 @@ from flows.checks import check_result
 from flows.config import RunPlan, build_argv, site_output_dir
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.logfilter import install_traceback_filter
-from flows.engine.outcomes import retry_decision
+from flows.engine.outcomes import RetryDecision, retry_decision
 from flows.names import PIPELINE_OUTPUT, SITE_EVENT
 from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for
+from flows.process.logfile import attempt_log_path, prune_logs, run_logs
 from flows.report import SiteReport
 from flows.slots.pool import SlotError
 from flows.slots.sharing import LocalRun, local_run
@@ -72,7 +83,7 @@ class SiteJob:
         self.timeouts = timeouts or {}  # each site's attempt timeout (flows.timeouts)
 
     def timeout(self, site: str) -> SiteTimeout:
-        return self.timeouts.get(site) or site_timeout((), None, self.plan.config.timeout)
+        return self.timeouts.get(site) or site_timeout((), None, self.plan.site(site).timeout)
 
 
 def _should_retry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -115,7 +126,7 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[A
     except BaseException as exc:
         # It will never ask for a slot: don't keep others waiting.
         return engine.end(Ending(exc))
-    return engine.end(engine.dispatch(engine.begin_run(out_dir)))
+    return engine.end(engine.dispatch(engine.begin_run(out_dir), out_dir))
 
 
 @dataclass(frozen=True)
@@ -151,32 +162,67 @@ class AttemptEngine:
     ) -> None:
         self.site, self.job, self.run, self.attempt = site, job, run, attempt
         self.config = job.plan.config
-        self.of = self.config.retry_count
+        self.settings = job.plan.site(site)  # the site's own entry, else the config's
+        self.of = self.settings.retry_count
         self.limit = job.timeout(site)
         self.logger = logger if logger is not None else get_run_logger()
+        self.counted = False  # this attempt's final outcome was counted towards the halt
 
     def begin_run(self, out_dir: Path) -> AttemptOutcome | SlotError | None:
         """Run the pipeline while holding a slot. None: the flow run stopped before it began."""
-        argv = build_argv(self.config, self.site, self.attempt, out_dir)
+        argv = build_argv(self.config, self.site, self.attempt, out_dir, self.settings.flags)
         env = {
             **os.environ,
-            **self.config.env,
+            **self.settings.env,  # the config's env, with the site's own over it
             "SITE": self.site,
             "SITE_ATTEMPT": str(self.attempt),
             "SITE_OUTPUT_DIR": str(out_dir),
             "SITE_FLOW_RUN_ID": str(self.job.flow_run_id),
         }
-        if self.run.stopping.is_set():
+        if self._held_back(fresh=False):
             return None
         try:
             with self.run.pool.slot(self.site):
-                if self.run.stopping.is_set():
+                if self._held_back(fresh=True):
                     return None
-                return self._run_pipeline(argv, env)
+                if self.attempt == 1:
+                    self._prune_logs(out_dir)
+                outcome = self._run_pipeline(argv, env, out_dir)
+                self._count(outcome)
+                return outcome
         except SlotError as exc:
             return exc
 
-    def _run_pipeline(self, argv: list[str], env: dict[str, str]) -> AttemptOutcome:
+    def _held_back(self, fresh: bool) -> bool:
+        """The flow run stops or halted: this attempt does not start."""
+        return self.run.stopping.is_set() or self.run.halted(fresh=fresh) is not None
+
+    def _count(self, outcome: AttemptOutcome) -> None:
+        """A final failure (or a success) counts towards the halt while the slot is held,
+        unless the run is stopping (a stopped pipeline is not a failure of its own)."""
+        if self.run.stopping.is_set():
+            return
+        status = outcome.status
+        if status != "succeeded" and self.decision(outcome).retry:
+            return
+        self.counted = True
+        self.run.site_done(self.site, "failed" if status == "not_started" else status)
+
+    def _prune_logs(self, out_dir: Path) -> None:
+        """The older runs' attempt logs go (`keep_logs`); that failing is only a warning."""
+        try:
+            prune_logs(out_dir, self.config.keep_logs, current=str(self.job.flow_run_id))
+        except Exception as exc:
+            self.logger.warning("could not delete old attempt logs in %s: %s", out_dir, exc)
+
+    def _log_paths(self, out_dir: Path) -> list[str]:
+        """This run's attempt logs of the site, in attempt order (absolute paths)."""
+        try:
+            return [str(path) for path in run_logs(out_dir, str(self.job.flow_run_id))]
+        except OSError:
+            return []
+
+    def _run_pipeline(self, argv: list[str], env: dict[str, str], out_dir: Path) -> AttemptOutcome:
         config, logger = self.config, self.logger
         logger.info(
             "attempt %d/%d started; %s",
@@ -196,11 +242,17 @@ class AttemptEngine:
             max_log_lines=config.max_log_lines,
             owner=str(self.job.flow_run_id),
             control=control_for(config.process_control),
+            stall_timeout=config.stall_timeout,
+            log_file=attempt_log_path(out_dir, str(self.job.flow_run_id), self.attempt),
+            warn=logger.warning,
         )
 
-    def dispatch(self, outcome: AttemptOutcome | SlotError | None) -> Ending:
-        """The handler of `begin_run`'s outcome."""
-        stopping = self.run.stopping.is_set()
+    def dispatch(
+        self, outcome: AttemptOutcome | SlotError | None, out_dir: Path | None = None
+    ) -> Ending:
+        """The handler of `begin_run`'s outcome (`out_dir`: where its attempt logs are). A
+        site whose own outcome tripped a `when: now` halt is not cancelled by it."""
+        stopping = self.run.stopping.is_set() and not self.counted
         if outcome is None or (isinstance(outcome, SlotError) and stopping):
             return self.handle_cancelled(self.attempt - 1)
         if isinstance(outcome, SlotError):
@@ -217,6 +269,8 @@ class AttemptEngine:
             result=outcome.result,
             stderr_tail=outcome.stderr_tail,
             timeout_s=self.limit.seconds,
+            cause=outcome.cause,
+            logs=self._log_paths(out_dir) if out_dir is not None else [],
         )
         if outcome.status == "succeeded":
             return self.handle_success(outcome, report)
@@ -255,13 +309,7 @@ class AttemptEngine:
 
     def handle_failure(self, outcome: AttemptOutcome, report: SiteReport) -> Ending:
         """Failed, timed out or could not start: retried (`handle_retry`), or final."""
-        decision = retry_decision(
-            outcome.status,
-            outcome.exit_code,
-            self.attempt,
-            self.of,
-            self.config.non_retryable_exit_codes,
-        )
+        decision = self.decision(outcome)
         what = (
             f"attempt {self.attempt}/{self.of} {outcome.error}"
             if outcome.status == "timed_out"
@@ -275,6 +323,18 @@ class AttemptEngine:
             args=(what, decision.why),
             event=report.status,
             result=SiteAttemptFailed(report, retryable=False),
+        )
+
+    def decision(self, outcome: AttemptOutcome) -> RetryDecision:
+        """Whether this failed attempt is retried (`flows.engine.outcomes.retry_decision`)."""
+        return retry_decision(
+            outcome.status,
+            outcome.exit_code,
+            self.attempt,
+            self.of,
+            self.config.non_retryable_exit_codes,
+            cause=outcome.cause,
+            non_retryable_errors=self.config.non_retryable_error_patterns(),
         )
 
     def handle_retry(self, what: str, report: SiteReport) -> Ending:
@@ -311,7 +371,7 @@ class AttemptEngine:
     ) -> Ending:
         """The flow run is stopping (Ctrl-C, SIGTERM): this site ends Cancelled, not Failed,
         with its report as the state's data; a pipeline it was running has been stopped."""
-        reason = self.run.stop_reason or "the flow run is stopping"
+        reason = self.run.stop_reason or self.run.halt_reason or "the flow run is stopping"
         report = SiteReport(
             self.site,
             "cancelled",
@@ -344,8 +404,11 @@ class AttemptEngine:
         return ending.result
 
 
-def configured_task(plan: RunPlan) -> Task[..., dict[str, Any] | State[Any]]:
-    """`run_site` with the plan's retries, delays, jitter and tag.
+def configured_task(
+    plan: RunPlan, retry_count: int | None = None
+) -> Task[..., dict[str, Any] | State[Any]]:
+    """`run_site` with the plan's retries (`retry_count` attempts: a site's own, else the
+    config's), delays, jitter and tag.
 
     No `timeout_seconds`: our runner enforces the per-attempt timeout by stopping
     the process group. For a sync task in a worker thread, Prefect's timeout
@@ -355,15 +418,29 @@ def configured_task(plan: RunPlan) -> Task[..., dict[str, Any] | State[Any]]:
     watcher threads cost one thread per running site.
     """
     config = plan.config
+    attempts = retry_count or config.retry_count
     return run_site.with_options(
         tags={config.concurrency_tag},
-        retries=config.retry_count - 1,
+        retries=attempts - 1,
         retry_delay_seconds=retry_delays(
             config.async_settings.retry_backoff,
             config.retry_delay,
             config.retry_max_delay,
-            config.retry_count,
+            attempts,
         )
         or 0,
         retry_jitter_factor=config.retry_jitter if config.retry_jitter > 0 else NotSet,
     )
+
+
+def submit_sites(runner: TaskRunner[Any], job: SiteJob) -> list[PrefectFuture[Any]]:
+    """One `run_site` task run per site, submitted in the job's start order (`job.plan.sites`),
+    each with its own site's retries (one task per distinct `retry_count`)."""
+    tasks: dict[int, Task[..., dict[str, Any] | State[Any]]] = {}
+    futures = []
+    for site in job.plan.sites:
+        count = job.plan.site(site).retry_count
+        if count not in tasks:
+            tasks[count] = configured_task(job.plan, count)
+        futures.append(runner.submit(cast(Any, tasks[count]), {"site": site, "job": job}))
+    return futures

@@ -13,6 +13,12 @@ say which sites are long (the learned timeouts read them), so by default
 `order: listed` keeps list order after the priority; the old one-at-a-time loop
 (`use_async: false`) keeps list order, priorities and all. Retries of started sites still go
 before new sites: that is the slot pool's rule (`flows.slots.order`), given this order.
+
+Group caps (`groups`) add one rule, `spread_groups`: slots are handed out in this order, and
+the task runner takes the sites into its threads in it, where a site of a full group waits.
+So in any `window` (the global cap) consecutive sites, a group has at most its cap, as far as
+other sites allow: a group's next site moves back behind sites that can run, never ahead of
+its own group, and comes up just when its group has room again.
 """
 
 from __future__ import annotations
@@ -67,3 +73,34 @@ def start_order(
         f"order: longest expected first ({known} of {len(sites)} sites have history; "
         f"the others first){by_priority}",
     )
+
+
+def spread_groups(
+    sites: Sequence[str], group_of: Mapping[str, str], caps: Mapping[str, int], window: int
+) -> tuple[str, ...]:
+    """`sites` (in start order) with each group's sites moved back so that no `window`
+    consecutive sites hold more of one group than its cap, where other sites can fill in.
+    Sites outside groups, and each group's own sites, keep their relative order."""
+    if not group_of or window <= 1:
+        return tuple(sites)
+    pending = list(sites)
+    placed: list[str] = []
+    recent: dict[str, int] = {}  # group -> its sites among the last `window - 1` placed
+    while pending:
+        pick = 0
+        for index, site in enumerate(pending):
+            group = group_of.get(site)
+            if group is None or recent.get(group, 0) < caps.get(group, window):
+                pick = index
+                break
+        site = pending.pop(pick)
+        placed.append(site)
+        _count(recent, group_of.get(site), +1)
+        if len(placed) >= window:
+            _count(recent, group_of.get(placed[-window]), -1)
+    return tuple(placed)
+
+
+def _count(recent: dict[str, int], group: str | None, change: int) -> None:
+    if group is not None:
+        recent[group] = recent.get(group, 0) + change
