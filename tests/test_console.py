@@ -96,7 +96,7 @@ def test_a_terminal_shows_the_live_view_then_a_table_and_one_line_per_failure(
     assert "Traceback" not in text
     failure_lines = [line for line in lines if "fail-c" in line and "attempt 1/1 failed" in line]
     assert len(failure_lines) == 1, lines
-    assert "exit code 1; no retries left" in failure_lines[0]
+    assert "exit code 1: fail-c: boom on attempt 1; no retries left" in failure_lines[0]
     assert any(line.startswith("Failed: 5/6 succeeded") for line in lines)
     assert any(re.match(r"\s*site\s+.*status", line) for line in lines)  # the table's header
     for line in lines:  # no line holds both a log record and progress text
@@ -114,9 +114,10 @@ def test_through_a_pipe_plain_lines_lifecycle_only_and_the_ui_link(
     result = run_piped(["--config", str(config), "--summary-json", str(summary_path)], prefect_api)
     assert result.returncode == 1, result.stderr[-3000:]
     assert not ESCAPE.search(result.stdout) and not ESCAPE.search(result.stderr)
-    assert "fail-b: boom on attempt 1" not in result.stderr  # the pipeline's own stderr line
+    assert "[stderr]" not in result.stderr  # the pipeline's own lines are not printed...
     assert "attempt 1/1 started" in result.stderr
-    assert "attempt 1/1 failed: exit code 1; no retries left" in result.stderr
+    cause = "attempt 1/1 failed: exit code 1: fail-b: boom on attempt 1; no retries left"
+    assert cause in result.stderr  # ...but the lifecycle line says why it failed
     assert "Traceback" not in result.stderr
     flow_run_id = json.loads(summary_path.read_text())["flow_run_id"]
     assert f"/runs/flow-run/{flow_run_id}" in result.stdout
@@ -135,7 +136,9 @@ def test_verbose_shows_the_pipeline_lines_and_quiet_only_problems(
     assert "fail-b: boom on attempt 1" in verbose.stderr
     quiet = run_piped(["--config", str(config), "-q"], prefect_api)
     assert "started" not in quiet.stderr
-    assert "attempt 1/1 failed: exit code 1; no retries left" in quiet.stderr
+    assert "attempt 1/1 failed: exit code 1: fail-b: boom on attempt 1; no retries left" in (
+        quiet.stderr
+    )
     assert "Failed: 1/2 succeeded" in quiet.stdout
 
 
