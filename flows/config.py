@@ -271,13 +271,7 @@ class PipelineConfig(_Strict):
                 f"command = {self.command!r}: expected an element containing '{{site}}'"
             )
         for index, part in enumerate([*self.command, *self.default_flags]):
-            for name in _PLACEHOLDER_RE.findall(part):
-                if name not in PLACEHOLDERS:
-                    known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-                    problems.append(
-                        f"command[{index}] = {part!r}: unknown placeholder {{{name}}}, "
-                        f"expected one of {known}"
-                    )
+            problems.extend(_placeholder_problems(f"command[{index}]", part))
         limit = self.async_settings.semaphore_limit
         if limit is not None and limit != self.max_concurrent_sites:
             problems.append(
@@ -632,19 +626,23 @@ def _labelled(
         yield entry, f"{source}[{index}]"
 
 
+def _placeholder_problems(key: str, part: str) -> list[str]:
+    """`command[3] = '{nope}': unknown placeholder {nope}, expected one of ...` for each."""
+    known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+    return [
+        f"{key} = {part!r}: unknown placeholder {{{name}}}, expected one of {known}"
+        for name in _PLACEHOLDER_RE.findall(part)
+        if name not in PLACEHOLDERS
+    ]
+
+
 def _entry_problems(entry: SiteEntry, label: str) -> list[str]:
     """A mapping entry's flags and env go to the OS, as `command` and `env` do."""
     problems = []
     for index, flag in enumerate(entry.flags):
         if "\0" in flag:
             problems.append(f"{label}.flags[{index}] = {flag!r}: expected no NUL character")
-        for name in _PLACEHOLDER_RE.findall(flag):
-            if name not in PLACEHOLDERS:
-                known = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-                problems.append(
-                    f"{label}.flags[{index}] = {flag!r}: unknown placeholder {{{name}}}, "
-                    f"expected one of {known}"
-                )
+        problems.extend(_placeholder_problems(f"{label}.flags[{index}]", flag))
     for name, value in entry.env.items():
         if not name or "=" in name or "\0" in name or "\0" in value:
             problems.append(
