@@ -12,6 +12,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+from flows.cli import main
 from flows.config import group_limit_name
 from flows.site_pipeline import run_sites
 from tests.conftest import read_timeline, write_config
@@ -36,10 +37,13 @@ def sleeping(site: str, seconds: float, **more: Any) -> dict[str, Any]:
     return {"site": site, "env": {"FAKE_SLEEP": str(seconds)}, **more}
 
 
-def test_the_longest_expected_site_starts_first_once_there_is_history(tmp_path: Path) -> None:
+def test_the_longest_expected_site_starts_first_once_there_is_history(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """One night records each site's duration; the next starts the new site (no history)
     first, then the known ones longest first; `order: listed` and the sequential loop keep
-    list order, and a priority goes before either rule. The summary keeps the list's order."""
+    list order, and a priority goes before either rule. The summary keeps the list's order,
+    and `validate` shows the order a run would use."""
     tag = uuid4().hex[:6]  # names no other test has run: this test's history is its own
     short, long_, mid, new = (f"{name}-{tag}" for name in ("short", "long", "mid", "new"))
     known = [sleeping(short, 0.05), sleeping(long_, 0.9), sleeping(mid, 0.4)]
@@ -56,6 +60,11 @@ def test_the_longest_expected_site_starts_first_once_there_is_history(tmp_path: 
         assert starts(tmp_path) == expected, order
         assert [entry["site"] for entry in summary["sites"]] == [short, long_, mid, new]
 
+    main(["validate", "--config", str(write_config(tmp_path, sites, order="longest_first"))])
+    shown = capsys.readouterr().out
+    assert "order: longest expected first (4 of 4 sites have history" in shown, shown
+    assert f"starts: {long_}, {mid}, {new}, {short}" in shown  # what a run would do now
+
     (tmp_path / "timeline.tsv").unlink()
     run(write_config(tmp_path, sites, order="longest_first", use_async=False))
     assert starts(tmp_path) == [short, long_, mid, new]  # the old loop: list order
@@ -69,7 +78,7 @@ def test_the_longest_expected_site_starts_first_once_there_is_history(tmp_path: 
 def test_per_site_settings_reach_prefect_and_the_attempt(tmp_path: Path) -> None:
     """A site's own retry_count is its task run's retries in Prefect, its own timeout is the
     one its attempt really has, its flags are argv elements after default_flags, and its env
-    is merged over the config's."""
+    is merged over the config's; a learned timeout never exceeds the site's own timeout."""
     sites = [
         {"site": "flaky-once", "retry_count": 1},  # fails attempt 1, and has no second
         {"site": "flaky-twice", "retry_count": 2},  # succeeds on attempt 2
@@ -77,6 +86,7 @@ def test_per_site_settings_reach_prefect_and_the_attempt(tmp_path: Path) -> None
         {"site": "hang-short", "timeout": 1.5, "retry_count": 1},
         {"site": "ok-flags", "flags": ["--depth", "3 levels", "{attempt}"]},
         {"site": "ok-env", "env": {"FAKE_RECORDS": "7"}},
+        {"site": f"ok-capped-{uuid4().hex[:6]}", "timeout": 5},
     ]
     config = write_config(
         tmp_path,
@@ -85,7 +95,11 @@ def test_per_site_settings_reach_prefect_and_the_attempt(tmp_path: Path) -> None
         retry_delay=0,
         default_flags=["--emit-status"],
         env={"FAKE_RECORDS": "1", "FAKE_PIDS_DIR": str(tmp_path)},
+        learned_timeout={"factor": 3, "min_runs": 1, "window": 5, "floor": 120},
     )
+    _, first = run(config)
+    capped = sites[-1]["site"]
+    assert {e["site"]: e for e in first["sites"]}[capped]["timeout_s"] == 5  # no history yet
     _, summary = run(config)
     rows = {entry["site"]: entry for entry in summary["sites"]}
     assert rows["flaky-once"]["status"] == "failed" and rows["flaky-once"]["attempts"] == 1
@@ -94,7 +108,8 @@ def test_per_site_settings_reach_prefect_and_the_attempt(tmp_path: Path) -> None
     hung = rows["hang-short"]
     assert hung["status"] == "timed_out" and hung["timeout_s"] == 1.5
     assert hung["error"].startswith("timed out after 1.5 s")
-    assert rows["ok-flags"]["timeout_s"] == 60  # the config's
+    assert rows["ok-flags"]["timeout_s"] == 60  # the config's (learned: at least the floor)
+    assert rows[capped]["timeout_s"] == 5  # learned 120 s, but never above the site's own
     assert rows["ok-flags"]["result"]["extra"] == ["--emit-status", "--depth", "3 levels", "1"]
     assert rows["ok-env"]["result"]["records"] == 7
     assert rows["ok-flags"]["result"]["records"] == 1
@@ -110,6 +125,7 @@ def test_per_site_settings_reach_prefect_and_the_attempt(tmp_path: Path) -> None
         "hang-short": 0,
         "ok-flags": 2,
         "ok-env": 2,
+        capped: 2,
     }
 
 

@@ -36,10 +36,42 @@ def validate(plan: RunPlan) -> int:
         f"from {plan.config.retry_delay:g}s, timeout {plan.config.timeout:g}s"
     )
     print(f"stops: {_stops(plan)}")
+    print(_order(plan))
     print(f"working dir: {plan.working_dir}")
     print(f"output dir: {plan.output_dir}")
     print(f"first site's argv: {json.dumps(argv)}")
     return EXIT_OK
+
+
+def _order(plan: RunPlan) -> str:
+    """`order: longest expected first (...); starts: a, b, ...`: the start order a run would
+    use now, from the history on the configured server (`PREFECT_API_URL`); with no server
+    set, or one that doesn't answer, by priority and list (the run reads the history)."""
+    from flows.ops.server import ApiUnreachable, check_reachable
+    from flows.slots.start_order import plan_order
+
+    durations: dict[str, list[float]] = {}
+    note = ""
+    if not _profile_api_url():
+        note = " (no PREFECT_API_URL: history not read here; the run reads it)"
+    else:
+        try:
+            check_reachable()
+            from flows.engine import baselines
+
+            tables = baselines.summary_tables()
+            durations = baselines.success_durations(plan.sites, 20, tables)
+        except (ApiUnreachable, OSError) as exc:
+            note = f" (history not read: {exc})"
+    order = plan_order(plan, durations)
+    more = ", ..." if len(order.sites) > 5 else ""
+    return f"{order.line}{note}; starts: {', '.join(order.sites[:5])}{more}"
+
+
+def _profile_api_url() -> bool:
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
 
 
 def _stops(plan: RunPlan) -> str:

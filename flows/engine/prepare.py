@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -24,7 +24,7 @@ from flows.engine import baselines
 from flows.engine.task import SiteJob
 from flows.process import holders
 from flows.slots.prefect_api import ensure_limit, reclaim
-from flows.slots.start_order import StartOrder, expected_durations, spread_groups, start_order
+from flows.slots.start_order import plan_order
 from flows.timeouts import site_timeout
 
 RunLogger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -105,7 +105,7 @@ def site_job(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> PreparedJob
     tables = baselines.summary_tables()
     window = learned.window if learned else HISTORY_WINDOW
     durations = baselines.success_durations(plan.sites, window, tables)
-    order = _start_order(plan, durations)
+    order = plan_order(plan, durations)
     logger.info(order.line)
     job = SiteJob(
         dataclasses.replace(plan, sites=order.sites),
@@ -125,18 +125,3 @@ def site_job(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> PreparedJob
             learned.min_runs,
         )
     return PreparedJob(job, health.compact(tables))
-
-
-def _start_order(plan: RunPlan, durations: Mapping[str, Sequence[float]]) -> StartOrder:
-    """The sites in start order (`flows.slots.start_order`): priority, history, list; then
-    each group's sites spread so that no cap's worth of consecutive sites holds more of a
-    group than its cap: the slots are handed out in this order, and the task runner's threads
-    don't fill with sites of a full group."""
-    mode = plan.config.order if plan.use_async else "sequential"
-    priority = {site: plan.site(site).priority for site in plan.sites}
-    order = start_order(plan.sites, expected_durations(durations), priority, mode)
-    group_of = {site: group for site in plan.sites if (group := plan.group_of(site))}
-    if not group_of or not plan.use_async:
-        return order
-    spread = spread_groups(order.sites, group_of, plan.group_limits, plan.max_concurrent_sites)
-    return StartOrder(spread, order.line)

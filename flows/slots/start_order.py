@@ -26,7 +26,10 @@ from __future__ import annotations
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from flows.config import RunPlan
 
 OrderMode = Literal["longest_first", "listed", "sequential"]
 
@@ -104,3 +107,19 @@ def spread_groups(
 def _count(recent: dict[str, int], group: str | None, change: int) -> None:
     if group is not None:
         recent[group] = recent.get(group, 0) + change
+
+
+def plan_order(plan: RunPlan, durations: Mapping[str, Sequence[float]]) -> StartOrder:
+    """A run's start order: `plan`'s sites by priority, history (`durations`: each site's
+    recent successful durations) and list, as its `order` and `use_async` say; then each
+    group's sites spread (`spread_groups`, the window the global cap) so that no cap's worth
+    of consecutive sites holds more of a group than its cap: the slots are handed out in this
+    order, and the task runner's threads don't fill with sites of a full group."""
+    mode: OrderMode = plan.config.order if plan.use_async else "sequential"
+    priority = {site: plan.site(site).priority for site in plan.sites}
+    order = start_order(plan.sites, expected_durations(durations), priority, mode)
+    group_of = {site: group for site in plan.sites if (group := plan.group_of(site))}
+    if not group_of or not plan.use_async:
+        return order
+    spread = spread_groups(order.sites, group_of, plan.group_limits, plan.max_concurrent_sites)
+    return StartOrder(spread, order.line)
