@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from uuid import UUID
 
 import pytest
 
@@ -24,13 +25,14 @@ def group_pool(
     members: Sequence[str],
     prefetch: int = 0,
     api: FakeSlotApi | None = None,
+    group_recheck: float = 1.0,
 ) -> Iterator[SlotPool]:
     """A pool on `limit` whose `members` are in the group limit `group` (cap = its limit)."""
     pool = SlotPool(
         "cap",
         sites,
         api or FakeSlotApi(limit, {GROUP: group}),
-        PoolSettings(patience=10),
+        PoolSettings(patience=10, group_recheck=group_recheck),
         prefetch=prefetch,
         site_groups={site: GROUP for site in members},
         group_caps={GROUP: group.limit},
@@ -195,3 +197,40 @@ def test_a_missing_group_limit_fails_only_that_groups_sites() -> None:
         with pool.slot("o1"):
             assert limit.active == 1
     assert limit.active == 0
+
+
+class SlowRelease(FakeSlotApi):
+    """A server that takes `delay` seconds to give a lease back, counting it until then."""
+
+    delay = 0.5
+
+    def release(self, lease: UUID) -> None:
+        time.sleep(self.delay)
+        super().release(lease)
+
+
+def test_a_groups_next_site_starts_as_soon_as_its_slot_comes_back() -> None:
+    """Group cap 1, global cap 2 (prefetched), a server slow to give a lease back (0.5 s):
+    g1's pair goes straight to g2, the group's next site in line, so g2 starts right after g1
+    ends, with no release and no new acquire in between (a refusal that predates the release
+    would pass the group over for 5 s, `group_recheck`)."""
+    limit, group = FakeLimit(2), FakeLimit(1)
+    timeline = Timeline(["g1", "g2"])
+    api = SlowRelease(limit, {GROUP: group})
+    with group_pool(
+        limit, group, ["g1", "g2", "o1"], ["g1", "g2"], 2, api, group_recheck=5.0
+    ) as pool:
+        threads = [
+            timeline.thread(pool, "g1", 1.0),
+            timeline.thread(pool, "g2", 0.1),
+            timeline.thread(pool, "o1", 0.1),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+    assert set(timeline.spans) == {"g1", "g2", "o1"}
+    assert timeline.group_peak == 1
+    handover = timeline.spans["g2"][0] - timeline.spans["g1"][1]
+    assert 0 <= handover < 0.3, timeline.spans
+    assert api.asked.count(("cap", GROUP)) == 1, api.asked  # one pair, handed on

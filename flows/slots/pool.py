@@ -280,6 +280,7 @@ class SlotPool:
         self._granted: dict[str, UUID] = {}  # a group site's pair, until it takes it
         self._asking: set[str] = set()  # group sites the broker is getting a pair for
         self._passed_over: dict[str, float] = {}  # group -> until when (the server refused)
+        self._released_at: dict[str, float] = {}  # group -> when this pool last gave one back
         self._group_errors: dict[str, SlotError] = {}
         self._hold_off_until = 0.0  # after a fair-share release, let other runs ask first
         self._prefetch = min(prefetch, sum(site not in self._groups for site in sites))
@@ -432,6 +433,11 @@ class SlotPool:
                 self._parked.append((lease, time.monotonic()))
                 self._cond.notify_all()
                 return
+            heir = self._heir(group) if group is not None and fresh else None
+            if heir is not None:  # the pair goes straight to the group's next site
+                self._granted[heir] = lease
+                self._cond.notify_all()
+                return
             if not fresh:  # its turn is over: don't race other flow runs for this slot
                 self._hold_off_until = time.monotonic() + 4 * self.settings.poll
             self._cond.notify_all()  # a group below its cap again
@@ -441,11 +447,24 @@ class SlotPool:
             self._release_now(lease)
             with self._cond:
                 self._passed_over.pop(group, None)
+                self._released_at[group] = time.monotonic()
                 self._cond.notify_all()
         elif self._park:
             self._releases.put(lease)
         else:
             self._release_now(lease)
+
+    def _heir(self, group: str) -> str | None:
+        """The site of `group` first in line now, to hand a pair of that group straight to
+        (lock held): no API call, and no moment in which the server counts both; None when
+        none waits, the pool is closing, or the broker is asking for it already."""
+        if self._closed:
+            return None
+        full = self._full(time.monotonic()) - {group}  # this pair is the group's room
+        for site in self._order.in_line(0, time.monotonic(), full):
+            if self._groups.get(site) == group:
+                return None if site in self._granted or site in self._asking else site
+        return None
 
     def _release_now(self, lease: UUID) -> None:
         """Give `lease` back before returning (retrying while the API fails)."""
@@ -481,6 +500,7 @@ class SlotPool:
         wait than slots are parked, and a pair for each group site in line."""
         outage = _Outage()
         while (asks := self._wait_for_asks()) is not None:
+            began = time.monotonic()
             granted: list[_Ask] = []
             refused: list[_Ask] = []
             for done, ask in enumerate(asks):
@@ -506,7 +526,7 @@ class SlotPool:
                     return
             else:
                 self._asked(asks, len(asks))
-                if self._note_refusals(refused, granted):
+                if self._note_refusals(refused, granted, began):
                     with self._cond:  # full: wait for the next poll (a hand-over needs none)
                         self._cond.wait(self.settings.poll * random.uniform(0.8, 1.2))  # noqa: S311
 
@@ -583,19 +603,25 @@ class SlotPool:
             self._cond.notify_all()
             return True
 
-    def _note_refusals(self, refused: list[_Ask], granted: list[_Ask]) -> bool:
-        """Note the server's refusals of one round; True when it granted nothing (wait a
-        poll). A refused pair whose global slot had room (one was made for it, or a global
-        slot was granted in the same round) means its group is full: the group's sites are
-        passed over for `group_recheck` seconds, so the sites behind them get the slots."""
+    def _note_refusals(self, refused: list[_Ask], granted: list[_Ask], began: float) -> bool:
+        """Note the server's refusals of one round (begun at `began`); True when it granted
+        nothing and nothing changed meanwhile (wait a poll). A refused pair whose global slot
+        had room (one was made for it, or a global slot was granted in the same round) means
+        its group is full: the group's sites are passed over for `group_recheck` seconds, so
+        the sites behind them get the slots. Unless this pool gave one of the group's slots
+        back during the round: the refusal may predate that, so the pair is asked again now."""
         room = any(ask.site is None for ask in granted)
         until = time.monotonic() + self.settings.group_recheck
+        again = False
         with self._cond:
             for ask in refused:
-                if ask.site is not None and (ask.room is not None or room):
-                    self._passed_over[ask.names[1]] = until
+                group = ask.names[1] if ask.site is not None else None
+                if group is not None and self._released_at.get(group, 0.0) >= began:
+                    again = True
+                elif group is not None and (ask.room is not None or room):
+                    self._passed_over[group] = until
             self._cond.notify_all()
-        return not granted
+        return not granted and not again
 
     def _refuse_for_good(self, ask: _Ask, error: SlotError) -> None:
         """A limit is missing: the global one fails every waiting site, a group's only the
