@@ -3,7 +3,12 @@ server on PostgreSQL, a CSRF-protected server), GNU parallel and plain asyncio o
 workload, side by side, in one invocation.
 
     python bench/cap.py                      # N=40, T=2 s, C=8, retry and scale scenarios
-    python bench/cap.py --write BENCHMARKS.md   # replaces the results part of the file
+    python bench/cap.py --write BENCHMARKS.md   # replaces the results parts of the file
+    python bench/cap.py --runners night --write BENCHMARKS.md   # only the night and groups
+    python bench/cap.py --runners night --night-scale 0.1       # a quick look: ~6 s bound
+
+`--runners night` is the heterogeneous night and the group-cap row (`bench/night.py` says
+what they are, their bounds and their targets), written between their own markers.
 
 Every site process appends its own start and end times to a file; from those:
 wall (command start to exit), work span (first site start to last site end),
@@ -18,12 +23,12 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import night  # noqa: E402
 from tests.servers import (  # noqa: E402
     postgres_database,
     postgres_problem,
@@ -45,6 +51,10 @@ from tests.timeline import read_timeline  # noqa: E402
 
 SITE = ROOT / "bench" / "sleep_site.py"
 BIN = Path(sys.executable).parent
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
 
 
 @dataclass
@@ -184,27 +194,8 @@ def table(results: list[Result], ideal: float, reference: Result | None) -> list
     return lines
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=40)
-    parser.add_argument("--t", type=float, default=2.0)
-    parser.add_argument("--c", type=int, default=8)
-    parser.add_argument("--scale", type=int, default=5000, help="sites in the scale run (0: skip)")
-    parser.add_argument("--scale-cap", type=int, default=16)
-    parser.add_argument("--retry-delay", type=float, default=10.0)
-    parser.add_argument("--runners", default="embedded,dask,postgres,csrf,parallel,asyncio")
-    parser.add_argument("--write", metavar="FILE", help="write the report (markdown) here")
-    parser.add_argument("--asyncio-worker", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.asyncio_worker:
-        cap, *sites = args.asyncio_worker
-        return asyncio.run(asyncio_worker(int(cap), sites))
-
-    runners = args.runners.split(",")
-    if "parallel" in runners and not shutil.which("parallel"):
-        print("GNU parallel is missing: apt-get install parallel", file=sys.stderr)
-        return 2
-    work = Path(tempfile.mkdtemp(prefix="bench-cap-"))
+def cap_report(args: argparse.Namespace, runners: list[str], work: Path) -> str:
+    """The cap table, the retry scenario and the scale run, as markdown."""
     sites = [f"site-{i:03d}" for i in range(args.n)]
     ideal = math.ceil(args.n / args.c) * args.t
     home = work / "prefect-home"  # the embedded default's ~/.prefect, warmed up once
@@ -213,7 +204,6 @@ def main() -> int:
     results: list[Result] = []
     retry: list[str] = []
     scale: list[str] = []
-    say: Callable[[str], None] = lambda text: print(text, flush=True)  # noqa: E731
 
     def sitelines(folder: Path, env: dict[str, str]) -> dict[str, str]:
         return {**env, "BENCH_TIMELINE": str(folder / "timeline.tsv")}
@@ -375,36 +365,243 @@ def main() -> int:
     finally:
         servers.close()
 
-    command = "python bench/cap.py " + " ".join(sys.argv[1:])
-    text = "\n".join(
-        [
-            *report,
-            "",
-            *retry,
-            "",
-            *scale,
-            "",
-            f"Produced by `{command.strip()}` "
-            f"on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Logs: {work}",
-        ]
+    return "\n".join([*report, "", *retry, "", *scale])
+
+
+def night_env(work: Path, server: str, stack: contextlib.ExitStack) -> dict[str, str]:
+    """The clients' environment for the night's one Prefect API, warmed up by one run: the
+    embedded default (one PREFECT_HOME, so the history stays) or a server on PostgreSQL."""
+    if server == "postgres":
+        problem = postgres_problem()
+        if problem:
+            raise SystemExit(f"--night-server postgres: {problem}")
+        database_url = stack.enter_context(postgres_database())
+        url = stack.enter_context(prefect_server(work / "night-server", database_url))
+        env = prefect_env(work / "night-client", url)
+    else:
+        env = prefect_env(work / "night-home")
+    say(f"night: warming up the {server} Prefect...")
+    warm = work / "night-warmup"
+    warm_env = {**env, "BENCH_TIMELINE": str(warm / "timeline.tsv"), "BENCH_SLEEP": "0"}
+    run_pipeline("warm-up", warm, warm_env, ["warm"], 1)
+    return env
+
+
+def succeeded(result: Result, sites: int) -> str:
+    """`yes` when the summary counts every site as succeeded (GNU parallel: exit 0)."""
+    counts = result.extra.get("counts")
+    done = result.ok if counts is None else result.ok and counts.get("succeeded") == sites
+    return "yes" if done else "NO"
+
+
+def order_line(log: Path) -> str:
+    """What the run said about its start order (`order: ...`), or `-` if it said nothing."""
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
+    found = re.search(r"\border: [^\n|]*", text)
+    return found.group(0).strip() if found else "-"
+
+
+def night_rows(
+    env: dict[str, str], work: Path, durations: dict[str, float]
+) -> list[tuple[Result, float]]:
+    """The night's runs, each with the span its order simulates to: a first night that
+    records the history, then with it (longest first), `order: listed`, GNU parallel."""
+    sites, cap = list(durations), night.NIGHT_CAP
+    listed = night.simulate(list(durations.values()), cap)
+    longest = night.simulate(sorted(durations.values(), reverse=True), cap)
+
+    def one(key: str, label: str, **extra: Any) -> Result:
+        say(f"night: {label}...")
+        folder = work / key
+        site_env = {**env, "BENCH_TIMELINE": str(folder / "timeline.tsv")}
+        result = run_pipeline(label, folder, site_env, sites, cap, **extra)
+        result.extra["order"] = order_line(folder / f"{label}.log")
+        return result
+
+    rows = [
+        (one("night-first", "site-pipeline, first night (no history yet)"), listed),
+        (one("night-history", "site-pipeline, with history (order: longest_first)"), longest),
+        (one("night-listed", "site-pipeline, order: listed", order="listed"), listed),
+    ]
+    say("night: GNU parallel...")
+    folder = work / "night-parallel"
+    parallel = run_parallel(
+        folder, {**env, "BENCH_TIMELINE": str(folder / "timeline.tsv")}, sites, cap
     )
-    print(text)
-    if args.write:
-        write_between_markers(Path(args.write), text)
+    parallel.runner = "GNU parallel, list order"
+    return [*rows, (parallel, listed)]
+
+
+def night_table(
+    args: argparse.Namespace, durations: dict[str, float], rows: list[tuple[Result, float]]
+) -> list[str]:
+    """The night's table: span / lower bound per runner, next to what its order simulates to
+    and the order line the run logged."""
+    cap = night.NIGHT_CAP
+    bound = night.lower_bound(durations, cap)
+    longest = max(durations, key=lambda site: durations[site])
+    lines = [
+        f"### Heterogeneous night: {len(durations)} sites, log-normal durations "
+        f"(sigma {night.SIGMA:g}, seed {args.night_seed}), C={cap}",
+        "",
+        f"Lower bound max(sum / C, longest site) = max({sum(durations.values()) / cap:.1f}, "
+        f"{durations[longest]:.1f}) = {bound:.1f} s; the longest site is at position "
+        f"{list(durations).index(longest) + 1} of {len(durations)} in the list. "
+        "Target: span / lower bound <= 1.05 with history.",
+        "",
+        "| runner | work span s | span / lower bound | simulated (same order, no overhead) "
+        f"| max overlap (cap {cap}) | all succeeded | the run's order line |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for result, simulated in rows:
+        said = result.extra.get("order", "-")
+        if result.span is None:
+            lines.append(
+                f"| {result.runner} (no sites ran) | - | - | {simulated / bound:.3f} | - | NO "
+                f"| {said} |"
+            )
+            continue
+        lines.append(
+            f"| {result.runner} | {result.span:.2f} | {result.span / bound:.3f} | "
+            f"{simulated / bound:.3f} | {result.overlap} | {succeeded(result, len(durations))} "
+            f"| {said} |"
+        )
+    first = rows[0][0]
+    if first.span is None or succeeded(first, len(durations)) != "yes":
+        lines += ["", "The first night did not succeed on every site: the history is incomplete."]
+    return lines
+
+
+def group_lines(env: dict[str, str], work: Path, workload: dict[str, float]) -> list[str]:
+    """The group-cap row: run it, then check its efficiency and every cap on the timeline."""
+    cap = night.GROUP_CAP
+    ideal = night.group_ideal(workload, night.GROUPS, cap)
+    say("groups: site-pipeline with group caps...")
+    folder = work / "groups"
+    site_env = {**env, "BENCH_TIMELINE": str(folder / "timeline.tsv")}
+    result = run_pipeline(
+        "site-pipeline, group caps, order: listed",
+        folder,
+        site_env,
+        list(workload),
+        cap,
+        order="listed",
+        groups=night.group_config(),
+    )
+    peaks = night.group_peaks(read_timeline(folder / "timeline.tsv"))
+    held = (result.overlap or 0) <= cap and all(
+        peaks[group] <= group_cap for group, group_cap in night.GROUPS.items()
+    )
+    per_group = {
+        g: sum(d for s, d in workload.items() if night.group_of(s) == g) / c
+        for g, c in night.GROUPS.items()
+    }
+    free = len(workload) - night.GROUP_SITES * len(night.GROUPS)
+    groups_text = " and ".join(
+        f"`{g}` ({night.GROUP_SITES} sites, cap {c})" for g, c in night.GROUPS.items()
+    )
+    t = next(iter(workload.values()))
+    lines = [
+        f"### Group caps: {len(workload)} sites x {t:g} s under a global cap of {cap}: "
+        f"groups {groups_text} listed first, {free} sites in no group",
+        "",
+        f"Ideal max(sum / C, max over groups of sum_g / cap_g, longest site) = "
+        f"max({sum(workload.values()) / cap:.1f}, "
+        + ", ".join(f"{v:.1f}" for v in per_group.values())
+        + f", {max(workload.values()):.1f}) = {ideal:.1f} s. Target: efficiency = ideal / span "
+        ">= 0.9, and no moment above any cap.",
+        "",
+        f"| runner | work span s | efficiency | max overlap (cap {cap}) | "
+        + " | ".join(f"{g} at once (cap {c})" for g, c in night.GROUPS.items())
+        + " | caps held | all succeeded |",
+        "|---|---|---|---|" + "---|" * len(night.GROUPS) + "---|---|",
+    ]
+    span = f"{result.span:.2f} | {ideal / result.span:.3f}" if result.span else "- | -"
+    lines.append(
+        f"| {result.runner} | {span} | {result.overlap} | "
+        + " | ".join(str(peaks[g]) for g in night.GROUPS)
+        + f" | {'yes' if held else 'NO'} | {succeeded(result, len(workload))} |"
+    )
+    return lines
+
+
+def night_report(args: argparse.Namespace, work: Path) -> str:
+    """The heterogeneous night and the group-cap row, on one Prefect API, as markdown."""
+    scale = args.night_scale
+    durations = {
+        site: round(seconds * scale, 3)
+        for site, seconds in night.night_durations(args.night_seed).items()
+    }
+    workload = night.group_workload(night.GROUP_T_S * scale)
+    file = work / "night-durations.json"
+    file.write_text(json.dumps({**durations, **workload}))
+    with contextlib.ExitStack() as stack:
+        env = {**night_env(work, args.night_server, stack), "BENCH_DURATIONS": str(file)}
+        rows = night_rows(env, work, durations)
+        groups = group_lines(env, work, workload)
+    return "\n".join([*night_table(args, durations, rows), "", *groups])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--t", type=float, default=2.0)
+    parser.add_argument("--c", type=int, default=8)
+    parser.add_argument("--scale", type=int, default=5000, help="sites in the scale run (0: skip)")
+    parser.add_argument("--scale-cap", type=int, default=16)
+    parser.add_argument("--retry-delay", type=float, default=10.0)
+    parser.add_argument(
+        "--runners",
+        default="embedded,dask,postgres,csrf,parallel,asyncio,night",
+        help="night: the heterogeneous night and the group-cap row (alone: only those)",
+    )
+    parser.add_argument(
+        "--night-scale", type=float, default=1.0, help="durations x this (0.1: ~6 s bound)"
+    )
+    parser.add_argument("--night-seed", type=int, default=night.SEED)
+    parser.add_argument("--night-server", choices=["embedded", "postgres"], default="embedded")
+    parser.add_argument("--write", metavar="FILE", help="write the report (markdown) here")
+    parser.add_argument("--asyncio-worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.asyncio_worker:
+        cap, *sites = args.asyncio_worker
+        return asyncio.run(asyncio_worker(int(cap), sites))
+
+    runners = args.runners.split(",")
+    if {"parallel", "night"} & set(runners) and not shutil.which("parallel"):
+        print("GNU parallel is missing: apt-get install parallel", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="bench-cap-"))
+    command = "python bench/cap.py " + " ".join(sys.argv[1:])
+    footer = (
+        f"Produced by `{command.strip()}` "
+        f"on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Logs: {work}"
+    )
+    sections: list[tuple[str, str, str]] = []  # (text, start marker, end marker)
+    if any(runner != "night" for runner in runners):
+        sections.append((f"{cap_report(args, runners, work)}\n\n{footer}", START, END))
+    if "night" in runners:
+        sections.append((f"{night_report(args, work)}\n\n{footer}", NIGHT_START, NIGHT_END))
+    for text, start, end in sections:
+        print(text)
+        if args.write:
+            write_between_markers(Path(args.write), text, start, end)
     return 0
 
 
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
+NIGHT_START, NIGHT_END = "<!-- bench:night:start -->", "<!-- bench:night:end -->"
 
 
-def write_between_markers(path: Path, text: str) -> None:
-    """Replace the generated part of `path` (between the markers), keeping the prose."""
-    old = path.read_text() if path.exists() else f"{START}\n{END}\n"
-    if START not in old or END not in old:
-        old = f"{old.rstrip()}\n\n{START}\n{END}\n"
-    head, rest = old.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+def write_between_markers(path: Path, text: str, start: str = START, end: str = END) -> None:
+    """Replace the generated part of `path` (between the markers `start` and `end`, added at
+    the end if missing), keeping the prose and any other generated part."""
+    old = path.read_text() if path.exists() else f"{start}\n{end}\n"
+    if start not in old or end not in old:
+        old = f"{old.rstrip()}\n\n{start}\n{end}\n"
+    head, rest = old.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}")
 
 
 if __name__ == "__main__":
