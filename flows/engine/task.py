@@ -442,5 +442,9 @@ def submit_sites(runner: TaskRunner[Any], job: SiteJob) -> list[PrefectFuture[An
         count = job.plan.site(site).retry_count
         if count not in tasks:
             tasks[count] = configured_task(job.plan, count)
-        futures.append(runner.submit(cast(Any, tasks[count]), {"site": site, "job": job}))
+        # No upstream task runs: empty dependencies, as `runner.map` passes its own, so
+        # Prefect doesn't walk the parameters (the job holds the whole plan) for each one.
+        futures.append(
+            runner.submit(cast(Any, tasks[count]), {"site": site, "job": job}, dependencies={})
+        )
     return futures
