@@ -60,6 +60,10 @@ from uuid import UUID
 
 from flows.slots.order import HandOutOrder
 
+_JITTER = random.Random()  # noqa: S311  (poll jitter, not security)
+"""The broker's own generator: the global `random` state is left alone, which other code
+(and hypothesis, which checks that a test's strategies don't touch it) may rely on."""
+
 logger = logging.getLogger("site_pipeline.slots")
 
 LEASE_SECONDS = 60.0  # the server's minimum; renewed every third of it
@@ -528,7 +532,7 @@ class SlotPool:
                 self._asked(asks, len(asks))
                 if self._note_refusals(refused, granted, began):
                     with self._cond:  # full: wait for the next poll (a hand-over needs none)
-                        self._cond.wait(self.settings.poll * random.uniform(0.8, 1.2))  # noqa: S311
+                        self._cond.wait(self.settings.poll * _JITTER.uniform(0.8, 1.2))
 
     def _ask(self, ask: _Ask) -> UUID | None:
         """One acquire; first the room it makes goes back (else it stays parked)."""
