@@ -21,6 +21,8 @@ from pathlib import Path
 
 import httpx
 
+from flows.process import groups as procgroup
+
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 BIN = Path(sys.executable).parent
 
@@ -31,8 +33,23 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def tie_to_this_process(proc: subprocess.Popen[bytes]) -> None:
+    """End the process group `proc` leads (started with `start_new_session=True`) when this
+    process dies, however it dies (a SIGKILL'd pytest too): the product's reaper
+    (`flows.process.groups`) is told of it, as the product tells it of its own servers."""
+    procgroup.reap_group_on_exit(proc.pid)
+
+
 def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
-    """SIGTERM the process group `proc` leads, then SIGKILL after `grace` seconds."""
+    """SIGTERM the process group `proc` leads, then SIGKILL after `grace` seconds; the
+    reaper forgets it (its number may be reused)."""
+    try:
+        _stop_group(proc, grace)
+    finally:
+        procgroup.forget_group(proc.pid)
+
+
+def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
@@ -140,6 +157,7 @@ def prefect_server(
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    tie_to_this_process(proc)
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + startup_timeout
@@ -175,6 +193,7 @@ def process_worker(env: Mapping[str, str], pool: str, cwd: Path, log_path: Path)
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    tie_to_this_process(proc)
     try:
         yield
     finally:

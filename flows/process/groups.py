@@ -114,6 +114,17 @@ def reap_pid_on_exit(pid: int) -> None:
     _registry.tell_reaper(f"+p{pid}:{procfs.start_time(pid)}")
 
 
+def reap_group_on_exit(pgid: int) -> None:
+    """Have the reaper end the process group `pgid` if this process dies first, without
+    counting it among our pipelines (`stop_all` leaves it alone): a server we started."""
+    _registry.tell_reaper(f"+{pgid}:{procfs.start_time(pgid)}")
+
+
+def forget_group(pgid: int) -> None:
+    """The group `pgid` (given to `reap_group_on_exit`) was stopped: the reaper forgets it."""
+    _registry.tell_reaper(f"-{pgid}")
+
+
 def forget_pid(pid: int) -> None:
     """`pid` ended: the reaper must not kill it (its number may be reused)."""
     _registry.tell_reaper(f"-p{pid}")
