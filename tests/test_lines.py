@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from flows.process.output import MAX_LINE_BYTES, LineSplitter, parse_result
+from flows.process.output import MAX_LINE_BYTES, ChunkSplitter, decode, parse_result
 
 
 def split(*chunks: bytes) -> list[str]:
-    lines: list[str] = []
-    splitter = LineSplitter(lines.append)
-    for chunk in chunks:
-        splitter.feed(chunk)
-    splitter.flush()
-    return lines
+    """The text lines of `chunks`, as the runner reads them: split, then decoded."""
+    splitter = ChunkSplitter()
+    lines = [line for chunk in chunks for line in splitter.feed(chunk)] + splitter.flush()
+    return [decode(line) for line in lines]
 
 
 def test_lines_across_chunks_crlf_and_a_last_line_without_newline() -> None:

@@ -146,22 +146,6 @@ def _cut(line: bytes) -> bytes:
     return line if len(line) <= MAX_LINE_BYTES else line[:MAX_LINE_BYTES] + CUT_MARK
 
 
-class LineSplitter:
-    """Split a byte stream into text lines, cutting lines longer than MAX_LINE_BYTES."""
-
-    def __init__(self, emit: Callable[[str], None]) -> None:
-        self._emit = emit
-        self._lines = ChunkSplitter()
-
-    def feed(self, data: bytes) -> None:
-        for line in self._lines.feed(data):
-            self._emit(decode(line))
-
-    def flush(self) -> None:
-        for line in self._lines.flush():
-            self._emit(decode(line))
-
-
 class AttemptOutput:
     """One attempt's output as it comes: each pipe split into lines, logged (bounded) and
     written whole to `log_file` (if given); kept for the end: the last `CAUSE_LINES` lines
