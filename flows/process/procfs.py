@@ -7,6 +7,8 @@ purpose: it runs with `python -I` and imports nothing from the project.
 
 from __future__ import annotations
 
+import os
+
 STATE, PPID, PGRP = 0, 1, 2  # indexes into `stat_fields`: fields 3, 4 and 5 of the file
 START_TIME = 19  # field 22: the start time, in clock ticks since boot
 
@@ -27,3 +29,22 @@ def start_time(pid: int) -> str:
     reused by another process; "" where there is no /proc (or no such process)."""
     fields = stat_fields(pid)
     return fields[START_TIME].decode() if fields and len(fields) > START_TIME else ""
+
+
+def children_map() -> dict[int, list[int]] | None:
+    """Every process's children by parent pid, from one pass over /proc (Linux); None where
+    there is no /proc. One pass serves a whole tree: psutil's `children(recursive=True)`
+    makes that pass once per parent asked."""
+    try:
+        entries = os.scandir("/proc")
+    except OSError:
+        return None
+    children: dict[int, list[int]] = {}
+    with entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            fields = stat_fields(entry.name)
+            if fields is not None and len(fields) > PPID:
+                children.setdefault(int(fields[PPID]), []).append(int(entry.name))
+    return children

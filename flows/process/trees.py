@@ -6,7 +6,8 @@
   is killed: the Windows counterpart of the reaper. Elsewhere the reaper (`flows.process.groups`)
   is told each pid of the tree.
 - `watch` records the pipeline's descendants while it runs (with psutil), so a grandchild
-  whose parent already exited is still known.
+  whose parent already exited is still known, and samples the tree (`TreeUsage`): its RSS
+  (every process alive at the sample, summed), the peak of that, and its CPU seconds.
 - `stop_tree` asks the whole tree to end (Ctrl-Break on Windows, SIGTERM elsewhere), then
   kills what is left after `grace` seconds.
 
@@ -28,6 +29,21 @@ from dataclasses import dataclass, field
 import psutil
 
 from flows.process import groups as procgroup
+from flows.process import procfs
+
+MB = 1024 * 1024  # a megabyte of RSS, as Scrapy's MEMUSAGE_LIMIT_MB counts it
+
+
+@dataclass(frozen=True)
+class TreeUsage:
+    """The tree at one sample of `watch`. `rss_mb`: the RSS of every process of the tree
+    alive then, summed, in MB (2**20 bytes); `peak_rss_mb`: the largest `rss_mb` of the
+    samples so far; `cpu_s`: user + system CPU seconds of every process of the tree seen so
+    far, one that has ended at its last sampled value."""
+
+    rss_mb: float
+    peak_rss_mb: float
+    cpu_s: float
 
 
 @dataclass
@@ -36,6 +52,8 @@ class _Tree:
     owner: str | None
     root: psutil.Process | None
     known: dict[int, psutil.Process] = field(default_factory=dict)
+    cpu: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds, last sampled
+    peak_rss: int = 0  # bytes
 
 
 _lock = threading.Lock()
@@ -193,23 +211,71 @@ def track(proc: subprocess.Popen[bytes], owner: str | None = None) -> None:
         _trees[proc.pid] = _Tree(proc, owner, root)
 
 
-def watch(proc: subprocess.Popen[bytes]) -> None:
-    """Record the descendants of `proc` (and of those already known) that are alive now."""
+def watch(proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+    """Record the descendants of `proc` (and of those already known) that are alive now, and
+    sample the tree: its usage now, or None when no process of it could ever be sampled."""
     with _lock:
         tree = _trees.get(proc.pid)
     if tree is None:
-        return
-    parents = [tree.root] if tree.root is not None else []
-    for parent in [*parents, *list(tree.known.values())]:
-        try:
-            children = parent.children(recursive=True)
-        except psutil.Error:
+        return None
+    for child in _new_descendants(tree):
+        tree.known[child.pid] = child
+        if sys.platform != "win32":
+            procgroup.reap_pid_on_exit(child.pid)
+    return _sample(tree)
+
+
+def _new_descendants(tree: _Tree) -> list[psutil.Process]:
+    """The descendants of the tree's root and of its known processes not known yet. On
+    Linux from one pass over /proc (`procfs.children_map`) whatever the tree's size;
+    elsewhere psutil's `children(recursive=True)` of each."""
+    parents = [p for p in [tree.root, *list(tree.known.values())] if p is not None]
+    kids = procfs.children_map() if sys.platform.startswith("linux") else None
+    if kids is None:
+        found: dict[int, psutil.Process] = {}
+        for parent in parents:
+            try:
+                children = parent.children(recursive=True)
+            except psutil.Error:
+                continue
+            found.update((c.pid, c) for c in children if c.pid not in tree.known)
+        return list(found.values())
+    # Only the live ones are asked: a pid that now belongs to another process is no parent
+    # of ours (psutil checks the start time), and a dead one's children went to init.
+    queue = [p.pid for p in parents if _running(p)]
+    seen = set(queue) | set(tree.known)
+    new = []
+    while queue:
+        for pid in kids.get(queue.pop(), ()):
+            if pid not in seen:
+                seen.add(pid)
+                queue.append(pid)
+                try:
+                    new.append(psutil.Process(pid))
+                except psutil.Error:
+                    continue  # gone already; its children were still found
+    return new
+
+
+def _sample(tree: _Tree) -> TreeUsage | None:
+    """Each process of `tree` once (psutil's `oneshot`: a /proc read or two per process):
+    the RSS of those alive summed, and their CPU seconds kept for when they are gone."""
+    rss = 0
+    for proc in [tree.root, *list(tree.known.values())]:
+        if proc is None:
             continue
-        for child in children:
-            if child.pid not in tree.known:
-                tree.known[child.pid] = child
-                if sys.platform != "win32":
-                    procgroup.reap_pid_on_exit(child.pid)
+        try:
+            with proc.oneshot():
+                times = proc.cpu_times()
+                resident = proc.memory_info().rss
+        except psutil.Error:  # gone (a zombie still answers: RSS 0, its final CPU time)
+            continue
+        rss += resident
+        tree.cpu[proc.pid] = times.user + times.system
+    if not tree.cpu:
+        return None
+    tree.peak_rss = max(tree.peak_rss, rss)
+    return TreeUsage(rss / MB, tree.peak_rss / MB, sum(list(tree.cpu.values())))
 
 
 def _end(tree: _Tree, grace: float) -> list[int]:
