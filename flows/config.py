@@ -188,6 +188,7 @@ class SiteEntry(_Strict):
     env: dict[str, str] = Field(default_factory=dict)  # over the config's env
     group: str | None = None  # a `groups` entry; else the group whose `match` finds it
     priority: int = 0  # higher starts first, before the history order
+    memory_limit: float | None = Field(default=None, gt=0)  # MB, the whole process tree
 
 
 class GroupConfig(_Strict):
@@ -208,6 +209,7 @@ class SiteSettings:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     group: str | None = None
     priority: int = 0
+    memory_limit: float | None = None  # MB; None: no limit
 
 
 def group_limit_name(tag: str, group: str) -> str:
@@ -250,6 +252,7 @@ class PipelineConfig(_Strict):
         default_factory=lambda: [*DEFAULT_NON_RETRYABLE_ERRORS]
     )
     stall_timeout: float | None = Field(default=None, gt=0)
+    memory_limit: float | None = Field(default=None, gt=0)  # MB, the whole process tree
     keep_logs: int = Field(default=14, ge=1)
     halt: HaltConfig | None = None
     order: Literal["longest_first", "listed"] = "longest_first"
@@ -362,7 +365,12 @@ class RunPlan:
         found = self.settings.get(name)
         if found is not None:
             return found
-        return SiteSettings(self.config.timeout, self.config.retry_count, env=self.config.env)
+        return SiteSettings(
+            self.config.timeout,
+            self.config.retry_count,
+            env=self.config.env,
+            memory_limit=self.config.memory_limit,
+        )
 
     def group_of(self, site: str) -> str | None:
         return self.site(site).group
@@ -681,7 +689,9 @@ def resolve_settings(
     (`labels`: `pipeline.sites[3]`)."""
     problems: list[str] = []
     settings: dict[str, SiteSettings] = {}
-    defaults = SiteSettings(config.timeout, config.retry_count, env=config.env)
+    defaults = SiteSettings(
+        config.timeout, config.retry_count, env=config.env, memory_limit=config.memory_limit
+    )
     for site in sites:
         entry = entries.get(site)
         group, problem = _group_of(config, site, entry, labels.get(site, f"site {site!r}"))
@@ -697,6 +707,9 @@ def resolve_settings(
             env={**config.env, **entry.env} if entry.env else config.env,
             group=group,
             priority=entry.priority,
+            memory_limit=(
+                entry.memory_limit if entry.memory_limit is not None else config.memory_limit
+            ),
         )
     if problems:
         raise ConfigError(problems)

@@ -6,7 +6,7 @@ The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tool
      "counts": {"total", "succeeded", "failed", "timed_out", "cancelled", "skipped",
                 "check_warnings"},
      "sites": [{"site", "status", "attempts", "exit_code", "duration_s", "error", "result",
-                "check", "timeout_s", "cause", "logs"}]}
+                "check", "timeout_s", "cause", "logs", "peak_rss_mb", "cpu_s", "usage"}]}
 
 `error` says what happened, with the cause when one was read from the pipeline's output
 (`"exit code 1: ModuleNotFoundError: No module named 'pandas'"`); `cause` is that line alone
@@ -18,6 +18,15 @@ in this run, in attempt order (empty when none was written).
 `pipeline.timeout`; None for a site that never started an attempt.
 
 `check` is None unless result checks are on; then `{"field", "value", "ok", "reason"}`.
+
+`usage` is what each attempt of the site in this run used, in attempt order:
+`[{"attempt": 1, "peak_rss_mb": 412.3, "cpu_s": 8.51}, ...]`: the largest RSS of the whole
+process tree (the pipeline and every descendant alive at a sample, summed; sampled every
+0.2 s; MB of 2**20 bytes), rounded to 0.1, and the CPU seconds (user + system) of every
+process of the tree, rounded to 0.01; either is None where nothing could be sampled (a
+pipeline that ended before its first sample). `peak_rss_mb` is the largest of the attempts'
+and `cpu_s` their sum (None when no attempt has one); `usage` is empty, and both None, for a
+site that ran no attempt (skipped, no slot).
 """
 
 from __future__ import annotations
@@ -54,12 +63,36 @@ class SiteReport:
     timeout_s: float | None = None  # the attempts' timeout (learned or pipeline.timeout)
     cause: str | None = None  # the cause line read from the pipeline's output
     logs: list[str] = field(default_factory=list)  # the attempt log files, in attempt order
+    peak_rss_mb: float | None = None  # the largest of its attempts' (`usage`)
+    cpu_s: float | None = None  # the sum of its attempts' (`usage`)
+    usage: list[dict[str, Any]] = field(default_factory=list)  # per attempt, in attempt order
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         del data["stderr_tail"], data["kind"]
         data["duration_s"] = round(self.duration_s, 3)
         return data
+
+
+def attempt_usage(attempt: int, peak_rss_mb: float | None, cpu_s: float | None) -> dict[str, Any]:
+    """One entry of a report's `usage`: `{"attempt", "peak_rss_mb", "cpu_s"}`, rounded to 0.1
+    MB and 0.01 s."""
+    return {
+        "attempt": attempt,
+        "peak_rss_mb": None if peak_rss_mb is None else round(peak_rss_mb, 1),
+        "cpu_s": None if cpu_s is None else round(cpu_s, 2),
+    }
+
+
+def with_usage(report: SiteReport, usage: Sequence[Mapping[str, Any]]) -> SiteReport:
+    """`report` with its attempts' `usage` (in attempt order) and their totals: the largest
+    `peak_rss_mb`, the sum of `cpu_s`, each None when no attempt has one."""
+    peaks = [u["peak_rss_mb"] for u in usage if u.get("peak_rss_mb") is not None]
+    cpus = [u["cpu_s"] for u in usage if u.get("cpu_s") is not None]
+    report.usage = [dict(u) for u in usage]
+    report.peak_rss_mb = round(max(peaks), 1) if peaks else None
+    report.cpu_s = round(sum(cpus), 2) if cpus else None
+    return report
 
 
 def counts(reports: Iterable[SiteReport]) -> dict[str, int]:
@@ -360,7 +393,8 @@ def compact_result(result: Mapping[str, Any] | None, width: int = 120) -> str:
 
 def table_rows(reports: Sequence[SiteReport], stderr_lines: int = 3) -> list[dict[str, Any]]:
     """Rows for the Prefect table artifact, one per site: its error (with the cause), the
-    cause alone, and its last `stderr_lines` stderr lines ("" for none)."""
+    cause alone, its last `stderr_lines` stderr lines ("" for none), and its peak RSS (MB)
+    and CPU seconds over its attempts (`history --site` reads them)."""
     return [
         {
             "site": r.site,
@@ -376,6 +410,8 @@ def table_rows(reports: Sequence[SiteReport], stderr_lines: int = 3) -> list[dic
             "check_field": r.check["field"] if r.check else None,
             "check_value": r.check["value"] if r.check else None,
             "timeout_s": r.timeout_s,
+            "peak_rss_mb": r.peak_rss_mb,
+            "cpu_s": r.cpu_s,
         }
         for r in reports
     ]

@@ -215,6 +215,9 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
             "timeout_s",
             "cause",
             "logs",
+            "peak_rss_mb",
+            "cpu_s",
+            "usage",
         }
         assert entry["timeout_s"] == 60  # no learned_timeout: pipeline.timeout
     result = site(summary, "ok-a.com")["result"]  # the JSON status line, parsed

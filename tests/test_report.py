@@ -115,6 +115,8 @@ def test_table_rows_put_each_value_in_its_column() -> None:
         "check_field": "records",
         "check_value": 9,
         "timeout_s": None,
+        "peak_rss_mb": None,
+        "cpu_s": None,
     }
     assert rows[1]["check"] == "records = 3, below min 5" and rows[1]["check_value"] == 3
     assert rows[2]["last_stderr"] == "b | c | d"  # the last 3 lines

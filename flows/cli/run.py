@@ -75,12 +75,32 @@ def _profile_api_url() -> bool:
 
 
 def _stops(plan: RunPlan) -> str:
-    """`stall after 120s; halt: 3 failed (soon)`: what stops an attempt or the run early."""
+    """`stall after 120s; halt: 3 failed (soon); 4 non-retryable error rules; memory over
+    500 MB`: what stops an attempt or the run early."""
     config = plan.config
     stall = f"stall after {config.stall_timeout:g}s" if config.stall_timeout else "no stall timeout"
     halt = f"{config.halt.describe()} ({config.halt.when})" if config.halt else "no halt"
     rules = len(config.non_retryable_errors)
-    return f"{stall}; {halt}; {rules} non-retryable error rule{'s' if rules != 1 else ''}"
+    return (
+        f"{stall}; {halt}; {rules} non-retryable error rule{'s' if rules != 1 else ''}; "
+        f"{_memory(plan)}"
+    )
+
+
+def _memory(plan: RunPlan) -> str:
+    """`memory over 500 MB` (`no memory limit`), and `(2 sites their own: a 800 MB, ...)`."""
+    limit = plan.config.memory_limit
+    text = f"memory over {limit:g} MB" if limit else "no memory limit"
+    own = [
+        (site, plan.site(site).memory_limit)
+        for site in plan.sites
+        if plan.site(site).memory_limit != limit
+    ]
+    if own:
+        named = ", ".join(f"{site} {value:g} MB" for site, value in own[:3] if value)
+        more = ", ..." if len(own) > 3 else ""
+        text += f" ({len(own)} site{'s' if len(own) > 1 else ''} their own: {named}{more})"
+    return text
 
 
 def retry_failed(args: argparse.Namespace) -> int:

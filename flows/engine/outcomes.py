@@ -39,7 +39,8 @@ def retry_decision(
     A command that can't start, an exit code in `non_retryable_exit_codes`, or a failed
     attempt's cause that one of `non_retryable_errors` finds (`re.search`; the first that
     matches is named; not a timeout's) is never retried (retrying can't help); otherwise
-    the site retries while attempts are left.
+    the site retries while attempts are left. A timeout, a stall and a tree over its
+    `memory_limit` are all `timed_out`: retried alike.
     """
     if status == "not_started":
         return RetryDecision(False, CANT_START)

@@ -53,7 +53,7 @@ from flows.names import PIPELINE_OUTPUT, SITE_EVENT
 from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for
 from flows.process.logfile import attempt_log_path, prune_logs, run_logs
-from flows.report import SiteReport
+from flows.report import SiteReport, attempt_usage, with_usage
 from flows.slots.pool import SlotError
 from flows.slots.sharing import LocalRun, local_run
 from flows.timeouts import SiteTimeout, site_timeout
@@ -66,7 +66,7 @@ class SiteJob:
     parameters once per task run, and this holds the whole plan.
     """
 
-    __slots__ = ("check_history", "flow_run_id", "plan", "tags", "timeouts")
+    __slots__ = ("check_history", "flow_run_id", "plan", "tags", "timeouts", "usage")
 
     def __init__(
         self,
@@ -81,9 +81,21 @@ class SiteJob:
         self.tags = tags  # the task runs' tags, for the tag-limit check shortcut
         self.check_history = check_history or {}  # result checks: earlier values per site
         self.timeouts = timeouts or {}  # each site's attempt timeout (flows.timeouts)
+        self.usage: dict[str, list[dict[str, Any]]] = {}  # site -> its attempts' usage
 
     def timeout(self, site: str) -> SiteTimeout:
         return self.timeouts.get(site) or site_timeout((), None, self.plan.site(site).timeout)
+
+    def record_usage(
+        self, site: str, attempt: int, outcome: AttemptOutcome
+    ) -> list[dict[str, Any]]:
+        """`site`'s attempts' usage (peak RSS, CPU seconds) in attempt order, this one last.
+        Prefect runs a task run's retries in the same call, with the same parameters, so the
+        job that ran attempt 1 of a site also runs its attempt 2, in whichever process."""
+        kept = [entry for entry in self.usage.get(site, []) if entry["attempt"] < attempt]
+        kept.append(attempt_usage(attempt, outcome.peak_rss_mb, outcome.cpu_s))
+        self.usage[site] = kept
+        return kept
 
 
 def _should_retry(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
@@ -245,6 +257,7 @@ class AttemptEngine:
             stall_timeout=config.stall_timeout,
             log_file=attempt_log_path(out_dir, str(self.job.flow_run_id), self.attempt),
             warn=logger.warning,
+            memory_limit=self.settings.memory_limit,
         )
 
     def dispatch(
@@ -257,8 +270,11 @@ class AttemptEngine:
             return self.handle_cancelled(self.attempt - 1)
         if isinstance(outcome, SlotError):
             return self.handle_no_slot(outcome)
+        usage = self.job.record_usage(self.site, self.attempt, outcome)
         if stopping:
-            return self.handle_cancelled(self.attempt, outcome.duration_s, outcome.stderr_tail)
+            return self.handle_cancelled(
+                self.attempt, outcome.duration_s, outcome.stderr_tail, usage
+            )
         report = SiteReport(
             site=self.site,
             status="failed" if outcome.status == "not_started" else outcome.status,
@@ -272,6 +288,7 @@ class AttemptEngine:
             cause=outcome.cause,
             logs=self._log_paths(out_dir) if out_dir is not None else [],
         )
+        with_usage(report, usage)
         if outcome.status == "succeeded":
             return self.handle_success(outcome, report)
         return self.handle_failure(outcome, report)
@@ -367,7 +384,11 @@ class AttemptEngine:
         )
 
     def handle_cancelled(
-        self, attempts: int, duration_s: float = 0.0, stderr_tail: list[str] | None = None
+        self,
+        attempts: int,
+        duration_s: float = 0.0,
+        stderr_tail: list[str] | None = None,
+        usage: list[dict[str, Any]] | None = None,
     ) -> Ending:
         """The flow run is stopping (Ctrl-C, SIGTERM): this site ends Cancelled, not Failed,
         with its report as the state's data; a pipeline it was running has been stopped."""
@@ -381,6 +402,7 @@ class AttemptEngine:
             reason,
             stderr_tail=stderr_tail or [],
         )
+        with_usage(report, usage or [])
         return Ending(
             level=logging.WARNING,
             message="cancelled: %s",

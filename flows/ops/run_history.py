@@ -9,7 +9,9 @@ Each site's streak, how many runs in a row it did not succeed (`flows.health.str
 counted over the last recorded summary tables (`flows.engine.baselines.summary_tables`), the
 rows the health artifact and the failure message count from. With `--site`, each run shows
 the site's status there and, when it did not succeed, its cause: the summary row's `cause`,
-or for a row recorded before causes were, its `error` or last stderr line.
+or for a row recorded before causes were, its `error` or last stderr line, and what it used
+there: the row's `peak_rss_mb` and `cpu_s` (None, a blank cell, for a row recorded before
+they were).
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def history(limit: int = 10, site: str | None = None, scan: int = 5000) -> dict[
         in_runs = task_runs(client, [run.id for run in flow_runs], site, scan) if flow_runs else []
         recent = task_runs(client, None, site, scan)
         shown = [*in_runs, *_newest_per_site(recent)]
-        tables = summary_tables_of(
-            client, {run.flow_run_id for run in shown if run.flow_run_id and _failed(run)}
+        tables = summary_tables_of(  # with a site, every run's: its usage is in its row
+            client,
+            {run.flow_run_id for run in shown if run.flow_run_id and (site or _failed(run))},
         )
         streaks = health.streaks({run.name for run in recent}, summary_tables(client=client))
     recorded = {
@@ -135,8 +138,9 @@ def _run_entries(
 def _add_site_outcomes(
     runs: list[dict[str, Any]], in_runs: Iterable[TaskRun], reported: Reported, recorded: Recorded
 ) -> None:
-    """With `--site`: each run entry gains `site_status`, the site's status in that run, and
-    `cause`, why it did not succeed there (None when it succeeded or nothing says why)."""
+    """With `--site`: each run entry gains `site_status`, the site's status in that run,
+    `cause`, why it did not succeed there (None when it succeeded or nothing says why), and
+    `peak_rss_mb` and `cpu_s`, what it used there (None where the row has none)."""
     by_run = {task_run.flow_run_id: task_run for task_run in in_runs if task_run.flow_run_id}
     for entry in runs:
         flow_run_id = UUID(entry["flow_run_id"])
@@ -145,6 +149,9 @@ def _add_site_outcomes(
         row = recorded.get(flow_run_id, {}).get(task_run.name) if task_run else None
         entry["site_status"] = status
         entry["cause"] = _cause(row) if status not in (None, "succeeded") else None
+        for key in ("peak_rss_mb", "cpu_s"):
+            value = row.get(key) if row else None
+            entry[key] = value if isinstance(value, int | float) else None
 
 
 def _cause(row: Mapping[str, Any] | None) -> str | None:
@@ -193,17 +200,28 @@ def _cut(text: str | None, width: int = CAUSE_WIDTH) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _amount(value: Any, spec: str) -> str:
+    """A number in a table cell; blank for None (a row recorded before it was)."""
+    return format(value, spec) if isinstance(value, int | float) else ""
+
+
 def history_rows(
     data: dict[str, Any],
 ) -> tuple[tuple[list[str], list[list[str]]], tuple[list[str], list[list[str]]]]:
     """History as (columns, rows) for the runs and for the sites. With `--site`, the runs'
-    `ok`/`failed` counts give way to the site's status and its cause in each run. The sites
-    have a `streak` column (`failed 2 runs in a row`) when one of them has a streak."""
+    `ok`/`failed` counts give way to the site's status, peak RSS (MB), CPU seconds and cause
+    in each run. The sites have a `streak` column (`failed 2 runs in a row`) when one of them
+    has a streak."""
     by_site = bool(data.get("site"))
     runs = []
     for run in data["runs"]:
         tail = (
-            [run.get("site_status") or "", _cut(run.get("cause"))]
+            [
+                run.get("site_status") or "",
+                _amount(run.get("peak_rss_mb"), ".1f"),
+                _amount(run.get("cpu_s"), ".2f"),
+                _cut(run.get("cause")),
+            ]
             if by_site
             else [str(run["succeeded"]), str(run["failed"])]
         )
@@ -220,7 +238,7 @@ def history_rows(
         ]
         for entry in data["sites"]
     ]
-    counts = ["status", "cause"] if by_site else ["ok", "failed"]
+    counts = ["status", "peak MB", "CPU s", "cause"] if by_site else ["ok", "failed"]
     return (
         (["started", "state", "seconds", *counts, "name"], runs),
         (["site", "last status", "last run", "last succeeded", *(["streak"] * streaks)], sites),

@@ -7,9 +7,14 @@ written whole to the attempt's log file (`flows.process.logfile`); the process t
 started, watched and stopped by a `ProcessControl` backend. A failed attempt's `cause` is
 read from the end of its output once, when it ends (`flows.process.cause`).
 
-An attempt ends in one of three ways (`Ending`): the pipeline exits; the `timeout`
-passes; or, with `stall_timeout`, it prints nothing on either pipe for that long. The last
-two stop the tree the same way (TERM, then KILL after `kill_grace`) and are `timed_out`.
+An attempt ends in one of four ways (`Ending`): the pipeline exits; the `timeout`
+passes; with `stall_timeout`, it prints nothing on either pipe for that long; or, with
+`memory_limit`, the tree's RSS at a sample is above that many MB (Scrapy's
+`MEMUSAGE_LIMIT_MB`, for the whole tree). The last three stop the tree the same way (TERM,
+then KILL after `kill_grace`) and are `timed_out`.
+
+The tree is sampled where it is watched, every POLL_SECONDS (`ProcessControl.watch`), and once
+more when the attempt ends: the outcome's `peak_rss_mb` and `cpu_s` come from those samples.
 """
 
 from __future__ import annotations
@@ -36,9 +41,10 @@ from flows.process.output import (
     drain,
     open_pipes,
 )
+from flows.process.trees import TreeUsage
 
 AttemptStatus = Literal["succeeded", "failed", "timed_out", "not_started"]
-Ending = Literal["exited", "timed_out", "stalled"]
+Ending = Literal["exited", "timed_out", "stalled", "over_memory"]
 
 
 @dataclass
@@ -48,9 +54,12 @@ class AttemptOutcome:
     `cause` is the one line that says why it failed (`flows.process.cause`; for a timeout
     or a stall, the last line seen), and `error` says how it ended, with the cause:
     `exit code 1: ModuleNotFoundError: No module named 'pandas'`, `killed by signal 9:
-    <cause>`, `timed out after 30 s: <last line>`, `stalled: no output for 20 s`, or the
-    bare `exit code 1` when there is no cause. `log_path` is the attempt's full log file
-    (None without one); `log_complete` is False when it could not be written whole.
+    <cause>`, `timed out after 30 s: <last line>`, `stalled: no output for 20 s`,
+    `over memory: 612 MB > 500 MB`, or the bare `exit code 1` when there is no cause.
+    `log_path` is the attempt's full log file (None without one); `log_complete` is False
+    when it could not be written whole. `peak_rss_mb`: the largest RSS of the whole tree at a
+    sample (MB); `cpu_s`: the CPU seconds (user + system) of every process of the tree; both
+    None when nothing could be sampled.
     """
 
     status: AttemptStatus
@@ -64,6 +73,8 @@ class AttemptOutcome:
     cause: str | None = None
     log_path: str | None = None
     log_complete: bool = True
+    peak_rss_mb: float | None = None
+    cpu_s: float | None = None
 
 
 def run_attempt(
@@ -80,6 +91,7 @@ def run_attempt(
     stall_timeout: float | None = None,
     log_file: Path | None = None,
     warn: LogFn | None = None,
+    memory_limit: float | None = None,
 ) -> AttemptOutcome:
     """Run `argv` once and wait for it, at most `timeout` seconds.
 
@@ -91,7 +103,8 @@ def run_attempt(
     thread), its processes are stopped before the exception propagates. `owner` (a flow
     run id) is what `stop_all` stops by. `log_file`: where its whole output is written
     (`flows.process.logfile`); a write that fails calls `warn` (default: `log`) once and
-    never fails the attempt.
+    never fails the attempt. `memory_limit` (MB): the tree is stopped the same way when its
+    RSS at a sample is above it.
     """
     control = control or control_for("auto")
     started = time.monotonic()
@@ -109,16 +122,33 @@ def run_attempt(
     assert proc.stdout is not None and proc.stderr is not None  # noqa: S101  (pipes requested)
     pipes = open_pipes({"stdout": proc.stdout, "stderr": proc.stderr})
     ending: Ending = "exited"
+    usage: TreeUsage | None = None
     try:
-        ending = _follow(proc, control, pipes, output, started + timeout, stall_timeout)
+        ending, usage = _follow(
+            proc, control, pipes, output, started + timeout, stall_timeout, memory_limit
+        )
+        over = usage.rss_mb if ending == "over_memory" and usage else None
+        # One sample more: a pipeline that has just exited is still a zombie (the group
+        # backend doesn't reap it yet), and its CPU time is final.
+        usage = control.watch(proc) or usage
     finally:
         control.stop(proc, kill_grace)
         if ending == "exited":
             drain(pipes, output, until=time.monotonic() + 0.5)
         pipes.close()
         output.close()
-    limits = {"timed_out": timeout, "stalled": stall_timeout or 0.0, "exited": 0.0}
-    return _outcome(proc.returncode, ending, limits[ending], time.monotonic() - started, output)
+    limits = {
+        "timed_out": timeout,
+        "stalled": stall_timeout or 0.0,
+        "over_memory": memory_limit or 0.0,
+        "exited": 0.0,
+    }
+    outcome = _outcome(
+        proc.returncode, ending, limits[ending], time.monotonic() - started, output, over
+    )
+    if usage is not None:
+        outcome.peak_rss_mb, outcome.cpu_s = usage.peak_rss_mb, usage.cpu_s
+    return outcome
 
 
 def _follow(
@@ -128,29 +158,35 @@ def _follow(
     output: AttemptOutput,
     deadline: float,
     stall_timeout: float | None,
-) -> Ending:
-    """Read the pipeline's output until it exits, `deadline` passes, or it has printed
-    nothing for `stall_timeout` seconds. The tree is watched every POLL_SECONDS, not at
-    every read: a walk of the process table per chunk was most of a loud pipeline's cost."""
+    memory_limit: float | None = None,
+) -> tuple[Ending, TreeUsage | None]:
+    """Read the pipeline's output until it exits, `deadline` passes, it has printed
+    nothing for `stall_timeout` seconds, or the tree's RSS is above `memory_limit` MB at a
+    sample. The tree is watched (and sampled) every POLL_SECONDS, not at every read: a walk
+    of the process table per chunk was most of a loud pipeline's cost. Returns how it ended
+    and the tree's usage at the last sample."""
     next_watch = time.monotonic()
     nap = 0.005
+    usage: TreeUsage | None = None
     while True:
         now = time.monotonic()
         remaining = deadline - now
         if remaining <= 0:
-            return "timed_out"
+            return "timed_out", usage
         quiet_left = (
             remaining if stall_timeout is None else (output.last_output + stall_timeout - now)
         )
         if control.exited(proc):
             # The pipeline is gone; a grandchild may still hold the pipes open.
             drain(pipes, output, until=time.monotonic() + 0.5)
-            return "exited"
+            return "exited", usage
         if quiet_left <= 0:  # after the exit check: a silent pipeline that just ended ended
-            return "stalled"
+            return "stalled", usage
         if now >= next_watch:
-            control.watch(proc)
+            usage = control.watch(proc) or usage
             next_watch = now + POLL_SECONDS
+            if memory_limit is not None and usage is not None and usage.rss_mb > memory_limit:
+                return "over_memory", usage
         wait = min(remaining, quiet_left, POLL_SECONDS)
         if pipes.open():
             for name, data in pipes.read(wait):
@@ -162,7 +198,12 @@ def _follow(
 
 
 def _outcome(
-    code: int | None, ending: Ending, limit: float, duration: float, output: AttemptOutput
+    code: int | None,
+    ending: Ending,
+    limit: float,
+    duration: float,
+    output: AttemptOutput,
+    over_mb: float | None = None,
 ) -> AttemptOutcome:
     """The attempt's outcome, from how it ended and what it printed."""
     common: dict[str, Any] = {
@@ -180,11 +221,12 @@ def _outcome(
     if ending != "exited":
         seen = output.last_seen()
         last = clean(seen) if seen else None
-        error = (
-            f"timed out after {limit:g} s" + (f": {last}" if last else "")
-            if ending == "timed_out"
-            else f"stalled: no output for {limit:g} s"
-        )
+        if ending == "timed_out":
+            error = f"timed out after {limit:g} s" + (f": {last}" if last else "")
+        elif ending == "over_memory":
+            error = f"over memory: {round(over_mb or 0.0)} MB > {_number(limit)} MB"
+        else:
+            error = f"stalled: no output for {limit:g} s"
         return AttemptOutcome("timed_out", code, error=error, cause=last or None, **common)
     if code == 0:
         return AttemptOutcome(status="succeeded", exit_code=0, **common)
@@ -194,6 +236,11 @@ def _outcome(
     if cause:
         error = f"{error}: {cause}"
     return AttemptOutcome("failed", code, error=error, cause=cause, **common)
+
+
+def _number(value: float) -> str:
+    """`500` for 500.0, `0.5` for 0.5: a limit as it was written, never in e-notation."""
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 __all__ = [

@@ -8,6 +8,8 @@
 
 `pipeline.process_control: auto | group | tree` picks one; `auto` is `group` where POSIX
 process groups exist, else `tree`. The same behaviour tests run on both backends on Linux.
+Both watch and sample the tree the same way (`flows.process.trees.watch`: its RSS and CPU
+seconds, for the attempt's usage and `memory_limit`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Literal, Protocol
 
 from flows.process import groups as procgroup
 from flows.process import trees as proctree
+from flows.process.trees import TreeUsage
 
 ControlKind = Literal["auto", "group", "tree"]
 
@@ -39,8 +42,9 @@ class ProcessControl(Protocol):
         stdin is the null device; stdout and stderr are pipes. Raises OSError."""
         ...
 
-    def watch(self, proc: subprocess.Popen[bytes]) -> None:
-        """Called while the pipeline runs (every fraction of a second)."""
+    def watch(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+        """Called while the pipeline runs (every fraction of a second): the tree's usage at
+        this sample (RSS, its peak, CPU seconds), or None when nothing could be sampled."""
         ...
 
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
@@ -78,8 +82,8 @@ class GroupControl:
         proctree.track(proc, owner)
         return proc
 
-    def watch(self, proc: subprocess.Popen[bytes]) -> None:
-        proctree.watch(proc)
+    def watch(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+        return proctree.watch(proc)
 
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
         return procgroup.exited(proc)
@@ -108,8 +112,8 @@ class TreeControl:
     ) -> subprocess.Popen[bytes]:
         return proctree.spawn(argv, cwd, env, owner)
 
-    def watch(self, proc: subprocess.Popen[bytes]) -> None:
-        proctree.watch(proc)
+    def watch(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+        return proctree.watch(proc)
 
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
         return proc.poll() is not None

@@ -1,0 +1,198 @@
+"""What an attempt's process tree costs (peak RSS, CPU seconds) and `memory_limit`: real
+processes (`tests/fakes/hog.py`), no Prefect. Every test runs on both process-control
+backends, `group` and `tree`."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.process import trees as proctree
+from flows.process.attempt import AttemptOutcome, run_attempt
+from flows.process.control import ProcessControl, control_for
+from tests.processes import alive
+
+HOG = Path(__file__).resolve().parent / "fakes" / "hog.py"
+OVER = re.compile(r"^over memory: (\d+) MB > 200 MB$")
+
+
+@pytest.fixture(params=["group", "tree"])
+def control(request: pytest.FixtureRequest) -> ProcessControl:
+    """The process-control backend every attempt of a test runs with."""
+    return control_for(request.param)
+
+
+def hog(site: str, *options: object) -> list[str]:
+    return [sys.executable, str(HOG), "--site", site, *(str(option) for option in options)]
+
+
+def run(argv: list[str], tmp_path: Path, control: ProcessControl, **more: object) -> AttemptOutcome:
+    env = {**os.environ, "HOG_PIDS_DIR": str(tmp_path)}
+    options: dict[str, object] = {"timeout": 60, "kill_grace": 0.5, **more}
+    return run_attempt(
+        argv,
+        cwd=tmp_path,
+        env=env,
+        log=lambda _: None,
+        control=control,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def tree_pids(folder: Path) -> list[int]:
+    """The pids (pipeline, child) that the hog wrote once both held their memory."""
+    return [int(pid) for path in folder.glob("*.pids") for pid in path.read_text().split()]
+
+
+def test_a_tree_over_its_memory_limit_is_stopped_and_nothing_is_left(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """The pipeline takes 120 MB and its child 120 MB, each under the 200 MB limit alone
+    (an under-limit run of 120 MB is the next test): the tree's sum passes it at a sample,
+    so the attempt is stopped long before its 60 s timeout, by SIGTERM, status `timed_out`,
+    error `over memory: N MB > 200 MB` with N the sampled sum (above 200), and neither
+    process is left."""
+    started = time.monotonic()
+    outcome = run(
+        hog("tree-hog", "--mb", 120, "--child-mb", 120, "--hold", 60),
+        tmp_path,
+        control,
+        memory_limit=200.0,  # said as `200 MB`, as YAML's 200 is read
+    )
+    elapsed = time.monotonic() - started
+    assert outcome.status == "timed_out", outcome.error
+    match = OVER.match(outcome.error or "")
+    assert match is not None, outcome.error
+    assert 200 < int(match.group(1)) < 600
+    assert outcome.exit_code == -15  # TERM, as a timeout
+    assert elapsed < 30
+    pids = tree_pids(tmp_path)
+    assert len(pids) == 2
+    assert not any(alive(pid) for pid in pids)
+    assert outcome.peak_rss_mb is not None and outcome.peak_rss_mb > 200
+
+
+def test_a_pipeline_under_its_memory_limit_is_untouched(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """120 MB under a 200 MB limit: it runs to its end and succeeds, and its peak RSS is
+    recorded (at least the 120 MB it held, below the limit)."""
+    outcome = run(hog("under-hog", "--mb", 120, "--hold", 1), tmp_path, control, memory_limit=200)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.peak_rss_mb is not None and 110 <= outcome.peak_rss_mb <= 200
+
+
+def test_without_a_memory_limit_a_big_tree_runs_to_its_end(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """memory_limit off (None, the default): the same 240 MB tree is not stopped, and its
+    peak RSS is the sum of both processes."""
+    outcome = run(hog("free-hog", "--mb", 120, "--child-mb", 120, "--hold", 1), tmp_path, control)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.peak_rss_mb is not None and outcome.peak_rss_mb >= 220
+
+
+def test_a_tree_over_memory_that_ignores_sigterm_is_killed_after_the_grace(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """Over its limit and deaf to SIGTERM (both processes): stopped like a timeout, SIGKILL
+    after kill_grace, and nothing is left."""
+    outcome = run(
+        hog("deaf-hog", "--mb", 120, "--child-mb", 120, "--hold", 60, "--ignore-term"),
+        tmp_path,
+        control,
+        memory_limit=200,
+        kill_grace=0.5,
+    )
+    assert OVER.match(outcome.error or ""), outcome.error
+    assert outcome.exit_code == -9
+    pids = tree_pids(tmp_path)
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def test_the_limit_is_said_as_it_was_given(tmp_path: Path, control: ProcessControl) -> None:
+    """A limit of 100.5 MB: `over memory: N MB > 100.5 MB`, N a whole number."""
+    outcome = run(hog("half-hog", "--mb", 150, "--hold", 60), tmp_path, control, memory_limit=100.5)
+    assert re.fullmatch(r"over memory: \d+ MB > 100\.5 MB", outcome.error or ""), outcome.error
+
+
+def test_the_peak_rss_of_a_pipeline_that_takes_100_mb_is_at_least_90_mb(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """A pipeline that holds ~100 MB for a second reports a peak of at least 90 MB (and not
+    absurdly more: the interpreter is a few MB more)."""
+    outcome = run(hog("rss-hog", "--mb", 100, "--hold", 1), tmp_path, control)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.peak_rss_mb is not None and 90 <= outcome.peak_rss_mb < 200
+
+
+def test_cpu_seconds_count_a_burning_pipeline_and_not_a_sleeping_one(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """A pipeline that burns ~0.5 s of CPU reports cpu_s >= 0.3; one that only sleeps a
+    second reports far less."""
+    burning = run(hog("burn-hog", "--burn", 0.5, "--hold", 0.5), tmp_path, control)
+    sleeping = run(hog("sleep-hog", "--hold", 1), tmp_path, control)
+    assert burning.cpu_s is not None and 0.3 <= burning.cpu_s < 5
+    assert sleeping.cpu_s is not None and sleeping.cpu_s < 0.3
+
+
+def test_cpu_seconds_keep_a_child_that_already_ended(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """A child burns ~0.5 s of CPU and ends (its parent reaps it), then the pipeline sleeps
+    a second: the child's CPU time counts, at its last sampled value."""
+    outcome = run(hog("child-burn-hog", "--child-burn", 0.5, "--hold", 1), tmp_path, control)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.cpu_s is not None and outcome.cpu_s >= 0.3
+
+
+def test_a_pipeline_that_burns_and_exits_at_once_is_counted_to_its_end(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """It burns ~0.5 s of CPU and exits at once: the attempt samples the tree once more as it
+    ends, so on the group backend (whose pipeline is still a zombie then) cpu_s holds all of
+    the CPU time the pipeline says it used; on the tree backend (already reaped) at least the
+    last sample's, 0.2 s before."""
+    outcome = run(hog("exit-hog", "--burn", 0.5), tmp_path, control)
+    assert outcome.status == "succeeded" and outcome.result is not None, outcome.error
+    own = outcome.result["cpu_s"]
+    assert outcome.cpu_s is not None and own >= 0.5
+    if control.name == "group":
+        assert outcome.cpu_s >= own - 0.02  # /proc counts in 10 ms ticks
+    else:
+        assert outcome.cpu_s >= 0.3
+
+
+def test_nothing_sampled_is_none(tmp_path: Path, control: ProcessControl) -> None:
+    """A command that can't start has no usage (None, not 0)."""
+    outcome = run([str(tmp_path / "no-such-command")], tmp_path, control)
+    assert outcome.status == "not_started"
+    assert (outcome.peak_rss_mb, outcome.cpu_s) == (None, None)
+
+
+def test_watch_samples_the_tree_and_keeps_the_peak(control: ProcessControl) -> None:
+    """`watch` gives the tree's RSS now, its peak so far and its CPU seconds; a process it
+    does not track gives None."""
+    proc = control.spawn(hog("watch-hog", "--mb", 60, "--hold", 1.5), cwd=".", env=os.environ)
+    try:
+        usage = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            usage = control.watch(proc)
+            if usage is not None and usage.rss_mb >= 60:
+                break
+            time.sleep(0.05)
+        assert usage is not None and usage.rss_mb >= 60
+        assert usage.peak_rss_mb >= usage.rss_mb and usage.cpu_s >= 0
+    finally:
+        control.stop(proc, 0.5)
+    untracked = subprocess.Popen([sys.executable, "-c", "pass"])
+    untracked.wait()
+    assert proctree.watch(untracked) is None
