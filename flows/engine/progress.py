@@ -8,6 +8,7 @@ import time
 from typing import cast
 from uuid import UUID
 
+import httpx
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows import report
@@ -52,5 +53,13 @@ class ProgressReporter:
             now = time.monotonic()
             if now - self._updated_at >= 1 or self.done == self.total:
                 self._updated_at = now
-                update_progress_artifact(self._artifact, 100.0 * self.done / self.total)
+                self._update_artifact(100.0 * self.done / self.total)
         return site_report
+
+    def _update_artifact(self, percent: float) -> None:
+        """Update the progress artifact; an API that fails (a database down for a while)
+        costs this update only, never the run: a warning, and the next site tries again."""
+        try:
+            update_progress_artifact(cast(UUID, self._artifact), percent)
+        except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+            self._logger.warning("could not update the progress artifact: %s", exc)

@@ -4,6 +4,7 @@ marked Crashed."""
 
 from __future__ import annotations
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
@@ -24,15 +25,15 @@ from flows.slots.prefect_api import reclaim
 def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
     """What `site-pipeline doctor` reports, and whether all is well (after `fix`).
 
-    - the server's version, and the concurrency limit against the config's cap, and each
-      group's limit against its cap;
+    - the server's version and where it keeps concurrency leases (`lease_storage_line`),
+      the concurrency limit against the config's cap, and each group's limit against its cap;
     - slots still held by pools of dead processes on this host (`flows.slots.ledger`);
     - `site-pipeline` flow runs Running or Pending whose process is gone (by the labels the
       flow sets, `flows.process.holders.HOLDER_LABELS`); with `fix`, they are marked Crashed
       and the slots are given back.
     """
     with get_client(sync_client=True) as client:
-        lines = [f"server version: {client.api_version()}"]
+        lines = [f"server version: {client.api_version()}", lease_storage_line(client)]
         if plan is not None:
             lines.append(_limit_line(client, plan))
             lines.extend(_group_lines(client, plan))
@@ -41,6 +42,40 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
         stuck_lines, found = _stuck_runs(client, fix)
         lines.extend(stuck_lines)
     return lines, fix or not (freed or found)
+
+
+# What each lease storage Prefect 3.9 ships means for the cap when the API restarts.
+_LEASE_STORAGES = {
+    "prefect.server.concurrency.lease_storage.memory": (
+        "in the API process's memory: a restart forgets the leases (a run gives their "
+        "slots back by name), and several API servers don't share them"
+    ),
+    "prefect.server.concurrency.lease_storage.filesystem": (
+        "on the API server's disk: a restart keeps them; not shared by several API servers"
+    ),
+    "prefect_redis.lease_storage": (
+        "in Redis: a restart of the API keeps them, and every API server shares them"
+    ),
+}
+
+
+def lease_storage_line(client: SyncPrefectClient) -> str:
+    """Where the server keeps concurrency leases: `server.concurrency.lease_storage` of
+    the settings its API reports (`GET /admin/settings`), or why that can't be told."""
+    try:
+        response = client.request("GET", "/admin/settings")
+        response.raise_for_status()
+        storage = response.json()["server"]["concurrency"]["lease_storage"]
+    except httpx.HTTPStatusError as exc:
+        status = f"HTTP {exc.response.status_code} {exc.response.reason_phrase}".rstrip()
+        return (
+            f"lease storage: cannot tell (GET /admin/settings answered {status}; "
+            "Prefect Cloud and some proxies don't expose the server's settings)"
+        )
+    except (httpx.TransportError, ValueError, KeyError, TypeError) as exc:
+        return f"lease storage: cannot tell (GET /admin/settings: {type(exc).__name__}: {exc})"
+    meaning = _LEASE_STORAGES.get(str(storage), "a storage this tool doesn't know")
+    return f"lease storage: {storage} ({meaning})"
 
 
 def _limit_line(client: SyncPrefectClient, plan: RunPlan) -> str:

@@ -18,7 +18,7 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import get_current_settings
 
 from flows import _prefect_compat as compat
@@ -30,12 +30,19 @@ from flows.slots.pool import ApiUnavailable, PoolSettings, SlotError, SlotPool
 
 
 def ensure_limit(client: SyncPrefectClient, name: str, limit: int) -> str:
-    """Create the global concurrency limit `name`, or set its limit. Returns what it did."""
+    """Create the global concurrency limit `name`, or set its limit. Returns what it did.
+
+    Two runs that start together on a new limit both find it missing; the one whose create
+    comes second gets ObjectAlreadyExists, and sets the limit on the one that exists now."""
     try:
         existing = client.read_global_concurrency_limit_by_name(name)
     except ObjectNotFound:
         existing = None
-    client.upsert_global_concurrency_limit_by_name(name, limit)
+    try:
+        client.upsert_global_concurrency_limit_by_name(name, limit)
+    except ObjectAlreadyExists:
+        client.upsert_global_concurrency_limit_by_name(name, limit)  # it exists now: update
+        return f"concurrency limit {name!r} = {limit} (created meanwhile by another run)"
     if existing is None:
         return f"created concurrency limit {name!r} = {limit}"
     if existing.limit != limit:
