@@ -36,8 +36,22 @@ def prefect_api() -> Iterator[str]:
     from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield str(get_current_settings().api.url)
+    from flows._prefect_compat import temporary_server
+    from flows.process import groups as procgroup
+
+    tied: list[int] = []
+    try:
+        with prefect_test_harness(server_startup_timeout=120):
+            # Its uvicorn process would outlive a SIGKILLed pytest (Prefect stops it only
+            # at exit): the product's reaper kills it when we die (tests/test_suite_cleanup.py).
+            server = temporary_server()
+            if server is not None and server.server_process is not None:
+                procgroup.reap_pid_on_exit(server.server_process.pid)
+                tied.append(server.server_process.pid)
+            yield str(get_current_settings().api.url)
+    finally:
+        for pid in tied:  # stopped by the harness: its number may be reused
+            procgroup.forget_pid(pid)
 
 
 def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.config import ConfigError, NotifyConfig, parse_config
+from flows.config import ConfigError, NotifyConfig, load_plan, parse_config
 from flows.ops.notify import (
     OUTCOME_EVENTS,
     _block,
@@ -15,6 +17,8 @@ from flows.ops.notify import (
     notify_automation,
     secret_urls,
 )
+from flows.ops.provision import DEFAULT_HEARTBEAT_GRACE, check_heartbeat_grace, setup
+from tests.conftest import write_config
 
 
 def entry(kind: str = "webhook", on: list[str] | None = None) -> NotifyConfig:
@@ -96,6 +100,35 @@ def test_the_heartbeat_automation_crashes_runs_silent_for_the_grace() -> None:
     (action,) = automation.actions
     assert action.type == "change-flow-run-state" and action.state == "CRASHED"  # type: ignore[union-attr]
     assert "no heartbeat for 40 s" in (action.message or "")  # type: ignore[union-attr]
+    # Unforced, so Prefect refuses to leave Completed (tests/test_zombies.py shows why)
+    assert action.force is False  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("grace", [30, 10, 0.5])
+def test_a_grace_not_above_the_shortest_heartbeat_interval_is_refused(grace: float) -> None:
+    """A grace of 30 s or less would crash healthy runs between two heartbeats (Prefect sends
+    them 30 s apart at the shortest): a one-line error naming the option."""
+    with pytest.raises(ConfigError) as caught:
+        check_heartbeat_grace(grace)
+    assert caught.value.problems == [
+        f"--heartbeat-grace {grace:g}: expected more than 30 seconds (Prefect sends a flow "
+        "run's heartbeats 30 s apart at the shortest)"
+    ]
+
+
+def test_a_grace_above_the_shortest_heartbeat_interval_is_taken() -> None:
+    """31 s, and setup's default of 90 s, pass the check."""
+    check_heartbeat_grace(31)
+    check_heartbeat_grace(DEFAULT_HEARTBEAT_GRACE)
+
+
+def test_setup_checks_the_grace_before_it_touches_the_api(tmp_path: Path) -> None:
+    """`setup` with a grace of 30 s raises the ConfigError before connecting (its API here
+    does not exist), so nothing is created."""
+    plan = load_plan(write_config(tmp_path, ["a.com"]))
+    with temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(ConfigError, match="--heartbeat-grace 30: expected more than 30"):
+            setup(plan, heartbeat_grace=30)
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,8 @@ from tests.servers import (
     postgres_or_skip,
     prefect_env,
     prefect_server,
+    stop_process_group,
+    tie_to_this_process,
 )
 from tests.timeline import max_overlap
 
@@ -169,14 +171,19 @@ def test_a_server_restart_mid_run_loses_no_site_and_keeps_the_cap(tmp_path: Path
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            start_new_session=True,
         )
+        tie_to_this_process(proc)  # it outlives both servers: it must not outlive pytest
         deadline = time.monotonic() + 120
         while len([r for r in read_timeline(tmp_path) if r[1] == "start"]) < 2:
             assert proc.poll() is None and time.monotonic() < deadline, "2 sites never started"
             time.sleep(0.1)
     # The server is down now, with 2 pipelines running; start it again on the same port.
     with prefect_server(home, port=port) as url:
-        output, _ = proc.communicate(timeout=300)
+        try:
+            output, _ = proc.communicate(timeout=300)
+        finally:
+            stop_process_group(proc)  # ended, or stopped if it didn't; the reaper forgets it
         assert proc.returncode == 0, output[-4000:]
         limit = httpx.get(f"{url}/v2/concurrency_limits/restart-cap", timeout=10).json()
     data = json.loads(summary.read_text())

@@ -9,7 +9,8 @@ an ad hoc run, and the server needs outbound access to the webhook.
   that sends it when a `site-pipeline` flow run ends in one of the entry's outcomes.
 - One more automation marks a flow run Crashed when its heartbeats stop (deployments send
   them every `PREFECT_FLOWS_HEARTBEAT_FREQUENCY` seconds, see `prefect.yaml`); that Crashed
-  state then notifies like any other.
+  state then notifies like any other. The change is not forced, so a run that already
+  ended keeps its state.
 
 Everything is found by name and created or updated only when it differs, so `setup` can run
 again and again.
@@ -188,7 +189,11 @@ def heartbeat_automation(grace_seconds: float) -> AutomationCore:
         actions=[
             ChangeFlowRunState(
                 name="Crashed",
-                force=True,
+                # Never forced: a heartbeat sent just before the run completed can arrive or
+                # open a window after its Completed state (PrefectHQ/prefect#18653, #21932);
+                # unforced, Prefect refuses Crashed from a terminal state and takes it from
+                # Running (see docs/operations.md, "Dead runs don't stay Running").
+                force=False,
                 state=StateType.CRASHED,
                 message=(
                     f"no heartbeat for {grace.total_seconds():g} s: its process or "

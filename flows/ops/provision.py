@@ -7,11 +7,14 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.exceptions import ObjectNotFound
 
-from flows.config import RunPlan, group_limit_name
+from flows.config import ConfigError, RunPlan, group_limit_name
 from flows.slots.prefect_api import ensure_limit
 
 DEFAULT_POOL = "site-pool"
 DEFAULT_HEARTBEAT_GRACE = 90.0  # three heartbeats of the 30 s that prefect.yaml sets
+# Prefect's shortest heartbeat interval (PREFECT_FLOWS_HEARTBEAT_FREQUENCY >= 30): a grace no
+# longer than it would crash healthy runs between two heartbeats.
+MIN_HEARTBEAT_FREQUENCY = 30
 
 
 def setup(
@@ -20,9 +23,11 @@ def setup(
     """Create or update the process work pool, the concurrency limit and each group's
     (`pipeline.groups`), the notification blocks and automations (`flows.ops.notify`).
     Idempotent. Raises `ConfigError` before changing anything when a notification's URL
-    variable is missing."""
+    variable is missing or `heartbeat_grace` is not above Prefect's shortest heartbeat
+    interval."""
     from flows.ops import notify
 
+    check_heartbeat_grace(heartbeat_grace)
     notify.secret_urls(plan.config.notify)  # all of them, before any change
     changes = []
     with get_client(sync_client=True) as client:
@@ -34,6 +39,19 @@ def setup(
             )
         changes.extend(notify.setup_notifications(client, plan.config.notify, heartbeat_grace))
     return changes
+
+
+def check_heartbeat_grace(grace: float) -> None:
+    """Raise `ConfigError` unless `grace` is longer than Prefect's shortest heartbeat
+    interval (a proactive trigger's own minimum, 10 s, is below it)."""
+    if not grace > MIN_HEARTBEAT_FREQUENCY:
+        raise ConfigError(
+            [
+                f"--heartbeat-grace {grace:g}: expected more than {MIN_HEARTBEAT_FREQUENCY} "
+                f"seconds (Prefect sends a flow run's heartbeats {MIN_HEARTBEAT_FREQUENCY} s "
+                "apart at the shortest)"
+            ]
+        )
 
 
 def _ensure_process_pool(client: SyncPrefectClient, name: str) -> str:
