@@ -116,7 +116,7 @@ def test_a_skip_for_a_site_outside_the_list_is_a_config_error() -> None:
 
 def test_a_skipped_site_ran_no_attempt_and_took_no_time() -> None:
     """A skipped site's row: status skipped, 0 attempts, no exit code, 0 s, the note as its
-    error, no result."""
+    error, no result, and no usage (it ran no attempt)."""
     (report,) = skipped_reports(["a", "b"], {"b": "succeeded in flow run x"}).values()
     assert report.to_json() == {
         "site": "b",
@@ -130,6 +130,9 @@ def test_a_skipped_site_ran_no_attempt_and_took_no_time() -> None:
         "timeout_s": None,
         "cause": None,
         "logs": [],
+        "peak_rss_mb": None,
+        "cpu_s": None,
+        "usage": [],
     }
 
 

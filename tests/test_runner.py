@@ -596,12 +596,15 @@ def test_stop_all_by_owner_ends_a_running_attempt(tmp_path: Path) -> None:
 
 @pytest.mark.no_output
 def test_the_reaper_stops_what_we_registered_when_its_pipe_from_us_closes(
-    tmp_path: Path, backend: str
+    tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What our death looks like to the reaper, without dying: its stdin from us closes. It
     then stops every pipeline and tracked process we registered. It runs in a session of its
     own (a Ctrl-C to our terminal doesn't end it), keeps none of our output pipes open, and is
-    not restarted by each registration; the next registration after its end starts a new one."""
+    not restarted by each registration; the next registration after its end starts a new one.
+    (A registry of its own: the session's reaper also holds the test servers, tests/servers.py,
+    which this pretended death must not end.)"""
+    monkeypatch.setattr(procgroup, "_registry", procgroup._Registry())
     control = runner.control_for("auto")
     first = control.spawn(fake("hang-1.com"), cwd=tmp_path, env=env_for(tmp_path))
     pids = hanging_pids(tmp_path, 1, timeout=10)
@@ -627,6 +630,10 @@ def test_the_reaper_stops_what_we_registered_when_its_pipe_from_us_closes(
     finally:
         for proc in (first, second):
             control.stop(proc, 0.5)  # and forget it
+        last = procgroup._registry._reaper
+        if last is not None and last.stdin is not None:
+            last.stdin.close()  # this test's reaper ends with it (nothing is registered now)
+            last.wait(timeout=15)
 
 
 def test_the_start_time_told_to_the_reaper_is_the_kernels_even_for_odd_names(

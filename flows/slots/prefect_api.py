@@ -32,20 +32,28 @@ from flows.slots.pool import ApiUnavailable, PoolSettings, SlotError, SlotPool
 def ensure_limit(client: SyncPrefectClient, name: str, limit: int) -> str:
     """Create the global concurrency limit `name`, or set its limit. Returns what it did.
 
-    Two runs that start together on a new limit both find it missing; the one whose create
-    comes second gets ObjectAlreadyExists, and sets the limit on the one that exists now."""
+    Two runs that start together on a new limit both find it missing; the server's unique
+    name lets one create it, and the other, refused (ObjectAlreadyExists), sets the limit
+    on the one that exists now. (Prefect's `upsert_global_concurrency_limit_by_name` reads
+    and then creates, not atomically: the second run's create failed the run.)"""
+    from prefect.client.schemas.actions import (
+        GlobalConcurrencyLimitCreate,
+        GlobalConcurrencyLimitUpdate,
+    )
+
     try:
         existing = client.read_global_concurrency_limit_by_name(name)
     except ObjectNotFound:
-        existing = None
-    try:
-        client.upsert_global_concurrency_limit_by_name(name, limit)
-    except ObjectAlreadyExists:
-        client.upsert_global_concurrency_limit_by_name(name, limit)  # it exists now: update
-        return f"concurrency limit {name!r} = {limit} (created meanwhile by another run)"
-    if existing is None:
-        return f"created concurrency limit {name!r} = {limit}"
+        try:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=limit)
+            )
+            return f"created concurrency limit {name!r} = {limit}"
+        except ObjectAlreadyExists:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
+            return f"concurrency limit {name!r} = {limit} (created meanwhile by another run)"
     if existing.limit != limit:
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(limit=limit))
         return f"updated concurrency limit {name!r}: {existing.limit} -> {limit}"
     return f"concurrency limit {name!r} = {limit} (unchanged)"
 
