@@ -93,6 +93,18 @@ def cli_env(api_url: str) -> dict[str, str]:
 PYTHON = sys.executable
 
 
+def cli_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """`site-pipeline ARGV` in this process: its exit status, stdout and stderr."""
+    from flows.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_cli(
     args: list[str], env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:

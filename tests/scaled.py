@@ -14,14 +14,13 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
-
-import httpx
 
 from tests.servers import (
     BIN,
@@ -30,8 +29,11 @@ from tests.servers import (
     prefect_env,
     stop_process_group,
     tie_to_this_process,
+    wait_for_health,
 )
 
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 
 LEASE_STORAGE = "prefect_redis.lease_storage"
@@ -230,19 +232,7 @@ class ScaledServer:
     def start_api(self, timeout: float = 120) -> None:
         argv = [str(BIN / "prefect"), "server", "start", "--no-services", "--host", "127.0.0.1"]
         self._api = self._popen([*argv, "--port", str(self.port)], self.api_log)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self._api.poll() is not None:
-                code = self._api.returncode
-                raise RuntimeError(f"the API exited with {code}:\n{_tail(self.api_log)}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the API did not answer on {self.url} in {timeout}s")
-            time.sleep(0.25)
+        wait_for_health(self.url, self._api, self.api_log, timeout, what="the API")
 
     def stop_api(self) -> None:
         if self._api is not None:
@@ -319,3 +309,19 @@ def tee(stream: IO[str], path: Path) -> threading.Thread:
     thread = threading.Thread(target=copy, daemon=True)
     thread.start()
     return thread
+
+
+def start_cli_run(config: Path, summary: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`python -m flows run --config CONFIG --summary-json SUMMARY` as its own process group,
+    tied to this process (it ends with a killed pytest), output merged on a text pipe."""
+    proc = subprocess.Popen(
+        [PYTHON, "-m", "flows", "run", "--config", str(config), "--summary-json", str(summary)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    tie_to_this_process(proc)  # type: ignore[arg-type]
+    return proc

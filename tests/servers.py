@@ -134,6 +134,25 @@ def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[st
     return env
 
 
+def wait_for_health(
+    url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float, what: str = "prefect server"
+) -> None:
+    """Wait until the API at `url` answers its health check; raise with the end of `log`
+    when `proc` exits first, or when `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}:\n" + log.read_text()[-3000:])
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer on {url} in {timeout}s")
+        time.sleep(0.25)
+
+
 @contextmanager
 def prefect_server(
     home: Path,
@@ -160,21 +179,7 @@ def prefect_server(
     tie_to_this_process(proc)
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"prefect server exited with {proc.returncode}:\n"
-                    + (home / "server.log").read_text()[-3000:]
-                )
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"prefect server did not answer on {url} in {startup_timeout}s")
-            time.sleep(0.5)
+        wait_for_health(url, proc, home / "server.log", startup_timeout)
         yield url
     finally:
         stop_process_group(proc)

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PYTHON, ROOT, write_config
-from tests.scaled import TcpProxy, private_redis, redis_or_skip, scaled_server, tee
+from tests.conftest import write_config
+from tests.scaled import TcpProxy, private_redis, redis_or_skip, scaled_server, start_cli_run, tee
 from tests.servers import (
     PG_PORT,
     postgres_or_skip,
     prefect_env,
     stop_process_group,
-    tie_to_this_process,
 )
 from tests.timeline import read_timeline
 
@@ -38,18 +37,7 @@ def _start_run(
         api_patience=api_patience,
         env={"FAKE_TIMELINE": str(folder / "timeline.tsv"), "FAKE_SLEEP": str(sleep)},
     )
-    argv = [PYTHON, "-m", "flows", "run", "--config", str(config)]
-    proc = subprocess.Popen(
-        [*argv, "--summary-json", str(folder / "summary.json")],
-        cwd=ROOT,
-        env=prefect_env(folder / "client-home", url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    tie_to_this_process(proc)  # type: ignore[arg-type]
-    return proc
+    return start_cli_run(config, folder / "summary.json", prefect_env(folder / "client-home", url))
 
 
 def _wait_for_starts(folder: Path, proc: subprocess.Popen[str], count: int) -> None:

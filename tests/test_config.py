@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import main
 from flows.config import (
     ConfigError,
     build_argv,
@@ -18,17 +17,7 @@ from flows.config import (
     site_dir_name,
     site_output_dir,
 )
-from tests.conftest import write_config
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
-
+from tests.conftest import cli_in_process, write_config
 
 BAD_CONFIGS = [
     ("yaml syntax", "pipeline: [unclosed\n", "YAML syntax error at line"),
@@ -194,7 +183,7 @@ def test_bad_config_exits_2_and_names_the_key(
     """Each bad config makes `validate` and `run` exit 2, naming the key; nothing runs."""
     config = tmp_path / "config.yaml"
     config.write_text(text, encoding="utf-8")
-    code, _, err = run_cli([command, "--config", str(config)], capsys)
+    code, _, err = cli_in_process([command, "--config", str(config)], capsys)
     assert code == 2, err
     assert expected in err, err
     assert all(line.startswith("site-pipeline: error: ") for line in err.splitlines()), err
@@ -217,7 +206,7 @@ def test_missing_config_file_is_a_usage_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A config path that doesn't exist exits 2 and names the path."""
-    code, _, err = run_cli(["validate", "--config", str(tmp_path / "nope.yaml")], capsys)
+    code, _, err = cli_in_process(["validate", "--config", str(tmp_path / "nope.yaml")], capsys)
     assert code == 2
     assert "nope.yaml" in err and "cannot read it" in err
 
@@ -253,7 +242,7 @@ def test_bad_cli_site_exits_2_and_runs_nothing(
 ) -> None:
     """`run --site ../../etc` is refused before any Prefect call, with exit status 2."""
     config = write_config(tmp_path, ["ok-a"])
-    code, _, err = run_cli(["run", "--config", str(config), "--site", "../../etc"], capsys)
+    code, _, err = cli_in_process(["run", "--config", str(config), "--site", "../../etc"], capsys)
     assert code == 2
     assert "'../../etc'" in err and "path segments" in err
     assert not (tmp_path / "timeline.tsv").exists()
@@ -311,11 +300,11 @@ def test_group_control_where_there_are_no_process_groups_exits_2(
 
     monkeypatch.setattr(procgroup, "supported", lambda: False)
     config = write_config(tmp_path, ["ok-a"], process_control="group")
-    code, _, err = run_cli(["validate", "--config", str(config)], capsys)
+    code, _, err = cli_in_process(["validate", "--config", str(config)], capsys)
     assert code == 2
     assert "pipeline.process_control = 'group'" in err and "expected auto or tree" in err
     auto = write_config(tmp_path, ["ok-a"], process_control="auto")
-    assert run_cli(["validate", "--config", str(auto)], capsys)[0] == 0
+    assert cli_in_process(["validate", "--config", str(auto)], capsys)[0] == 0
 
 
 def test_argv_fills_placeholders_once_and_literally(tmp_path: Path) -> None:
@@ -364,7 +353,7 @@ def test_config_is_found_by_flag_then_env_then_cwd(
 def test_validate_prints_the_first_argv(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`validate` exits 0 and shows exactly what the first site would run."""
     config = write_config(tmp_path, ["first.com", "second.com"])
-    code, out, _ = run_cli(["validate", "--config", str(config)], capsys)
+    code, out, _ = cli_in_process(["validate", "--config", str(config)], capsys)
     assert code == 0
     argv_line = next(line for line in out.splitlines() if line.startswith("first site's argv: "))
     argv = json.loads(argv_line.split(": ", 1)[1])
@@ -383,7 +372,7 @@ def test_validate_prints_the_first_argv(tmp_path: Path, capsys: pytest.CaptureFi
 )
 def test_bad_cli_arguments_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     """Unknown commands, unknown flags and bad numbers are usage errors (exit 2)."""
-    code, _, err = run_cli(argv, capsys)
+    code, _, err = cli_in_process(argv, capsys)
     assert code == 2
     assert "usage:" in err or "error:" in err
 
@@ -394,7 +383,7 @@ def test_site_and_sites_file_together_exit_2(
     """--site and --sites-file are mutually exclusive."""
     config = write_config(tmp_path, ["a"])
     (tmp_path / "s.txt").write_text("b\n")
-    code, _, err = run_cli(
+    code, _, err = cli_in_process(
         ["run", "--config", str(config), "--site", "a", "--sites-file", str(tmp_path / "s.txt")],
         capsys,
     )
@@ -457,9 +446,7 @@ def test_a_sites_file_saved_on_windows_reads_as_meant(tmp_path: Path, where: str
 def test_a_config_saved_on_windows_reads_as_meant(tmp_path: Path) -> None:
     """A config.yaml with a UTF-8 BOM and CRLF line ends is read as written."""
     config = tmp_path / "config.yaml"
-    config.write_bytes(
-        b"\xef\xbb\xbfpipeline:\r\n  sites: [a.com, b.com]   \r\n  timeout: 30\r\n"
-    )
+    config.write_bytes(b"\xef\xbb\xbfpipeline:\r\n  sites: [a.com, b.com]   \r\n  timeout: 30\r\n")
     plan = load_plan(config)
     assert plan.sites == ("a.com", "b.com") and plan.config.timeout == 30
 
@@ -470,14 +457,16 @@ def test_validate_takes_site_and_sites_file_like_run(
     """`validate --site S` and `validate --sites-file F` show those sites, as `run` would run
     them; a bad `--site` is exit 2, naming it."""
     config = write_config(tmp_path, ["configured.com"])
-    code, out, _ = run_cli(["validate", "--config", str(config), "--site", "given.com"], capsys)
+    code, out, _ = cli_in_process(
+        ["validate", "--config", str(config), "--site", "given.com"], capsys
+    )
     assert code == 0 and "sites: 1 (given.com)" in out, out
     (tmp_path / "list.txt").write_bytes(b"\xef\xbb\xbffrom-file.com\r\nnext.com\r\n")
-    code, out, _ = run_cli(
+    code, out, _ = cli_in_process(
         ["validate", "--config", str(config), "--sites-file", str(tmp_path / "list.txt")], capsys
     )
     assert code == 0 and "sites: 2 (from-file.com, next.com)" in out, out
-    code, _, err = run_cli(["validate", "--config", str(config), "--site=-rf"], capsys)
+    code, _, err = cli_in_process(["validate", "--config", str(config), "--site=-rf"], capsys)
     assert code == 2 and "--site[0] = '-rf'" in err, err
 
 
@@ -488,7 +477,7 @@ def test_validate_shows_the_stall_halt_and_error_rules(
     config = write_config(
         tmp_path, ["a"], stall_timeout=120, halt={"failed": "30%", "min_done": 10}
     )
-    code, out, _ = run_cli(["validate", "--config", str(config)], capsys)
+    code, out, _ = cli_in_process(["validate", "--config", str(config)], capsys)
     assert code == 0
     assert "stops: stall after 120s; halt: 30% failed (of at least 10 done) (soon); 4 " in out
 
@@ -513,7 +502,7 @@ def test_dask_without_the_extra_exits_2_naming_the_extra(
         lambda name, *a: None if name == "prefect_dask" else real_find_spec(name, *a),
     )
     config = write_config(tmp_path, ["ok-a"], task_runner={"kind": "dask"})
-    code, _, err = run_cli(["validate", "--config", str(config)], capsys)
+    code, _, err = cli_in_process(["validate", "--config", str(config)], capsys)
     assert code == 2
     assert "pipeline.task_runner.kind = 'dask': prefect-dask is not installed" in err
     assert 'pip install -e ".[dask]"' in err

@@ -19,13 +19,12 @@ from prefect.client.schemas.filters import (
 )
 
 from flows import ops
-from flows.cli import main
 from flows.config import load_plan
 from flows.names import SUMMARY_KEY
 from flows.ops.run_history import history_rows
 from flows.report import SiteReport, attempt_usage, table_rows, with_usage
 from flows.site_pipeline import run_sites
-from tests.conftest import write_config
+from tests.conftest import cli_in_process, write_config
 
 HOG = Path(__file__).resolve().parent / "fakes" / "hog.py"
 
@@ -34,15 +33,6 @@ def hog_config(folder: Path, sites: list[Any], **pipeline: Any) -> Path:
     """A config whose sites run the hog; each site's `flags` say what it takes."""
     command = ["{python}", str(HOG), "--site", "{site}"]
     return write_config(folder, sites, command=command, default_flags=[], **pipeline)
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def summary_table(flow_run_id: str) -> dict[str, dict[str, Any]]:
@@ -176,7 +166,7 @@ def test_a_memory_limit_not_above_zero_exits_2_naming_the_key(
         config = hog_config(tmp_path, ["a"], memory_limit=0)
     else:
         config = hog_config(tmp_path, [{"site": "a", "memory_limit": -5}])
-    code, _, err = cli([command, "--config", str(config)], capsys)
+    code, _, err = cli_in_process([command, "--config", str(config)], capsys)
     assert code == 2, err
     assert expected in err, err
     assert "Traceback" not in err
@@ -189,12 +179,14 @@ def test_validate_shows_the_memory_limit_and_the_sites_with_their_own(
     """`validate` says the global limit and which sites have their own; without one,
     `no memory limit`."""
     sites = [{"site": "a", "memory_limit": 800}, "b"]
-    code, out, _ = cli(
+    code, out, _ = cli_in_process(
         ["validate", "--config", str(hog_config(tmp_path, sites, memory_limit=500))], capsys
     )
     assert code == 0
     assert "; memory over 500 MB (1 site their own: a 800 MB)" in out, out
-    code, out, _ = cli(["validate", "--config", str(hog_config(tmp_path, ["b"]))], capsys)
+    code, out, _ = cli_in_process(
+        ["validate", "--config", str(hog_config(tmp_path, ["b"]))], capsys
+    )
     assert code == 0 and out.count("; no memory limit") == 1, out
 
 

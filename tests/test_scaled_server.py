@@ -18,13 +18,19 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.ops.health import doctor, lease_storage_line
 from flows.slots.pool import LEASE_SECONDS
-from tests.conftest import PYTHON, ROOT, write_config
-from tests.scaled import LEASE_STORAGE, ScaledServer, redis_or_skip, scaled_server, tee
+from tests.conftest import write_config
+from tests.scaled import (
+    LEASE_STORAGE,
+    ScaledServer,
+    redis_or_skip,
+    scaled_server,
+    start_cli_run,
+    tee,
+)
 from tests.servers import (
     postgres_or_skip,
     prefect_env,
     stop_process_group,
-    tie_to_this_process,
 )
 from tests.timeline import max_overlap, read_timeline
 
@@ -58,18 +64,7 @@ def _start_run(folder: Path, sites: list[str], env: dict[str, str]) -> subproces
         concurrency_tag=TAG,
         env={"FAKE_TIMELINE": str(folder.parent / "timeline.tsv"), "FAKE_SLEEP": "3"},
     )
-    argv = [PYTHON, "-m", "flows", "run", "--config", str(config)]
-    proc = subprocess.Popen(
-        [*argv, "--summary-json", str(folder / "summary.json")],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    tie_to_this_process(proc)  # type: ignore[arg-type]
-    return proc
+    return start_cli_run(config, folder / "summary.json", env)
 
 
 @pytest.mark.slow
