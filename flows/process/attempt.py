@@ -129,8 +129,9 @@ def run_attempt(
         )
         over = usage.rss_mb if ending == "over_memory" and usage else None
         # One sample more: a pipeline that has just exited is still a zombie (the group
-        # backend doesn't reap it yet), and its CPU time is final.
-        usage = control.watch(proc) or usage
+        # backend doesn't reap it yet), and its CPU time is final. Only the processes seen
+        # so far: `stop` looks for new ones, and a pass over the process table costs.
+        usage = control.usage(proc) or usage
     finally:
         control.stop(proc, kill_grace)
         if ending == "exited":

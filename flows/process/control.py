@@ -47,6 +47,11 @@ class ProcessControl(Protocol):
         this sample (RSS, its peak, CPU seconds), or None when nothing could be sampled."""
         ...
 
+    def usage(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+        """The tree's usage now, from the processes already seen by `watch` (no search for
+        new ones): the attempt's last sample, taken before `stop`."""
+        ...
+
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
         """True once the pipeline itself has exited."""
         ...
@@ -85,6 +90,9 @@ class GroupControl:
     def watch(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
         return proctree.watch(proc)
 
+    def usage(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+        return proctree.usage(proc)
+
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
         return procgroup.exited(proc)
 
@@ -114,6 +122,9 @@ class TreeControl:
 
     def watch(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
         return proctree.watch(proc)
+
+    def usage(self, proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+        return proctree.usage(proc)
 
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
         return proc.poll() is not None

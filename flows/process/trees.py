@@ -257,6 +257,14 @@ def _new_descendants(tree: _Tree) -> list[psutil.Process]:
     return new
 
 
+def usage(proc: subprocess.Popen[bytes]) -> TreeUsage | None:
+    """Sample the tree of `proc` as `watch` does, without looking for new descendants (no
+    pass over the process table): the last sample of an attempt that has just ended."""
+    with _lock:
+        tree = _trees.get(proc.pid)
+    return None if tree is None else _sample(tree)
+
+
 def _sample(tree: _Tree) -> TreeUsage | None:
     """Each process of `tree` once (psutil's `oneshot`: a /proc read or two per process):
     the RSS of those alive summed, and their CPU seconds kept for when they are gone."""
