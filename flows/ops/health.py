@@ -19,7 +19,7 @@ from flows.engine.baselines import PAGE
 from flows.ops.queries import of_the_flow
 from flows.ops.resume import mark_crashed
 from flows.process.holders import HOST_LABEL, PID_LABEL, holder_alive
-from flows.slots.prefect_api import reclaim
+from flows.slots.prefect_api import describe_status, reclaim
 
 
 def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
@@ -67,9 +67,9 @@ def lease_storage_line(client: SyncPrefectClient) -> str:
         response.raise_for_status()
         storage = response.json()["server"]["concurrency"]["lease_storage"]
     except httpx.HTTPStatusError as exc:
-        status = f"HTTP {exc.response.status_code} {exc.response.reason_phrase}".rstrip()
         return (
-            f"lease storage: cannot tell (GET /admin/settings answered {status}; "
+            f"lease storage: cannot tell (GET /admin/settings answered "
+            f"{describe_status(exc.response)}; "
             "Prefect Cloud and some proxies don't expose the server's settings)"
         )
     except (httpx.TransportError, ValueError, KeyError, TypeError) as exc:
