@@ -273,6 +273,77 @@ def test_a_short_failure_heals_without_failing_anyone_or_warning(
     assert not [r for r in caplog.records if "could not get a concurrency slot" in r.getMessage()]
 
 
+def test_a_limit_that_looks_full_because_its_lease_storage_is_down_fails_waiting_sites() -> None:
+    """Prefect 3.9 with Redis lease storage, Redis gone: the acquire counts a slot it could
+    not lease (500), so the limit then answers 423 for good. A 423 during an outage stops
+    the outage clock only once the lease storage answers, so the waiting site fails after
+    `api_patience` instead of waiting forever; the running site is not touched."""
+    limit = FakeLimit(2)
+    api = FakeSlotApi(limit)
+    pool = SlotPool("cap", ["a", "b"], api, PoolSettings(api_patience=1.0, warn_after=0))
+    errors: list[str] = []
+
+    def wait_b() -> None:
+        try:
+            with pool.slot("b"):
+                pass
+        except SlotError as exc:
+            errors.append(str(exc))
+
+    try:
+        with pool.slot("a"):
+            api.lease_store_down = "HTTP 500 Internal Server Error"
+            started = time.monotonic()
+            thread = threading.Thread(target=wait_b)
+            thread.start()
+            thread.join(10)
+            waited = time.monotonic() - started
+            a_still_held = limit.active >= 1
+            api.lease_store_down = None
+    finally:
+        api.lease_store_down = None
+        pool.close()
+    assert errors == [
+        "could not get a concurrency slot from http://fake.invalid/api: "
+        "HTTP 500 Internal Server Error"
+    ]
+    assert 0.9 <= waited < 5
+    assert a_still_held
+    assert "renew" in limit.calls  # the probe that told the outage from a full limit
+
+
+def test_a_limit_really_full_after_a_short_outage_is_waited_for_past_api_patience() -> None:
+    """An API that failed for a moment, then answers 423 because another run holds the only
+    slot for longer than `api_patience`: its lease storage answers, so that is a full limit,
+    not an outage, and the waiting site gets the slot once the other run gives it back."""
+    limit = FakeLimit(1)
+    other = SlotPool("cap", ["x"], FakeSlotApi(limit), PoolSettings())
+    api = FakeSlotApi(limit)
+    pool = SlotPool("cap", ["a"], api, PoolSettings(api_patience=0.5, warn_after=0))
+    got_at: list[float] = []
+    try:
+        with other.slot("x"):
+            api.down = "HTTP 503 Service Unavailable"
+            threading.Timer(0.2, lambda: setattr(api, "down", None)).start()
+
+            def wait_a() -> None:
+                with pool.slot("a"):
+                    got_at.append(time.monotonic())
+
+            thread = threading.Thread(target=wait_a)
+            thread.start()
+            time.sleep(2.0)  # 4 x api_patience, the limit full all along
+            released_at = time.monotonic()
+        other.site_finished("x")
+        other.close()
+        thread.join(10)
+    finally:
+        pool.close()
+        other.close()
+    assert len(got_at) == 1 and got_at[0] >= released_at
+    assert limit.active == 0
+
+
 def test_a_lease_lost_in_a_server_restart_is_given_back_by_name() -> None:
     """The server forgot the lease but still counts its slot: the pool releases it by name."""
     limit = FakeLimit(1)

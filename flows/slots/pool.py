@@ -36,7 +36,11 @@ The tuning (`linger`, `poll`, `patience`, `fair_share`, `api_patience`, `warn_ev
   (SQLite's busy 503s last milliseconds), a warning names the URL and the status every
   `warn_every` seconds; after `api_patience` seconds of failing, every waiting
   site gets `SlotError("could not get a concurrency slot from <url>: <status>")`. Pipelines
-  already running are not touched.
+  already running are not touched. A failed renewal or release starts that clock too. While
+  it runs, a "full" answer (423) only stops it once the server's lease storage answers (a
+  renewal of a lease nobody holds: 410): Prefect 3.9 counts a slot whose lease it could not
+  store (Redis down) and keeps counting it, so with its lease storage gone a limit looks
+  full for good, and waiting sites would otherwise wait forever.
 - One keeper thread renews the leases, so a pipeline may run for hours, and one releaser
   thread gives slots back, so a worker thread never waits on the API.
 - A server that restarts with leases in memory forgets them but still counts their slots.
@@ -67,6 +71,8 @@ _JITTER = random.Random()  # noqa: S311  (poll jitter, not security)
 logger = logging.getLogger("site_pipeline.slots")
 
 LEASE_SECONDS = 60.0  # the server's minimum; renewed every third of it
+PROBE_LEASE = UUID(int=0)
+"""A lease nobody holds: renewing it asks the server's lease storage, which answers 410."""
 
 
 class SlotError(RuntimeError):
@@ -186,12 +192,15 @@ class LeaseBook:
         if self._ledger is not None:
             self._ledger.given_back(lease)
 
-    def renew(self, leases: list[UUID]) -> None:
-        """Extend `leases` on the server, noting the ones it lost."""
+    def renew(self, leases: list[UUID]) -> bool:
+        """Extend `leases` on the server, noting the ones it lost; False when the API failed
+        for any of them."""
+        answered = True
         for lease in leases:
             try:
                 known = self._api.renew(lease, self._lease_seconds)
             except ApiUnavailable as exc:
+                answered = False
                 logger.warning(
                     "could not renew slot lease %s of %r at %s: %s",
                     lease,
@@ -207,6 +216,7 @@ class LeaseBook:
                 info.confirmed_at = time.monotonic()
             else:
                 self._lost(lease, info)
+        return answered
 
     def close(self) -> None:
         """Close the ledger, if every lease went back (else its file stays, for cleanup)."""
@@ -231,7 +241,7 @@ class LeaseBook:
 
 @dataclass
 class _Outage:
-    """The broker's view of a failing API."""
+    """A failing API, as the pool's threads saw it (`since` is set by any of them)."""
 
     since: float | None = None  # when the API began to fail
     warned_at: float = -float("inf")
@@ -291,6 +301,7 @@ class SlotPool:
         self._closed = False
         self._error: SlotError | None = None
         self._stopped = threading.Event()
+        self._outage = _Outage()
         self._releases: queue.SimpleQueue[UUID | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._broker, name=f"slots-broker-{name}", daemon=True),
@@ -481,6 +492,7 @@ class SlotPool:
                 logger.warning("could not give back slot lease %s: %s", lease, exc)
                 return
             except ApiUnavailable as exc:
+                self._api_failed()
                 if time.monotonic() > deadline:
                     logger.warning(
                         "could not give back slot lease %s of %r to %s: %s",
@@ -502,7 +514,7 @@ class SlotPool:
     def _broker(self) -> None:
         """Ask the server for what waits: a global slot whenever more sites outside groups
         wait than slots are parked, and a pair for each group site in line."""
-        outage = _Outage()
+        outage = self._outage
         while (asks := self._wait_for_asks()) is not None:
             began = time.monotonic()
             granted: list[_Ask] = []
@@ -510,6 +522,8 @@ class SlotPool:
             for done, ask in enumerate(asks):
                 try:
                     lease = self._ask(ask)
+                    if lease is None and outage.since is not None:
+                        self._api.renew(PROBE_LEASE, self.settings.lease_seconds)
                 except SlotError as exc:
                     self._refuse_for_good(ask, exc)
                     if ask.site is None:
@@ -662,6 +676,12 @@ class SlotPool:
         )
         return True
 
+    def _api_failed(self) -> None:
+        """A renewal or a release failed: the outage clock runs from now, unless it runs."""
+        with self._cond:
+            if self._outage.since is None:
+                self._outage.since = time.monotonic()
+
     def _fail(self, error: SlotError) -> None:
         with self._cond:
             self._error = error
@@ -694,4 +714,5 @@ class SlotPool:
                 self._releases.put(lease)
             if renew:
                 next_renewal = now + lease_seconds / 3
-                self._book.renew(renew)
+                if not self._book.renew(renew):
+                    self._api_failed()

@@ -45,8 +45,11 @@ class FakeLimit:
 
 class FakeSlotApi:
     """`flows.slots.pool.SlotApi` on a `FakeLimit` (the global one) and `groups` (limit
-    name -> `FakeLimit`). Set `down` to make every call fail. The calls are recorded on the
-    global limit; `asked` lists the names of every acquire."""
+    name -> `FakeLimit`). Set `down` to make every call fail. Set `lease_store_down` for
+    Prefect 3.9's server with its lease storage (Redis) gone: an acquire with room counts
+    the slot, fails to store the lease and answers 500, keeping the count; a full limit
+    still answers 423 (it never reaches the storage); renewals and releases answer 500.
+    The calls are recorded on the global limit; `asked` lists the names of every acquire."""
 
     url = "http://fake.invalid/api"
 
@@ -61,6 +64,7 @@ class FakeSlotApi:
         self.missing = set(missing)  # names the server does not know
         self.down: str | None = None
         self.renew_down = False
+        self.lease_store_down: str | None = None
         self.asked: list[tuple[str, ...]] = []
 
     def _call(self, what: str) -> None:
@@ -86,13 +90,18 @@ class FakeSlotApi:
             for limit in limits:
                 limit.active += 1
                 limit.peak = max(limit.peak, limit.active)
-                limit.leases.add(lease)
+                if self.lease_store_down is None:
+                    limit.leases.add(lease)
+            if self.lease_store_down is not None:
+                raise ApiUnavailable(self.lease_store_down)  # counted, never leased
             return lease
 
     def renew(self, lease: UUID, lease_seconds: float) -> bool:
         self._call("renew")
         if self.renew_down:
             raise ApiUnavailable("HTTP 503 Service Unavailable")
+        if self.lease_store_down is not None:
+            raise ApiUnavailable(self.lease_store_down)
         with _SERVER:
             return lease in self.limit.leases or any(
                 lease in g.leases for g in self.groups.values()
@@ -100,6 +109,8 @@ class FakeSlotApi:
 
     def release(self, lease: UUID) -> None:
         self._call("release")
+        if self.lease_store_down is not None:
+            raise ApiUnavailable(self.lease_store_down)
         with _SERVER:
             for limit in self._limits():  # like the server: unknown leases are a no-op
                 if lease in limit.leases:
