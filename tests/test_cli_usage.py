@@ -189,3 +189,29 @@ def test_ctrl_c_during_a_run_exits_130_with_one_line(
     status, err = status_and_stderr(["run", "--config", str(config)], capsys)
     assert status == 130
     assert err == "site-pipeline: interrupted; pipelines stopped\n"
+
+
+def test_an_api_failure_under_the_flow_is_one_line_that_names_the_request() -> None:
+    """A flow run whose server failed as it ended (Redis down: `set_state` answers 500) is
+    one `error:` line naming the status and the request (so the server), not Prefect's
+    traceback; a transport error names its request too; any other exception is a bug,
+    and stays a traceback (None)."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    url = "http://127.0.0.1:4321/api/flow_runs/abc/set_state"
+    request = httpx.Request("POST", url)
+    response = httpx.Response(500, request=request)
+    status_error = PrefectHTTPStatusError.from_httpx_error(
+        httpx.HTTPStatusError("500", request=request, response=response)
+    )
+    assert run_command.api_failure(status_error) == (
+        f"the Prefect API failed: HTTP 500 Internal Server Error for POST {url}; "
+        "the flow run may be left Running on that server"
+    )
+    refused = httpx.ConnectError("All connection attempts failed", request=request)
+    assert run_command.api_failure(refused) == (
+        "the Prefect API could not be reached: ConnectError: All connection attempts failed "
+        f"(POST {url})"
+    )
+    assert run_command.api_failure(ValueError("a bug")) is None

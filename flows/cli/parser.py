@@ -121,7 +121,7 @@ def _add_setup(commands: Commands) -> None:
         default=90,
         metavar="SECONDS",
         help="mark a flow run Crashed after this long without a heartbeat (default: 90; "
-        "prefect.yaml sends one every 30 s)",
+        "more than 30: prefect.yaml sends one every 30 s)",
     )
 
 

@@ -179,6 +179,9 @@ def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | Non
         if isinstance(outcome, PipelineRunError):
             print(f"site-pipeline: {outcome}", file=sys.stderr)
             return EXIT_FAILED
+        if isinstance(outcome, BaseException) and (line := api_failure(outcome)) is not None:
+            print(f"site-pipeline: error: {line}", file=sys.stderr)
+            return EXIT_FAILED
         if isinstance(outcome, BaseException):
             raise outcome
     # A server that keeps running (not the temporary one): link to the run.
@@ -187,6 +190,30 @@ def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | Non
     if outcome["state"] == "Cancelled" and stop.signal is not None:
         return exit_status(stop.signal)
     return EXIT_OK if outcome["state"] == "Completed" else EXIT_FAILED
+
+
+def api_failure(exc: BaseException) -> str | None:
+    """One line for a Prefect API call that failed under the flow run (the server, or a
+    backend of it such as Redis, down as the run ended): the status and the request, which
+    names the server; None for any other exception (a bug: its traceback is worth seeing)."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from flows.slots.prefect_api import describe_status
+
+    if isinstance(exc, PrefectHTTPStatusError):
+        request = exc.request
+        return (
+            f"the Prefect API failed: {describe_status(exc.response)} for "
+            f"{request.method} {request.url}; the flow run may be left Running on that server"
+        )
+    if isinstance(exc, httpx.TransportError):
+        try:
+            where = f" ({exc.request.method} {exc.request.url})"
+        except RuntimeError:  # httpx: no request attached
+            where = ""
+        return f"the Prefect API could not be reached: {type(exc).__name__}: {exc}{where}"
+    return None
 
 
 def _watch_flow(
