@@ -248,3 +248,41 @@ def test_a_failing_progress_artifact_update_warns_and_the_run_goes_on(
         server.shutdown()
     assert progress.done == 1
     assert any("could not update the progress artifact" in r.message for r in caplog.records)
+
+
+@pytest.mark.filterwarnings("ignore:Artifact creation outside:FutureWarning")  # no flow run here
+def test_artifacts_the_api_refuses_are_warnings_and_the_run_still_ends(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    """The API answers 500 to every artifact (Redis down: artifacts send events): the summary
+    table, the site health and the failures each get one warning naming the key, the status
+    and the request, nothing is raised, and the streaks still come back."""
+    import logging
+
+    from flows import report
+    from flows.config import load_plan
+    from flows.engine.finish import publish_artifacts
+    from flows.names import FAILURES_KEY, HEALTH_KEY, SUMMARY_KEY
+
+    plan = load_plan(write_config(tmp_path, ["ok-a", "bad-b"]))
+    reports = [
+        report.SiteReport("ok-a", "succeeded", 1, 0, 0.1, None),
+        report.SiteReport("bad-b", "failed", 1, 1, 0.1, "exit code 1"),
+    ]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/api"
+    logger = logging.getLogger("test-artifacts")
+    try:
+        with temporary_settings({PREFECT_API_URL: url}), caplog.at_level(logging.WARNING):
+            streaks = publish_artifacts(logger, plan, reports)
+    finally:
+        server.shutdown()
+    assert streaks == {"ok-a": 0, "bad-b": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "test-artifacts"]
+    # The request is the artifact's POST, or the CSRF token's GET the client sends first.
+    keys = (SUMMARY_KEY, HEALTH_KEY, FAILURES_KEY)
+    assert len(warnings) == len(keys), warnings
+    for key, warning in zip(keys, warnings, strict=True):
+        prefix = f"could not publish the {key} artifact: HTTP 500 Internal Server Error for "
+        assert warning.startswith(prefix) and f" {url}/" in warning, warning

@@ -197,23 +197,15 @@ def api_failure(exc: BaseException) -> str | None:
     backend of it such as Redis, down as the run ended): the status and the request, which
     names the server; None for any other exception (a bug: its traceback is worth seeing)."""
     import httpx
-    from prefect.exceptions import PrefectHTTPStatusError
 
-    from flows.slots.prefect_api import describe_status
+    from flows.slots.prefect_api import describe_api_error
 
-    if isinstance(exc, PrefectHTTPStatusError):
-        request = exc.request
-        return (
-            f"the Prefect API failed: {describe_status(exc.response)} for "
-            f"{request.method} {request.url}; the flow run may be left Running on that server"
-        )
-    if isinstance(exc, httpx.TransportError):
-        try:
-            where = f" ({exc.request.method} {exc.request.url})"
-        except RuntimeError:  # httpx: no request attached
-            where = ""
-        return f"the Prefect API could not be reached: {type(exc).__name__}: {exc}{where}"
-    return None
+    what = describe_api_error(exc)
+    if what is None:
+        return None
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"the Prefect API failed: {what}; the flow run may be left Running on that server"
+    return f"the Prefect API could not be reached: {what}"
 
 
 def _watch_flow(

@@ -12,9 +12,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import httpx
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Cancelled, Completed, Failed
@@ -24,31 +25,48 @@ from flows.config import RunPlan
 from flows.engine.prepare import RunLogger
 from flows.interrupts import StopRequest
 from flows.names import FAILURES_KEY, HEALTH_KEY, SUMMARY_KEY
+from flows.slots.prefect_api import describe_api_error
 
 
 def publish_artifacts(
+    logger: RunLogger,
     plan: RunPlan,
     reports: Sequence[report.SiteReport],
     earlier: Sequence[Sequence[Mapping[str, Any]]] = (),
 ) -> dict[str, int]:
     """The summary table, the site health (this run and the `earlier` runs' summary rows,
     newest first), and the failures by kind when the plan aggregates errors. Returns each
-    site's failure streak, this run included."""
+    site's failure streak, this run included. An artifact the API fails to take (a backend
+    of the server down) is a warning: the sites ran, and the run still ends with its
+    summary."""
     rows = report.table_rows(reports)
-    create_table_artifact(rows, key=SUMMARY_KEY, description="one row per site")
+    _publish(logger, SUMMARY_KEY, create_table_artifact, rows, description="one row per site")
     field = plan.config.result_checks.field if plan.config.result_checks else None
     healths = health.health_table([r.site for r in reports], [rows, *earlier], field is not None)
-    create_markdown_artifact(
+    _publish(
+        logger,
+        HEALTH_KEY,
+        create_markdown_artifact,
         health.health_markdown(healths, field),
-        key=HEALTH_KEY,
         description="each site's last runs and failure streak",
     )
     failures = (
         report.failures_markdown(reports) if plan.config.async_settings.error_aggregation else None
     )
     if failures:
-        create_markdown_artifact(failures, key=FAILURES_KEY, description="failures by kind")
+        _publish(
+            logger, FAILURES_KEY, create_markdown_artifact, failures, description="failures by kind"
+        )
     return {h.site: h.streak for h in healths}
+
+
+def _publish(
+    logger: RunLogger, key: str, create: Callable[..., object], body: Any, description: str
+) -> None:
+    try:
+        create(body, key=key, description=description)
+    except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+        logger.warning("could not publish the %s artifact: %s", key, describe_api_error(exc))
 
 
 def finish_run(
@@ -66,7 +84,7 @@ def finish_run(
     earlier runs' summary rows (`prepare.PreparedJob.earlier`), for the health and streaks."""
     stopped = stop is not None and stop.requested
     summary = report.build_summary(flow_run_id, reports, state="Cancelled" if stopped else None)
-    streaks = publish_artifacts(plan, reports, earlier)
+    streaks = publish_artifacts(logger, plan, reports, earlier)
     warned = report.warning_message(reports)
     if warned:
         logger.warning(warned)

@@ -15,6 +15,7 @@ from flows import report
 from flows.context import ProgressFn
 from flows.engine.prepare import RunLogger
 from flows.names import PROGRESS, PROGRESS_KEY
+from flows.slots.prefect_api import describe_api_error
 
 
 class ProgressReporter:
@@ -62,4 +63,6 @@ class ProgressReporter:
         try:
             update_progress_artifact(cast(UUID, self._artifact), percent)
         except (httpx.HTTPStatusError, httpx.TransportError) as exc:
-            self._logger.warning("could not update the progress artifact: %s", exc)
+            self._logger.warning(
+                "could not update the progress artifact: %s", describe_api_error(exc)
+            )

@@ -63,6 +63,21 @@ def describe_status(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
 
 
+def describe_api_error(exc: BaseException) -> str | None:
+    """`HTTP 500 Internal Server Error for POST <url>` (a status error) or
+    `ConnectError: ... (POST <url>)` (no answer), which names the server; None for an
+    exception that is not a failed API call."""
+    if isinstance(exc, httpx.HTTPStatusError):
+        return f"{describe_status(exc.response)} for {exc.request.method} {exc.request.url}"
+    if isinstance(exc, httpx.TransportError):
+        try:
+            where = f" ({exc.request.method} {exc.request.url})"
+        except RuntimeError:  # httpx: no request attached
+            where = ""
+        return f"{type(exc).__name__}: {exc}{where}"
+    return None
+
+
 def may_pass(status_code: int) -> bool:
     """An HTTP status worth retrying (`ApiUnavailable`): 5xx, 401, 403, 408, 429."""
     return status_code >= 500 or status_code in (401, 403, 408, 429)
