@@ -172,3 +172,20 @@ def test_a_local_cluster_uses_the_embedded_default_s_one_temporary_server(tmp_pa
     assert proc.returncode == 0
     assert most == 1
     assert len([row for row in read_timeline(tmp_path) if row[1] == "start"]) == 4
+
+
+def test_a_local_cluster_s_workers_run_without_dask_s_profiler(tmp_path: Path) -> None:
+    """The local cluster's workers have Dask's statistical profiler off (it feeds a
+    dashboard the local cluster doesn't have, and grows each worker's memory), and the
+    cluster has the configured number of workers."""
+    import dask
+
+    from flows.config import load_plan
+    from flows.engine.task_runners import task_runner
+
+    plan = load_plan(write_config(tmp_path, ["ok-a"], task_runner=DASK))
+    with task_runner(plan) as runner:
+        client = runner.client  # type: ignore[attr-defined]
+        profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
+    assert len(profiling) == 2
+    assert set(profiling.values()) == {False}

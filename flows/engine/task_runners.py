@@ -21,6 +21,13 @@ from flows.config import RunPlan
 
 DASK_EXTRA = 'pip install -e ".[dask]"'
 
+LOCAL_WORKER_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False}
+"""Set while a local cluster starts (each Nanny hands this process's Dask config to its
+worker). A local cluster's workers don't run Dask's statistical profiler (a sample of every
+thread's stack every 10 ms, kept for 1,000 s): it feeds the dashboard's profile page, and
+a local cluster here has no dashboard. In the soak (`bench/soak.py`, 300 sites on Dask) it
+was about half of each worker's memory growth. A cluster at `address` keeps its own config."""
+
 
 def local_cluster_size(plan: RunPlan) -> tuple[int, int]:
     """(workers, threads per worker) for a local cluster: Dask's default worker count unless
@@ -61,5 +68,8 @@ def task_runner(plan: RunPlan) -> Iterator[TaskRunner[Any]]:
     with get_client(sync_client=True) as client:
         api_url = str(client.api_url).rstrip("/")
     updates = {} if get_current_settings().api.url else {PREFECT_API_URL: api_url}
-    with temporary_settings(updates=updates), dask as runner:
+    from dask import config as dask_config
+
+    local = {} if settings.address else LOCAL_WORKER_CONFIG
+    with temporary_settings(updates=updates), dask_config.set(local), dask as runner:
         yield runner
