@@ -42,6 +42,25 @@ def run_site(
     return threading.Thread(target=body)
 
 
+def slot_errors_of(pool: SlotPool, site: str) -> tuple[list[str], float]:
+    """Wait (up to 10 s, in a thread) for `site`'s slot: the SlotErrors it got, and how
+    long the wait took."""
+    errors: list[str] = []
+
+    def wait() -> None:
+        try:
+            with pool.slot(site):
+                pass
+        except SlotError as exc:
+            errors.append(str(exc))
+
+    started = time.monotonic()
+    thread = threading.Thread(target=wait)
+    thread.start()
+    thread.join(10)
+    return errors, time.monotonic() - started
+
+
 def test_slots_go_to_sites_in_list_order() -> None:
     """With one slot, sites that ask in reverse order still start in list order."""
     sites = ["a", "b", "c", "d"]
@@ -218,24 +237,11 @@ def test_a_failing_api_warns_then_fails_waiting_sites_after_api_patience(
     pool = SlotPool(
         "cap", ["a", "b"], api, PoolSettings(api_patience=1.0, warn_every=0.4, warn_after=0)
     )
-    errors: list[str] = []
     running_done = threading.Event()
     try:
         with caplog.at_level(logging.WARNING, logger="site_pipeline.slots"), pool.slot("a"):
             api.down = "HTTP 503 Service Unavailable"
-
-            def wait_b() -> None:
-                try:
-                    with pool.slot("b"):
-                        pass
-                except SlotError as exc:
-                    errors.append(str(exc))
-
-            started = time.monotonic()
-            thread = threading.Thread(target=wait_b)
-            thread.start()
-            thread.join(10)
-            waited = time.monotonic() - started
+            errors, waited = slot_errors_of(pool, "b")
             running_done.set()  # 'a' kept its slot all along
     finally:
         api.down = None
@@ -281,24 +287,12 @@ def test_a_limit_that_looks_full_because_its_lease_storage_is_down_fails_waiting
     limit = FakeLimit(2)
     api = FakeSlotApi(limit)
     pool = SlotPool("cap", ["a", "b"], api, PoolSettings(api_patience=1.0, warn_after=0))
-    errors: list[str] = []
-
-    def wait_b() -> None:
-        try:
-            with pool.slot("b"):
-                pass
-        except SlotError as exc:
-            errors.append(str(exc))
-
     try:
         with pool.slot("a"):
             api.lease_store_down = "HTTP 500 Internal Server Error"
-            started = time.monotonic()
-            thread = threading.Thread(target=wait_b)
-            thread.start()
-            thread.join(10)
-            waited = time.monotonic() - started
+            errors, waited = slot_errors_of(pool, "b")
             a_still_held = limit.active >= 1
+            calls_while_held = list(limit.calls)  # before a's give-back renews its lease
             api.lease_store_down = None
     finally:
         api.lease_store_down = None
@@ -309,7 +303,7 @@ def test_a_limit_that_looks_full_because_its_lease_storage_is_down_fails_waiting
     ]
     assert 0.9 <= waited < 5
     assert a_still_held
-    assert "renew" in limit.calls  # the probe that told the outage from a full limit
+    assert "renew" in calls_while_held  # the probe that told the outage from a full limit
 
 
 def test_a_limit_really_full_after_a_short_outage_is_waited_for_past_api_patience() -> None:
