@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import httpx
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Cancelled, Completed, Failed
@@ -25,7 +24,7 @@ from flows.config import RunPlan
 from flows.engine.prepare import RunLogger
 from flows.interrupts import StopRequest
 from flows.names import FAILURES_KEY, HEALTH_KEY, SUMMARY_KEY
-from flows.slots.prefect_api import describe_api_error
+from flows.slots.prefect_api import API_ERRORS, describe_api_error
 
 
 def publish_artifacts(
@@ -65,7 +64,7 @@ def _publish(
 ) -> None:
     try:
         create(body, key=key, description=description)
-    except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+    except API_ERRORS as exc:
         logger.warning("could not publish the %s artifact: %s", key, describe_api_error(exc))
 
 

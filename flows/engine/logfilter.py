@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 
-import httpx
-
 from flows.engine.failure import SiteAttemptFailed
+from flows.slots.prefect_api import API_ERRORS
 
 
 class _NoTracebackForSiteFailures(logging.Filter):
@@ -25,7 +24,7 @@ class _NoTracebackForSiteFailures(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, SiteAttemptFailed | httpx.HTTPStatusError | httpx.TransportError):
+        if isinstance(error, (SiteAttemptFailed, *API_ERRORS)):
             record.exc_info = None
             record.exc_text = None
         return True

@@ -8,14 +8,13 @@ import time
 from typing import cast
 from uuid import UUID
 
-import httpx
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows import report
 from flows.context import ProgressFn
 from flows.engine.prepare import RunLogger
 from flows.names import PROGRESS, PROGRESS_KEY
-from flows.slots.prefect_api import describe_api_error
+from flows.slots.prefect_api import API_ERRORS, describe_api_error
 
 
 class ProgressReporter:
@@ -62,7 +61,7 @@ class ProgressReporter:
         costs this update only, never the run: a warning, and the next site tries again."""
         try:
             update_progress_artifact(cast(UUID, self._artifact), percent)
-        except (httpx.HTTPStatusError, httpx.TransportError) as exc:
+        except API_ERRORS as exc:
             self._logger.warning(
                 "could not update the progress artifact: %s", describe_api_error(exc)
             )

@@ -63,6 +63,11 @@ def describe_status(response: httpx.Response) -> str:
     return f"HTTP {response.status_code} {response.reason_phrase}".rstrip()
 
 
+API_ERRORS = (httpx.HTTPStatusError, httpx.TransportError)
+"""A Prefect API call that failed: an error status, or no answer (what `describe_api_error`
+describes)."""
+
+
 def describe_api_error(exc: BaseException) -> str | None:
     """`HTTP 500 Internal Server Error for POST <url>` (a status error) or
     `ConnectError: ... (POST <url>)` (no answer), which names the server; None for an
