@@ -7,7 +7,9 @@ an attempt that will be retried does not count. "Done" is every site finally suc
 failed; cancelled and skipped sites are neither.
 
 `HaltTally` keeps the sites by name, so the same site told twice (by its task, under its slot,
-and by the flow, from its final state) counts once.
+and by the flow, from its final state) counts once. It keeps the reason of the failure that
+tripped the rule: the sites still running then may fail too, but the run halted after the
+third failure, whoever tells it (the tasks or the flow) and whenever.
 """
 
 from __future__ import annotations
@@ -42,14 +44,17 @@ class HaltTally:
         self.rule = rule
         self.failed: set[str] = set()
         self.done: set[str] = set()
+        self.reason: str | None = None  # the first reason the rule gave: it tripped there
         self._lock = threading.Lock()
 
     def site_done(self, site: str, status: str) -> str | None:
         """Count `site`, finally `status` (a `SiteReport.status`); the halt's reason once the
-        rule trips (and every time after), else None."""
+        rule trips (the same reason every time after), else None."""
         with self._lock:
             if status in DONE_STATUSES:
                 self.done.add(site)
             if status in FAILED_STATUSES:
                 self.failed.add(site)
-            return halt_reason(self.rule, len(self.failed), len(self.done))
+            if self.reason is None:
+                self.reason = halt_reason(self.rule, len(self.failed), len(self.done))
+            return self.reason

@@ -75,6 +75,19 @@ def test_the_tally_counts_a_site_once_and_only_final_failures() -> None:
     assert tally.site_done("e", "timed_out") == "the run halted after 2 failures (halt: 2 failed)"
 
 
+def test_the_tally_keeps_the_reason_of_the_failure_that_tripped_it() -> None:
+    """A site still running when the halt trips may fail after it: the run still halted after
+    the 2nd failure, told to the tasks and to the flow alike (the flow's message said "after 3"
+    where the cancelled sites said "after 2")."""
+    tally = HaltTally(rule(failed=2))
+    tally.site_done("a", "failed")
+    tripped = tally.site_done("b", "failed")
+    assert tripped == "the run halted after 2 failures (halt: 2 failed)"
+    assert tally.site_done("c", "failed") == tripped
+    assert tally.site_done("d", "succeeded") == tripped
+    assert len(tally.failed) == 3  # still counted, for the summary's sake
+
+
 def test_the_halt_rule_is_plain_python() -> None:
     """Importing flows.halt loads neither Prefect nor Dask."""
     code = "import sys, flows.halt; assert not {'prefect', 'dask'} & set(sys.modules)"
@@ -145,6 +158,7 @@ def test_halt_soon_lets_the_running_site_finish(tmp_path: Path) -> None:
         halt={"failed": 1},
         env={
             "FAKE_TIMELINE": str(tmp_path / "timeline.tsv"),
+            "FAKE_WAIT_FOR": "slow-b",  # fail-a fails only once slow-b surely runs
             "FAKE_SLEEP": "0.3",
             "FAKE_SLOW": "2",
         },
@@ -171,7 +185,8 @@ def test_halt_now_stops_a_running_long_site(tmp_path: Path) -> None:
         env={
             "FAKE_TIMELINE": str(tmp_path / "timeline.tsv"),
             "FAKE_PIDS_DIR": str(tmp_path),
-            "FAKE_SLEEP": "3",  # fail-a fails once hang-b surely runs
+            "FAKE_WAIT_FOR": "hang-b",  # fail-a fails only once hang-b surely runs
+            "FAKE_SLEEP": "0.3",
         },
     )
     began = time.monotonic()

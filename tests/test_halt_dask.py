@@ -63,7 +63,8 @@ def test_halt_now_on_dask_stops_the_pipeline_running_on_a_worker(tmp_path: Path)
         env={
             "FAKE_TIMELINE": str(tmp_path / "timeline.tsv"),
             "FAKE_PIDS_DIR": str(tmp_path),
-            "FAKE_SLEEP": "4",
+            "FAKE_WAIT_FOR": "hang-b",  # fail-a fails only once hang-b surely runs
+            "FAKE_SLEEP": "0.3",
         },
     )
     state, reports = run(config)

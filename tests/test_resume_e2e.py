@@ -70,6 +70,16 @@ def completed_sites_when(proc: subprocess.Popen[str], count: int) -> list[str]:
     raise AssertionError(f"fewer than {count} sites completed in 120 s")
 
 
+def wait_until_started(folder: Path, sites: set[str]) -> None:
+    """Wait until every one of `sites` has started its pipeline (each holds its slot then)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if sites <= {site for site, what, _ in read_timeline(folder) if what == "start"}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{sorted(sites)} did not all start in 60 s")
+
+
 def cmdline(pid: int) -> list[str]:
     try:
         return psutil.Process(pid).cmdline()
@@ -173,7 +183,8 @@ def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
     config = write_config(tmp_path, sites, max_concurrent_sites=2)
     env = embedded_env(tmp_path / "home")
     proc = start_cli(["run", "--config", str(config)], env)
-    done = completed_sites_when(proc, count=2)  # ok-1, ok-2; slow-3 and slow-4 are running
+    done = completed_sites_when(proc, count=2)  # ok-1, ok-2
+    wait_until_started(tmp_path, {"slow-3", "slow-4"})  # they hold the 2 slots
     ours = descendants(proc.pid)
     proc.kill()
     proc.communicate(timeout=30)

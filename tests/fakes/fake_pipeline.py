@@ -10,6 +10,8 @@
     loud...      print $FAKE_LOUD_MB megabytes (default 20) of lines, then the status line
     anything else behaves like ok
     any site named by $FAKE_HANG behaves like hang (for a site that hangs after good runs)
+    with $FAKE_WAIT_FOR=<site>, every other site first waits (up to 60 s) until that site has
+    started in $FAKE_TIMELINE (an order a test needs, without betting on a sleep)
 
 The JSON status line holds `records` = $FAKE_RECORDS when set, the argv, the SITE*
 environment, the cwd and the parent pid.
@@ -33,6 +35,18 @@ def mark(site: str, what: str) -> None:
             handle.write(f"{site}\t{what}\t{time.time():.6f}\n")
 
 
+def wait_for_start(site: str) -> None:
+    """Return once `site` has a start line in $FAKE_TIMELINE (or after 60 s)."""
+    path = os.environ["FAKE_TIMELINE"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                if f"{site}\tstart\t" in handle.read():
+                    return
+        time.sleep(0.02)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--site", required=True)
@@ -40,6 +54,9 @@ def main() -> int:
     args, extra = parser.parse_known_args()
     site = args.site
     mark(site, "start")
+    waits_for = os.environ.get("FAKE_WAIT_FOR")
+    if waits_for and waits_for != site:
+        wait_for_start(waits_for)
     status = {
         "site": site,
         "attempt": args.attempt,
