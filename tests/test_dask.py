@@ -21,6 +21,7 @@ from prefect.client.schemas.filters import (
     LogFilterTaskRunId,
 )
 
+from flows.config import group_limit_name
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, write_config
 from tests.processes import alive, hanging_pids, wait_until_gone
 from tests.servers import prefect_env
@@ -111,6 +112,31 @@ def test_the_cap_holds_across_dask_workers(tmp_path: Path) -> None:
     with get_client(sync_client=True) as client:  # the workers gave every slot back
         tag = f"test-{tmp_path.name}"[:60]
         assert client.read_global_concurrency_limit_by_name(tag).active_slots == 0
+
+
+def test_a_group_cap_holds_across_dask_workers(tmp_path: Path) -> None:
+    """Group cap 1 for the `grp-` sites, cap 3, on 2 workers: each worker's slot pool is
+    made by the first task run it gets (which carries only its own site) and learns the
+    others' groups as they come, so never more than 1 group site runs at once in all; every
+    site succeeds and no slot of either limit is left taken."""
+    group_sites = [f"grp-{i}.vendor.test" for i in range(4)]
+    config = write_config(
+        tmp_path,
+        [*group_sites, *(f"ok-{i}" for i in range(4))],
+        max_concurrent_sites=3,
+        groups={"vendor": {"max_concurrent": 1, "match": r"\.vendor\.test$"}},
+        task_runner={**DASK, "threads_per_worker": 4},
+        env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "0.6"},
+    )
+    summary = summary_of(config)
+    assert summary["counts"]["succeeded"] == 8
+    rows = read_timeline(tmp_path)
+    assert max_overlap([row for row in rows if row[0].startswith("grp-")]) == 1
+    assert max_overlap(rows) <= 3
+    tag = f"test-{tmp_path.name}"[:60]
+    with get_client(sync_client=True) as client:
+        for name in (tag, group_limit_name(tag, "vendor")):
+            assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
 
 
 def test_sigterm_of_the_flow_process_stops_the_pipelines_on_the_workers(

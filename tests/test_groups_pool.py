@@ -234,3 +234,24 @@ def test_a_groups_next_site_starts_as_soon_as_its_slot_comes_back() -> None:
     handover = timeline.spans["g2"][0] - timeline.spans["g1"][1]
     assert 0 <= handover < 0.3, timeline.spans
     assert api.asked.count(("cap", GROUP)) == 1, api.asked  # one pair, handed on
+
+
+def test_a_pool_made_for_one_site_learns_the_others_and_their_group() -> None:
+    """A Dask worker's pool is made by the first task run it gets, which carries only its
+    own site: the sites it learns later (`add_sites`) get slots in the order they joined,
+    and the grouped ones still take turns at their group's cap of 1."""
+    group_sites = ["g1", "g2", "g3"]
+    limit, group = FakeLimit(3), FakeLimit(1)
+    timeline = Timeline(group_sites)
+    with group_pool(limit, group, ["first"], []) as pool:
+        pool.add_sites(["first", "g1", "o1"], {"g1": GROUP})  # "first" again: a no-op
+        pool.add_sites(["g2", "g3"], {"g2": GROUP, "g3": GROUP})
+        threads = [timeline.thread(pool, s, 0.3) for s in ["first", *group_sites, "o1"]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+    assert set(timeline.spans) == {"first", "o1", *group_sites}
+    assert timeline.group_peak == 1 and group.peak == 1
+    assert timeline.peak <= 3 and limit.peak <= 3
+    assert limit.active == 0 and group.active == 0

@@ -57,6 +57,16 @@ class HandOutOrder:
         """How many sites have not reached their final outcome."""
         return len(self._index) - len(self._finished)
 
+    def add(self, site: str, group: str | None = None) -> None:
+        """`site` (of `group`) joins the end of the list, unless it is in it already: a Dask
+        worker's pool learns its sites as their task runs arrive."""
+        if site in self._index:
+            return
+        index = self._index[site] = len(self._sites)
+        self._sites.append(site)
+        if group is not None:
+            self._group[index] = group
+
     def wait(self, site: str, now: float) -> None:
         """`site` begins to wait for a slot at `now`. KeyError for a site not in the list."""
         self._waiting[self._index[site]] = now

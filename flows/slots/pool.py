@@ -323,6 +323,17 @@ class SlotPool:
         finally:
             self._give_back(lease)
 
+    def add_sites(self, sites: Sequence[str], site_groups: Mapping[str, str]) -> None:
+        """Sites this pool was not made with join the end of its list, each of its group's
+        limit name in `site_groups` (if any). A Dask worker's pool is made by the first task
+        run it gets, which carries only its own site (`SiteJob.for_site`)."""
+        with self._cond:
+            for site in sites:
+                group = site_groups.get(site)
+                if group is not None:
+                    self._groups.setdefault(site, group)
+                self._order.add(site, self._groups.get(site))
+
     def site_finished(self, site: str) -> None:
         """`site` reached its final outcome: it will not ask for a slot again."""
         with self._cond:
