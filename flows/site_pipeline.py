@@ -17,7 +17,6 @@ if __package__ in (None, ""):  # loaded by path (a deployment entrypoint): make 
 
 from prefect import flow
 from prefect.client.schemas.objects import State
-from prefect.futures import as_completed
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
@@ -27,7 +26,7 @@ from flows.engine.logfilter import install_traceback_filter
 from flows.engine.prepare import claim_limit, plan_run, site_job
 from flows.engine.progress import ProgressReporter
 from flows.engine.running import running_sites, site_report
-from flows.engine.task import submit_sites
+from flows.engine.task import sites_as_they_end
 from flows.names import FLOW_NAME
 from flows.report import SiteReport
 
@@ -64,17 +63,12 @@ def run_sites(
 
     reports: dict[str, SiteReport] = {}
     with running_sites(job, context.stop) as (runner, halt):
-        futures = submit_sites(runner, job)
-        site_of = {id(future): site for future, site in zip(futures, job.plan.sites, strict=True)}
-        for future in as_completed(futures):
-            site = site_of[id(future)]
+        for site, future in sites_as_they_end(runner, job):
             future.wait()
             reports[site] = progress.site_done(halt.seen(site_report(site, future.state)))
 
     ordered = [skipped.get(site) or reports[site] for site in full.sites]
-    return finish_run(
-        logger, plan, str(flow_run_id), ordered, context.stop, halt.reason, earlier
-    )
+    return finish_run(logger, plan, str(flow_run_id), ordered, context.stop, halt.reason, earlier)
 
 
 if __name__ == "__main__":

@@ -1,17 +1,23 @@
-"""What each `run_site` task run carries (`SiteJob.for_site`): plain Python, no server.
+"""What each `run_site` task run carries (`SiteJob.for_site`) and how the flow collects the
+task runs as they end (`sites_as_they_end`): plain Python, no Prefect server.
 
-On Dask it decides the flow process's memory: the scheduler keeps every task's parameters
+On Dask both decide the flow process's memory: the scheduler keeps every task's parameters
 (unpickled) while the flow holds its future (`bench/soak.py`, BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import pickle
+import weakref
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+from prefect.futures import PrefectConcurrentFuture
+
 from flows.config import load_plan
-from flows.engine.task import SiteJob
+from flows.engine.task import SiteJob, sites_as_they_end
 from flows.timeouts import SiteTimeout
 from tests.conftest import write_config
 
@@ -64,3 +70,54 @@ def test_what_a_task_run_carries_does_not_grow_with_the_site_list(tmp_path: Path
     assert abs(large - small) < 64, (small, large)
     whole = len(pickle.dumps(job_of(tmp_path / "whole", 2000)))
     assert whole > 20 * large  # the whole job does grow: it is not what is sent
+
+
+class StepRunner:
+    """A task runner whose submit returns a future at once; submitting site N ends the
+    future of site N-1 (as a short site ends while later ones are still being submitted).
+    It keeps no future of its own once that future has ended."""
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.parameters: list[dict[str, Any]] = []
+        self._running: concurrent.futures.Future[Any] | None = None
+
+    def submit(self, task: Any, parameters: dict[str, Any], dependencies: Any) -> Any:
+        if self._running is not None:
+            self._running.set_result({"site": self.submitted[-1]})
+        self.submitted.append(parameters["site"])
+        self.parameters.append(parameters)
+        self._running = concurrent.futures.Future()
+        return PrefectConcurrentFuture(uuid4(), self._running)
+
+    def end_last(self) -> None:
+        if self._running is not None:
+            self._running.set_result({"site": self.submitted[-1]})
+            self._running = None
+
+
+def test_sites_are_collected_as_they_end_while_the_rest_are_still_submitted(
+    tmp_path: Path,
+) -> None:
+    """Site s0000 ends when s0001 is submitted: it is yielded before s0002 is submitted, and
+    once the flow lets go of it no one holds its future (the Dask scheduler then forgets its
+    task). Every site is submitted once, in the job's order, with its own share of the job,
+    and yielded once."""
+    job = job_of(tmp_path, 4)
+    runner = StepRunner()
+    ends = sites_as_they_end(runner, job)  # type: ignore[arg-type]
+    site, future = next(ends)
+    assert site == "s0000" and runner.submitted == ["s0000", "s0001"]
+    assert future.wrapped_future.done()
+    gone = weakref.ref(future)
+    del future
+    gc.collect()
+    assert gone() is None
+    seen = [site]
+    for site, _future in ends:
+        seen.append(site)
+        if len(runner.submitted) == 4:
+            runner.end_last()
+    assert sorted(seen) == sorted(job.plan.sites) and len(seen) == 4
+    assert runner.submitted == list(job.plan.sites)
+    assert [p["job"].plan.sites for p in runner.parameters] == [(s,) for s in job.plan.sites]

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -475,12 +477,11 @@ def configured_task(
     )
 
 
-def submit_sites(runner: TaskRunner[Any], job: SiteJob) -> list[PrefectFuture[Any]]:
+def _submitted(runner: TaskRunner[Any], job: SiteJob) -> Iterator[tuple[str, PrefectFuture[Any]]]:
     """One `run_site` task run per site, submitted in the job's start order (`job.plan.sites`),
     each with its own site's retries (one task per distinct `retry_count`) and its own share
     of the job (`SiteJob.for_site`)."""
     tasks: dict[int, Task[..., dict[str, Any] | State[Any]]] = {}
-    futures = []
     for site in job.plan.sites:
         count = job.plan.site(site).retry_count
         if count not in tasks:
@@ -488,5 +489,32 @@ def submit_sites(runner: TaskRunner[Any], job: SiteJob) -> list[PrefectFuture[An
         # No upstream task runs: empty dependencies, as `runner.map` passes its own, so
         # Prefect doesn't walk the parameters for each one.
         parameters = {"site": site, "job": job.for_site(site)}
-        futures.append(runner.submit(cast(Any, tasks[count]), parameters, dependencies={}))
-    return futures
+        yield site, runner.submit(cast(Any, tasks[count]), parameters, dependencies={})
+
+
+def sites_as_they_end(
+    runner: TaskRunner[Any], job: SiteJob
+) -> Iterator[tuple[str, PrefectFuture[Any]]]:
+    """Submit every site's task run (`_submitted`) and yield `(site, future)` as each ends,
+    while the rest are still being submitted too. No future is held past its yield: a Dask
+    scheduler keeps a task (its parameters, its result) while the flow holds its future, and
+    on Dask submitting takes about 0.15 s a site (Prefect serializes its context for each),
+    so a night's first sites end long before its last are submitted."""
+    ended: queue.SimpleQueue[UUID] = queue.SimpleQueue()
+    pending: dict[UUID, tuple[str, PrefectFuture[Any]]] = {}
+
+    def on_end(future: PrefectFuture[Any]) -> None:
+        ended.put(future.task_run_id)
+
+    for site, future in _submitted(runner, job):
+        pending[future.task_run_id] = (site, future)
+        future.add_done_callback(on_end)
+        del future  # `pending` holds it until it ends
+        while True:
+            try:
+                done = ended.get_nowait()
+            except queue.Empty:
+                break
+            yield pending.pop(done)
+    while pending:
+        yield pending.pop(ended.get())
