@@ -200,18 +200,36 @@ def test_a_local_cluster_uses_the_embedded_default_s_one_temporary_server(tmp_pa
     assert len([row for row in read_timeline(tmp_path) if row[1] == "start"]) == 4
 
 
-def test_a_local_cluster_s_workers_run_without_dask_s_profiler(tmp_path: Path) -> None:
+def test_a_local_cluster_keeps_no_profiler_and_short_developer_logs(tmp_path: Path) -> None:
     """The local cluster's workers have Dask's statistical profiler off (it feeds a
-    dashboard the local cluster doesn't have, and grows each worker's memory), and the
-    cluster has the configured number of workers."""
+    dashboard the local cluster doesn't have, and grows each worker's memory); the workers
+    and the scheduler (in the flow's process) keep 20 entries of Dask's developer logs, not
+    1,000: the scheduler's streams to its workers keep that many batches they sent, each
+    with its task runs' parameters. The cluster has the configured number of workers."""
     import dask
 
     from flows.config import load_plan
     from flows.engine.task_runners import task_runner
 
+    def settings() -> tuple[object, object]:
+        return (
+            dask.config.get("distributed.worker.profile.enabled"),
+            dask.config.get("distributed.admin.low-level-log-length"),
+        )
+
     plan = load_plan(write_config(tmp_path, ["ok-a"], task_runner=DASK))
     with task_runner(plan) as runner:
         client = runner.client  # type: ignore[attr-defined]
-        profiling = client.run(lambda: dask.config.get("distributed.worker.profile.enabled"))
-    assert len(profiling) == 2
-    assert set(profiling.values()) == {False}
+        on_workers = client.run(settings)
+        streams = client.run_on_scheduler(
+            lambda dask_scheduler: sorted(
+                ws.maxlen
+                for ws in (
+                    stream.recent_message_log for stream in dask_scheduler.stream_comms.values()
+                )
+            )
+        )
+    assert len(on_workers) == 2
+    assert set(on_workers.values()) == {(False, 20)}
+    assert streams == [20, 20]
+    assert dask.config.get("distributed.admin.low-level-log-length") == 1000  # put back

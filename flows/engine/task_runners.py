@@ -21,12 +21,20 @@ from flows.config import RunPlan
 
 DASK_EXTRA = 'pip install -e ".[dask]"'
 
-LOCAL_WORKER_CONFIG: dict[str, Any] = {"distributed.worker.profile.enabled": False}
-"""Set while a local cluster starts (each Nanny hands this process's Dask config to its
-worker). A local cluster's workers don't run Dask's statistical profiler (a sample of every
-thread's stack every 10 ms, kept for 1,000 s): it feeds the dashboard's profile page, and
-a local cluster here has no dashboard. In the soak (`bench/soak.py`, 300 sites on Dask) it
-was about half of each worker's memory growth. A cluster at `address` keeps its own config."""
+LOCAL_CLUSTER_CONFIG: dict[str, Any] = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.low-level-log-length": 20,
+}
+"""Set in this process while a local cluster lives (its scheduler runs here; each Nanny
+hands this config to its worker). Both feed a dashboard or a developer's post-mortem, and a
+local cluster here has neither:
+- the statistical profiler (a sample of every thread's stack every 10 ms, kept for 1,000 s)
+  was half of each worker's memory growth in the soak (`bench/soak.py`);
+- the "low-level" logs (1,000 entries by default) include the last 1,000 batches each
+  scheduler-to-worker stream sent, with every task's parameters unpickled: in a 500-site
+  soak they were the flow process's whole growth (0.45 MB a site with the whole plan in
+  each task run's parameters, 0.2 MB with only its own site's share).
+A cluster at `address` keeps its own config."""
 
 
 def local_cluster_size(plan: RunPlan) -> tuple[int, int]:
@@ -70,6 +78,6 @@ def task_runner(plan: RunPlan) -> Iterator[TaskRunner[Any]]:
     updates = {} if get_current_settings().api.url else {PREFECT_API_URL: api_url}
     from dask import config as dask_config
 
-    local = {} if settings.address else LOCAL_WORKER_CONFIG
+    local = {} if settings.address else LOCAL_CLUSTER_CONFIG
     with temporary_settings(updates=updates), dask_config.set(local), dask as runner:
         yield runner
