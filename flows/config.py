@@ -376,6 +376,11 @@ class RunPlan:
         return self.site(site).group
 
     @property
+    def site_groups(self) -> dict[str, str]:
+        """Each grouped site of the plan: its group."""
+        return {site: group for site in self.sites if (group := self.group_of(site))}
+
+    @property
     def group_limits(self) -> dict[str, int]:
         """Each group's cap, never above the run's global cap."""
         return {

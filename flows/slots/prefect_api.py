@@ -213,6 +213,12 @@ class TagCheckShortcut:
             compat.mark_no_tag_limits(self._names)
 
 
+def site_limit_names(name: str, groups: Mapping[str, str]) -> dict[str, str]:
+    """Each site of `groups` (site -> group): its group's limit name under the limit `name`,
+    as a `SlotPool`'s `site_groups` takes it."""
+    return {site: group_limit_name(name, group) for site, group in groups.items()}
+
+
 def open_slot_pool(
     name: str,
     sites: Sequence[str],
@@ -232,8 +238,6 @@ def open_slot_pool(
     `groups` maps a site to its group (`RunPlan.group_of`), `group_limits` a group to its
     cap (`RunPlan.group_limits`): a group's sites take a slot of its limit
     (`group_limit_name(name, group)`) and of `name` in one call."""
-    limit_of = {group: group_limit_name(name, group) for group in (group_limits or {})}
-    limit_of |= {group: group_limit_name(name, group) for group in (groups or {}).values()}
     client = get_client(sync_client=True)
     client.__enter__()
     try:
@@ -249,8 +253,8 @@ def open_slot_pool(
             on_tick=shortcut.refresh,
             on_close=lambda: client.__exit__(None, None, None),
             ledger=Ledger(ledger_folder(), str(holder_id), ledger_api()),
-            site_groups={site: limit_of[group] for site, group in (groups or {}).items()},
-            group_caps={limit_of[g]: cap for g, cap in (group_limits or {}).items()},
+            site_groups=site_limit_names(name, groups or {}),
+            group_caps={group_limit_name(name, g): cap for g, cap in (group_limits or {}).items()},
         )
     except BaseException:
         client.__exit__(None, None, None)

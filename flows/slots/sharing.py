@@ -26,11 +26,10 @@ from uuid import UUID
 
 from prefect.client.orchestration import get_client
 
-from flows.config import group_limit_name
 from flows.halt import HaltTally
 from flows.process.control import stop_everything
 from flows.slots.pool import SlotPool
-from flows.slots.prefect_api import open_slot_pool
+from flows.slots.prefect_api import open_slot_pool, site_limit_names
 
 if TYPE_CHECKING:
     from flows.config import RunPlan
@@ -131,12 +130,13 @@ def local_run(job: RunJob, *, prefetch: int = 0, in_flow: bool = False) -> Itera
                 park=in_flow,
                 api_patience=config.api_patience,
                 tags=job.tags,
-                groups={s: g for s in job.plan.sites if (g := job.plan.group_of(s))},
+                groups=job.plan.site_groups,
                 group_limits=job.plan.group_limits,
             )
             run = _local_runs[job.flow_run_id] = _new_run(job, pool, in_flow)
-        else:  # a worker's run, made by another site's task run: this site joins its pool
-            run.pool.add_sites(job.plan.sites, _group_limit_names(job))
+        else:  # made by the flow or another site's task run: this site joins its pool
+            names = site_limit_names(config.concurrency_tag, job.plan.site_groups)
+            run.pool.add_sites(job.plan.sites, names)
         run.users += 1
     try:
         yield run
@@ -150,12 +150,6 @@ def local_run(job: RunJob, *, prefetch: int = 0, in_flow: bool = False) -> Itera
             timer = threading.Timer(IDLE_CLOSE_SECONDS, _close_if_idle, (job.flow_run_id, run))
             timer.daemon = True
             timer.start()
-
-
-def _group_limit_names(job: RunJob) -> dict[str, str]:
-    """Each of the job's grouped sites: its group's limit name (as `open_slot_pool` names it)."""
-    tag = job.plan.config.concurrency_tag
-    return {s: group_limit_name(tag, g) for s in job.plan.sites if (g := job.plan.group_of(s))}
 
 
 def _new_run(job: RunJob, pool: SlotPool, in_flow: bool) -> LocalRun:

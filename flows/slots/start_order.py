@@ -118,7 +118,7 @@ def plan_order(plan: RunPlan, durations: Mapping[str, Sequence[float]]) -> Start
     mode: OrderMode = plan.config.order if plan.use_async else "sequential"
     priority = {site: plan.site(site).priority for site in plan.sites}
     order = start_order(plan.sites, expected_durations(durations), priority, mode)
-    group_of = {site: group for site in plan.sites if (group := plan.group_of(site))}
+    group_of = plan.site_groups
     if not group_of or not plan.use_async:
         return order
     spread = spread_groups(order.sites, group_of, plan.group_limits, plan.max_concurrent_sites)
