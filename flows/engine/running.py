@@ -105,21 +105,20 @@ class HaltWatch:
         self.job, self.run = job, run
         self.rule = job.plan.config.halt
         self.tally = run.tally if run is not None else HaltTally(self.rule)
-        self._reason: str | None = None
 
     @property
     def reason(self) -> str | None:
         """Why the run halted, or None: it did not."""
-        return self._reason or (self.run.halt_reason if self.run is not None else None)
+        return self.tally.reason or (self.run.halt_reason if self.run is not None else None)
 
     def seen(self, site_report: report.SiteReport) -> report.SiteReport:
-        """Count a site's final report (returned as it is); halt the run when it trips."""
-        if self.rule is None or self._reason is not None:
+        """Count a site's final report (returned as it is); halt the run when it trips. (In
+        the flow's process the tally is the tasks' too: one that tripped it halted the run.)"""
+        if self.rule is None or self.tally.reason is not None:
             return site_report
         reason = self.tally.site_done(site_report.site, site_report.status)
         if reason is None:
             return site_report
-        self._reason = reason
         if self.run is not None:
             self.run.halt(reason)
             return site_report
