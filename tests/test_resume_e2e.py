@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, run_cli, write_config
+from tests.fakes.slot_api import wait_for
 from tests.processes import hanging_pids, wait_until_gone
 
 pytestmark = pytest.mark.e2e
@@ -72,12 +73,11 @@ def completed_sites_when(proc: subprocess.Popen[str], count: int) -> list[str]:
 
 def wait_until_started(folder: Path, sites: set[str]) -> None:
     """Wait until every one of `sites` has started its pipeline (each holds its slot then)."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if sites <= {site for site, what, _ in read_timeline(folder) if what == "start"}:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{sorted(sites)} did not all start in 60 s")
+
+    def started() -> bool:
+        return sites <= {site for site, what, _ in read_timeline(folder) if what == "start"}
+
+    assert wait_for(started, timeout=60), f"{sorted(sites)} did not all start in 60 s"
 
 
 def cmdline(pid: int) -> list[str]:
