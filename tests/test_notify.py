@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,10 +17,12 @@ from flows.ops.notify import (
     block_name,
     heartbeat_automation,
     notify_automation,
+    same_automation,
     secret_urls,
 )
 from flows.ops.provision import DEFAULT_HEARTBEAT_GRACE, check_heartbeat_grace, setup
-from tests.conftest import write_config
+from tests.conftest import ROOT, write_config
+from tests.processes import run_tied
 
 
 def entry(kind: str = "webhook", on: list[str] | None = None) -> NotifyConfig:
@@ -102,6 +106,42 @@ def test_the_heartbeat_automation_crashes_runs_silent_for_the_grace() -> None:
     assert "no heartbeat for 40 s" in (action.message or "")  # type: ignore[union-attr]
     # Unforced, so Prefect refuses to leave Completed (tests/test_zombies.py shows why)
     assert action.force is False  # type: ignore[union-attr]
+
+
+HASHED = """
+import json, sys
+from flows.ops.notify import heartbeat_automation, same_automation
+if sys.argv[1] == "write":
+    print(json.dumps(heartbeat_automation(90).model_dump(mode="json")))
+else:
+    print(same_automation(json.loads(sys.stdin.read()), heartbeat_automation(90)))
+"""
+
+
+def test_an_automation_written_by_another_process_is_the_same() -> None:
+    """`setup` run again finds its automation unchanged though another process wrote it: a
+    trigger's `expect` is a set, which the server keeps as a list in the writer's order, and
+    each process hashes strings its own way (under PYTHONHASHSEED 3 and 7 that order differs
+    from the reader's; compared as JSON, `setup` once said "updated" by chance)."""
+
+    def python(seed: int, mode: str, given: str | None = None) -> str:
+        env = {**os.environ, "PYTHONHASHSEED": str(seed), "PYTHONPATH": str(ROOT)}
+        argv = [sys.executable, "-c", HASHED, mode]
+        done = run_tied(argv, env=env, cwd=ROOT, timeout=60, input=given)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    assert python(7, "read", python(3, "write")).strip() == "True"
+
+
+def test_an_automation_with_another_grace_or_other_events_is_not_the_same() -> None:
+    """A changed grace, or a missing expected event, is an update."""
+    wanted = heartbeat_automation(40)
+    stored = wanted.model_dump(mode="json")
+    assert same_automation(stored, wanted)
+    assert not same_automation(stored, heartbeat_automation(41))
+    stored["trigger"]["expect"] = sorted(stored["trigger"]["expect"])[1:]
+    assert not same_automation(stored, wanted)
 
 
 @pytest.mark.parametrize("grace", [30, 10, 0.5])

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -204,6 +204,16 @@ def heartbeat_automation(grace_seconds: float) -> AutomationCore:
     )
 
 
+def same_automation(stored: Mapping[str, Any], wanted: AutomationCore) -> bool:
+    """Whether the automation the server holds (`stored`, as JSON) is `wanted`. Compared as
+    models, not as JSON: a trigger's `expect`, `after` and `for_each` are sets, which the
+    server keeps as lists in the order of the process that wrote them; two processes (each
+    with its own string hashing) may list the same set in two orders."""
+    fields = set(AutomationCore.model_fields)
+    found = AutomationCore.model_validate({k: v for k, v in stored.items() if k in fields})
+    return found.model_dump() == wanted.model_dump()
+
+
 def ensure_automation(client: SyncPrefectClient, wanted: AutomationCore) -> str:
     """Create the automation, or update the one of that name when it differs."""
     found = client.read_automations_by_name(wanted.name)
@@ -213,10 +223,7 @@ def ensure_automation(client: SyncPrefectClient, wanted: AutomationCore) -> str:
     current = found[0]
     for extra in found[1:]:  # made twice by hand, or by an old version: keep one
         client.delete_automation(extra.id)
-    same = AutomationCore.model_validate(
-        current.model_dump(include=set(AutomationCore.model_fields))
-    )
-    if same.model_dump(mode="json") == wanted.model_dump(mode="json"):
+    if same_automation(current.model_dump(mode="json"), wanted):
         return f"automation {wanted.name!r} (unchanged)"
     client.update_automation(current.id, wanted)
     return f"updated automation {wanted.name!r}"
