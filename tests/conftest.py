@@ -1,12 +1,21 @@
 """Shared fixtures: an isolated PREFECT_HOME, one real Prefect API for the session,
-configs that point at the fake pipeline, and timeline helpers."""
+configs that point at the fake pipeline, and timeline helpers.
+
+The suite runs in pytest-xdist workers (`addopts` in pyproject.toml). Each worker is a
+process of its own with everything below to itself: its PREFECT_HOME (a new temporary
+folder), its session API (`prefect_api`, its own SQLite database on a free port), its
+`tmp_path`s and the servers its tests start. A worker ends itself when the pytest that
+started it is gone (`_end_with_the_controller`), so a killed pytest leaves none behind.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,20 +117,43 @@ def cli_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple
 def run_cli(
     args: list[str], env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    """`python -m flows ARGS` as a real subprocess from the project root; output captured."""
-    return subprocess.run(
-        [PYTHON, "-m", "flows", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """`python -m flows ARGS` as a real subprocess from the project root, tied to this
+    session (`tests.processes.run_tied`); output captured."""
+    from tests.processes import run_tied
+
+    return run_tied([PYTHON, "-m", "flows", *args], cwd=ROOT, env=env, timeout=timeout)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """End-to-end tests are slow too: `pytest -m "not slow"` is the fast set."""
+    """End-to-end tests are slow too: `pytest -m "not slow"` is the fast set. The slow tests
+    go first, end-to-end ones first of all, so the workers are not left waiting on one long
+    test at the end (a stable sort: the order within each kind is the files' order)."""
     for item in items:
         if item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.slow)
+
+    def kind(item: pytest.Item) -> int:
+        if item.get_closest_marker("e2e"):
+            return 0
+        return 1 if item.get_closest_marker("slow") else 2
+
+    items.sort(key=kind)
+
+
+def _end_with_the_controller(every: float = 0.2) -> None:
+    """In a pytest-xdist worker: SIGKILL this process once its parent (the pytest that
+    started it) is gone. A worker outlives a killed pytest otherwise, and so would what its
+    test started; killed, its reaper ends those (`tests.processes.start_tied`)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            threading.Event().wait(every)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="end-with-the-controller", daemon=True).start()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _end_with_the_controller()

@@ -1,11 +1,90 @@
-"""Helpers for tests that check which processes are still alive."""
+"""Processes in tests: starting them tied to the test session, and checking which are alive.
+
+Every process a test starts goes through `start_tied` or `run_tied`: it leads its own
+process group, which the product's reaper (`flows.process.groups`) ends if this pytest
+process dies first, however it dies (a SIGKILL'd pytest or pytest-xdist worker too), so
+nothing a test started outlives the suite. A group that ended is forgotten (its number may
+be reused).
+"""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
+
+from flows.process import groups as procgroup
+
+
+def start_tied(argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
+    """`subprocess.Popen(argv, **popen)` as the leader of a new process group, tied to this
+    process: it ends with a killed pytest. Stop it with `stop_tied` (or let it end and call
+    `untie`)."""
+    proc: subprocess.Popen[Any] = subprocess.Popen(list(argv), start_new_session=True, **popen)
+    procgroup.reap_group_on_exit(proc.pid)
+    return proc
+
+
+def untie(proc: subprocess.Popen[Any]) -> None:
+    """`proc` has ended (or was stopped): the reaper forgets its group."""
+    procgroup.forget_group(proc.pid)
+
+
+def stop_tied(proc: subprocess.Popen[Any], grace: float = 10) -> None:
+    """SIGTERM the process group `proc` leads, then SIGKILL after `grace` seconds; the
+    reaper forgets it."""
+    try:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+    finally:
+        untie(proc)
+
+
+def run_tied(
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    timeout: float = 300,
+    stdin: int | None = subprocess.DEVNULL,
+    input: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """`subprocess.run(argv, capture_output=True, text=True)` with a tied process group: on
+    `timeout` the whole group is killed before `TimeoutExpired` propagates. `input` is
+    written to its stdin (then a pipe)."""
+    if input is not None:
+        stdin = subprocess.PIPE
+    proc = start_tied(
+        argv,
+        env=None if env is None else dict(env),
+        cwd=cwd,
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        out, err = proc.communicate(input, timeout=timeout)
+    except BaseException:
+        stop_tied(proc, grace=2)
+        proc.communicate()
+        raise
+    untie(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def alive(pid: int) -> bool:

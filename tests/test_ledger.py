@@ -14,7 +14,8 @@ import pytest
 from flows.process.holders import holder_labels
 from flows.slots import ledger
 from flows.slots.pool import SlotPool
-from tests.fakes.slot_api import FakeLimit, FakeSlotApi, wait_for
+from tests.fakes.slot_api import FakeLimit, FakeSlotApi
+from tests.waiting import wait_for
 
 
 def dead_labels() -> dict[str, str]:

@@ -22,7 +22,8 @@ from flows.process.logfile import (
 )
 
 CAUSE_FAKE = Path(__file__).resolve().parent / "fakes" / "cause_pipeline.py"
-RUN = str(uuid.uuid4())
+# A fixed id: test ids built from it are the same in every pytest-xdist worker.
+RUN = "6f1c2b9e-3d4a-4e5f-8a7b-9c0d1e2f3a4b"
 
 
 def written(*chunks: tuple[str, bytes], path: Path) -> bytes:
