@@ -3,28 +3,55 @@ loopback port (SQLite or PostgreSQL), a process worker, and a fresh PostgreSQL d
 
 Everything started here runs in its own process group and is stopped by group, so teardown
 kills only what this module started.
+
+A new Prefect database spends about 6 s of CPU in its migrations, more than the rest of a
+server's start. Servers start on a copy of a database migrated once per Prefect version
+(`migrated_sqlite`, `postgres_database`'s template), so each test pays that once per
+machine, not once per server. A test of a new user's first run asks for `fresh=True`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
+import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
+from filelock import FileLock
 
 from flows.process import groups as procgroup
+from tests.processes import stop_tied
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.events import Event
 
 PG_HOST, PG_PORT, PG_USER = "127.0.0.1", 5432, "postgres"
 BIN = Path(sys.executable).parent
+
+
+def _prefect_version() -> str:
+    from importlib.metadata import version
+
+    return version("prefect")
+
+
+TEMPLATES = Path(tempfile.gettempdir()) / f"site-pipeline-test-databases-{_prefect_version()}"
+"""Where the migrated template databases of this Prefect version live, shared by every test
+session and pytest-xdist worker on this machine (made under a file lock)."""
+PG_TEMPLATE = "site_pipeline_template_" + _prefect_version().replace(".", "_").replace("+", "_")
 
 
 def free_port() -> int:
@@ -40,26 +67,9 @@ def tie_to_this_process(proc: subprocess.Popen[bytes]) -> None:
     procgroup.reap_group_on_exit(proc.pid)
 
 
-def stop_process_group(proc: subprocess.Popen[bytes], grace: float = 10) -> None:
-    """SIGTERM the process group `proc` leads, then SIGKILL after `grace` seconds; the
-    reaper forgets it (its number may be reused)."""
-    try:
-        _stop_group(proc, grace)
-    finally:
-        procgroup.forget_group(proc.pid)
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+stop_process_group = stop_tied
+"""SIGTERM the process group `proc` leads, then SIGKILL after `grace` seconds; the reaper
+forgets it (its number may be reused)."""
 
 
 def postgres_problem() -> str | None:
@@ -94,25 +104,99 @@ def postgres_or_skip() -> None:
         pytest.skip(problem)
 
 
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    """A fresh, empty database for one run; yields its asyncpg URL and drops it afterwards."""
+def _pg_url(name: str) -> str:
+    return f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+
+
+def _pg_admin(sql: str, *args: object) -> list[object]:
+    """Run one statement on the `postgres` database; the rows' first column."""
     import asyncpg
 
-    name = f"site_pipeline_{uuid.uuid4().hex[:12]}"
-
-    async def admin(sql: str) -> None:
+    async def run() -> list[object]:
         conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
         try:
-            await conn.execute(sql)
+            if not args:  # DDL: the simple protocol (CREATE DATABASE takes no parameters)
+                await conn.execute(sql)
+                return []
+            return [row[0] for row in await conn.fetch(sql, *args)]
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    return asyncio.run(run())
+
+
+def _migrate(database_url: str, home: Path) -> None:
+    """`prefect server database upgrade -y` on `database_url` (a new, empty database)."""
+    home.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        [str(BIN / "prefect"), "server", "database", "upgrade", "-y"],
+        env=prefect_env(home, PREFECT_API_DATABASE_CONNECTION_URL=database_url),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"migrating {database_url} failed:\n{done.stdout}{done.stderr}"[-3000:])
+
+
+def migrated_sqlite() -> Path:
+    """An empty SQLite database with this Prefect version's migrations applied (made once
+    per machine and version, under `TEMPLATES`): copy it, never open it."""
+    TEMPLATES.mkdir(parents=True, exist_ok=True)
+    path = TEMPLATES / "prefect.db"
+    with FileLock(str(TEMPLATES / "sqlite.lock")):
+        if not path.exists():
+            making = TEMPLATES / f"making-{os.getpid()}.db"
+            _migrate(f"sqlite+aiosqlite:///{making}", TEMPLATES / f"home-{os.getpid()}")
+            with sqlite3.connect(making) as conn:  # everything in the file, none in a -wal
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            os.replace(making, path)
+    return path
+
+
+def seed_home(home: Path) -> Path:
+    """`home` as a PREFECT_HOME whose default database (`prefect.db`) is already migrated:
+    the embedded default's temporary server, or `prefect server start`, starts on it
+    without the migrations' cost. Leaves a database that is there alone."""
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "prefect.db").exists():
+        shutil.copyfile(migrated_sqlite(), home / "prefect.db")
+    return home
+
+
+def _postgres_template() -> str:
+    """The name of a PostgreSQL database migrated for this Prefect version, the template
+    of every `postgres_database` (made once per server and version)."""
+    TEMPLATES.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(TEMPLATES / "postgres.lock")):
+        if not _pg_admin("SELECT datname FROM pg_database WHERE datname = $1", PG_TEMPLATE):
+            making = f"{PG_TEMPLATE}_making_{os.getpid()}"
+            _pg_admin(f'DROP DATABASE IF EXISTS "{making}" WITH (FORCE)')
+            _pg_admin(f'CREATE DATABASE "{making}"')
+            _migrate(_pg_url(making), TEMPLATES / f"home-{os.getpid()}")
+            _pg_admin(f'ALTER DATABASE "{making}" RENAME TO "{PG_TEMPLATE}"')
+    return PG_TEMPLATE
+
+
+@contextmanager
+def postgres_database(fresh: bool = False) -> Iterator[str]:
+    """A database of its own for one run, already migrated (a copy of `_postgres_template`)
+    unless `fresh`; yields its asyncpg URL and drops it afterwards."""
+    name = f"site_pipeline_{uuid.uuid4().hex[:12]}"
+    template = "" if fresh else f' TEMPLATE "{_postgres_template()}"'
+    for attempt in range(20):  # a template being copied by another worker is "in use"
+        try:
+            _pg_admin(f'CREATE DATABASE "{name}"{template}')
+            break
+        except Exception as exc:
+            if "is being accessed by other users" not in str(exc) or attempt == 19:
+                raise
+            time.sleep(0.25)
     try:
-        yield f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+        yield _pg_url(name)
     finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def prefect_env(home: Path, api_url: str | None = None, **extra: str) -> dict[str, str]:
@@ -161,10 +245,14 @@ def prefect_server(
     *,
     port: int | None = None,
     settings: Mapping[str, str] | None = None,
+    fresh: bool = False,
 ) -> Iterator[str]:
     """`prefect server start` on loopback (a free port unless given), with extra server
-    `settings` (e.g. CSRF protection, an auth string); yields the API URL."""
+    `settings` (e.g. CSRF protection, an auth string); yields the API URL. On SQLite its
+    database starts migrated (`seed_home`) unless `fresh`."""
     home.mkdir(parents=True, exist_ok=True)
+    if database_url is None and not fresh:
+        seed_home(home)
     port = port or free_port()
     extra = {"PREFECT_API_DATABASE_CONNECTION_URL": database_url} if database_url else {}
     extra.update(settings or {})
@@ -204,3 +292,21 @@ def process_worker(env: Mapping[str, str], pool: str, cwd: Path, log_path: Path)
     finally:
         stop_process_group(proc)
         log.close()
+
+
+def events_named(client: SyncPrefectClient, name: str, since: datetime) -> list[Event]:
+    """Every event called `name` since `since`, all pages."""
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    page = client.read_events(
+        EventFilter(
+            event=EventNameFilter(name=[name]),
+            occurred=EventOccurredFilter(since=since),
+        ),
+        limit=50,
+    )
+    events: list[Event] = list(page.events)
+    while page.next_page is not None:
+        page = client.read_events_page(str(page.next_page))
+        events.extend(page.events)
+    return events

@@ -23,8 +23,8 @@ from prefect.client.schemas.filters import (
 
 from flows.config import group_limit_name
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, write_config
-from tests.processes import alive, hanging_pids, wait_until_gone
-from tests.servers import prefect_env
+from tests.processes import alive, hanging_pids, start_tied, wait_until_gone
+from tests.servers import prefect_env, seed_home
 from tests.timeline import max_overlap
 
 pytest.importorskip(
@@ -151,7 +151,7 @@ def test_sigterm_of_the_flow_process_stops_the_pipelines_on_the_workers(
         kill_grace_seconds=1,
         task_runner=DASK,
     )
-    proc = subprocess.Popen(
+    proc = start_tied(
         [PYTHON, "-m", "flows", "run", "--config", str(config)],
         cwd=ROOT,
         env=cli_env(prefect_api),
@@ -174,10 +174,11 @@ def test_a_local_cluster_uses_the_embedded_default_s_one_temporary_server(tmp_pa
         task_runner=DASK,
         env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "2"},
     )
-    proc = subprocess.Popen(
+    proc = start_tied(
         [PYTHON, "-m", "flows", "run", "--config", str(config)],
         cwd=ROOT,
-        env=prefect_env(tmp_path / "home"),  # no PREFECT_API_URL: the embedded default
+        # no PREFECT_API_URL: the embedded default, on an already migrated database
+        env=prefect_env(seed_home(tmp_path / "home")),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -18,15 +18,19 @@ from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, t
 
 from flows.ops import server
 from tests.conftest import ROOT, run_cli, write_config
+from tests.servers import seed_home
 
 # What Prefect's server says when it reaches a terminal: its loggers, uvicorn, a traceback.
 SERVER_NOISE = re.compile(r"prefect\.server|telemetry|uvicorn|docket|Traceback|sqlite3\.")
 
 
-def first_run_env(home: Path, **extra: str) -> dict[str, str]:
-    """A new user's environment: a fresh PREFECT_HOME, no PREFECT_API_URL, and none of the
+def first_run_env(home: Path, fresh: bool = False, **extra: str) -> dict[str, str]:
+    """A new user's environment: a new PREFECT_HOME, no PREFECT_API_URL, and none of the
     suite's switches (PREFECT_SERVER_ANALYTICS_ENABLED=false, DO_NOT_TRACK): telemetry as
-    Prefect ships it."""
+    Prefect ships it. Its database is already migrated (`tests.servers.seed_home`) unless
+    `fresh`: only a first run's test pays for the migrations."""
+    if not fresh:
+        seed_home(home)
     env = {
         key: value
         for key, value in os.environ.items()
@@ -50,7 +54,7 @@ def test_a_first_run_shows_nothing_from_prefect_s_server_and_logs_it_under_prefe
     the server said (at DEBUG, its telemetry service always says something)."""
     home = tmp_path / "home"
     config = write_config(tmp_path, ["ok-a", "ok-b"])
-    env = first_run_env(home, PREFECT_LOGGING_SERVER_LEVEL="DEBUG")
+    env = first_run_env(home, fresh=True, PREFECT_LOGGING_SERVER_LEVEL="DEBUG")
     result = run_cli(["run", "--config", str(config)], env)
     out = console(result)
     assert result.returncode == 0, out[-3000:]

@@ -16,14 +16,16 @@ import psutil
 import pytest
 
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, run_cli, write_config
-from tests.fakes.slot_api import wait_for
-from tests.processes import hanging_pids, wait_until_gone
+from tests.processes import hanging_pids, start_tied, wait_until_gone
+from tests.servers import seed_home
+from tests.waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.e2e
 
 
 def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    """`python -m flows ARGS`, tied to this session (`tests.processes.start_tied`)."""
+    return start_tied(
         [PYTHON, "-m", "flows", *args],
         cwd=ROOT,
         env=env,
@@ -35,9 +37,22 @@ def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 def embedded_env(home: Path) -> dict[str, str]:
     """No PREFECT_API_URL: each CLI process starts its own temporary server on `home`'s
-    SQLite database, as on a new user's machine."""
+    SQLite database, as on a new user's machine (one already migrated, `seed_home`: the
+    first run's migrations are `test_quiet_server`'s and the quickstart test's to prove)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return {**env, "PREFECT_HOME": str(home), "PYTHONPATH": str(ROOT)}
+    return {**env, "PREFECT_HOME": str(seed_home(home)), "PYTHONPATH": str(ROOT)}
+
+
+def temporary_server_port(proc: subprocess.Popen[str]) -> str | None:
+    """The port of the temporary server `proc` started (its uvicorn process), if any yet."""
+    return next(
+        (
+            argv[argv.index("--port") + 1]
+            for child in psutil.Process(proc.pid).children(recursive=True)
+            if "uvicorn" in (argv := cmdline(child.pid)) and "--port" in argv
+        ),
+        None,
+    )
 
 
 def completed_sites_when(proc: subprocess.Popen[str], count: int) -> list[str]:
@@ -47,14 +62,7 @@ def completed_sites_when(proc: subprocess.Popen[str], count: int) -> list[str]:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        port = next(
-            (
-                argv[argv.index("--port") + 1]
-                for child in psutil.Process(proc.pid).children(recursive=True)
-                if "uvicorn" in (argv := child.cmdline())
-            ),
-            None,
-        )
+        port = temporary_server_port(proc)
         if port is not None:
             try:
                 response = httpx.post(
@@ -154,18 +162,24 @@ def test_sigterm_on_the_embedded_default_leaves_no_temporary_server(tmp_path: Pa
 @pytest.mark.parametrize("command", ["history", "submit", "setup", "doctor"])
 def test_a_killed_command_leaves_no_temporary_server(tmp_path: Path, command: str) -> None:
     """Every command that uses the API ties the embedded default's temporary server to its
-    process: SIGKILLed as soon as that server exists, it leaves none behind. (Left to
-    Prefect, the server outlived `submit | head -1`: its atexit never ran.)"""
+    process: SIGKILLed once that server answers, it leaves none behind. (Left to Prefect,
+    the server outlived `submit | head -1`: its atexit never ran.) The server is tied
+    within 50 ms of existing, long before it answers (`flows.ops.server._Startup`)."""
     config = write_config(tmp_path, ["ok-a"])
     args = {"setup": ["--config", str(config)], "doctor": ["--config", str(config)]}
     proc = start_cli([command, *args.get(command, [])], embedded_env(tmp_path / "home"))
-    deadline, servers = time.monotonic() + 60, []
-    while not servers and time.monotonic() < deadline:
+
+    def answering() -> list[int]:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        servers = [pid for pid in descendants(proc.pid) if "uvicorn" in cmdline(pid)]
-        time.sleep(0.02)
-    assert servers, f"{command} started no temporary server in 60 s"
-    time.sleep(0.3)  # tied to us within 50 ms of existing (flows.ops.server.start_temporary_server)
+        port = temporary_server_port(proc)
+        try:
+            if port is None or httpx.get(f"http://127.0.0.1:{port}/api/health").is_error:
+                return []
+        except httpx.TransportError:  # still starting
+            return []
+        return [pid for pid in descendants(proc.pid) if "uvicorn" in cmdline(pid)]
+
+    servers = wait_until(answering, f"{command}'s temporary server answering", every=0.02)
     proc.kill()
     proc.wait()  # not communicate(): a server left behind would hold its pipes open
     assert wait_until_gone(servers, timeout=30) == []
