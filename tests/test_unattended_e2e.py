@@ -1,7 +1,8 @@
 """Running unattended, end to end on a real `prefect server start`: `setup` makes the
 notification block and automations (idempotently), a failing deployment run posts exactly one
 message to a webhook on loopback, a successful one posts none, and a flow run whose process
-and worker die (no heartbeats) is marked Crashed, notifies, and `--retry-failed` picks it up."""
+and worker die (no heartbeats) is marked Crashed within the grace plus a margin, notifies, and
+`--retry-failed` picks it up."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from uuid import UUID
@@ -22,15 +24,25 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import State
 
 from tests.conftest import PYTHON, ROOT, write_config
-from tests.processes import hanging_pids, wait_until_gone
-from tests.servers import BIN, free_port, prefect_env, prefect_server, process_worker
+from tests.processes import hanging_pids, run_tied, start_tied, untie, wait_until_gone
+from tests.servers import (
+    BIN,
+    events_named,
+    free_port,
+    prefect_env,
+    prefect_server,
+    process_worker,
+)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
 HOOK_ENV = "SITE_PIPELINE_HOOK_URL"
 BLOCK = "site-pipeline-webhook-site-pipeline-hook-url"
+HEARTBEAT = "prefect.flow-run.heartbeat"
 
 
 @contextmanager
@@ -57,22 +69,17 @@ def webhook_listener() -> Iterator[tuple[str, list[str]]]:
         server.shutdown()
 
 
+GRACE = 40  # `setup --heartbeat-grace`: more than Prefect's shortest heartbeat interval, 30 s
+
+
 def sh(
     args: list[str], env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
+    return run_tied(args, cwd=ROOT, env=env, timeout=timeout)
 
 
-def posts_about(bodies: list[str], run_name: str, wait: float) -> list[str]:
-    """The posts that name `run_name`, waiting up to `wait` s for the first one (then 5 s more,
-    to catch a duplicate)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline and not any(run_name in b for b in bodies):
-        time.sleep(0.5)
-    if any(run_name in b for b in bodies):
-        time.sleep(5)
+def posts_about(bodies: list[str], run_name: str) -> list[str]:
+    """The posts that name `run_name`, so far."""
     return [b for b in bodies if run_name in b]
 
 
@@ -91,7 +98,7 @@ def test_notifications_heartbeats_and_a_dead_run_resumed(tmp_path: Path) -> None
             concurrency_tag="unattended",
             notify=[{"kind": "webhook", "url_env": HOOK_ENV, "on": ["failed", "crashed"]}],
         )
-        setup = [site_pipeline, "setup", "--config", str(config), "--heartbeat-grace", "40"]
+        setup = [site_pipeline, "setup", "--config", str(config), "--heartbeat-grace", str(GRACE)]
 
         # A missing URL variable: exit 2, one line naming it, and nothing was created.
         missing = sh(setup, env)
@@ -137,13 +144,11 @@ def test_notifications_heartbeats_and_a_dead_run_resumed(tmp_path: Path) -> None
             assert succeeding.returncode == 0, succeeding.stdout + succeeding.stderr
             ok_name = succeeding.stdout.split()[2]
 
-        posts = posts_about(bodies, failed_name, wait=60)
-        assert len(posts) == 1, bodies
+        posts = wait_until(lambda: posts_about(bodies, failed_name), "the failed run's post")
         message = json.loads(posts[0])["text"]
         assert "Failed" in message
         assert "1 of 2 sites failed: 1 \N{MULTIPLICATION SIGN} fail-b.com: boom" in message
         assert f"http://127.0.0.1:{port}/runs/flow-run/" in message
-        assert posts_about(bodies, ok_name, wait=5) == []  # completed is not in `on`
 
         # The flow process and its worker die together (a machine gone): no one reports the
         # run, its heartbeats stop, and the automation marks it Crashed, which notifies.
@@ -164,29 +169,48 @@ def test_notifications_heartbeats_and_a_dead_run_resumed(tmp_path: Path) -> None
                 env,
             )
             assert started.returncode == 0, started.stdout + started.stderr
+            since = datetime.now(UTC) - timedelta(minutes=5)
             run_id = UUID(started.stdout.split("(", 1)[1].split(")", 1)[0])
             pipeline, grandchild = hanging_pids(tmp_path / "hang")
             flow_process = psutil.Process(pipeline).parent()
             assert flow_process is not None
             worker = flow_process.parent()
-            time.sleep(2)  # the first heartbeat goes out as the run starts
+            with (
+                temporary_settings({PREFECT_API_URL: api}),
+                get_client(sync_client=True) as client,
+            ):
+                wait_until(
+                    lambda: [
+                        e
+                        for e in events_named(client, HEARTBEAT, since)
+                        if e.resource.id == f"prefect.flow-run.{run_id}"
+                    ],
+                    "the run's first heartbeat",
+                )
             for proc in (worker, flow_process):
                 if proc is not None:
                     os.kill(proc.pid, signal.SIGKILL)
             killed_at = time.monotonic()
         assert wait_until_gone([pipeline, grandchild], timeout=30) == []  # the reaper's work
         with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            while time.monotonic() - killed_at < 150:
-                state = client.read_flow_run(run_id).state
-                if state is not None and state.is_crashed():
-                    break
-                time.sleep(2)
-            assert state is not None and state.is_crashed(), state
-            assert "no heartbeat for 40 s" in (state.message or "")
-        crashed_name = started.stdout.split()[2]
-        assert len(posts_about(bodies, crashed_name, wait=60)) == 1
 
-        resumed = subprocess.Popen(
+            def crashed() -> State | None:
+                state = client.read_flow_run(run_id).state
+                return state if state is not None and state.is_crashed() else None
+
+            # GRACE s after the last heartbeat, plus the triggers service's 5 s and a margin
+            left = GRACE + 30 - (time.monotonic() - killed_at)
+            state = wait_until(crashed, f"the killed run Crashed {GRACE + 30} s after", left, 1)
+            assert f"no heartbeat for {GRACE} s" in (state.message or "")
+        crashed_name = started.stdout.split()[2]
+        wait_until(lambda: posts_about(bodies, crashed_name), "the crashed run's post")
+        # Each notification was posted once: the crash's took its time, a duplicate of the
+        # first would have come by now; the completed run's never comes (not in `on`).
+        assert len(posts_about(bodies, failed_name)) == 1, bodies
+        assert len(posts_about(bodies, crashed_name)) == 1, bodies
+        assert posts_about(bodies, ok_name) == []
+
+        resumed = start_tied(
             [PYTHON, "-m", "flows", "run", "--retry-failed", "last"],
             cwd=ROOT,
             env=env,
@@ -198,6 +222,7 @@ def test_notifications_heartbeats_and_a_dead_run_resumed(tmp_path: Path) -> None
         line = resumed.stdout.readline() + resumed.stdout.readline()
         resumed.send_signal(signal.SIGTERM)
         out, err = resumed.communicate(timeout=90)
+        untie(resumed)
         assert f"resuming flow run {crashed_name} ({run_id}, Crashed)" in line + out, (
             line + out + err
         )

@@ -1,6 +1,8 @@
 """No false zombies (issue 23): on a real `prefect server start` with its triggers and actions
 services, the heartbeat automation that `site-pipeline setup` makes never marks a finished run
-Crashed, and still marks Crashed a run whose flow process was SIGKILLed mid-run.
+Crashed. (That it still marks Crashed a run whose flow process was SIGKILLed mid-run is proved
+with a deployment run, a worker and the notification it sends, in
+`tests/test_unattended_e2e.py`.)
 
 Prefect's own zombie recipe forces the state change (PrefectHQ/prefect#18653, #21932): a
 heartbeat that comes after a run's Completed state opens a new window, no heartbeat follows,
@@ -11,8 +13,6 @@ unforced, and Prefect's orchestration refuses to leave a terminal state.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,13 +24,13 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import Event
 from prefect.events.clients import PrefectEventsClient
-from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.names import FLOW_NAME
 from tests.conftest import PYTHON, ROOT, write_config
-from tests.processes import hanging_pids, wait_until_gone
-from tests.servers import BIN, prefect_env, prefect_server, stop_process_group, tie_to_this_process
+from tests.processes import run_tied, start_tied, untie
+from tests.servers import BIN, events_named, prefect_env, prefect_server
+from tests.waiting import wait_for, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,9 @@ pytestmark = pytest.mark.slow
 FREQUENCY = 30
 GRACE = 40
 EVALUATION = 5  # the triggers service looks at proactive triggers every 5 s
-RUNS, PROCESSES = 50, 10
+# Enough runs to show the rule is not one lucky run; the race it guards against is forced
+# below (a heartbeat sent after Completed), not waited for among many runs.
+RUNS, PROCESSES = 6, 2
 COMPLETING = ROOT / "tests" / "fakes" / "completing_runs.py"
 SITE_PIPELINE = [str(BIN / "site-pipeline")]
 HEARTBEAT = "prefect.flow-run.heartbeat"
@@ -54,14 +56,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict
     with prefect_server(home / "server") as api:
         env = prefect_env(home / "client", api, PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(FREQUENCY))
         config = write_config(home, ["ok-a.com"], concurrency_tag="zombies")
-        setup = subprocess.run(
+        setup = run_tied(
             [*SITE_PIPELINE, "setup", "--config", str(config), "--heartbeat-grace", str(GRACE)],
             cwd=ROOT,
             env=env,
-            capture_output=True,
-            text=True,
             timeout=120,
-            check=False,
         )
         assert setup.returncode == 0, setup.stdout + setup.stderr
         assert "created automation 'site-pipeline: crash runs whose heartbeats stopped'" in (
@@ -74,22 +73,6 @@ def runs_of(client: SyncPrefectClient, config: Path) -> list[FlowRun]:
     """The site-pipeline flow runs made with `config`."""
     runs = client.read_flow_runs(limit=200)
     return [run for run in runs if run.parameters.get("config_path") == str(config)]
-
-
-def events_named(client: SyncPrefectClient, name: str, since: datetime) -> list[Event]:
-    """Every event called `name` since `since`, all pages."""
-    page = client.read_events(
-        EventFilter(
-            event=EventNameFilter(name=[name]),
-            occurred=EventOccurredFilter(since=since),
-        ),
-        limit=50,
-    )
-    events: list[Event] = list(page.events)
-    while page.next_page is not None:
-        page = client.read_events_page(str(page.next_page))
-        events.extend(page.events)
-    return events
 
 
 def heartbeat_after_completion(api: str, run: FlowRun) -> None:
@@ -119,17 +102,17 @@ def heartbeat_after_completion(api: str, run: FlowRun) -> None:
     asyncio.run(send())
 
 
-def test_fifty_completed_runs_are_never_marked_crashed(
+def test_completed_runs_are_never_marked_crashed(
     server: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
-    """50 flow runs that send heartbeats and complete are all still Completed once the grace
+    """Flow runs that send heartbeats and complete are all still Completed once the grace
     has passed for every one of them, even the one whose last heartbeat came after its
     Completed state: the automation fires for that one and Prefect turns its change down."""
     api, env = server
     since = datetime.now(UTC) - timedelta(seconds=5)
     config = write_config(tmp_path, ["ok-a.com"], concurrency_tag="zombies")
     procs = [
-        subprocess.Popen(
+        start_tied(
             [PYTHON, str(COMPLETING), str(config), str(RUNS // PROCESSES)],
             cwd=ROOT,
             env=env,
@@ -139,9 +122,10 @@ def test_fifty_completed_runs_are_never_marked_crashed(
         )
         for _ in range(PROCESSES)
     ]
-    deadline = time.monotonic() + 600  # about 60 s alone on 2 cores; far longer when shared
+    deadline = time.monotonic() + 300
     for proc in procs:
         out, err = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        untie(proc)
         assert proc.returncode == 0, out + err[-3000:]
 
     with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
@@ -151,81 +135,31 @@ def test_fifty_completed_runs_are_never_marked_crashed(
         # Heartbeats were on: events are stored a few seconds after they arrive, and a run
         # that completes before its heartbeat thread's first look sends none (and is safe).
         ids = {f"prefect.flow-run.{run.id}" for run in runs}
-        beating: set[str] = set()
-        settle = time.monotonic() + 20
-        while not ids <= beating and time.monotonic() < settle:
-            time.sleep(1)
-            beating = {e.resource.id for e in events_named(client, HEARTBEAT, since)}
-        assert len(ids & beating) >= RUNS * 0.9, f"only {len(ids & beating)} runs sent one"
+
+        def beating() -> set[str]:
+            return ids & {e.resource.id for e in events_named(client, HEARTBEAT, since)}
+
+        wait_for(lambda: beating() == ids, timeout=20, every=1)
+        assert len(beating()) >= RUNS // 2, f"only {len(beating())} runs sent one"
 
         late = runs[0]
         heartbeat_after_completion(api, late)
-        sent = time.monotonic()
-        # every window has closed (the late one last) and the service has looked at it
-        time.sleep(max(0.0, GRACE + 3 * EVALUATION - (time.monotonic() - sent)))
 
-        refused: list[Event] = []
-        deadline = time.monotonic() + 30
-        while not refused and time.monotonic() < deadline:
-            refused = [
+        def refusals() -> list[Event]:
+            return [
                 event
                 for event in events_named(client, "prefect.automation.action.failed", since)
                 if any(str(late.id) in related.id for related in event.related)
             ]
-            time.sleep(1)
+
+        # The late run's window closes last (GRACE s after its heartbeat), and the service
+        # looks every EVALUATION s: once its change is refused, every window has closed.
+        refused = wait_until(
+            refusals, "the automation fires for the late run", GRACE + 3 * EVALUATION + 60, 1
+        )
         after = {run.id: client.read_flow_run(run.id).state for run in runs}
 
     crashed = {key: state.message for key, state in after.items() if state and state.is_crashed()}
     assert crashed == {}, f"{len(crashed)} completed runs marked Crashed: {crashed}"
     assert {state.name for state in after.values() if state} == {"Completed"}
-    assert refused, "the automation never fired for the run whose heartbeat came late"
     assert "terminal state COMPLETED" in str(refused[0].payload.get("reason"))
-
-
-def test_a_killed_flow_process_is_marked_crashed_within_the_grace(
-    server: tuple[str, dict[str, str]], tmp_path: Path
-) -> None:
-    """A `site-pipeline run` whose flow process is SIGKILLed mid-run (no worker to report it)
-    is marked Crashed by the automation, GRACE s after its last heartbeat plus a margin."""
-    api, env = server
-    config = write_config(tmp_path, ["hang-a.com"], concurrency_tag="zombies-hang")
-    proc = subprocess.Popen(
-        [*SITE_PIPELINE, "run", "--config", str(config), "-q"],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    tie_to_this_process(proc)
-    try:
-        pipeline, grandchild = hanging_pids(tmp_path)
-        with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
-            (run,) = runs_of(client, config)
-            assert run.state_name == "Running"
-            since = datetime.now(UTC) - timedelta(minutes=5)
-            deadline = time.monotonic() + 30
-            while not [
-                event
-                for event in events_named(client, HEARTBEAT, since)
-                if event.resource.id == f"prefect.flow-run.{run.id}"
-            ]:
-                assert time.monotonic() < deadline, "the run sent no heartbeat"
-                time.sleep(1)
-            os.kill(proc.pid, signal.SIGKILL)
-            killed_at = time.monotonic()
-            proc.wait(timeout=10)
-            assert wait_until_gone([pipeline, grandchild], timeout=30) == []  # the reaper's
-
-            state = client.read_flow_run(run.id).state
-            while not (state and state.is_crashed()) and (
-                time.monotonic() - killed_at < GRACE + 30
-            ):
-                time.sleep(1)
-                state = client.read_flow_run(run.id).state
-            crashed_after = time.monotonic() - killed_at
-    finally:
-        stop_process_group(proc)
-    assert state is not None and state.is_crashed(), state
-    assert f"no heartbeat for {GRACE} s" in (state.message or "")
-    assert crashed_after <= GRACE + 30
