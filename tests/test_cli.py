@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, run_cli, write_config
-from tests.processes import alive, hanging_pids, wait_until_gone
+from tests.processes import alive, hanging_pids, start_tied, wait_until_gone
 from tests.timeline import max_overlap
 
 
@@ -107,7 +107,7 @@ def test_two_concurrent_flow_runs_share_the_cap(tmp_path: Path, prefect_api: str
             env={"FAKE_TIMELINE": str(timeline), "FAKE_SLEEP": "1.5"},
         )
         procs.append(
-            subprocess.Popen(
+            start_tied(
                 [PYTHON, "-m", "flows", "run", "--config", str(config)],
                 cwd=ROOT,
                 env=cli_env(prefect_api),
@@ -148,7 +148,7 @@ def test_stopping_the_flow_process_leaves_no_pipeline(
         kill_grace_seconds=1,
         process_control=control,
     )
-    proc = subprocess.Popen(
+    proc = start_tied(
         [PYTHON, "-m", "flows", "run", "--config", str(config)],
         cwd=ROOT,
         env=cli_env(prefect_api),

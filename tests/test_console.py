@@ -24,6 +24,7 @@ from prefect.client.schemas.filters import (
 from prefect.logging.handlers import APILogWorker
 
 from tests.conftest import PYTHON, ROOT, cli_env, run_cli, write_config
+from tests.processes import start_tied
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +61,7 @@ def test_a_terminal_shows_the_live_view_then_a_table_and_one_line_per_failure(
     controller, terminal = pty.openpty()
     env = {**cli_env(prefect_api), "TERM": "xterm-256color", "COLUMNS": "160", "LINES": "400"}
     env.pop("NO_COLOR", None)
-    proc = subprocess.Popen(
+    proc = start_tied(
         [PYTHON, "-m", "flows", "run", "--config", str(config)],
         cwd=ROOT,
         env=env,

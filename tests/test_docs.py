@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import run_tied
+
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
@@ -95,9 +97,7 @@ def _help(command: str) -> subprocess.CompletedProcess[str]:
     """`python -m flows [command] --help`, run once per command from the project folder."""
     argv = [sys.executable, "-m", "flows", *([] if command == "..." else [command]), "--help"]
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run(
-        argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False
-    )
+    return run_tied(argv, cwd=ROOT, env=env, timeout=60)
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -234,15 +234,7 @@ def test_the_quickstart_run_succeeds_on_the_shipped_config(tmp_path: Path) -> No
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     summary = tmp_path / "summary.json"
-    result = subprocess.run(
-        [script, "run", "--summary-json", str(summary)],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = run_tied([script, "run", "--summary-json", str(summary)], cwd=project, env=env)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     counts = json.loads(summary.read_text())["counts"]
     assert counts["succeeded"] == counts["total"] >= 3
