@@ -524,7 +524,8 @@ def check_sites(sites: Iterable[object], source: str = "sites") -> tuple[list[st
 def read_sites_file(path: Path) -> list[Any]:
     """A `.txt` file (or any other): one site per line; blank lines and '#' comments are
     ignored. A `.yaml`, `.yml` or `.json` file: a list of entries, names or mappings, as
-    `pipeline.sites` takes them."""
+    `pipeline.sites` takes them, or a mapping whose one key `sites` holds that list (the
+    team's `{"sites": ["demo-bar-1.com", ...]}`)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -542,16 +543,32 @@ def read_sites_file(path: Path) -> list[Any]:
 
 
 def _structured_sites(path: Path, text: str) -> list[Any]:
-    """The list in a `.yaml` / `.json` sites file."""
+    """The list in a `.yaml` / `.json` sites file: the file's top level, or its `sites` key."""
     try:
         raw = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         raise ConfigError([f"sites_file = {str(path)!r}: cannot parse it ({exc})"]) from None
+    where = f"sites_file = {str(path)!r}"
+    if isinstance(raw, dict):
+        others = sorted(str(key) for key in raw if key != "sites")
+        if "sites" not in raw:
+            keys = ", ".join(repr(key) for key in others) or "none"
+            raise ConfigError(
+                [f"{where}: expected the key 'sites' (a list of sites), got keys {keys}"]
+            )
+        if others:
+            raise ConfigError(
+                [
+                    f"{where}: unknown key(s) {', '.join(repr(k) for k in others)}: expected "
+                    "only 'sites' (a list of sites)"
+                ]
+            )
+        raw, where = raw["sites"], f"{where}: key 'sites'"
     if not isinstance(raw, list):
         raise ConfigError(
             [
-                f"sites_file = {str(path)!r}: expected a list of sites (names or mappings), "
-                f"got {type(raw).__name__}"
+                f"{where}: expected a list of sites (names or mappings), or a mapping with "
+                f"a 'sites' list; got {type(raw).__name__}"
             ]
         )
     return raw

@@ -87,6 +87,11 @@ OURS = {
         "site-pipeline: error: config = '{dir}/nope.yaml': cannot read it "
         "(No such file or directory)",
     ),
+    "sites_file_mapping_without_sites": (
+        ["validate", "--config", "{config}", "--sites-file", "{dir}/hosts.json"],
+        "site-pipeline: error: sites_file = '{dir}/hosts.json': expected the key 'sites' (a "
+        "list of sites), got keys 'hosts'",
+    ),
     "site_that_is_an_option": (
         ["run", "--config", "{config}", "--site=-rf"],
         "site-pipeline: error: --site[0] = '-rf': must not start with '-' (it would be read "
@@ -101,6 +106,7 @@ def test_bad_input_exits_2_with_exactly_one_line_naming_it(
 ) -> None:
     """Each bad input exits 2, before Prefect, with exactly the expected error line."""
     (tmp_path / "sites.txt").write_text("a.com\n")
+    (tmp_path / "hosts.json").write_text('{"hosts": ["a.com"]}')
     argv, line = OURS[case]
     fill = {"dir": str(tmp_path), "config": str(config)}
     status, err = status_and_stderr([part.format(**fill) for part in argv], capsys)

@@ -103,11 +103,49 @@ def test_a_structured_sites_file_holds_the_same_entries(tmp_path: Path, suffix: 
         load_plan(write(tmp_path, sites_file="names.txt"))
 
 
-def test_a_structured_sites_file_must_hold_a_list(tmp_path: Path) -> None:
-    """A .yaml sites file with a mapping at the top is refused, naming the file."""
-    (tmp_path / "sites.yaml").write_text("sites: [a]\n", encoding="utf-8")
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_sites_file_mapping_with_a_sites_list_is_read_as_that_list(
+    tmp_path: Path, suffix: str
+) -> None:
+    """The team's own file, `{"sites": [...]}` (JSON or YAML), is read as its list, names
+    and mappings alike, in order."""
+    body = {"sites": ["demo-bar-1.com", {"site": "demo-bar-2.com", "timeout": 7}, "c.com"]}
+    text = json.dumps(body) if suffix == ".json" else yaml.safe_dump(body)
+    (tmp_path / f"sites{suffix}").write_text(text, encoding="utf-8")
+    plan = load_plan(write(tmp_path, sites_file=f"sites{suffix}"))
+    assert plan.sites == ("demo-bar-1.com", "demo-bar-2.com", "c.com")
+    assert plan.site("demo-bar-2.com").timeout == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("hosts: [a]\n", "expected the key 'sites' (a list of sites), got keys 'hosts'"),
+        ("{}\n", "expected the key 'sites' (a list of sites), got keys none"),
+        (
+            "sites: [a]\nversion: 2\n",
+            "unknown key(s) 'version': expected only 'sites' (a list of sites)",
+        ),
+        (
+            "sites: a.com\n",
+            "key 'sites': expected a list of sites (names or mappings), or a mapping with a "
+            "'sites' list; got str",
+        ),
+        (
+            "a.com\n",
+            "expected a list of sites (names or mappings), or a mapping with a 'sites' list; "
+            "got str",
+        ),
+    ],
+)
+def test_a_structured_sites_file_of_another_shape_names_what_it_expected(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    """Any other mapping, a `sites` that is not a list, or a bare value: one problem that
+    names the file and the key it expected."""
+    (tmp_path / "sites.yaml").write_text(text, encoding="utf-8")
     found = problems(tmp_path, sites_file="sites.yaml")
-    assert len(found) == 1 and "expected a list of sites (names or mappings), got dict" in found[0]
+    assert found == [f"sites_file = {str(tmp_path / 'sites.yaml')!r}: {expected}"]
 
 
 def test_a_site_given_on_the_command_line_keeps_its_config_settings(tmp_path: Path) -> None:

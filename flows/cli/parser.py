@@ -68,7 +68,10 @@ def _add_sites(sub: argparse.ArgumentParser) -> None:
         "--site", action="append", type=_given, metavar="SITE", help="run this site (repeatable)"
     )
     sub.add_argument(
-        "--sites-file", type=_given, metavar="FILE", help="one site per line, '#' comments"
+        "--sites-file",
+        type=_given,
+        metavar="FILE",
+        help="one site per line, '#' comments; or .json/.yaml: a list, or {\"sites\": [...]}",
     )
 
 
