@@ -47,14 +47,15 @@ def _order(plan: RunPlan) -> str:
     """`order: longest expected first (...); starts: a, b, ...`: the start order a run would
     use now, from the history on the configured server (`PREFECT_API_URL`); with no server
     set, or one that doesn't answer, by priority and list (the run reads the history)."""
-    from flows.ops.server import ApiUnreachable, check_reachable
     from flows.slots.start_order import plan_order
 
     durations: dict[str, list[float]] = {}
     note = ""
-    if not _profile_api_url():
+    if not _profile_api_url():  # no Prefect import on this path (validate stays fast)
         note = " (no PREFECT_API_URL: history not read here; the run reads it)"
     else:
+        from flows.ops.server import ApiUnreachable, check_reachable
+
         try:
             check_reachable()
             from flows.engine import baselines
@@ -69,6 +70,12 @@ def _order(plan: RunPlan) -> str:
 
 
 def _profile_api_url() -> bool:
+    """Whether an API URL is set; Prefect is imported only where `flows.api_url` can't tell."""
+    from flows import api_url
+
+    known = api_url.configured()
+    if known is not None:
+        return known
     from prefect.settings import get_current_settings
 
     return bool(get_current_settings().api.url)
