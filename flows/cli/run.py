@@ -73,7 +73,9 @@ def _profile_api_url() -> bool:
     """Whether an API URL is set; Prefect is imported only where `flows.api_url` can't tell."""
     from flows import api_url
 
-    known = api_url.configured()
+    # Prefect already imported (`site-pipeline` called in-process): its settings may hold
+    # more than the files say (`temporary_settings`), and asking it costs nothing more.
+    known = None if "prefect" in sys.modules else api_url.configured()
     if known is not None:
         return known
     from prefect.settings import get_current_settings
