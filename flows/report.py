@@ -20,11 +20,12 @@ in this run, in attempt order (empty when none was written).
 `check` is None unless result checks are on; then `{"field", "value", "ok", "reason"}`.
 
 `usage` is what each attempt of the site in this run used, in attempt order:
-`[{"attempt": 1, "peak_rss_mb": 412.3, "cpu_s": 8.51}, ...]`: the largest RSS of the whole
-process tree (the pipeline and every descendant alive at a sample, summed; sampled every
-0.2 s; MB of 2**20 bytes), rounded to 0.1, and the CPU seconds (user + system) of every
-process of the tree, rounded to 0.01; either is None where nothing could be sampled (a
-pipeline that ended before its first sample). `peak_rss_mb` is the largest of the attempts'
+`[{"attempt": 1, "peak_rss_mb": 412.3, "cpu_s": 8.51}, ...]`: the peak RSS (MB of 2**20
+bytes, rounded to 0.1) and the CPU seconds (user + system, rounded to 0.01) of the attempt's
+process tree, from the kernel's account of the reaped pipeline and its reaped descendants or
+the tree's samples (every 0.2 s, the tree's RSS summed), whichever is larger
+(`flows.process.attempt.cost`); either is None where neither is known (a command that did
+not start). `peak_rss_mb` is the largest of the attempts'
 and `cpu_s` their sum (None when no attempt has one); `usage` is empty, and both None, for a
 site that ran no attempt (skipped, no slot).
 """

@@ -4,6 +4,7 @@ backends, `group` and `tree`."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -13,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from flows.process import rusage
 from flows.process import trees as proctree
-from flows.process.attempt import AttemptOutcome, run_attempt
+from flows.process.attempt import AttemptOutcome, cost, run_attempt
 from flows.process.control import ProcessControl, control_for
-from tests.processes import alive
+from flows.process.trees import TreeUsage
+from tests.conftest import ROOT
+from tests.processes import alive, run_tied
 
 HOG = Path(__file__).resolve().parent / "fakes" / "hog.py"
 OVER = re.compile(r"^over memory: (\d+) MB > 200 MB$")
@@ -156,18 +160,110 @@ def test_cpu_seconds_keep_a_child_that_already_ended(
 def test_a_pipeline_that_burns_and_exits_at_once_is_counted_to_its_end(
     tmp_path: Path, control: ProcessControl
 ) -> None:
-    """It burns ~0.5 s of CPU and exits at once: the attempt samples the tree once more as it
-    ends, so on the group backend (whose pipeline is still a zombie then) cpu_s holds all of
-    the CPU time the pipeline says it used; on the tree backend (already reaped) at least the
-    last sample's, 0.2 s before."""
+    """It burns ~0.5 s of CPU and exits at once: on both backends cpu_s holds all of the CPU
+    time the pipeline says it used (the kernel's account of the reaped process, not a
+    sample 0.2 s before its end)."""
     outcome = run(hog("exit-hog", "--burn", 0.5), tmp_path, control)
     assert outcome.status == "succeeded" and outcome.result is not None, outcome.error
     own = outcome.result["cpu_s"]
     assert outcome.cpu_s is not None and own >= 0.5
-    if control.name == "group":
-        assert outcome.cpu_s >= own - 0.02  # /proc counts in 10 ms ticks
-    else:
-        assert outcome.cpu_s >= 0.3
+    assert outcome.cpu_s >= own - 0.02  # the kernel counts in ticks
+
+
+# Shorter than a sample (POLL_SECONDS): only the kernel's account sees these.
+SHORT_CHILD_120_MB = (
+    "import subprocess, sys\n"
+    "subprocess.run([sys.executable, '-c', "
+    "'import time; b = b\"x\" * (120 << 20); time.sleep(0.05)'], check=True)\n"
+)
+BURN_0_4_S = "import time\nwhile time.process_time() < 0.4:\n    pass\n"
+
+# A flow process that is small (no Prefect, no pytest): it runs one attempt, prints its cost.
+SMALL_SPAWNER = """
+import json, os, sys
+from flows.process.attempt import run_attempt
+from flows.process.control import control_for
+outcome = run_attempt(
+    sys.argv[2:], cwd=".", env=dict(os.environ), log=lambda _: None, timeout=60, kill_grace=0.5,
+    control=control_for(sys.argv[1]),
+)
+print(json.dumps([outcome.status, outcome.peak_rss_mb, outcome.cpu_s]))
+"""
+
+
+def cost_from_a_small_spawner(control: ProcessControl, argv: list[str]) -> tuple[float, float]:
+    done = run_tied(
+        [sys.executable, "-c", SMALL_SPAWNER, control.name, *argv],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    status, peak, cpu = json.loads(done.stdout.strip().splitlines()[-1])
+    assert status == "succeeded"
+    return peak, cpu
+
+
+def test_a_50_ms_child_holding_120_mb_reports_at_least_120_mb(control: ProcessControl) -> None:
+    """A pipeline whose child takes 120 MB for 50 ms and ends (reaped by the pipeline)
+    reports a peak of at least 120 MB: the kernel's account, not what a sample happened to
+    see. (Run from a small flow process: Linux counts the spawner's own peak into a new
+    program's figure, so only a figure above it is the tree's, `rusage.Account.peak_known`.)"""
+    peak, _ = cost_from_a_small_spawner(control, [sys.executable, "-c", SHORT_CHILD_120_MB])
+    assert peak is not None and peak >= 120
+
+
+def test_a_bare_python_start_reports_a_true_figure_or_none(
+    tmp_path: Path, control: ProcessControl
+) -> None:
+    """`python -c pass` lives a few ms, shorter than a sample: its peak is an interpreter's
+    (>= 5 MB) where the kernel's figure is its own, else None, never the fraction of a MB a
+    late sample saw; its CPU seconds are the kernel's (> 0)."""
+    for peak, cpu in [
+        cost_from_a_small_spawner(control, [sys.executable, "-c", "pass"]),
+        (lambda o: (o.peak_rss_mb, o.cpu_s))(
+            run([sys.executable, "-c", "pass"], tmp_path, control)
+        ),
+    ]:
+        assert peak is None or peak >= 5, peak
+        assert cpu is not None and cpu > 0
+
+
+def test_0_4_s_of_cpu_reports_at_least_0_4_s(tmp_path: Path, control: ProcessControl) -> None:
+    """A pipeline that burns 0.4 s of CPU and exits at once reports cpu_s >= 0.4."""
+    outcome = run([sys.executable, "-c", BURN_0_4_S], tmp_path, control)
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.cpu_s is not None and outcome.cpu_s >= 0.4
+
+
+@pytest.mark.parametrize(
+    ("sampled", "counted", "expected"),
+    [
+        # the kernel's own peak and CPU are above the samples': they win
+        ((10, 100, 0.1, 5), (120, 2.0, 50), (120, 2.0)),
+        # the samples saw more at once (a tree's sum) than the largest single process
+        ((10, 300, 0.1, 5), (120, 2.0, 50), (300, 2.0)),
+        # the kernel's peak is not above the spawner's: only the samples' counts
+        ((10, 60, 0.1, 5), (230, 0.5, 230), (60, 0.5)),
+        # ... and with fewer than two live samples, no peak is known at all
+        ((0.6, 0.6, 0.0, 1), (230, 0.02, 230), (None, 0.02)),
+        # nothing sampled: the kernel's peak where it is the tree's own
+        (None, (120, 2.0, 50), (120, 2.0)),
+        # reaped by someone else (no account) on POSIX: CPU unknown, peak from the samples
+        ((10, 60, 0.3, 5), None, (60, None)),
+        (None, None, (None, None)),
+    ],
+)
+def test_the_cost_takes_each_figure_where_it_is_known(
+    sampled: tuple[float, float, float, int] | None,
+    counted: tuple[float, float, float] | None,
+    expected: tuple[float | None, float | None],
+) -> None:
+    """`cost`: the larger of the kernel's and the samples' figures, each only where it is
+    known: the kernel's peak above the spawner's own, the samples' from two live samples."""
+    usage = None if sampled is None else TreeUsage(*sampled[:3], seen_alive=int(sampled[3]))
+    account = None if counted is None else rusage.Account(*counted)
+    assert cost(usage, account) == expected
 
 
 def test_nothing_sampled_is_none(tmp_path: Path, control: ProcessControl) -> None:

@@ -14,7 +14,9 @@ passes; with `stall_timeout`, it prints nothing on either pipe for that long; or
 then KILL after `kill_grace`) and are `timed_out`.
 
 The tree is sampled where it is watched, every POLL_SECONDS (`ProcessControl.watch`), and once
-more when the attempt ends: the outcome's `peak_rss_mb` and `cpu_s` come from those samples.
+more when the attempt ends; the pipeline is reaped with the kernel's own account of it
+(`flows.process.rusage`, POSIX): the outcome's `peak_rss_mb` and `cpu_s` are the larger of
+the two (`cost`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from flows.process import rusage
 from flows.process.cause import cause_of, clean
 from flows.process.control import ProcessControl, control_for
 from flows.process.logfile import AttemptLog
@@ -57,9 +60,9 @@ class AttemptOutcome:
     <cause>`, `timed out after 30 s: <last line>`, `stalled: no output for 20 s`,
     `over memory: 612 MB > 500 MB`, or the bare `exit code 1` when there is no cause.
     `log_path` is the attempt's full log file (None without one); `log_complete` is False
-    when it could not be written whole. `peak_rss_mb`: the largest RSS of the whole tree at a
-    sample (MB); `cpu_s`: the CPU seconds (user + system) of every process of the tree; both
-    None when nothing could be sampled.
+    when it could not be written whole. `peak_rss_mb` (MB) and `cpu_s` (user + system
+    seconds): the kernel's account of the reaped tree or the samples' figure, whichever is
+    larger (`cost`); both None when neither is known.
     """
 
     status: AttemptStatus
@@ -147,9 +150,33 @@ def run_attempt(
     outcome = _outcome(
         proc.returncode, ending, limits[ending], time.monotonic() - started, output, over
     )
-    if usage is not None:
-        outcome.peak_rss_mb, outcome.cpu_s = usage.peak_rss_mb, usage.cpu_s
+    outcome.peak_rss_mb, outcome.cpu_s = cost(usage, rusage.account(proc))
     return outcome
+
+
+def cost(
+    sampled: TreeUsage | None, counted: rusage.Account | None
+) -> tuple[float | None, float | None]:
+    """The attempt's (peak RSS MB, CPU seconds), never a figure that is only what a sample
+    happened to see.
+
+    CPU: where the kernel counted the reaped pipeline (POSIX), the larger of its figure and
+    the samples' (the kernel's sees what lived between samples, the samples' what was never
+    reaped); without it, the samples' on Windows (which keeps none) and None on POSIX.
+    Peak: the larger of the kernel's, where it is the tree's own (`Account.peak_known`), and
+    the samples' (the tree's RSS summed at a sample), where at least two samples found the
+    tree alive; None when neither holds (a pipeline shorter than a sample, whose kernel
+    figure is the spawning process's)."""
+    if counted is None and rusage.supported():
+        cpu = None
+    elif counted is None:
+        cpu = sampled.cpu_s if sampled else None
+    else:
+        cpu = max(counted.cpu_s, sampled.cpu_s if sampled else 0.0)
+    peaks = [sampled.peak_rss_mb] if sampled and sampled.seen_alive >= 2 else []
+    if counted is not None and counted.peak_known:
+        peaks.append(counted.peak_rss_mb)
+    return (max(peaks) if peaks else None), cpu
 
 
 def _follow(

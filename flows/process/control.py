@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Literal, Protocol
 
 from flows.process import groups as procgroup
+from flows.process import rusage
 from flows.process import trees as proctree
 from flows.process.trees import TreeUsage
 
@@ -127,7 +128,7 @@ class TreeControl:
         return proctree.usage(proc)
 
     def exited(self, proc: subprocess.Popen[bytes]) -> bool:
-        return proc.poll() is not None
+        return rusage.poll(proc) is not None  # reaped with the kernel's account of it
 
     def stop(self, proc: subprocess.Popen[bytes], grace: float) -> None:
         proctree.stop_tree(proc, grace)

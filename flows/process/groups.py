@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.process import procfs
+from flows.process import procfs, rusage
 
 _REAPER_SCRIPT = Path(__file__).with_name("_reaper.py")
 
@@ -217,8 +217,8 @@ def exited(proc: subprocess.Popen[bytes]) -> bool:
         return True
     try:
         info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except (AttributeError, ChildProcessError):  # no waitid here: reap instead
-        return proc.poll() is not None
+    except (AttributeError, ChildProcessError):  # no waitid here (macOS): reap instead
+        return rusage.poll(proc) is not None
     return info is not None
 
 
@@ -249,7 +249,7 @@ def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:
                 # Members vanish once their parents reap them; wait briefly.
                 _wait_group_gone(pgid, 5)
     finally:
-        proc.wait()
+        rusage.reap(proc)  # with the kernel's account of it (flows.process.rusage)
         _registry.discard(pgid)
 
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from flows.process import groups as procgroup
-from flows.process import procfs
+from flows.process import procfs, rusage
 
 MB = 1024 * 1024  # a megabyte of RSS, as Scrapy's MEMUSAGE_LIMIT_MB counts it
 
@@ -39,11 +39,13 @@ class TreeUsage:
     """The tree at one sample of `watch`. `rss_mb`: the RSS of every process of the tree
     alive then, summed, in MB (2**20 bytes); `peak_rss_mb`: the largest `rss_mb` of the
     samples so far; `cpu_s`: user + system CPU seconds of every process of the tree seen so
-    far, one that has ended at its last sampled value."""
+    far, one that has ended at its last sampled value; `seen_alive`: how many samples found
+    some process of the tree alive, holding memory (a peak from fewer than two is a guess)."""
 
     rss_mb: float
     peak_rss_mb: float
     cpu_s: float
+    seen_alive: int = 0
 
 
 @dataclass
@@ -54,6 +56,7 @@ class _Tree:
     known: dict[int, psutil.Process] = field(default_factory=dict)
     cpu: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds, last sampled
     peak_rss: int = 0  # bytes
+    seen_alive: int = 0  # samples with some process alive, holding memory
 
 
 _lock = threading.Lock()
@@ -257,6 +260,14 @@ def _new_descendants(tree: _Tree) -> list[psutil.Process]:
     return new
 
 
+def known_pids(pid: int) -> frozenset[int]:
+    """The descendants `watch` has recorded so far (alive or not) of the tracked tree whose
+    root, the pipeline, is `pid`; empty when no such tree is tracked."""
+    with _lock:
+        tree = _trees.get(pid)
+        return frozenset(tree.known) if tree is not None else frozenset()
+
+
 def usage(proc: subprocess.Popen[bytes]) -> TreeUsage | None:
     """Sample the tree of `proc` as `watch` does, without looking for new descendants (no
     pass over the process table): the last sample of an attempt that has just ended."""
@@ -283,7 +294,9 @@ def _sample(tree: _Tree) -> TreeUsage | None:
     if not tree.cpu:
         return None
     tree.peak_rss = max(tree.peak_rss, rss)
-    return TreeUsage(rss / MB, tree.peak_rss / MB, sum(list(tree.cpu.values())))
+    tree.seen_alive += rss > 0
+    cpu = sum(list(tree.cpu.values()))
+    return TreeUsage(rss / MB, tree.peak_rss / MB, cpu, tree.seen_alive)
 
 
 def _end(tree: _Tree, grace: float) -> list[int]:
@@ -300,7 +313,7 @@ def _end(tree: _Tree, grace: float) -> list[int]:
         deadline = time.monotonic() + 5
         while any(_running(p) for p in procs) and time.monotonic() < deadline:
             time.sleep(0.02)
-    tree.proc.wait()
+    rusage.reap(tree.proc)
     pids = [tree.proc.pid, *tree.known]
     _forget_after_our_death(pids)
     return pids
@@ -312,7 +325,7 @@ def stop_tree(proc: subprocess.Popen[bytes], grace: float) -> None:
     with _lock:
         tree = _trees.pop(proc.pid, None)
     if tree is None:
-        proc.wait()
+        rusage.reap(proc)
         return
     _end(tree, grace)
 

@@ -11,8 +11,9 @@ sleeps `--hold` seconds, waits for its child and prints a JSON status line (with
 CPU seconds, `cpu_s`).
 `--ignore-term`: SIGTERM does nothing.
 
-Once the parent holds its memory it writes `<pid> <child pid>` to $HOG_PIDS_DIR/<pid>.pids
-(when set), so a test can check that no process is left.
+As soon as its child has started it writes `<pid> <child pid>` to $HOG_PIDS_DIR/<pid>.pids
+(when set), so a test can check that no process is left: before it takes its memory, which
+may pass a test's memory_limit and stop it at once.
 """
 
 import argparse
@@ -53,11 +54,11 @@ def main() -> int:
         child = subprocess.Popen([*argv, *(["--ignore-term"] if args.ignore_term else [])])
         if not args.child_mb:  # a child that only burns CPU: gone (reaped) before we go on
             child.wait()
-    held = b"\x01" * int(args.mb * MB)  # written: every page resident
     folder = os.environ.get("HOG_PIDS_DIR")
     if folder and child is not None:
         with open(os.path.join(folder, f"{os.getpid()}.pids"), "w", encoding="utf-8") as out:
             out.write(f"{os.getpid()} {child.pid}\n")
+    held = b"\x01" * int(args.mb * MB)  # written: every page resident
     burn(args.burn)
     print("holding", flush=True)
     time.sleep(args.hold)
