@@ -12,7 +12,8 @@ from uuid import UUID
 import pytest
 
 from flows.slots.pool import PoolSettings, SlotError, SlotPool
-from tests.fakes.slot_api import FakeLimit, FakeSlotApi, wait_for
+from tests.fakes.slot_api import FakeLimit, FakeSlotApi
+from tests.waiting import wait_for
 
 GROUP = "cap:host"
 

@@ -8,11 +8,13 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
+from uuid import UUID
 
 import pytest
 
 from flows.slots.pool import PoolSettings, SlotError, SlotPool
-from tests.fakes.slot_api import FakeLimit, FakeSlotApi, wait_for
+from tests.fakes.slot_api import FakeLimit, FakeSlotApi
+from tests.waiting import wait_for, wait_until
 
 
 @contextmanager
@@ -28,14 +30,22 @@ def pool_on(
 
 
 def run_site(
-    pool: SlotPool, site: str, order: list[str], hold: float, finish: bool = True
+    pool: SlotPool,
+    site: str,
+    order: list[str],
+    hold: float | threading.Event,
+    finish: bool = True,
 ) -> threading.Thread:
-    """A thread body: take a slot for `site`, note the order, hold it, give it back."""
+    """A thread body: take a slot for `site`, note the order, hold it (`hold` seconds, or
+    until the event `hold` is set), give it back."""
 
     def body() -> None:
         with pool.slot(site):
             order.append(site)
-            time.sleep(hold)
+            if isinstance(hold, threading.Event):
+                hold.wait(30)
+            else:
+                time.sleep(hold)
         if finish:
             pool.site_finished(site)
 
@@ -61,15 +71,25 @@ def slot_errors_of(pool: SlotPool, site: str) -> tuple[list[str], float]:
     return errors, time.monotonic() - started
 
 
+def until_waiting(pool: SlotPool, *sites: str) -> None:
+    """Return once each of `sites` waits in `pool` for a slot (AssertionError after 30 s)."""
+    wait_until(
+        lambda: set(sites) <= set(pool.waiting_sites),
+        f"{', '.join(sites)} waiting for a slot",
+        timeout=30,
+    )
+
+
 def test_slots_go_to_sites_in_list_order() -> None:
     """With one slot, sites that ask in reverse order still start in list order."""
     sites = ["a", "b", "c", "d"]
     order: list[str] = []
     with pool_on(FakeLimit(1), sites, PoolSettings(patience=10)) as pool:
         threads = [run_site(pool, site, order, hold=0.05) for site in reversed(sites)]
-        for thread in threads:
+        for site, thread in zip(reversed(sites), threads, strict=True):
             thread.start()
-            time.sleep(0.02)
+            if site != sites[0]:  # 'a' starts, so the others go, once they all wait
+                until_waiting(pool, site)
         for thread in threads:
             thread.join(10)
     assert order == sites
@@ -85,7 +105,7 @@ def test_a_retry_of_a_started_site_goes_before_a_later_first_attempt() -> None:
         first.join(10)  # c started after 1 s of patience; its retry is due
         b = run_site(pool, "b", order, hold=0.0)
         b.start()
-        time.sleep(0.1)  # b waits for its patience to run out
+        until_waiting(pool, "b")  # out of line: for its patience to run out
         retry = run_site(pool, "c", order, hold=0.0)
         retry.start()
         for thread in (b, retry):
@@ -101,14 +121,17 @@ def test_a_retry_goes_before_the_next_first_attempt() -> None:
         first = run_site(pool, "a", order, hold=0.0, finish=False)
         first.start()
         first.join(5)
-        b = run_site(pool, "b", order, hold=0.4)
+        let_go = threading.Event()
+        b = run_site(pool, "b", order, hold=let_go)
         b.start()
-        time.sleep(0.1)  # b holds the slot
+        wait_until(lambda: "b" in order, "b holding the slot")
         c = run_site(pool, "c", order, hold=0.0)
         c.start()
-        time.sleep(0.05)
+        until_waiting(pool, "c")
         retry = run_site(pool, "a", order, hold=0.0)
         retry.start()
+        until_waiting(pool, "a", "c")
+        let_go.set()  # b gives the slot back while both wait
         for thread in (b, c, retry):
             thread.join(10)
     assert order == ["a", "b", "a", "c"]
@@ -116,31 +139,38 @@ def test_a_retry_goes_before_the_next_first_attempt() -> None:
 
 def test_after_a_fair_share_release_the_pool_lets_others_ask_first() -> None:
     """A slot given back for fair share is not asked for again by the same pool at once:
-    its next acquire comes at least a few polls after the release."""
+    its next acquire comes at least a few polls (4 x 0.05 s) after the release, though a
+    site of the pool waits."""
     limit = FakeLimit(1)
     with pool_on(limit, ["a", "b"], PoolSettings(fair_share=0.0, poll=0.05)) as pool:
         waiter = run_site(pool, "b", [], hold=0.0)
         with pool.slot("a"):
             waiter.start()
-            time.sleep(0.1)
+            until_waiting(pool, "b")  # so the pool would ask again at once, but for the rule
+            given_back = time.monotonic()  # just before the block ends
         pool.site_finished("a")
         waiter.join(5)
     released = next(t for call, t in limit.times if call == "release")
     asked = [t for call, t in limit.times if call == "acquire" and t > released]
-    assert asked and min(asked) - released >= 0.12, (released, asked)
+    assert asked and min(asked) - given_back >= 0.19, (given_back, released, asked)
 
 
 def test_prefetch_asks_for_slots_before_any_site_waits() -> None:
     """prefetch=3 holds 3 slots of the server's before any thread asks; prefetch=0 holds none."""
     limit = FakeLimit(5)
+    poll = PoolSettings().poll
     with pool_on(limit, ["a", "b", "c", "d"], prefetch=3):
         assert wait_for(lambda: limit.active == 3)
-        time.sleep(0.2)
-        assert limit.active == 3  # no more than asked for
+        # No more than asked for: an observation window, not a wait for an event. A broker
+        # that wanted more would ask at once (and again every poll); 4 polls pass with no
+        # 4th acquire (a 4th fails the test the moment it happens).
+        assert not wait_for(lambda: limit.calls.count("acquire") > 3, timeout=4 * poll)
+        assert limit.active == 3
     assert limit.active == 0
     idle = FakeLimit(5)
     with pool_on(idle, ["a", "b"], prefetch=0):
-        time.sleep(0.3)
+        # Likewise: over 6 polls the broker never asks.
+        assert not wait_for(lambda: "acquire" in idle.calls, timeout=6 * poll)
         assert idle.active == 0
 
 
@@ -151,9 +181,10 @@ def test_an_unused_slot_lingers_then_goes_back_to_the_server() -> None:
     with pool_on(limit, ["a", "b"], PoolSettings(linger=0.5)) as pool:
         with pool.slot("a"):
             assert limit.active == 1
-        time.sleep(0.1)
-        assert limit.active == 1 and "release" not in limit.calls  # parked, not released
-        assert wait_for(lambda: limit.active == 0, timeout=3)  # returned after linger
+            given_back = time.monotonic()  # just before the block ends
+        assert wait_for(lambda: limit.active == 0, timeout=10)  # returned, in the end
+    released = next(t for call, t in limit.times if call == "release")
+    assert released - given_back >= 0.5  # parked, not released, for `linger` first
 
 
 def test_without_parking_a_slot_is_back_on_the_server_when_the_block_ends() -> None:
@@ -164,6 +195,42 @@ def test_without_parking_a_slot_is_back_on_the_server_when_the_block_ends() -> N
         with pool.slot("a"):
             assert limit.active == 1
         assert limit.active == 0 and limit.calls[-1] == "release"
+
+
+def test_without_parking_a_slot_the_broker_brings_late_is_back_before_the_block_ends() -> None:
+    """park=False: 'b' waits, the broker asks the server for it, and 'a' hands 'b' its slot
+    before that ask answers. The slot the broker then brings nobody needs: it is back on the
+    server before b's `slot()` returns (a Dask worker may be stopped right after)."""
+    limit = FakeLimit(3)
+    answer = threading.Event()
+
+    asks: list[float] = []
+
+    class SlowApi(FakeSlotApi):
+        def acquire(self, names: Sequence[str], lease_seconds: float) -> UUID | None:
+            asks.append(time.monotonic())
+            if len(asks) > 1:  # the ask for 'b' is answered when the test says so
+                answer.wait(30)
+            return super().acquire(names, lease_seconds)
+
+    pool = SlotPool("cap", ["a", "b"], SlowApi(limit), PoolSettings(linger=60), park=False)
+    try:
+        let_go = threading.Event()
+        b = run_site(pool, "b", [], hold=let_go)
+        with pool.slot("a"):
+            b.start()
+            until_waiting(pool, "b")
+            wait_until(lambda: len(asks) == 2, "the broker asking for b")
+        wait_until(lambda: "b" not in pool.waiting_sites, "b taking the slot a handed over")
+        answer.set()
+        wait_until(lambda: limit.active == 2, "the late slot counted on the server")
+        let_go.set()
+        b.join(10)
+        assert not b.is_alive()
+        assert limit.active == 0, limit.calls  # not after `linger` (60 s): at once
+    finally:
+        answer.set()
+        pool.close()
 
 
 def test_a_parked_slot_is_handed_over_without_asking_the_server() -> None:
@@ -198,7 +265,7 @@ def test_fair_share_gives_a_second_pool_a_turn() -> None:
 
         worker = threading.Thread(target=busy_body)
         worker.start()
-        time.sleep(0.1)
+        wait_until(lambda: order, "the busy pool's first site holding the slot")
         waiter = run_site(other, "b", order, hold=0.05)
         waiter.start()
         for thread in (worker, waiter):
@@ -313,12 +380,13 @@ def test_a_limit_really_full_after_a_short_outage_is_waited_for_past_api_patienc
     limit = FakeLimit(1)
     other = SlotPool("cap", ["x"], FakeSlotApi(limit), PoolSettings())
     api = FakeSlotApi(limit)
-    pool = SlotPool("cap", ["a"], api, PoolSettings(api_patience=0.5, warn_after=0))
+    api_patience = 0.5
+    pool = SlotPool("cap", ["a"], api, PoolSettings(api_patience=api_patience, warn_after=0))
     got_at: list[float] = []
     try:
         with other.slot("x"):
             api.down = "HTTP 503 Service Unavailable"
-            threading.Timer(0.2, lambda: setattr(api, "down", None)).start()
+            asked_before = limit.calls.count("acquire")
 
             def wait_a() -> None:
                 with pool.slot("a"):
@@ -326,10 +394,19 @@ def test_a_limit_really_full_after_a_short_outage_is_waited_for_past_api_patienc
 
             thread = threading.Thread(target=wait_a)
             thread.start()
-            time.sleep(2.0)  # 4 x api_patience, the limit full all along
+            wait_until(
+                lambda: limit.calls.count("acquire") > asked_before,
+                "the pool of 'a' asking the failing API",
+            )
+            api.down = None  # the outage was short: one failed acquire
+            # The rule's time, not a wait for an event: for 4 x api_patience, the limit full
+            # all along, 'a' neither gets a slot nor gives up (either ends its thread, which
+            # fails the test at once).
+            assert not wait_for(lambda: not thread.is_alive(), timeout=4 * api_patience)
             released_at = time.monotonic()
         other.site_finished("x")
         other.close()
+        wait_until(lambda: got_at, "'a' getting the slot the other run gave back")
         thread.join(10)
     finally:
         pool.close()
@@ -360,7 +437,10 @@ def test_an_expired_lease_is_not_given_back_twice() -> None:
             api.renew_down = True  # the keeper can't renew it
             (lease,) = list(limit.leases)
             limit.expire(lease)  # so the server expires it
-            time.sleep(0.5)  # longer than a lease duration since the last confirmation
+            # The rule's time, not a wait for an event: the book tells an expired lease
+            # from one a restart lost by the time since the server last confirmed it (more
+            # than a lease duration, 0.3 s, here), on the real clock.
+            time.sleep(0.5)
             api.renew_down = False
         pool.site_finished("a")
     finally:
@@ -379,8 +459,9 @@ def test_waiting_sites_do_not_spin_when_patience_is_zero() -> None:
             waiters = [run_site(pool, site, order, hold=0.0) for site in "bcde"]
             for thread in waiters:
                 thread.start()
+            until_waiting(pool, "b", "c", "d", "e")
             cpu = time.process_time()
-            time.sleep(1.0)
+            time.sleep(1.0)  # the span measured, not a wait for an event
             spent = time.process_time() - cpu
         for thread in waiters:
             thread.join(5)

@@ -31,7 +31,9 @@ The tuning (`linger`, `poll`, `patience`, `fair_share`, `api_patience`, `warn_ev
 - `prefetch` slots are asked for before any thread waits, and kept until a site takes one.
 - `park=False` (a process that may end at any moment, like a Dask worker): a slot no thread
   of this process waits for goes back to the server at once, before `slot()` returns, so
-  nothing is left to give back when the process ends.
+  nothing is left to give back when the process ends. That holds for a slot the broker was
+  still asking for as the block ended (a waiter took a handed-over one meanwhile): `slot()`
+  waits for that ask and gives back what no thread waits for.
 - While the API fails (5xx, 401, 403, no connection) for more than `warn_after` seconds
   (SQLite's busy 503s last milliseconds), a warning names the URL and the status every
   `warn_every` seconds; after `api_patience` seconds of failing, every waiting
@@ -293,6 +295,7 @@ class SlotPool:
         self._in_use: dict[UUID, str | None] = {}  # lease -> its group (None: global only)
         self._granted: dict[str, UUID] = {}  # a group site's pair, until it takes it
         self._asking: set[str] = set()  # group sites the broker is getting a pair for
+        self._broker_busy = False  # the broker is asking the server (its asks not yet in)
         self._passed_over: dict[str, float] = {}  # group -> until when (the server refused)
         self._released_at: dict[str, float] = {}  # group -> when this pool last gave one back
         self._group_errors: dict[str, SlotError] = {}
@@ -322,6 +325,12 @@ class SlotPool:
             yield
         finally:
             self._give_back(lease)
+
+    @property
+    def waiting_sites(self) -> list[str]:
+        """The sites whose thread waits in `slot()` for a slot now, in list order (a copy)."""
+        with self._cond:
+            return self._order.waiting_sites
 
     def add_sites(self, sites: Sequence[str], site_groups: Mapping[str, str]) -> None:
         """Sites this pool was not made with join the end of its list, each of its group's
@@ -479,6 +488,23 @@ class SlotPool:
             self._releases.put(lease)
         else:
             self._release_now(lease)
+        if not self._park:
+            self._give_back_surplus()
+
+    def _give_back_surplus(self) -> None:
+        """A pool that doesn't park: the parked slots no waiting site needs go back now,
+        before `slot()` returns; the last block of the pool first waits for the broker's
+        asks to come in (a slot in use still gives back after, and settles what comes)."""
+        with self._cond:
+            self._cond.wait_for(
+                lambda: not self._broker_busy or self._closed or bool(self._in_use),
+                timeout=min(self.settings.api_patience, 30.0),
+            )
+            surplus = max(0, len(self._parked) - self._demand())
+            spare = [lease for lease, _ in self._parked[len(self._parked) - surplus :]]
+            del self._parked[len(self._parked) - surplus :]
+        for lease in spare:
+            self._release_now(lease)
 
     def _heir(self, group: str) -> str | None:
         """The site of `group` first in line now, to hand a pair of that group straight to
@@ -525,39 +551,49 @@ class SlotPool:
     def _broker(self) -> None:
         """Ask the server for what waits: a global slot whenever more sites outside groups
         wait than slots are parked, and a pair for each group site in line."""
-        outage = self._outage
         while (asks := self._wait_for_asks()) is not None:
-            began = time.monotonic()
-            granted: list[_Ask] = []
-            refused: list[_Ask] = []
-            for done, ask in enumerate(asks):
-                try:
-                    lease = self._ask(ask)
-                    if lease is None and outage.since is not None:
-                        self._api.renew(PROBE_LEASE, self.settings.lease_seconds)
-                except SlotError as exc:
-                    self._refuse_for_good(ask, exc)
-                    if ask.site is None:
-                        self._asked(asks, done + 1)
-                        return
-                    continue
-                except ApiUnavailable as exc:
+            try:
+                then = self._ask_all(asks)
+            finally:
+                with self._cond:
+                    self._broker_busy = False
+                    self._cond.notify_all()
+            if then == "stop":
+                return
+            if then != "go on":
+                with self._cond:  # full: wait for the next poll (a hand-over needs none);
+                    # failing: ask less often while it fails
+                    pause = self.settings.poll * _JITTER.uniform(0.8, 1.2)
+                    self._cond.wait(pause if then == "full" else min(1.0, self.settings.poll * 10))
+
+    def _ask_all(self, asks: list[_Ask]) -> str:
+        """One round of `asks`: "stop" (the pool closed or failed for good), "full" (some
+        refused), "failing" (the API failed) or "go on"."""
+        outage = self._outage
+        began = time.monotonic()
+        granted: list[_Ask] = []
+        refused: list[_Ask] = []
+        for done, ask in enumerate(asks):
+            try:
+                lease = self._ask(ask)
+                if lease is None and outage.since is not None:
+                    self._api.renew(PROBE_LEASE, self.settings.lease_seconds)
+            except SlotError as exc:
+                self._refuse_for_good(ask, exc)
+                if ask.site is None:
                     self._asked(asks, done + 1)
-                    if self._gave_up(outage, exc):
-                        return
-                    with self._cond:  # ask less often while it fails
-                        self._cond.wait(min(1.0, self.settings.poll * 10))
-                    break
-                outage.since = None
-                (granted if lease is not None else refused).append(ask)
-                if lease is not None and not self._bring(ask, lease):
-                    self._asked(asks, done + 1)
-                    return
-            else:
-                self._asked(asks, len(asks))
-                if self._note_refusals(refused, granted, began):
-                    with self._cond:  # full: wait for the next poll (a hand-over needs none)
-                        self._cond.wait(self.settings.poll * _JITTER.uniform(0.8, 1.2))
+                    return "stop"
+                continue
+            except ApiUnavailable as exc:
+                self._asked(asks, done + 1)
+                return "stop" if self._gave_up(outage, exc) else "failing"
+            outage.since = None
+            (granted if lease is not None else refused).append(ask)
+            if lease is not None and not self._bring(ask, lease):
+                self._asked(asks, done + 1)
+                return "stop"
+        self._asked(asks, len(asks))
+        return "full" if self._note_refusals(refused, granted, began) else "go on"
 
     def _ask(self, ask: _Ask) -> UUID | None:
         """One acquire; first the room it makes goes back (else it stays parked)."""
@@ -579,6 +615,7 @@ class SlotPool:
                 hold_off = self._hold_off_until - now
                 asks = self._asks(now) if hold_off <= 0 else []
                 if asks:
+                    self._broker_busy = True
                     return asks
                 waits_for_group = any(s in self._groups for s in self._order.waiting_sites)
                 if hold_off > 0:

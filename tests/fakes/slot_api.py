@@ -122,13 +122,3 @@ class FakeSlotApi:
         with _SERVER:
             for name in names:
                 self.groups.get(name, self.limit).active -= 1
-
-
-def wait_for(predicate: object, timeout: float = 5.0) -> bool:
-    """Poll `predicate()` until it is true or `timeout` passes; return its last value."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return bool(predicate())  # type: ignore[operator]
