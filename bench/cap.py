@@ -578,15 +578,30 @@ def main() -> int:
         f"on {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}. Logs: {work}"
     )
     sections: list[tuple[str, str, str]] = []  # (text, start marker, end marker)
-    if any(runner != "night" for runner in runners):
-        sections.append((f"{cap_report(args, runners, work)}\n\n{footer}", START, END))
-    if "night" in runners:
-        sections.append((f"{night_report(args, work)}\n\n{footer}", NIGHT_START, NIGHT_END))
+    try:
+        if any(runner != "night" for runner in runners):
+            sections.append((f"{cap_report(args, runners, work)}\n\n{footer}", START, END))
+        if "night" in runners:
+            sections.append((f"{night_report(args, work)}\n\n{footer}", NIGHT_START, NIGHT_END))
+    finally:
+        stop_kept_servers(work)
     for text, start, end in sections:
         print(text)
         if args.write:
             write_between_markers(Path(args.write), text, start, end)
     return 0
+
+
+def stop_kept_servers(work: Path) -> None:
+    """`site-pipeline server stop` in every PREFECT_HOME under `work` where an embedded run
+    kept its local server (`local_server_idle`): the benchmark leaves nothing running."""
+    for state in work.rglob("local-server.json"):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env["PREFECT_HOME"] = str(state.parent)
+        subprocess.run(
+            [str(BIN / "site-pipeline"), "server", "stop"],
+            env=env, capture_output=True, timeout=120, check=False,
+        )  # fmt: skip
 
 
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"

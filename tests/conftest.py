@@ -39,6 +39,17 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE = ROOT / "tests" / "fakes" / "fake_pipeline.py"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_kept_server_outlives_the_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A run on the embedded default may keep a local server (`local_server_idle`), on
+    purpose detached: at the session's end, stop those of this session's homes."""
+    yield
+    from tests.processes import stop_keepers
+
+    for folder in (tmp_path_factory.getbasetemp(), Path(_HOME)):
+        stop_keepers(folder)
+
+
 @pytest.fixture(scope="session")
 def prefect_api() -> Iterator[str]:
     """A real Prefect API (a temporary server on SQLite) for the whole session; yields its URL."""
@@ -78,6 +89,9 @@ def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
         # other tests: tests that assert an order other than the list's say so themselves.
         "order": "listed",
         "concurrency_tag": f"test-{folder.name}"[:60].replace("[", "-").replace("]", ""),
+        # On the embedded default (no PREFECT_API_URL) a run uses the temporary server unless
+        # a test says otherwise: the kept local server is tests/test_local_server.py's.
+        "local_server_idle": 0,
         "env": {
             "FAKE_TIMELINE": str(folder / "timeline.tsv"),
             "FAKE_PIDS_DIR": str(folder),

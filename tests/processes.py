@@ -112,3 +112,37 @@ def wait_until_gone(pids: list[int], timeout: float = 30) -> list[int]:
     while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     return [pid for pid in pids if alive(pid)]
+
+
+def keepers_under(folder: Path) -> list[psutil.Process]:
+    """The kept local servers' keepers (`flows.ops.keeper`) whose PREFECT_HOME is in
+    `folder`: a run leaves one behind on purpose, detached from the test session."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "flows.ops.keeper" not in argv or "--home" not in argv[:-1]:
+            continue
+        home = Path(argv[argv.index("--home") + 1])
+        if home == folder or folder in home.parents:
+            found.append(proc)
+    return found
+
+
+def stop_keepers(folder: Path, timeout: float = 30) -> list[int]:
+    """SIGTERM every keeper under `folder` (it stops its server first) and wait until they
+    and their servers are gone; the pids that were stopped."""
+    keepers = keepers_under(folder)
+    tree = []
+    for keeper in keepers:
+        try:
+            tree += [keeper, *keeper.children(recursive=True)]
+            keeper.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(tree, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return [keeper.pid for keeper in keepers]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import run_tied
+from tests.processes import keepers_under, run_tied
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -223,7 +223,8 @@ def test_every_command_the_docs_show_exists_with_its_options(page: Path) -> None
 @pytest.mark.slow
 def test_the_quickstart_run_succeeds_on_the_shipped_config(tmp_path: Path) -> None:
     """`site-pipeline run` on the shipped config and demo pipeline, on the embedded default
-    (a temporary server of its own), exits 0 with every site succeeded."""
+    (the local server it starts and keeps), exits 0 with every site succeeded; `site-pipeline
+    server stop` then stops that server and its keeper."""
     project = tmp_path / "project"
     (project / "examples").mkdir(parents=True)
     shutil.copy(ROOT / "config.yaml", project / "config.yaml")
@@ -238,3 +239,8 @@ def test_the_quickstart_run_succeeds_on_the_shipped_config(tmp_path: Path) -> No
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     counts = json.loads(summary.read_text())["counts"]
     assert counts["succeeded"] == counts["total"] >= 3
+    # As the Quickstart says: the run kept its local server; `server stop` stops it.
+    assert "started a local Prefect server at" in result.stderr, result.stderr[-2000:]
+    stopped = run_tied([script, "server", "stop"], cwd=project, env=env)
+    assert "stopped the local Prefect server" in stopped.stdout, stopped.stdout + stopped.stderr
+    assert keepers_under(tmp_path) == []

@@ -2,7 +2,7 @@
 
 This package is the command line and nothing else: it parses (`parser`), dispatches to one
 function per command (`run`: run and validate here; `manage`: setup, submit, doctor,
-history), and turns what they return into exit statuses and messages (`common`). The work
+history, server), and turns what they return into exit statuses and messages (`common`). The work
 itself lives elsewhere (`flows.api`, `flows.ops`). Prefect loads only once a command needs
 it, so bad usage exits fast.
 
@@ -33,6 +33,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return manage.submit(args)
     if args.command == "doctor":
         return manage.doctor(args)
+    if args.command == "server":
+        return manage.server(args)
     if args.command == "run" and args.retry_failed:
         return interruptible(lambda: run.retry_failed(args))
     try:

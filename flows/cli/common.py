@@ -36,15 +36,27 @@ def interruptible(command: Callable[[], int]) -> int:
         return interrupted()
 
 
-def connect() -> str | None:
-    """Every command that uses the API starts here: check that it answers, and on the
-    embedded default start the temporary server now, tied to this process (the reaper), so
-    it ends with us however we end; left to Prefect, it would outlive a process killed by a
-    signal or a broken pipe. The API's description, or None once the reason is printed
-    (one `error:` line; a temporary server that died adds its log's last lines, indented)."""
+def connect(keep: float | None = None, run: bool = False) -> str | None:
+    """Every command that uses the API starts here: check that it answers; on the embedded
+    default, use the kept local server (`flows.ops.local_server`: a run, `run=True`, finds or
+    starts it and keeps it `keep` seconds after it ends; other commands use it if it is up)
+    or, without one (`keep` 0), start the temporary server now, tied to this process (the
+    reaper), so it ends with us however we end; left to Prefect, it would outlive a process
+    killed by a signal or a broken pipe. The API's description, or None once the reason is
+    printed (one `error:` line; a server that died adds its log's last lines, indented)."""
     from flows import ops
 
     try:
+        lease = ops.use_local_server(keep if run else None)
+        if lease is not None:
+            print(f"site-pipeline: {lease.describe()}", file=sys.stderr)
+        elif run and ops.api_url_unset():
+            print(
+                "site-pipeline: starting a temporary Prefect server for this run (a few "
+                "seconds); to skip this, keep one running: `prefect server start --background` "
+                "and `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
+                file=sys.stderr,
+            )
         target = ops.check_reachable()
         ops.start_temporary_server()
     except ops.ApiUnreachable as exc:

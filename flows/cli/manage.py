@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,8 @@ def doctor(args: argparse.Namespace) -> int:
     if target is None:
         return EXIT_FAILED
     print(f"Prefect API: {target}")
+    for line in _local_server_status()[0]:
+        print(line)
     lines, healthy = ops.doctor(plan, fix=args.fix)
     for line in lines:
         print(line)
@@ -186,3 +189,49 @@ def _start_deployment(deployment: str, params: dict[str, Any], no_watch: bool) -
     if state is not None and state.message:
         print(state.message)
     return EXIT_OK if state is not None and state.is_completed() else EXIT_FAILED
+
+
+def _local_server_status() -> tuple[list[str], bool]:
+    """The lines `server status` prints, and whether the local server is up."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    from flows.ops import local_server
+
+    return local_server.status(Path(get_current_settings().home), prefect.__version__)
+
+
+def server(args: argparse.Namespace) -> int:
+    """`server status` (0 when the local server is up, 1 when none is) and `server stop`."""
+    import prefect
+    from prefect.settings import get_current_settings
+
+    from flows.ops import local_server
+
+    settings = get_current_settings()
+    if settings.api.url:
+        print(
+            f"note: PREFECT_API_URL is set ({settings.api.url}): runs use that server, "
+            "not a local one",
+            file=sys.stderr,
+        )
+    home = Path(settings.home)
+    if args.action == "status":
+        lines, up = local_server.status(home, prefect.__version__)
+        for line in lines:
+            print(line)
+        return EXIT_OK if up else EXIT_FAILED
+    state = local_server.read_state(home)
+    if state is None or not local_server.keeper_alive(state):
+        print(f"no local server is running for PREFECT_HOME {home}")
+        return EXIT_OK
+    users = local_server.live_users(home)
+    if not local_server.stop_keeper(home, state, timeout=30):
+        print(
+            f"site-pipeline: error: the keeper (pid {state.keeper_pid}) did not stop",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    note = f" ({len(users)} command{'s' if len(users) > 1 else ''} were using it)" if users else ""
+    print(f"stopped the local Prefect server at {state.url}{note}")
+    return EXIT_OK

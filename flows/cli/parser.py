@@ -100,9 +100,7 @@ def _add_run(commands: Commands) -> None:
     )
     _add_sites(
         _with_config(
-            commands.add_parser(
-                "validate", help="check the config and sites; show what would run"
-            )
+            commands.add_parser("validate", help="check the config and sites; show what would run")
         )
     )
 
@@ -175,6 +173,18 @@ def _add_manage(commands: Commands) -> None:
     history.add_argument("--json", action="store_true", help="print JSON for scripts")
 
 
+def _add_server(commands: Commands) -> None:
+    """`server status|stop`: the kept local server of the embedded default."""
+    server = commands.add_parser(
+        "server", help="show or stop the local Prefect server that runs keep (no PREFECT_API_URL)"
+    )
+    actions = server.add_subparsers(dest="action", required=True, metavar="ACTION")
+    actions.add_parser(
+        "status", help="the local server of this PREFECT_HOME, if one is up", allow_abbrev=False
+    )
+    actions.add_parser("stop", help="stop it now", allow_abbrev=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line, its commands in the order `--help` lists them."""
     parser = argparse.ArgumentParser(
@@ -183,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
         "timeouts that stop the process group, and a global concurrency cap.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_run, _add_setup, _add_submit, _add_manage):
+    for add in (_add_run, _add_setup, _add_submit, _add_manage, _add_server):
         add(commands)
     # No abbreviations: `--sites x` must not quietly mean `--sites-file x`, and a script's
     # abbreviation must not change meaning when an option is added.
     for sub in (parser, *commands.choices.values()):
         sub.allow_abbrev = False
+
     return parser

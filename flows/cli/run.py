@@ -4,6 +4,7 @@ then print the results; `--retry-failed` first resolves the earlier run it resum
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import sys
 import threading
@@ -119,10 +120,21 @@ def retry_failed(args: argparse.Namespace) -> int:
             "--retry-failed and --site/--sites-file: expected one or the other; "
             "--retry-failed takes the sites of the run it resumes"
         )
-    if connect() is None:
+    if connect(_local_server_idle(args), run=True) is None:
         return EXIT_FAILED
     plan, skip = _retry_plan(args)
     return run_plan(args, plan, skip)
+
+
+def _local_server_idle(args: argparse.Namespace) -> float:
+    """`local_server_idle` of the config `--retry-failed` starts from (the earlier run's may
+    differ; it is read once the API answers): the default where it can't be read here."""
+    from flows.config import PipelineConfig
+
+    try:
+        return load_plan(args.config, sites=["any.example"]).config.local_server_idle
+    except ConfigError:
+        return float(PipelineConfig.model_fields["local_server_idle"].default)
 
 
 def _retry_plan(args: argparse.Namespace) -> tuple[RunPlan, dict[str, str]]:
@@ -169,16 +181,9 @@ def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | Non
     # Dask workers can't see a stop request: there the first signal stops at once.
     polite = plan.config.task_runner.kind == "threads"
     with on_signals(stop, notice, polite=polite):
-        settings = get_current_settings()
-        if not settings.api.url:
-            print(
-                "site-pipeline: starting a temporary Prefect server for this run (a few "
-                "seconds); to skip this, keep one running: `prefect server start --background` "
-                "and `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
-                file=sys.stderr,
-            )
-        if connect() is None:
+        if connect(plan.config.local_server_idle, run=True) is None:
             return EXIT_FAILED
+        settings = get_current_settings()  # with the kept local server's URL, if one is used
         verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
         try:
             outcome = _watch_flow(plan, skip, stop, verbosity, err)
@@ -248,11 +253,13 @@ def _watch_flow(
             outcome.append(exc)
 
     # The flow runs in a thread of its own: Prefect's engine sets its own SIGTERM handler
-    # when it runs in the main thread, and ours must see the signal to cancel politely.
+    # when it runs in the main thread, and ours must see the signal to cancel politely. It
+    # runs in a copy of this thread's context: Prefect's settings context (the kept local
+    # server's URL, `flows.ops.server.use_local_server`) is a context variable.
     with run_console(len(plan.sites), verbosity, err) as view:
         runner = threading.Thread(
-            target=flow_thread,
-            args=(view.site_done if view is not None else None,),
+            target=contextvars.copy_context().run,
+            args=(flow_thread, view.site_done if view is not None else None),
             name="site-pipeline-flow",
             daemon=True,
         )

@@ -26,8 +26,10 @@ if TYPE_CHECKING:
     from flows.ops.server import (
         ApiUnreachable,
         api_target,
+        api_url_unset,
         check_reachable,
         start_temporary_server,
+        use_local_server,
     )
 
 _HOME = {
@@ -35,6 +37,8 @@ _HOME = {
     "api_target": "server",
     "check_reachable": "server",
     "start_temporary_server": "server",
+    "api_url_unset": "server",
+    "use_local_server": "server",
     "setup": "provision",
     "history": "run_history",
     "history_rows": "run_history",
@@ -53,6 +57,7 @@ __all__ = [
     "EarlierRun",
     "RetryChoice",
     "api_target",
+    "api_url_unset",
     "check_reachable",
     "choose",
     "doctor",
@@ -63,6 +68,7 @@ __all__ = [
     "mark_crashed",
     "setup",
     "start_temporary_server",
+    "use_local_server",
 ]
 
 

@@ -5,18 +5,22 @@ user's terminal."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
+import prefect
 from prefect.client.orchestration import get_client
 from prefect.exceptions import PrefectHTTPStatusError
-from prefect.settings import get_current_settings
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 from flows import _prefect_compat as compat
+from flows.ops import local_server
 
 SERVER_LOG = Path("logs") / "temporary-server.log"
 """The temporary server's log, under PREFECT_HOME; the previous run's is `<name>.1`."""
@@ -127,6 +131,48 @@ def start_temporary_server() -> str | None:
         if log is not None:
             log.close()  # the server has its own copy
     return server.api_url
+
+
+def api_url_unset() -> bool:
+    """No PREFECT_API_URL in this process's settings."""
+    return not get_current_settings().api.url
+
+
+def use_local_server(keep: float | None) -> local_server.Lease | None:
+    """The embedded default's kept local server (`flows.ops.local_server`) for this command,
+    with PREFECT_API_URL pointing at it from now on (this process's settings and
+    environment, so processes it starts see it too); the lease is released at exit.
+
+    `keep` is the run's `local_server_idle`: > 0 finds or starts the server; 0 uses none (a
+    temporary server, as before); None (a command that is not a run) uses one that is
+    already up and starts none. None when a URL is configured or no server is used. Raises
+    `ServerStartFailed` when a started server does not answer."""
+    settings = get_current_settings()
+    if settings.api.url or keep == 0 or not settings.server.ephemeral.enabled:
+        return None
+    home = Path(settings.home)
+    try:
+        if keep is None:
+            lease = local_server.reuse(home, prefect.__version__)
+        else:
+            lease = local_server.acquire(home, keep, prefect.__version__, startup_timeout())
+    except local_server.LocalServerFailed as exc:
+        raise ServerStartFailed(str(exc)) from None
+    if lease is None:
+        return None
+    os.environ["PREFECT_API_URL"] = lease.state.url
+    # For the rest of this command (the context manager must stay referenced: a generator
+    # closed by the garbage collector would restore the settings). The flow's thread runs in
+    # a copy of this context (flows.cli.run).
+    pointed = temporary_settings(updates={PREFECT_API_URL: lease.state.url})
+    pointed.__enter__()
+    atexit.register(_end_lease, lease, pointed)
+    return lease
+
+
+def _end_lease(lease: local_server.Lease, settings: AbstractContextManager[Any]) -> None:
+    lease.release()
+    settings.__exit__(None, None, None)
 
 
 def startup_timeout() -> int:

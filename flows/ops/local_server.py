@@ -1,0 +1,387 @@
+"""The embedded default's local server, kept for the next run (`pipeline.local_server_idle`).
+
+With no PREFECT_API_URL, a run used to start a temporary server and stop it at its end: 10-15
+s of start-up for every ad hoc run. Here a run starts one local `prefect server start` for
+its PREFECT_HOME through a small keeper process (`flows.ops.keeper`) and leaves it running;
+the keeper stops it `local_server_idle` seconds after the last run on it ends. The next run
+finds it and uses it.
+
+It is found through `local-server.json` under PREFECT_HOME, never trusted blindly: the
+keeper's pid must be alive and be the process that wrote the file (its start time), the
+URL must answer `/health`, and the server must be of this Prefect version. A dead or foreign
+entry is replaced; a keeper of ours that fails the checks (another version, no answer) is
+stopped first. The file, the start and each run's registration happen under
+`local-server.lock`, so two runs starting at once start one server between them, and the
+keeper takes the same lock before it decides that nobody is left.
+
+Each run on the server holds a file in `local-server.users/` (its pid, start time and
+idle seconds); the keeper counts the live ones, so a run that was killed counts as ended.
+The server's log is `logs/local-server.log` under PREFECT_HOME.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import IO, Literal
+
+import httpx
+import psutil
+from filelock import FileLock
+
+STATE_FILE = "local-server.json"
+LOCK_FILE = "local-server.lock"
+USERS_DIR = "local-server.users"
+STOP_FILE = "local-server.stop"
+IDLE_FILE = "local-server.idle"  # the keeper's {"keeper_pid", "until"}: when it stops if idle
+LOG_FILE = Path("logs") / "local-server.log"
+CHECK_TIMEOUT = 5.0
+"""Seconds a health or version request to a recorded server may take."""
+
+Verdict = Literal["ok", "dead", "foreign", "other-version", "no-answer"]
+
+
+class LocalServerFailed(RuntimeError):
+    """The local server did not come up; the message names the log."""
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What `local-server.json` records of the kept server."""
+
+    url: str  # http://127.0.0.1:<port>/api
+    port: int
+    keeper_pid: int
+    keeper_started: float  # the keeper's process start time (psutil's create_time)
+    version: str  # the Prefect version that started it
+    started_at: float  # time.time() when it first answered
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+
+def read_state(home: Path) -> ServerState | None:
+    """The recorded server, or None when there is none or the file is not ours to read."""
+    try:
+        data = json.loads((home / STATE_FILE).read_text(encoding="utf-8"))
+        return ServerState(
+            url=str(data["url"]),
+            port=int(data["port"]),
+            keeper_pid=int(data["keeper_pid"]),
+            keeper_started=float(data["keeper_started"]),
+            version=str(data["version"]),
+            started_at=float(data["started_at"]),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_state(home: Path, state: ServerState) -> None:
+    path = home / STATE_FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(state.to_json(), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def remove_state(home: Path, keeper_pid: int | None = None) -> None:
+    """Remove the state file (only if it still names `keeper_pid`, when given)."""
+    if keeper_pid is not None:
+        state = read_state(home)
+        if state is None or state.keeper_pid != keeper_pid:
+            return
+    (home / STATE_FILE).unlink(missing_ok=True)
+
+
+def lock(home: Path, timeout: float) -> FileLock:
+    home.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(home / LOCK_FILE), timeout=timeout)
+
+
+def process_started(pid: int) -> float | None:
+    """`pid`'s start time, or None when no such process runs (a zombie counts as gone)."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def keeper_alive(state: ServerState) -> bool:
+    """The recorded keeper still runs: its pid is alive and started when the file says."""
+    started = process_started(state.keeper_pid)
+    return started is not None and abs(started - state.keeper_started) < 0.5
+
+
+def server_version(url: str, timeout: float = CHECK_TIMEOUT) -> str | None:
+    """The version of the Prefect server at `url` if it answers healthy, else None."""
+    try:
+        with httpx.Client(timeout=timeout) as client:
+            health = client.get(f"{url}/health")
+            if health.status_code != 200:
+                return None
+            version = client.get(f"{url}/admin/version")
+            if version.status_code != 200:
+                return None
+            answer = version.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return answer if isinstance(answer, str) else None
+
+
+def verdict(state: ServerState, version: str) -> Verdict:
+    """Whether the recorded server can be used by a run of Prefect `version`."""
+    if not keeper_alive(state):
+        return "dead" if server_version(state.url) is None else "foreign"
+    answered = server_version(state.url)
+    if answered is None:
+        return "no-answer"
+    if answered != version or state.version != version:
+        return "other-version"
+    return "ok"
+
+
+@dataclass(frozen=True)
+class User:
+    """One run on the kept server: the file it holds in `local-server.users/`."""
+
+    pid: int
+    started: float
+    idle: float  # seconds to keep the server after it ends; -1: no say (not a run)
+    path: Path
+
+
+def register(home: Path, idle: float) -> Path:
+    """Record this process as a run on the server; the file goes when `release` is called
+    (or counts as gone once this process has died)."""
+    users = home / USERS_DIR
+    users.mkdir(parents=True, exist_ok=True)
+    me = os.getpid()
+    path = users / f"{me}-{uuid.uuid4().hex[:8]}.json"
+    started = process_started(me) or 0.0
+    path.write_text(json.dumps({"pid": me, "started": started, "idle": idle}), encoding="utf-8")
+    return path
+
+
+def live_users(home: Path) -> list[User]:
+    """The runs on the server whose process still runs; a dead one's file is removed."""
+    live: list[User] = []
+    for path in sorted((home / USERS_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            user = User(int(data["pid"]), float(data["started"]), float(data["idle"]), path)
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            continue
+        started = process_started(user.pid)
+        if started is None or abs(started - user.started) >= 0.5:
+            path.unlink(missing_ok=True)
+        else:
+            live.append(user)
+    return live
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Lease:
+    """This run's use of the kept server: `how` it was found, until `release`."""
+
+    state: ServerState
+    how: Literal["started", "reused"]
+    idle: float
+    user_file: Path
+
+    def release(self) -> None:
+        self.user_file.unlink(missing_ok=True)
+
+    def describe(self) -> str:
+        """The one line a run prints about the server it uses."""
+        if self.idle < 0:
+            return f"using the local Prefect server at {self.state.url}"
+        since = time.strftime("%H:%M:%S", time.localtime(self.state.started_at))
+        what = (
+            f"started a local Prefect server at {self.state.url}"
+            if self.how == "started"
+            else f"reused the local Prefect server at {self.state.url} (up since {since})"
+        )
+        return (
+            f"{what}; it stays until {self.idle:g} s after the last run on it ends "
+            "(`site-pipeline server stop` stops it now)"
+        )
+
+
+def acquire(home: Path, idle: float, version: str, startup_timeout: float) -> Lease:
+    """The kept server of `home`, found or started, with this run registered on it.
+    Raises `LocalServerFailed` when a started server does not answer within
+    `startup_timeout` seconds."""
+    with lock(home, timeout=startup_timeout + 60):
+        state = read_state(home)
+        if state is not None:
+            found = verdict(state, version)
+            if found == "ok":
+                return Lease(state, "reused", idle, register(home, idle))
+            if found in ("other-version", "no-answer"):
+                stop_keeper(home, state, timeout=30)
+            remove_state(home)
+        user = register(home, idle)
+        try:
+            state = start(home, version, startup_timeout)
+        except BaseException:
+            user.unlink(missing_ok=True)
+            raise
+        return Lease(state, "started", idle, user)
+
+
+def write_idle_until(home: Path, keeper_pid: int, until: float | None) -> None:
+    """The keeper's word on when it stops (None: runs are on it)."""
+    path = home / IDLE_FILE
+    tmp = path.with_suffix(f".{keeper_pid}.tmp")
+    tmp.write_text(json.dumps({"keeper_pid": keeper_pid, "until": until}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def idle_until(home: Path, keeper_pid: int) -> float | None:
+    try:
+        data = json.loads((home / IDLE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("keeper_pid") != keeper_pid:
+        return None
+    until = data.get("until")
+    return float(until) if isinstance(until, (int, float)) else None
+
+
+def status(home: Path, version: str) -> tuple[list[str], bool]:
+    """What `server status` (and `doctor`) say of `home`'s kept server; True if it is up."""
+    state = read_state(home)
+    if state is None:
+        return [f"local server: none for PREFECT_HOME {home}"], False
+    found = verdict(state, version)
+    if found in ("dead", "foreign"):
+        return [f"local server: none for PREFECT_HOME {home} (the one recorded has ended)"], False
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(state.started_at))
+    lines = [
+        f"local server: {state.url} (Prefect {state.version}, keeper pid {state.keeper_pid}, "
+        f"up since {since}, log {home / LOG_FILE})"
+    ]
+    if found != "ok":
+        why = "does not answer" if found == "no-answer" else "is of another Prefect version"
+        lines.append(f"  it {why}: the next run replaces it")
+    runs = live_users(home)
+    until = idle_until(home, state.keeper_pid)
+    if runs:
+        lines.append(f"  in use by {len(runs)} command{'s' if len(runs) > 1 else ''}")
+    elif until is not None:
+        at = time.strftime("%H:%M:%S", time.localtime(until))
+        lines.append(f"  idle: it stops at {at} unless a run uses it")
+    return lines, True
+
+
+def reuse(home: Path, version: str) -> Lease | None:
+    """The kept server of `home` if it is up and usable, with this command registered on it
+    (without a say in its idle time); None otherwise. Starts nothing."""
+    with lock(home, timeout=60):
+        state = read_state(home)
+        if state is None or verdict(state, version) != "ok":
+            return None
+        return Lease(state, "reused", -1, register(home, -1))
+
+
+def start(home: Path, version: str, startup_timeout: float) -> ServerState:
+    """Start a keeper (and so a server) for `home`, wait until it answers, record it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    (home / STOP_FILE).unlink(missing_ok=True)
+    log_path = home / LOG_FILE
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "flows.ops.keeper", "--home", str(home), "--port", str(port)]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["PREFECT_HOME"] = str(home)
+    # the keeper is this code, wherever it was imported from (an install, a checkout)
+    ours = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [ours, env.get("PYTHONPATH")]))
+    with open(log_path, "ab") as log:
+        keeper = _spawn_detached(argv, log, env, home)
+    started = process_started(keeper.pid) or 0.0
+    deadline = time.monotonic() + startup_timeout
+    while time.monotonic() < deadline:
+        if keeper.poll() is not None:
+            break
+        answered = server_version(url, timeout=2)
+        if answered is not None:
+            state = ServerState(url, port, keeper.pid, started, answered, time.time())
+            write_state(home, state)
+            return state
+        time.sleep(0.2)
+    if keeper.poll() is None:
+        (home / STOP_FILE).touch()
+        _wait_gone(keeper.pid, 15)
+        _kill(keeper.pid)
+    raise LocalServerFailed(
+        f"the local Prefect server did not answer within {startup_timeout:g} s; see {log_path}"
+    )
+
+
+def stop_keeper(home: Path, state: ServerState, timeout: float) -> bool:
+    """Ask the recorded keeper to stop its server (the stop file), then end it if it does
+    not; True when it is gone. A keeper that is not the recorded one is left alone."""
+    if not keeper_alive(state):
+        return True
+    (home / STOP_FILE).touch()
+    if _wait_gone(state.keeper_pid, timeout):
+        return True
+    _kill(state.keeper_pid)
+    return _wait_gone(state.keeper_pid, 5)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process_started(pid) is None:
+            return True
+        time.sleep(0.1)
+    return process_started(pid) is None
+
+
+def _kill(pid: int) -> None:
+    try:
+        psutil.Process(pid).kill()
+    except psutil.Error:
+        pass
+
+
+def _spawn_detached(
+    argv: list[str], log: IO[bytes], env: dict[str, str], cwd: Path
+) -> subprocess.Popen[bytes]:
+    """Start `argv` so that it outlives this process and its terminal's Ctrl-C: a new
+    session on POSIX; on Windows a detached process in its own group, out of our Job Object
+    where the job allows it."""
+    if sys.platform == "win32":
+        flags = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+        try:
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=cwd,
+                creationflags=flags | subprocess.CREATE_BREAKAWAY_FROM_JOB,
+            )  # fmt: skip
+        except PermissionError:  # a job that allows no breakaway
+            return subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=cwd,
+                creationflags=flags,
+            )  # fmt: skip
+    return subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, cwd=cwd,
+        close_fds=True, start_new_session=True,
+    )  # fmt: skip

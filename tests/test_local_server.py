@@ -1,0 +1,297 @@
+"""The kept local server (`pipeline.local_server_idle`, flows/ops/local_server.py): with no
+PREFECT_API_URL a run starts one `prefect server start` for its PREFECT_HOME and the next
+run reuses it; the recorded server is checked, never trusted; it stops when idle or on
+`server stop`.
+
+The checks of a recorded server run against a small HTTP server in this process; the whole
+path (CLI runs, a real keeper and server) in the slow tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pytest
+
+from flows.ops import local_server as ls
+from tests.conftest import ROOT, read_timeline, run_cli, write_config
+from tests.processes import keepers_under, start_tied, stop_keepers
+from tests.servers import seed_home
+from tests.waiting import wait_until
+
+SERVER_NOISE = re.compile(r"prefect\.server|telemetry|uvicorn|docket|Traceback|sqlite3\.")
+PREFECT_VERSION = "3.9.1"
+
+
+class _Answers(BaseHTTPRequestHandler):
+    version = PREFECT_VERSION
+
+    def do_GET(self) -> None:
+        answers = {"/api/health": True, "/api/admin/version": self.version}
+        if self.path not in answers:
+            self.send_error(404)
+            return
+        body = json.dumps(answers[self.path]).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def answering() -> Iterator[str]:
+    """The API URL of a small server that answers /health and /admin/version like Prefect."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/api"
+    server.shutdown()
+    server.server_close()
+
+
+def a_state(
+    url: str, pid: int, started: float | None = None, version: str = PREFECT_VERSION
+) -> ls.ServerState:
+    if started is None:
+        started = psutil.Process(pid).create_time()
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    return ls.ServerState(url, port, pid, started, version, time.time())
+
+
+def a_dead_pid() -> int:
+    done = subprocess.run([sys.executable, "-c", "pass"], check=True)
+    assert done.returncode == 0
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_recorded_server_is_used_only_when_its_keeper_lives_and_it_answers_our_version(
+    answering: str,
+) -> None:
+    """ok: the keeper (this process) is alive with the recorded start time and the URL
+    answers this version. Another version (the server's or the file's) is not reused; a
+    keeper that lives but a URL that does not answer is 'no-answer' (ours, to replace); a
+    keeper that is gone, or a pid now another process (another start time), is 'foreign'
+    when something still answers there and 'dead' when nothing does."""
+    me = os.getpid()
+    closed = f"http://127.0.0.1:{ls.free_port()}/api"
+    assert ls.verdict(a_state(answering, me), PREFECT_VERSION) == "ok"
+    assert ls.verdict(a_state(answering, me), "3.9.2") == "other-version"
+    assert ls.verdict(a_state(answering, me, version="3.8.0"), PREFECT_VERSION) == "other-version"
+    assert ls.verdict(a_state(closed, me), PREFECT_VERSION) == "no-answer"
+    reused_pid = a_state(answering, me, started=psutil.Process(me).create_time() - 100)
+    assert ls.verdict(reused_pid, PREFECT_VERSION) == "foreign"
+    gone = a_dead_pid()
+    assert ls.verdict(a_state(answering, gone, started=1.0), PREFECT_VERSION) == "foreign"
+    assert ls.verdict(a_state(closed, gone, started=1.0), PREFECT_VERSION) == "dead"
+
+
+def test_a_broken_state_file_is_no_server_and_a_written_one_reads_back(tmp_path: Path) -> None:
+    """A missing, truncated or foreign-shaped `local-server.json` is None (a run starts a
+    server); one written by `write_state` reads back field for field."""
+    assert ls.read_state(tmp_path) is None
+    (tmp_path / ls.STATE_FILE).write_text('{"url": "http://127.0.0.1:1/api", "port"')
+    assert ls.read_state(tmp_path) is None
+    (tmp_path / ls.STATE_FILE).write_text('["not", "a", "mapping"]')
+    assert ls.read_state(tmp_path) is None
+    state = ls.ServerState("http://127.0.0.1:5/api", 5, 42, 1.5, PREFECT_VERSION, 2.5)
+    ls.write_state(tmp_path, state)
+    assert ls.read_state(tmp_path) == state
+    ls.remove_state(tmp_path, keeper_pid=43)  # another keeper's: left alone
+    assert ls.read_state(tmp_path) == state
+    ls.remove_state(tmp_path, keeper_pid=42)
+    assert ls.read_state(tmp_path) is None
+
+
+def test_only_runs_whose_process_lives_count_as_on_the_server(tmp_path: Path) -> None:
+    """A registered live process counts, with its idle seconds; the file of a process that
+    has ended, or of a pid that another process now has, is removed and does not count;
+    `release` removes this run's."""
+    mine = ls.register(tmp_path, 600)
+    users = tmp_path / ls.USERS_DIR
+    (users / "dead.json").write_text(json.dumps({"pid": a_dead_pid(), "started": 1, "idle": 5}))
+    me = os.getpid()
+    (users / "reused.json").write_text(json.dumps({"pid": me, "started": 1.0, "idle": 5}))
+    (users / "junk.json").write_text("{")
+    live = ls.live_users(tmp_path)
+    assert [(user.pid, user.idle, user.path) for user in live] == [(me, 600, mine)]
+    assert sorted(path.name for path in users.iterdir()) == [mine.name]
+    lease = ls.Lease(a_state("http://127.0.0.1:1/api", me), "reused", 600, mine)
+    lease.release()
+    assert ls.live_users(tmp_path) == []
+
+
+def embedded_env(home: Path) -> dict[str, str]:
+    """No PREFECT_API_URL, `home` already migrated: the embedded default on a user's machine."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    return {**env, "PREFECT_HOME": str(seed_home(home)), "PYTHONPATH": str(ROOT)}
+
+
+def server_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if "local Prefect server at" in line]
+    assert len(lines) == 1, stderr[-3000:]
+    return lines[0]
+
+
+def url_in(line: str) -> str:
+    found = re.search(r"http://127\.0\.0\.1:\d+/api", line)
+    assert found, line
+    return found.group(0)
+
+
+def gone(pids: list[int]) -> bool:
+    return not any(ls.process_started(pid) is not None for pid in pids)
+
+
+def server_tree(home: Path) -> list[int]:
+    """The keeper of `home` and every process under it (the server)."""
+    pids = []
+    for keeper in keepers_under(home):
+        pids += [keeper.pid, *(child.pid for child in keeper.children(recursive=True))]
+    return pids
+
+
+class Watched(subprocess.CompletedProcess[str]):
+    servers_seen: int = 0
+
+
+def run_watching_for_servers(args: list[str], env: dict[str, str]) -> Watched:
+    """`python -m flows ARGS`, its process tree watched until it ends: how many Prefect
+    server processes (a temporary server's uvicorn) were ever under it."""
+    proc = start_tied(
+        [sys.executable, "-m", "flows", *args],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen: set[int] = set()
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.extend(proc.communicate()), daemon=True)
+    reader.start()
+    while reader.is_alive():
+        try:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                try:
+                    if any(
+                        "uvicorn" in part or "prefect.server" in part for part in child.cmdline()
+                    ):
+                        seen.add(child.pid)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        reader.join(0.05)
+    done = Watched(proc.args, proc.returncode, out[0], out[1])
+    done.servers_seen = len(seen)
+    return done
+
+
+@pytest.mark.slow  # CLI runs, a real keeper and `prefect server start`, started twice
+def test_a_second_run_reuses_the_server_the_first_started_and_server_stop_ends_it(
+    tmp_path: Path,
+) -> None:
+    """Run 1 says it started a local server (one line, nothing of the server's own output
+    on the terminal, which goes to logs/local-server.log); run 2 says it reused the same
+    URL, and no second server was started, by it or by Prefect under it; `server status`
+    and `doctor` list it. A recorded server of another Prefect version is not reused: run
+    3 stops it and starts another.
+    `server stop` ends the keeper and the server; `server status` then exits 1."""
+    home = tmp_path / "home"
+    env = embedded_env(home)
+    config = write_config(tmp_path, ["ok-a", "ok-b"], local_server_idle=300)
+    try:
+        first = run_cli(["run", "--config", str(config)], env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        started = server_line(first.stderr)
+        assert "started a local Prefect server at" in started and "300 s after" in started
+        url = url_in(started)
+        assert [
+            line for line in (first.stdout + first.stderr).splitlines() if SERVER_NOISE.search(line)
+        ] == []
+        assert (home / "logs" / "local-server.log").stat().st_size > 0
+        (keeper,) = keepers_under(home)
+        state = ls.read_state(home)
+        assert state is not None and state.url == url and state.keeper_pid == keeper.pid
+
+        second = run_watching_for_servers(["run", "--config", str(config)], env)
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert second.servers_seen == 0  # the flow used the kept server: no temporary one
+        reused = server_line(second.stderr)
+        assert "reused the local Prefect server at" in reused and url_in(reused) == url
+        assert [k.pid for k in keepers_under(home)] == [keeper.pid]
+        assert "temporary" not in second.stderr
+        assert len(read_timeline(tmp_path)) == 8  # both runs ran both sites
+
+        status = run_cli(["server", "status"], env)
+        assert status.returncode == 0 and url in status.stdout, status.stdout + status.stderr
+        assert "idle: it stops at" in status.stdout
+        doctor = run_cli(["doctor"], env)
+        assert f"local server: {url}" in doctor.stdout, doctor.stdout + doctor.stderr
+
+        ls.write_state(home, ls.ServerState(**{**state.__dict__, "version": "3.8.0"}))
+        old_tree = server_tree(home)
+        third = run_cli(["run", "--config", str(config)], env)
+        assert third.returncode == 0, third.stderr[-3000:]
+        assert "started a local Prefect server at" in server_line(third.stderr)
+        assert gone(old_tree)
+
+        new_tree = server_tree(home)
+        stopped = run_cli(["server", "stop"], env)
+        assert stopped.returncode == 0 and "stopped the local Prefect server" in stopped.stdout
+        wait_until(lambda: gone(new_tree), "the keeper and its server gone", timeout=30)
+        assert ls.read_state(home) is None
+        after = run_cli(["server", "status"], env)
+        assert after.returncode == 1 and "local server: none" in after.stdout
+    finally:
+        stop_keepers(home)
+
+
+@pytest.mark.slow  # two CLI runs at once, a real keeper and `prefect server start`
+def test_two_runs_at_once_start_one_server_which_stops_when_idle(tmp_path: Path) -> None:
+    """A stale record (a keeper that died, nothing on its port) is replaced; two runs
+    started together start one server between them (one says started, the other reused,
+    the same URL), and once both have ended it stops by itself after `local_server_idle`
+    (2 s): keeper, server and record gone."""
+    home = tmp_path / "home"
+    env = embedded_env(home)
+    closed = f"http://127.0.0.1:{ls.free_port()}/api"
+    ls.write_state(home, a_state(closed, a_dead_pid(), started=1.0))
+    config = write_config(tmp_path, ["ok-a"], local_server_idle=2)
+    try:
+        runs = [
+            start_tied(
+                [sys.executable, "-m", "flows", "run", "--config", str(config)],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        outputs = [run.communicate(timeout=240) for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
+        lines = sorted(server_line(err) for _, err in outputs)
+        assert [line.split(" the local")[0].split(" a local")[0] for line in lines] == [
+            "site-pipeline: reused",
+            "site-pipeline: started",
+        ]
+        assert url_in(lines[0]) == url_in(lines[1]) != closed
+        tree = server_tree(home)
+        assert tree
+        wait_until(lambda: gone(tree), "the idle server stopped by itself", timeout=60)
+        assert ls.read_state(home) is None
+    finally:
+        stop_keepers(home)
