@@ -15,8 +15,15 @@ import httpx
 import psutil
 import pytest
 
+from flows.ops import local_server
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, run_cli, write_config
-from tests.processes import hanging_pids, start_tied, wait_until_gone
+from tests.processes import (
+    hanging_pids,
+    keepers_under,
+    start_tied,
+    stop_keepers,
+    wait_until_gone,
+)
 from tests.servers import seed_home
 from tests.waiting import wait_for, wait_until
 
@@ -55,14 +62,20 @@ def temporary_server_port(proc: subprocess.Popen[str]) -> str | None:
     )
 
 
-def completed_sites_when(proc: subprocess.Popen[str], count: int) -> list[str]:
-    """Wait until the run's temporary server records `count` completed task runs; their
-    names. (Asked of the server, not of the pipelines' timeline: a site is done for
-    `--retry-failed` once Prefect has its Completed state.)"""
+def kept_server_port(home: Path) -> str | None:
+    """The port of the local server kept for `home` (flows.ops.local_server), if one is up."""
+    state = local_server.read_state(home)
+    return str(state.port) if state is not None else None
+
+
+def completed_sites_when(proc: subprocess.Popen[str], count: int, home: Path) -> list[str]:
+    """Wait until the run's server (its temporary one, or the one kept for `home`) records
+    `count` completed task runs; their names. (Asked of the server, not of the pipelines'
+    timeline: a site is done for `--retry-failed` once Prefect has its Completed state.)"""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        port = temporary_server_port(proc)
+        port = temporary_server_port(proc) or kept_server_port(home)
         if port is not None:
             try:
                 response = httpx.post(
@@ -188,22 +201,35 @@ def test_a_killed_command_leaves_no_temporary_server(tmp_path: Path, command: st
 def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
     tmp_path: Path,
 ) -> None:
-    """`kill -9` of the run when 2 of 6 sites are done leaves no pipeline and no temporary
-    server; `doctor` names the dead run and the 2 slots it held (exit 1), `doctor --fix`
-    marks it Crashed and gives them back (or the next run would wait for ever at this cap);
-    `run --retry-failed last` runs only the other 4, skips the 2 with their earlier outcome,
-    and all 6 succeed, none twice. Afterwards `doctor` finds nothing (exit 0)."""
+    """`kill -9` of the run when 2 of 6 sites are done leaves no pipeline; `doctor` names
+    the dead run and the 2 slots it held (exit 1), `doctor --fix` marks it Crashed and gives
+    them back (or the next run would wait for ever at this cap); `run --retry-failed last`
+    runs only the other 4, skips the 2 with their earlier outcome, and all 6 succeed, none
+    twice. Afterwards `doctor` finds nothing (exit 0). All on the local server the first run
+    kept (`local_server_idle`), which outlives the killed run on purpose: one server start,
+    not five (a killed command leaves no temporary server: the tests above)."""
     sites = ["ok-1", "ok-2", "slow-3", "slow-4", "slow-5", "slow-6"]
-    config = write_config(tmp_path, sites, max_concurrent_sites=2)
+    config = write_config(tmp_path, sites, max_concurrent_sites=2, local_server_idle=300)
     env = embedded_env(tmp_path / "home")
+    try:
+        crash_then_retry_failed(tmp_path, sites, config, env)
+    finally:
+        stop_keepers(tmp_path)
+
+
+def crash_then_retry_failed(
+    tmp_path: Path, sites: list[str], config: Path, env: dict[str, str]
+) -> None:
     proc = start_cli(["run", "--config", str(config)], env)
-    done = completed_sites_when(proc, count=2)  # ok-1, ok-2
+    done = completed_sites_when(proc, count=2, home=tmp_path / "home")  # ok-1, ok-2
     wait_until_started(tmp_path, {"slow-3", "slow-4"})  # they hold the 2 slots
-    ours = descendants(proc.pid)
+    kept = {p.pid for k in keepers_under(tmp_path) for p in [k, *k.children(recursive=True)]}
+    assert kept  # the keeper, its server and its reaper: they outlive the run on purpose
+    ours = [pid for pid in descendants(proc.pid) if pid not in kept]
     proc.kill()
     proc.communicate(timeout=30)
     assert done == ["ok-1", "ok-2"]
-    assert wait_until_gone(ours, timeout=30) == []  # pipelines, the server, the reaper
+    assert wait_until_gone(ours, timeout=30) == []  # pipelines, the reaper
 
     doctor = run_cli(["doctor", "--config", str(config)], env, timeout=120)
     assert doctor.returncode == 1, doctor.stdout + doctor.stderr
