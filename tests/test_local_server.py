@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from flows.ops import local_server as ls
-from tests.conftest import ROOT, read_timeline, run_cli, write_config
+from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
 from tests.processes import keepers_under, start_tied, stop_keepers
 from tests.servers import seed_home
 from tests.waiting import wait_until
@@ -295,3 +295,14 @@ def test_two_runs_at_once_start_one_server_which_stops_when_idle(tmp_path: Path)
         assert ls.read_state(home) is None
     finally:
         stop_keepers(home)
+
+
+def test_doctor_lists_no_local_server_when_the_user_set_an_api_url(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    """With PREFECT_API_URL set, runs never use a local server: `doctor` does not list one
+    (it does on the embedded default: the slow test above)."""
+    env = {**cli_env(prefect_api), "PREFECT_HOME": str(tmp_path / "home")}
+    doctor = run_cli(["doctor"], env)
+    assert f"Prefect API: {prefect_api}" in doctor.stdout, doctor.stdout + doctor.stderr
+    assert "local server" not in doctor.stdout + doctor.stderr

@@ -45,11 +45,12 @@ def doctor(args: argparse.Namespace) -> int:
             plan = load_plan(args.config)
         except ConfigError as exc:
             fail(str(exc))
+    embedded = ops.api_url_unset()  # the user set no URL: the kept local server is theirs
     target = connect()
     if target is None:
         return EXIT_FAILED
     print(f"Prefect API: {target}")
-    for line in _local_server_status()[0]:
+    for line in _local_server_status()[0] if embedded else []:
         print(line)
     lines, healthy = ops.doctor(plan, fix=args.fix)
     for line in lines:
