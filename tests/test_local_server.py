@@ -22,6 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from flows.ops import keeper
 from flows.ops import local_server as ls
 from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
 from tests.processes import keepers_under, start_tied, stop_keepers
@@ -160,8 +161,8 @@ def gone(pids: list[int]) -> bool:
 def server_tree(home: Path) -> list[int]:
     """The keeper of `home` and every process under it (the server)."""
     pids = []
-    for keeper in keepers_under(home):
-        pids += [keeper.pid, *(child.pid for child in keeper.children(recursive=True))]
+    for found in keepers_under(home):
+        pids += [found.pid, *(child.pid for child in found.children(recursive=True))]
     return pids
 
 
@@ -221,16 +222,16 @@ def test_a_second_run_reuses_the_server_the_first_started_and_server_stop_ends_i
             line for line in (first.stdout + first.stderr).splitlines() if SERVER_NOISE.search(line)
         ] == []
         assert (home / "logs" / "local-server.log").stat().st_size > 0
-        (keeper,) = keepers_under(home)
+        (kept,) = keepers_under(home)
         state = ls.read_state(home)
-        assert state is not None and state.url == url and state.keeper_pid == keeper.pid
+        assert state is not None and state.url == url and state.keeper_pid == kept.pid
 
         second = run_watching_for_servers(["run", "--config", str(config)], env)
         assert second.returncode == 0, second.stderr[-3000:]
         assert second.servers_seen == 0  # the flow used the kept server: no temporary one
         reused = server_line(second.stderr)
         assert "reused the local Prefect server at" in reused and url_in(reused) == url
-        assert [k.pid for k in keepers_under(home)] == [keeper.pid]
+        assert [k.pid for k in keepers_under(home)] == [kept.pid]
         assert "temporary" not in second.stderr
         assert len(read_timeline(tmp_path)) == 8  # both runs ran both sites
 
@@ -306,3 +307,20 @@ def test_doctor_lists_no_local_server_when_the_user_set_an_api_url(
     doctor = run_cli(["doctor"], env)
     assert f"Prefect API: {prefect_api}" in doctor.stdout, doctor.stdout + doctor.stderr
     assert "local server" not in doctor.stdout + doctor.stderr
+
+
+def a_user(idle: float) -> ls.User:
+    return ls.User(os.getpid(), 0.0, idle, Path("unused"))
+
+
+def test_the_server_stays_for_the_idle_time_of_the_last_busy_spell_s_runs() -> None:
+    """Within one spell of use the largest run's idle time counts; a command that is not a
+    run (`history`, idle -1) keeps the idle time the runs set, also when it opens a spell of
+    its own; a new spell's run replaces an earlier spell's idle time, smaller or larger."""
+    assert keeper.idle_after(0, [a_user(600)], new_spell=True) == 600
+    assert keeper.idle_after(600, [a_user(600), a_user(5)], new_spell=False) == 600
+    assert keeper.idle_after(5, [a_user(5), a_user(60)], new_spell=False) == 60
+    assert keeper.idle_after(600, [a_user(-1)], new_spell=True) == 600
+    assert keeper.idle_after(600, [a_user(-1)], new_spell=False) == 600
+    assert keeper.idle_after(600, [a_user(5)], new_spell=True) == 5
+    assert keeper.idle_after(5, [a_user(900), a_user(-1)], new_spell=True) == 900

@@ -70,10 +70,13 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
     except psutil.Error:
         tree = []
     if server.poll() is None:
-        if sys.platform == "win32":
-            server.send_signal(signal.CTRL_BREAK_EVENT)
-        else:
-            os.killpg(server.pid, signal.SIGTERM)
+        try:
+            if sys.platform == "win32":  # fails without a console (a detached keeper): kill
+                server.send_signal(signal.CTRL_BREAK_EVENT)
+            else:
+                os.killpg(server.pid, signal.SIGTERM)
+        except OSError:
+            pass  # gone meanwhile, or no way to ask: the kill below ends it
     _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE)
     for proc in alive:
         try:
@@ -81,6 +84,16 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
         except psutil.Error:
             pass
     server.wait()
+
+
+def idle_after(idle: float, users: list[ls.User], new_spell: bool) -> float:
+    """The seconds the server stays once `users` (on it now) are gone: the largest idle time
+    of the runs of this busy spell; a command that is not a run (idle -1) has no say, and a
+    new spell's runs replace an earlier spell's idle time (`idle`)."""
+    runs = [user.idle for user in users if user.idle >= 0]
+    if not runs:
+        return idle
+    return max(runs) if new_spell else max(idle, *runs)
 
 
 def keep(home: Path, port: int) -> int:
@@ -98,11 +111,7 @@ def keep(home: Path, port: int) -> int:
                 break
             users = ls.live_users(home)
             if users:
-                # the idle time of the runs of this busy spell (a command that is not a
-                # run, idle -1, has no say): once it ends, the server stays that long
-                runs = [user.idle for user in users if user.idle >= 0]
-                if runs:
-                    idle = max(runs) if empty_since is not None else max(idle, *runs)
+                idle = idle_after(idle, users, new_spell=empty_since is not None or first)
                 if empty_since is not None or first:
                     ls.write_idle_until(home, me, None)
                 first = False
