@@ -128,6 +128,15 @@ def keepers_under(folder: Path) -> list[psutil.Process]:
     return found
 
 
+def tie_keepers(folder: Path) -> list[int]:
+    """Tie the keepers under `folder` to this session (the reaper kills them, and so their
+    servers, if this process dies first): a killed pytest leaves no kept server either."""
+    pids = [keeper.pid for keeper in keepers_under(folder)]
+    for pid in pids:
+        procgroup.reap_pid_on_exit(pid)
+    return pids
+
+
 def stop_keepers(folder: Path, timeout: float = 30) -> list[int]:
     """SIGTERM every keeper under `folder` (it stops its server first) and wait until they
     and their servers are gone; the pids that were stopped."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.processes import keepers_under, run_tied
+from tests.processes import keepers_under, run_tied, tie_keepers
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -236,6 +236,7 @@ def test_the_quickstart_run_succeeds_on_the_shipped_config(tmp_path: Path) -> No
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
     summary = tmp_path / "summary.json"
     result = run_tied([script, "run", "--summary-json", str(summary)], cwd=project, env=env)
+    tie_keepers(tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     counts = json.loads(summary.read_text())["counts"]
     assert counts["succeeded"] == counts["total"] >= 3

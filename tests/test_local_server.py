@@ -25,7 +25,7 @@ import pytest
 from flows.ops import keeper
 from flows.ops import local_server as ls
 from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
-from tests.processes import keepers_under, start_tied, stop_keepers
+from tests.processes import keepers_under, start_tied, stop_keepers, tie_keepers
 from tests.servers import seed_home
 from tests.waiting import wait_until
 
@@ -214,6 +214,7 @@ def test_a_second_run_reuses_the_server_the_first_started_and_server_stop_ends_i
     config = write_config(tmp_path, ["ok-a", "ok-b"], local_server_idle=300)
     try:
         first = run_cli(["run", "--config", str(config)], env)
+        tie_keepers(home)
         assert first.returncode == 0, first.stderr[-3000:]
         started = server_line(first.stderr)
         assert "started a local Prefect server at" in started and "300 s after" in started
@@ -244,6 +245,7 @@ def test_a_second_run_reuses_the_server_the_first_started_and_server_stop_ends_i
         ls.write_state(home, ls.ServerState(**{**state.__dict__, "version": "3.8.0"}))
         old_tree = server_tree(home)
         third = run_cli(["run", "--config", str(config)], env)
+        tie_keepers(home)
         assert third.returncode == 0, third.stderr[-3000:]
         assert "started a local Prefect server at" in server_line(third.stderr)
         assert gone(old_tree)
@@ -282,6 +284,7 @@ def test_two_runs_at_once_start_one_server_which_stops_when_idle(tmp_path: Path)
             )
             for _ in range(2)
         ]
+        wait_until(lambda: tie_keepers(home), "the runs' keeper", timeout=120)
         outputs = [run.communicate(timeout=240) for run in runs]
         assert [run.returncode for run in runs] == [0, 0], [err[-2000:] for _, err in outputs]
         lines = sorted(server_line(err) for _, err in outputs)

@@ -22,6 +22,7 @@ from tests.processes import (
     keepers_under,
     start_tied,
     stop_keepers,
+    tie_keepers,
     wait_until_gone,
 )
 from tests.servers import seed_home
@@ -223,6 +224,7 @@ def crash_then_retry_failed(
     proc = start_cli(["run", "--config", str(config)], env)
     done = completed_sites_when(proc, count=2, home=tmp_path / "home")  # ok-1, ok-2
     wait_until_started(tmp_path, {"slow-3", "slow-4"})  # they hold the 2 slots
+    tie_keepers(tmp_path)
     kept = {p.pid for k in keepers_under(tmp_path) for p in [k, *k.children(recursive=True)]}
     assert kept  # the keeper, its server and its reaper: they outlive the run on purpose
     ours = [pid for pid in descendants(proc.pid) if pid not in kept]
