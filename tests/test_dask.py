@@ -23,7 +23,14 @@ from prefect.client.schemas.filters import (
 
 from flows.config import group_limit_name
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, write_config
-from tests.processes import alive, hanging_pids, start_tied, wait_until_gone
+from tests.processes import (
+    alive,
+    hanging_pids,
+    start_tied,
+    stop_keepers,
+    tie_keepers,
+    wait_until_gone,
+)
 from tests.servers import prefect_env, seed_home
 from tests.timeline import max_overlap
 
@@ -164,15 +171,21 @@ def test_sigterm_of_the_flow_process_stops_the_pipelines_on_the_workers(
     assert wait_until_gone(pids, timeout=30) == []
 
 
-def test_a_local_cluster_uses_the_embedded_default_s_one_temporary_server(tmp_path: Path) -> None:
-    """With no PREFECT_API_URL, `site-pipeline run` on a local cluster starts one temporary
-    Prefect server, and the Dask workers use it: never a second one per worker."""
+@pytest.mark.parametrize(("idle", "servers_under_the_run"), [(0, 1), (300, 0)])
+def test_a_local_cluster_uses_the_embedded_default_s_one_server(
+    tmp_path: Path, idle: int, servers_under_the_run: int
+) -> None:
+    """With no PREFECT_API_URL, `site-pipeline run` on a local cluster uses one Prefect
+    server and the Dask workers use it, never one of their own per worker: with
+    `local_server_idle: 0` the run's one temporary server; otherwise the kept local server,
+    outside the run's tree (none under it)."""
     config = write_config(
         tmp_path,
         [f"ok-{i}" for i in range(4)],
         max_concurrent_sites=2,
         task_runner=DASK,
         env={"FAKE_TIMELINE": str(tmp_path / "timeline.tsv"), "FAKE_SLEEP": "2"},
+        local_server_idle=idle,
     )
     proc = start_tied(
         [PYTHON, "-m", "flows", "run", "--config", str(config)],
@@ -196,8 +209,10 @@ def test_a_local_cluster_uses_the_embedded_default_s_one_temporary_server(tmp_pa
                 pass
         most = max(most, servers)
         time.sleep(0.2)
+    tie_keepers(tmp_path)
+    stop_keepers(tmp_path)
     assert proc.returncode == 0
-    assert most == 1
+    assert most == servers_under_the_run
     assert len([row for row in read_timeline(tmp_path) if row[1] == "start"]) == 4
 
 
