@@ -327,3 +327,38 @@ def test_the_server_stays_for_the_idle_time_of_the_last_busy_spell_s_runs() -> N
     assert keeper.idle_after(600, [a_user(-1)], new_spell=False) == 600
     assert keeper.idle_after(600, [a_user(5)], new_spell=True) == 5
     assert keeper.idle_after(5, [a_user(900), a_user(-1)], new_spell=True) == 900
+
+
+@pytest.mark.slow  # a CLI run whose kept server fails to start
+def test_a_kept_server_that_cannot_start_is_one_error_naming_its_log_and_its_last_lines(
+    tmp_path: Path,
+) -> None:
+    """A database the server can't open: `prefect server start` exits, and so does its
+    keeper; the run says so at once (not after the start-up wait) in one `error:` line
+    naming the log, then the log's last lines (the database error), exits 1, and no site
+    ran; nothing is recorded."""
+    home = tmp_path / "home"
+    not_a_folder = tmp_path / "a-file"
+    not_a_folder.write_text("")
+    env = {
+        **embedded_env(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{not_a_folder}/x.db",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "600",
+    }
+    config = write_config(tmp_path, ["ok-a"], local_server_idle=60)
+    try:
+        result = run_cli(["run", "--config", str(config)], env, timeout=300)
+    finally:
+        stop_keepers(home)
+    assert result.returncode == 1, result.stderr[-3000:]
+    log = home / "logs" / "local-server.log"
+    errors = [line for line in result.stderr.splitlines() if "site-pipeline: error" in line]
+    assert errors == [
+        "site-pipeline: error: the local Prefect server exited before it answered; "
+        f"its log: {log}; its last lines:"
+    ], result.stderr[-3000:]
+    assert "  sqlalchemy.exc.OperationalError: (sqlite3.OperationalError) unable to open " in (
+        result.stderr
+    )
+    assert not (tmp_path / "timeline.tsv").exists()
+    assert ls.read_state(home) is None

@@ -49,7 +49,13 @@ Verdict = Literal["ok", "dead", "foreign", "other-version", "no-answer"]
 
 
 class LocalServerFailed(RuntimeError):
-    """The local server did not come up; the message names the log."""
+    """The local server did not come up: `what` happened (it exited, or did not answer in
+    time), and its `log`."""
+
+    def __init__(self, what: str, log: Path) -> None:
+        super().__init__(f"the local Prefect server {what}; its log: {log}")
+        self.what = what
+        self.log = log
 
 
 @dataclass(frozen=True)
@@ -115,10 +121,15 @@ def process_started(pid: int) -> float | None:
         return None
 
 
+def same_process(pid: int, started: float) -> bool:
+    """`pid` runs and is the process that started at `started` (not a reused pid)."""
+    now = process_started(pid)
+    return now is not None and abs(now - started) < 0.5
+
+
 def keeper_alive(state: ServerState) -> bool:
     """The recorded keeper still runs: its pid is alive and started when the file says."""
-    started = process_started(state.keeper_pid)
-    return started is not None and abs(started - state.keeper_started) < 0.5
+    return same_process(state.keeper_pid, state.keeper_started)
 
 
 def server_version(url: str, timeout: float = CHECK_TIMEOUT) -> str | None:
@@ -181,11 +192,10 @@ def live_users(home: Path) -> list[User]:
         except (OSError, ValueError, KeyError, TypeError):
             path.unlink(missing_ok=True)
             continue
-        started = process_started(user.pid)
-        if started is None or abs(started - user.started) >= 0.5:
-            path.unlink(missing_ok=True)
-        else:
+        if same_process(user.pid, user.started):
             live.append(user)
+        else:
+            path.unlink(missing_ok=True)
     return live
 
 
@@ -330,9 +340,8 @@ def start(home: Path, version: str, startup_timeout: float) -> ServerState:
         (home / STOP_FILE).touch()
         _wait_gone(keeper.pid, 15)
         _kill(keeper.pid)
-    raise LocalServerFailed(
-        f"the local Prefect server did not answer within {startup_timeout:g} s; see {log_path}"
-    )
+        raise LocalServerFailed(f"did not answer within {startup_timeout:g} s", log_path)
+    raise LocalServerFailed("exited before it answered", log_path)
 
 
 def stop_keeper(home: Path, state: ServerState, timeout: float) -> bool:

@@ -157,7 +157,7 @@ def use_local_server(keep: float | None) -> local_server.Lease | None:
         else:
             lease = local_server.acquire(home, keep, prefect.__version__, startup_timeout())
     except local_server.LocalServerFailed as exc:
-        raise ServerStartFailed(str(exc)) from None
+        raise ServerStartFailed(_local_failure_message(exc)) from None
     if lease is None:
         return None
     os.environ["PREFECT_API_URL"] = lease.state.url
@@ -168,6 +168,16 @@ def use_local_server(keep: float | None) -> local_server.Lease | None:
     pointed.__enter__()
     atexit.register(_end_lease, lease, pointed)
     return lease
+
+
+def _local_failure_message(failure: local_server.LocalServerFailed) -> str:
+    """One line naming what happened and the log, then the log's last lines (`log_tail`)."""
+    try:
+        with open(failure.log, "rb") as log:
+            tail = log_tail(log)
+    except OSError:
+        tail = []
+    return "\n".join([f"{failure}; its last lines:", *tail] if tail else [str(failure)])
 
 
 def _end_lease(lease: local_server.Lease, settings: AbstractContextManager[Any]) -> None:
