@@ -204,7 +204,6 @@ def _local_server_status() -> tuple[list[str], bool]:
 
 def server(args: argparse.Namespace) -> int:
     """`server status` (0 when the local server is up, 1 when none is) and `server stop`."""
-    import prefect
     from prefect.settings import get_current_settings
 
     from flows.ops import local_server
@@ -218,7 +217,7 @@ def server(args: argparse.Namespace) -> int:
         )
     home = Path(settings.home)
     if args.action == "status":
-        lines, up = local_server.status(home, prefect.__version__)
+        lines, up = _local_server_status()
         for line in lines:
             print(line)
         return EXIT_OK if up else EXIT_FAILED

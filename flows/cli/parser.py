@@ -199,5 +199,4 @@ def build_parser() -> argparse.ArgumentParser:
     # abbreviation must not change meaning when an option is added.
     for sub in (parser, *commands.choices.values()):
         sub.allow_abbrev = False
-
     return parser

@@ -111,8 +111,9 @@ def keep(home: Path, port: int) -> int:
                 break
             users = ls.live_users(home)
             if users:
-                idle = idle_after(idle, users, new_spell=empty_since is not None or first)
-                if empty_since is not None or first:
+                new_spell = empty_since is not None or first
+                idle = idle_after(idle, users, new_spell)
+                if new_spell:
                     ls.write_idle_until(home, me, None)
                 first = False
                 empty_since = None
