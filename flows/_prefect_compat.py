@@ -45,6 +45,17 @@ shape, so an upgrade shows up in CI and not in a nightly run.
    `os.cpu_count()`); Dask also counts cgroup CPU quotas, so in a container the fallback
    may start more workers than Dask would: more processes, the same cap on sites.
 
+5. `SyncClientContext.__var__` (the context variable behind `SyncClientContext.get()`) and
+   its private `_httpx_settings` (which `get_client(sync_client=True)` compares with its
+   own argument before it reuses a context's client). Why: a task run on a Dask worker
+   makes two new sync clients (`hydrated_context` and the task engine's
+   `SyncClientContext.get_or_create()`), about 22 ms of CPU each with their TLS context:
+   a third of a short site's cost on a worker. `shared_sync_client` makes one client the
+   current context's in this thread without entering or closing it (the client's own
+   enter count is not thread-safe), as Prefect's thread runner shares the flow's one
+   client with every task thread. Fallback: nothing is shared; each task run makes its
+   own clients, as Prefect does.
+
 (`prefect.logging.handlers.PrefectConsoleHandler`, which the CLI's console replaces, is
 public: it is in Prefect's API reference and named in its default `logging.yml`.)
 """
@@ -57,7 +68,9 @@ import os
 import subprocess
 import threading
 import types
-from collections.abc import Callable, Iterable, MutableMapping
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import partial
 from typing import IO, Any, Protocol, cast
 
@@ -272,3 +285,34 @@ def dask_default_workers() -> int:
     if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
         return workers
     return default_workers()
+
+
+def _sync_client_var() -> ContextVar[Any] | None:
+    """The context variable `SyncClientContext.get()` reads (use 5), or None if it changed."""
+    from prefect.context import SyncClientContext
+
+    found = getattr(SyncClientContext, "__var__", None)
+    return found if isinstance(found, ContextVar) else None
+
+
+@contextmanager
+def shared_sync_client(client: SyncPrefectClient) -> Iterator[bool]:
+    """In this thread, `client` is the current sync client (use 5): Prefect's
+    `get_client(sync_client=True)` and `SyncClientContext.get_or_create()` return it. It is
+    neither entered nor closed here: its owner does that. Yields whether it is shared
+    (False: the fallback, Prefect makes its own clients)."""
+    from prefect.context import SyncClientContext
+
+    var = _sync_client_var()
+    try:
+        context = SyncClientContext.model_construct(client=client) if var else None
+    except (TypeError, ValueError):  # its fields changed
+        context = None
+    if var is None or context is None or getattr(context, "_httpx_settings", 0) is not None:
+        yield False
+        return
+    token = var.set(context)
+    try:
+        yield True
+    finally:
+        var.reset(token)

@@ -226,3 +226,32 @@ def test_without_dask_s_function_the_worker_count_falls_back(
 
     monkeypatch.delattr(utils, "nprocesses_nthreads")
     assert compat.dask_default_workers() == compat.default_workers() >= 1
+
+
+def test_a_shared_sync_client_is_the_one_prefect_s_task_engine_gets(
+    client: SyncPrefectClient,
+) -> None:
+    """Use 5: inside `shared_sync_client(c)`, `get_client(sync_client=True)` and
+    `SyncClientContext.get_or_create()` (the two the task engine makes a client with) give
+    `c`, and leaving it neither closes `c` nor leaves it current."""
+    from prefect.context import SyncClientContext
+
+    with compat.shared_sync_client(client) as shared:
+        assert shared
+        assert get_client(sync_client=True) is client
+        with SyncClientContext.get_or_create() as context:
+            assert context.client is client
+    assert get_client(sync_client=True) is not client
+    assert client.api_healthcheck() is None  # still open
+
+
+def test_without_the_context_variable_no_client_is_shared(
+    client: SyncPrefectClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Use 5's fallback: with `SyncClientContext.__var__` gone, nothing is shared and
+    Prefect makes its own client."""
+    from prefect.context import SyncClientContext
+
+    monkeypatch.setattr(SyncClientContext, "__var__", None)
+    with compat.shared_sync_client(client) as shared:
+        assert not shared

@@ -498,8 +498,7 @@ def sites_as_they_end(
     """Submit every site's task run (`_submitted`) and yield `(site, future)` as each ends,
     while the rest are still being submitted too. No future is held past its yield: a Dask
     scheduler keeps a task (its parameters, its result) while the flow holds its future, and
-    on Dask submitting takes about 0.15 s a site (Prefect serializes its context for each),
-    so a night's first sites end long before its last are submitted."""
+    a night's first sites end long before its last are submitted."""
     ended: queue.SimpleQueue[UUID] = queue.SimpleQueue()
     pending: dict[UUID, tuple[str, PrefectFuture[Any]]] = {}
 

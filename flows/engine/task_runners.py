@@ -1,7 +1,8 @@
 """Where `run_site` task runs run: threads in the flow's process, or a Dask cluster.
 
 `pipeline.task_runner.kind: dask` sends each task run to a Dask worker through
-`prefect-dask` (the `dask` extra), so each pipeline process runs on that worker's machine.
+`prefect-dask` (the `dask` extra), so each pipeline process runs on that worker's machine;
+`flows.engine.dask_runner` sends what the task runs share once, not once per site.
 The task is self-contained (`flows.engine.task.SiteJob`), takes its concurrency slots from the
 Prefect server, and stops its own process groups, so the cap and the timeouts hold there too.
 """
@@ -57,7 +58,7 @@ def task_runner(plan: RunPlan) -> Iterator[TaskRunner[Any]]:
         with ThreadPoolTaskRunner[Any](max_workers=plan.workers) as threads:
             yield threads
         return
-    from prefect_dask.task_runners import DaskTaskRunner
+    from flows.engine.dask_runner import SharedContextDaskRunner as DaskTaskRunner
 
     if settings.address:
         dask = DaskTaskRunner(address=settings.address)
