@@ -314,3 +314,34 @@ def test_watch_samples_the_tree_and_keeps_the_peak(control: ProcessControl) -> N
     untracked = subprocess.Popen([sys.executable, "-c", "pass"])
     untracked.wait()
     assert proctree.watch(untracked) is None
+
+
+def test_a_job_object_s_counts_are_the_tree_s_cost() -> None:
+    """Windows: the pipeline's Job Object counted 0.3 s user + 0.1 s kernel CPU (in 100 ns
+    units) and a largest commit of 120 MB: the attempt's cost is (120 MB, 0.4 s), above what
+    two small samples saw (the job never held the spawner's memory)."""
+    basic = proctree._BasicAccounting(TotalUserTime=3_000_000, TotalKernelTime=1_000_000)
+    extended = proctree._ExtendedLimits(PeakProcessMemoryUsed=120 * 2**20)
+    account = proctree._job_account(basic, extended)
+    assert (account.peak_rss_mb, account.cpu_s) == (120.0, 0.4)
+    assert cost(TreeUsage(10, 12, 0.05, seen_alive=2), account) == (120.0, 0.4)
+
+
+def test_the_tree_backend_records_what_the_pipeline_s_own_job_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tree backend gives each pipeline a job of its own when it starts (`_own_job`,
+    with the pipeline's pid) and, once the tree has ended, closes it and makes what it
+    counted the attempt's cost. (The Win32 calls themselves run only on Windows; here they
+    are stand-ins that answer as a job would.)"""
+    jobs: list[int] = []
+    closed: list[int] = []
+    counted = rusage.Account(peak_rss_mb=321.0, cpu_s=7.5)
+    monkeypatch.setattr(proctree, "_own_job", lambda pid: jobs.append(pid) or 1000 + pid)
+    monkeypatch.setattr(proctree, "_close_job", lambda job: closed.append(job) or counted)
+
+    outcome = run([sys.executable, "-c", "pass"], tmp_path, control_for("tree"))
+
+    assert outcome.status == "succeeded"
+    assert len(jobs) == 1 and closed == [1000 + jobs[0]]
+    assert (outcome.peak_rss_mb, outcome.cpu_s) == (321.0, 7.5)

@@ -14,8 +14,11 @@ into the new program's `ru_maxrss`. So a figure up to the spawner's own peak say
 about the pipeline; one above it can only be the pipeline's tree. `Account.peak_known` tells
 the two apart (`spawner_peak_mb` is this process's own `ru_maxrss` when it reaped it).
 
-Windows has no `wait4`: there `reap` and `poll` leave the process to `Popen`, `account` is
-None, and the attempt keeps the sampled figures (flows.process.attempt.cost).
+Windows has no `wait4`: there `reap` and `poll` leave the process to `Popen`, and the tree
+backend (`flows.process.trees`) `record`s what the pipeline's own Job Object counted once its
+tree has ended: the CPU of every process that was in it, and the largest commit (private
+memory) of any one of them. Without that, `account` is None and the attempt keeps the
+sampled figures (flows.process.attempt.cost).
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ def reap(proc: subprocess.Popen[bytes]) -> int:
     code = _wait(proc, block=True)
     assert code is not None  # noqa: S101  (a blocking wait returns a status)
     return code
+
+
+def record(proc: subprocess.Popen[bytes], counted: Account) -> None:
+    """Keep `counted` as `proc`'s account: what the operating system counted for its tree
+    where `wait4` can't (the Job Object on Windows)."""
+    with _lock:
+        _accounts[proc] = counted
 
 
 def account(proc: subprocess.Popen[bytes]) -> Account | None:

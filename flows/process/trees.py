@@ -9,7 +9,10 @@
   whose parent already exited is still known, and samples the tree (`TreeUsage`): its RSS
   (every process alive at the sample, summed), the peak of that, and its CPU seconds.
 - `stop_tree` asks the whole tree to end (Ctrl-Break on Windows, SIGTERM elsewhere), then
-  kills what is left after `grace` seconds.
+  kills what is left after `grace` seconds. On Windows each pipeline also has a Job Object of
+  its own (nested in the kill-on-close one): once its tree has ended, what that job counted
+  (the CPU of every process that was ever in it, the largest commit of any one) is the
+  attempt's cost (`flows.process.rusage.record`), as `wait4` gives it on POSIX.
 
 What can still escape: a process started and detached within one watch interval (0.2 s)
 before its parent exits, which no watch saw (on Windows the Job Object still holds it).
@@ -17,6 +20,7 @@ before its parent exits, which no watch saw (on Windows the Job Object still hol
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
@@ -24,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from ctypes import wintypes
 from dataclasses import dataclass, field
 
 import psutil
@@ -57,56 +62,83 @@ class _Tree:
     cpu: dict[int, float] = field(default_factory=dict)  # pid -> CPU seconds, last sampled
     peak_rss: int = 0  # bytes
     seen_alive: int = 0  # samples with some process alive, holding memory
+    job: int | None = None  # Windows: the pipeline's own Job Object, for its accounting
 
 
 _lock = threading.Lock()
 _trees: dict[int, _Tree] = {}
 
 
-if sys.platform == "win32":
-    import ctypes
-    from ctypes import wintypes
+# The Job Object's structures (winnt.h), defined everywhere so that turning them into an
+# account is tested on every platform; only Windows fills them.
+class _IoCounters(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_ulonglong)
+        for name in (
+            "ReadOperationCount",
+            "WriteOperationCount",
+            "OtherOperationCount",
+            "ReadTransferCount",
+            "WriteTransferCount",
+            "OtherTransferCount",
+        )
+    ]
 
+
+class _BasicLimits(ctypes.Structure):
+    _fields_ = [
+        ("PerProcessUserTimeLimit", ctypes.c_int64),
+        ("PerJobUserTimeLimit", ctypes.c_int64),
+        ("LimitFlags", wintypes.DWORD),
+        ("MinimumWorkingSetSize", ctypes.c_size_t),
+        ("MaximumWorkingSetSize", ctypes.c_size_t),
+        ("ActiveProcessLimit", wintypes.DWORD),
+        ("Affinity", ctypes.c_size_t),
+        ("PriorityClass", wintypes.DWORD),
+        ("SchedulingClass", wintypes.DWORD),
+    ]
+
+
+class _ExtendedLimits(ctypes.Structure):
+    _fields_ = [
+        ("BasicLimitInformation", _BasicLimits),
+        ("IoInfo", _IoCounters),
+        ("ProcessMemoryLimit", ctypes.c_size_t),
+        ("JobMemoryLimit", ctypes.c_size_t),
+        ("PeakProcessMemoryUsed", ctypes.c_size_t),
+        ("PeakJobMemoryUsed", ctypes.c_size_t),
+    ]
+
+
+class _BasicAccounting(ctypes.Structure):  # JOBOBJECT_BASIC_ACCOUNTING_INFORMATION
+    _fields_ = [
+        ("TotalUserTime", ctypes.c_int64),  # 100 ns units, ended processes included
+        ("TotalKernelTime", ctypes.c_int64),
+        ("ThisPeriodTotalUserTime", ctypes.c_int64),
+        ("ThisPeriodTotalKernelTime", ctypes.c_int64),
+        ("TotalPageFaultCount", wintypes.DWORD),
+        ("TotalProcesses", wintypes.DWORD),
+        ("ActiveProcesses", wintypes.DWORD),
+        ("TotalTerminatedProcesses", wintypes.DWORD),
+    ]
+
+
+def _job_account(basic: _BasicAccounting, extended: _ExtendedLimits) -> rusage.Account:
+    """A Job Object's counts as an account: user + kernel CPU seconds of every process that
+    was in it, and the largest commit of any one of them (it never held its spawner's
+    memory, so the peak is the tree's own)."""
+    return rusage.Account(
+        peak_rss_mb=extended.PeakProcessMemoryUsed / MB,
+        cpu_s=(basic.TotalUserTime + basic.TotalKernelTime) / 10_000_000,
+    )
+
+
+if sys.platform == "win32":
+    _JOB_OBJECT_BASIC_ACCOUNTING_INFORMATION = 1
     _JOB_OBJECT_LIMIT_KILL_ON_JOB_CLOSE = 0x2000
     _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION = 9
     _PROCESS_SET_QUOTA = 0x0100
     _PROCESS_TERMINATE = 0x0001
-
-    class _IoCounters(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_ulonglong)
-            for name in (
-                "ReadOperationCount",
-                "WriteOperationCount",
-                "OtherOperationCount",
-                "ReadTransferCount",
-                "WriteTransferCount",
-                "OtherTransferCount",
-            )
-        ]
-
-    class _BasicLimits(ctypes.Structure):
-        _fields_ = [
-            ("PerProcessUserTimeLimit", ctypes.c_int64),
-            ("PerJobUserTimeLimit", ctypes.c_int64),
-            ("LimitFlags", wintypes.DWORD),
-            ("MinimumWorkingSetSize", ctypes.c_size_t),
-            ("MaximumWorkingSetSize", ctypes.c_size_t),
-            ("ActiveProcessLimit", wintypes.DWORD),
-            ("Affinity", ctypes.c_size_t),
-            ("PriorityClass", wintypes.DWORD),
-            ("SchedulingClass", wintypes.DWORD),
-        ]
-
-    class _ExtendedLimits(ctypes.Structure):
-        _fields_ = [
-            ("BasicLimitInformation", _BasicLimits),
-            ("IoInfo", _IoCounters),
-            ("ProcessMemoryLimit", ctypes.c_size_t),
-            ("JobMemoryLimit", ctypes.c_size_t),
-            ("PeakProcessMemoryUsed", ctypes.c_size_t),
-            ("PeakJobMemoryUsed", ctypes.c_size_t),
-        ]
 
     _job: int | None = None
 
@@ -144,6 +176,44 @@ if sys.platform == "win32":
     def _forget_after_our_death(pids: Iterable[int]) -> None:
         pass  # the Job Object drops processes as they end
 
+    def _own_job(pid: int) -> int | None:
+        """A Job Object of `pid`'s own, nested in ours (`end_with_us` put it there first), to
+        count its tree; None where it can't have one (its figures are then the samples')."""
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        job = kernel32.CreateJobObjectW(None, None)
+        if not job:
+            return None
+        handle = kernel32.OpenProcess(_PROCESS_SET_QUOTA | _PROCESS_TERMINATE, False, pid)
+        assigned = bool(handle) and bool(kernel32.AssignProcessToJobObject(job, handle))
+        if handle:
+            kernel32.CloseHandle(handle)
+        if not assigned:
+            kernel32.CloseHandle(job)
+            return None
+        return int(job)
+
+    def _close_job(job: int) -> rusage.Account | None:
+        """What `job` counted (its tree has ended), then the job closed."""
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        basic, extended = _BasicAccounting(), _ExtendedLimits()
+        try:
+            got = kernel32.QueryInformationJobObject(
+                job,
+                _JOB_OBJECT_BASIC_ACCOUNTING_INFORMATION,
+                ctypes.byref(basic),
+                ctypes.sizeof(basic),
+                None,
+            ) and kernel32.QueryInformationJobObject(
+                job,
+                _JOB_OBJECT_EXTENDED_LIMIT_INFORMATION,
+                ctypes.byref(extended),
+                ctypes.sizeof(extended),
+                None,
+            )
+        finally:
+            kernel32.CloseHandle(job)
+        return _job_account(basic, extended) if got else None
+
     def _ask_to_end(tree: _Tree, procs: Sequence[psutil.Process]) -> None:
         if tree.proc.poll() is None:  # Ctrl-Break to the pipeline's process group
             tree.proc.send_signal(signal.CTRL_BREAK_EVENT)
@@ -166,6 +236,12 @@ else:
     def _ask_to_end(tree: _Tree, procs: Sequence[psutil.Process]) -> None:
         for proc in procs:
             _quietly(proc.terminate)  # SIGTERM
+
+    def _own_job(pid: int) -> int | None:
+        return None  # POSIX: `wait4` counts the tree (flows.process.rusage)
+
+    def _close_job(job: int) -> rusage.Account | None:
+        return None
 
     _CREATION_FLAGS = 0
 
@@ -210,8 +286,9 @@ def track(proc: subprocess.Popen[bytes], owner: str | None = None) -> None:
         proc.kill()  # we could not make sure it dies with us: don't leave it running
         proc.wait()
         raise
+    job = _own_job(proc.pid) if root is not None else None
     with _lock:
-        _trees[proc.pid] = _Tree(proc, owner, root)
+        _trees[proc.pid] = _Tree(proc, owner, root, job=job)
 
 
 def watch(proc: subprocess.Popen[bytes]) -> TreeUsage | None:
@@ -314,6 +391,9 @@ def _end(tree: _Tree, grace: float) -> list[int]:
         while any(_running(p) for p in procs) and time.monotonic() < deadline:
             time.sleep(0.02)
     rusage.reap(tree.proc)
+    counted = _close_job(tree.job) if tree.job is not None else None
+    if counted is not None:
+        rusage.record(tree.proc, counted)
     pids = [tree.proc.pid, *tree.known]
     _forget_after_our_death(pids)
     return pids
