@@ -155,3 +155,24 @@ def test_a_submit_from_inside_a_task_run_takes_prefect_dask_s_own_path(
 
     assert runner.submit(number, {"n": 1}, None, {}) == "prefect-dask's"
     assert taken == [(number, {"n": 1}, None, {})]
+
+
+def test_a_shared_context_the_workers_lost_is_sent_again(cluster: str) -> None:
+    """Scattered data lives only on the workers: when it is gone (here cancelled, as when
+    every worker restarts), the next submit sends the context again and its task run runs
+    in the flow run as before."""
+
+    @flow(task_runner=SharedContextDaskRunner(address=cluster))
+    def twice() -> tuple[str, list[str]]:
+        from prefect.context import FlowRunContext
+
+        runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
+        first = runner.submit(probe, {"n": 1}, dependencies={})
+        first.wait()
+        runner.client.cancel([runner._shared, *(f for _, f in runner._tasks.values())])
+        second = runner.submit(probe, {"n": 2}, dependencies={})
+        return str(flow_run.get_id()), [r.result()["flow_run_id"] for r in (first, second)]
+
+    flow_run_id, seen = twice()
+
+    assert seen == [flow_run_id, flow_run_id]

@@ -21,7 +21,9 @@ again there (a third and a half of a short site's CPU on a worker, by py-spy):
   worker, made at its first task run and shared by its threads
   (`flows._prefect_compat.shared_sync_client`), as Prefect's thread runner shares the flow's.
 Both are held by the scattered `Shared` object, which Dask keeps once per worker while the
-flow run lasts: nothing is global to the worker process.
+flow run lasts: nothing is global to the worker process. Scattered data lives only on the
+workers (a copy on each): if every copy is lost (all workers restarted at once), the next
+submit scatters it again.
 
 Everything else is prefect-dask's: the upstream task runs found in the parameters (when the
 caller states no `dependencies`, as `Task.submit` doesn't), `wait_for`, async tasks, the
@@ -169,7 +171,7 @@ class SharedContextDaskRunner(DaskTaskRunner):
     def _shared_context(
         self, client: distributed.Client, settings: SettingsContext
     ) -> distributed.Future[Any]:
-        if self._shared is None:
+        if self._shared is None or self._shared.status != "finished":  # none yet, or lost
             context = serialize_context()
             del context["settings_context"], context["asset_context"]  # sent as objects
             # A new context of the same fields: the entered one holds its (unpicklable) token.
@@ -181,7 +183,7 @@ class SharedContextDaskRunner(DaskTaskRunner):
         self, client: distributed.Client, task: Task[..., Any]
     ) -> distributed.Future[Any]:
         held = self._tasks.get(id(task))
-        if held is None or held[0] is not task:
+        if held is None or held[0] is not task or held[1].status != "finished":
             held = (task, _scatter(client, task))
             self._tasks[id(task)] = held
         return held[1]
