@@ -89,12 +89,12 @@ def test_site_flags_come_after_default_flags_as_separate_elements(tmp_path: Path
     ]
 
 
-@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+@pytest.mark.parametrize("suffix", [".yaml", ".yml", ".JSON", ".json"])
 def test_a_structured_sites_file_holds_the_same_entries(tmp_path: Path, suffix: str) -> None:
-    """sites_file may be a .yaml or .json list of names and mappings; .txt stays one name a
-    line."""
+    """sites_file may be a .yaml (or .yml) or .json list of names and mappings, the suffix in
+    any case; .txt stays one name a line."""
     entries = ["a.com", {"site": "b.com", "timeout": 99}]
-    text = json.dumps(entries) if suffix == ".json" else yaml.safe_dump(entries)
+    text = json.dumps(entries) if suffix.lower() == ".json" else yaml.safe_dump(entries)
     (tmp_path / f"sites{suffix}").write_text(text, encoding="utf-8")
     plan = load_plan(write(tmp_path, sites_file=f"sites{suffix}"))
     assert plan.sites == ("a.com", "b.com") and plan.site("b.com").timeout == 99
@@ -288,3 +288,63 @@ def test_a_bad_entry_or_group_exits_2_naming_it_and_nothing_runs(
         assert expected in err, err
         assert "Traceback" not in err
     assert not (tmp_path / "output").exists()
+
+
+def test_a_site_without_an_entry_has_the_config_s_settings(tmp_path: Path) -> None:
+    """`RunPlan.site` of a site the plan has no entry for: the config's timeout, attempts,
+    env and memory limit, and no flags, group or priority of its own."""
+    from flows.config import SiteSettings
+
+    plan = load_plan(write(tmp_path, sites=["a.com"], timeout=77, memory_limit=300))
+    assert plan.site("elsewhere.com") == SiteSettings(
+        77, 3, env={"SHARED": "config", "BOTH": "config"}, memory_limit=300
+    )
+
+
+@pytest.mark.parametrize(
+    ("entry", "named"),
+    [
+        ({"flags": ["--ok", "a\0b"]}, "pipeline.sites[0].flags[1] = 'a\\x00b': expected no NUL"),
+        ({"env": {"": "x"}}, "pipeline.sites[0].env.'': expected a variable name"),
+        ({"env": {"A=B": "x"}}, "pipeline.sites[0].env.'A=B': expected a variable name"),
+        ({"env": {"A\0": "x"}}, "pipeline.sites[0].env.'A\\x00': expected a variable name"),
+        ({"env": {"A": "x\0"}}, "pipeline.sites[0].env.'A': expected a variable name"),
+    ],
+)
+def test_an_entry_s_flags_and_env_that_the_os_cannot_take_are_named(
+    tmp_path: Path, entry: dict[str, Any], named: str
+) -> None:
+    """An entry's flags and env reach the OS as argv and environment: a NUL anywhere, an
+    empty variable name or one with '=' is an error naming the entry's key."""
+    found = problems(tmp_path, sites=[{"site": "a.com", **entry}])
+    assert any(named in problem for problem in found), found
+
+
+def test_an_entry_s_clean_flags_and_env_are_no_problem(tmp_path: Path) -> None:
+    """The same keys without NUL or '=' in a name load as given."""
+    plan = load_plan(
+        write(tmp_path, sites=[{"site": "a.com", "flags": ["--x"], "env": {"A": "b=c"}}])
+    )
+    assert plan.site("a.com").flags == ("--x",) and plan.site("a.com").env["A"] == "b=c"
+
+
+def test_what_an_entry_does_not_set_is_the_config_s(tmp_path: Path) -> None:
+    """A plain name, and a mapping entry that sets only its priority, take the config's
+    timeout, attempts, env and memory limit; an entry's own memory limit is its own."""
+    from flows.config import SiteSettings
+
+    plan = load_plan(
+        write(
+            tmp_path,
+            memory_limit=300,
+            sites=[
+                "plain.com",
+                {"site": "first.com", "priority": 5},
+                {"site": "small.com", "memory_limit": 50},
+            ],
+        )
+    )
+    env = {"SHARED": "config", "BOTH": "config"}
+    assert plan.site("plain.com") == SiteSettings(600, 3, env=env, memory_limit=300)
+    assert plan.site("first.com") == SiteSettings(600, 3, env=env, priority=5, memory_limit=300)
+    assert plan.site("small.com").memory_limit == 50
