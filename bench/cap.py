@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -590,6 +591,23 @@ def main() -> int:
         if args.write:
             write_between_markers(Path(args.write), text, start, end)
     return 0
+
+
+@contextlib.contextmanager
+def code_at(revision: str, folder: Path) -> Iterator[Path]:
+    """A `git worktree` of `revision` at `folder` (the code before, for side-by-side rows: its
+    `flows` goes first on PYTHONPATH), removed at the end."""
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(folder), revision],
+        cwd=ROOT, check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield folder
+    finally:
+        subprocess.run(
+            ["git", "worktree", "remove", "--force", str(folder)], cwd=ROOT, check=False,
+            capture_output=True,
+        )  # fmt: skip
 
 
 def stop_kept_servers(work: Path) -> None:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -36,9 +35,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench.cap import (  # noqa: E402
     SITE,
+    code_at,
     efficiency,
     measure,
     pipeline_config,
+    say,
     write_between_markers,
 )
 from tests.servers import (  # noqa: E402
@@ -52,10 +53,6 @@ BEFORE = "4f70569"  # the last commit before issue 30's item 5
 TIMER = ROOT / "bench" / "submit_timer"
 START, END = "<!-- bench:per-site:start -->", "<!-- bench:per-site:end -->"
 DASK = {"kind": "dask", "n_workers": 2}
-
-
-def say(text: str) -> None:
-    print(text, flush=True)
 
 
 @dataclass
@@ -145,55 +142,45 @@ def main() -> int:
         return 2
 
     work = Path(tempfile.mkdtemp(prefix="bench-per-site-"))
-    before = work / "before"
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(before), args.before],
-        cwd=ROOT, check=True, capture_output=True,
-    )  # fmt: skip
     rows: list[Row] = []
     true = {"command": ["true", "{site}"], "max_log_lines": 20}
-    try:
-        with (
-            postgres_database(fresh=True) as database,
-            prefect_server(work / "server", database) as url,
-        ):
-            one_run("warm-up, now", ROOT, url, work / "warm", ["warm"], 1)
-            for n in range(args.rounds):
-                say(f"round {n + 1}/{args.rounds}")
-                codes = [("before", before), ("now", ROOT)]
-                for name, code in codes if n % 2 == 0 else codes[::-1]:
-                    tag = f"r{n}-{name}"
-                    steps: list[tuple[str, list[str], int, dict[str, object]]] = [
-                        ("threads, `true`", [f"t{i}" for i in range(args.sites)], 16, true),
-                        (
-                            "Dask (2 workers), `true`",
-                            [f"d{i}" for i in range(args.dask_sites)],
-                            16,
-                            {**true, "task_runner": DASK},
-                        ),
-                        (
-                            "Dask (2 workers), 40 sites of 2 s at cap 8",
-                            [f"c{i}" for i in range(40)],
-                            8,
-                            {"task_runner": DASK},
-                        ),
-                    ]
-                    for step, (what, sites, cap, extra) in enumerate(steps):
-                        row = one_run(
-                            f"{what}, {name}", code, url, work / f"{tag}-{step}", sites, cap,
-                            **extra,
-                        )  # fmt: skip
-                        rows.append(row)
-                        say(
-                            f"  {row.label}: {row.wall:.1f} s, {len(sites) / row.wall:.1f} "
-                            f"sites/s, submit median {cell(row.submit_ms[1:], 0.5)} ms, "
-                            f"efficiency {row.efficiency}, ok {row.ok}"
-                        )
-    finally:
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False,
-            capture_output=True,
-        )  # fmt: skip
+    with (
+        code_at(args.before, work / "before") as before,
+        postgres_database(fresh=True) as database,
+        prefect_server(work / "server", database) as url,
+    ):
+        one_run("warm-up, now", ROOT, url, work / "warm", ["warm"], 1)
+        for n in range(args.rounds):
+            say(f"round {n + 1}/{args.rounds}")
+            codes = [("before", before), ("now", ROOT)]
+            for name, code in codes if n % 2 == 0 else codes[::-1]:
+                tag = f"r{n}-{name}"
+                steps: list[tuple[str, list[str], int, dict[str, object]]] = [
+                    ("threads, `true`", [f"t{i}" for i in range(args.sites)], 16, true),
+                    (
+                        "Dask (2 workers), `true`",
+                        [f"d{i}" for i in range(args.dask_sites)],
+                        16,
+                        {**true, "task_runner": DASK},
+                    ),
+                    (
+                        "Dask (2 workers), 40 sites of 2 s at cap 8",
+                        [f"c{i}" for i in range(40)],
+                        8,
+                        {"task_runner": DASK},
+                    ),
+                ]
+                for step, (what, sites, cap, extra) in enumerate(steps):
+                    row = one_run(
+                        f"{what}, {name}", code, url, work / f"{tag}-{step}", sites, cap,
+                        **extra,
+                    )  # fmt: skip
+                    rows.append(row)
+                    say(
+                        f"  {row.label}: {row.wall:.1f} s, {len(sites) / row.wall:.1f} "
+                        f"sites/s, submit median {cell(row.submit_ms[1:], 0.5)} ms, "
+                        f"efficiency {row.efficiency}, ok {row.ok}"
+                    )
     text = report(rows, args)
     say(text)
     (work / "rows.json").write_text(json.dumps([r.__dict__ for r in rows]))

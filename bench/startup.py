@@ -19,6 +19,7 @@ timeline), "wall" the whole command. Every run's database is already migrated.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import shutil
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.cap import (  # noqa: E402
     BIN,
     Result,
+    code_at,
     measure,
     pipeline_config,
     stop_kept_servers,
@@ -95,17 +97,14 @@ def main() -> int:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-startup-"))
-    before = work / "before"
-    subprocess.run(
-        ["git", "worktree", "add", "--detach", str(before), args.before],
-        cwd=ROOT, check=True, capture_output=True,
-    )  # fmt: skip
     (work / "project").mkdir()
     shutil.copy(ROOT / "config.yaml", work / "project" / "config.yaml")
     shutil.copytree(ROOT / "examples", work / "project" / "examples")
     cli_times: dict[str, list[float]] = {}
     runs: dict[str, list[Result]] = {}
-    try:
+    with contextlib.ExitStack() as stack:
+        before = stack.enter_context(code_at(args.before, work / "before"))
+        stack.callback(stop_kept_servers, work)  # first, then the worktree goes
         for n in range(args.rounds):
             say(f"round {n + 1}/{args.rounds}")
             for name, code in (("before", before), ("now", None)):
@@ -127,12 +126,6 @@ def main() -> int:
                 runs.setdefault(label, []).append(result)
                 say(f"  {label}: first site {result.first_start:.1f} s, wall {result.wall:.1f} s")
             stop_kept_servers(work)
-    finally:
-        stop_kept_servers(work)
-        subprocess.run(
-            ["git", "worktree", "remove", "--force", str(before)], cwd=ROOT, check=False,
-            capture_output=True,
-        )  # fmt: skip
 
     lines = [
         f"### Start-up: the CLI, and a run of three 0.3 s sites on the embedded default "
