@@ -118,12 +118,6 @@ class SharedContextDaskRunner(DaskTaskRunner):
         self._shared: distributed.Future[Any] | None = None
         self._tasks: dict[int, tuple[Task[..., Any], distributed.Future[Any]]] = {}
 
-    def __enter__(self) -> SharedContextDaskRunner:
-        super().__enter__()  # type: ignore[no-untyped-call]
-        self._shared = None
-        self._tasks = {}
-        return self
-
     def __exit__(self, *args: Any) -> None:
         self._shared = None  # the scattered data is released with its futures
         self._tasks = {}
