@@ -72,11 +72,11 @@ from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
-from typing import IO, Any, Protocol, cast
+from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
-import httpx
-from prefect.client.orchestration import SyncPrefectClient
-from prefect.exceptions import PrefectHTTPStatusError
+if TYPE_CHECKING:  # imported where used: `dask_default_workers` runs before Prefect is loaded
+    import httpx
+    from prefect.client.orchestration import SyncPrefectClient
 
 READ_FROM = "3.9.1"
 DISTRIBUTED_READ_FROM = "2026.8.0"
@@ -85,6 +85,8 @@ _SEND_PARAMS = ("request", "send", "send_args", "send_kwargs", "retry_codes", "r
 
 def _send_once_fn(client: SyncPrefectClient) -> Any | None:
     """The client's `_send_with_retry` bound to its httpx client, or None if it changed."""
+    import httpx
+
     http = getattr(client, "_client", None)
     send_with_retry = getattr(http, "_send_with_retry", None)
     if not isinstance(http, httpx.Client) or not callable(send_with_retry):
@@ -122,6 +124,8 @@ def post_once(
         http: httpx.Client = client._client  # checked by _send_once_fn
         response: httpx.Response = send_once(http.build_request("POST", path, json=body))
         return response
+    from prefect.exceptions import PrefectHTTPStatusError
+
     try:
         return client.request("POST", path, json=body)  # type: ignore[arg-type]
     except PrefectHTTPStatusError as exc:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from typing import Any
 
 from flows.config import ConfigError, load_plan
 from flows.context import ProgressFn, RunContext
+from flows.dask_cluster import LocalDaskCluster, local_cluster
 from flows.interrupts import StopRequest
 from flows.report import as_bools, skipped_reports
 
@@ -39,6 +41,7 @@ def run_pipeline_summary(
     on_progress: ProgressFn | None = None,
     skip: Mapping[str, str] | None = None,
     stop: StopRequest | None = None,
+    cluster: LocalDaskCluster | None = None,
 ) -> dict[str, Any]:
     """Run the `site-pipeline` flow and return its summary (the `--summary-json` dict).
 
@@ -47,22 +50,29 @@ def run_pipeline_summary(
     sites not to run (`--retry-failed`: they succeeded before) with a note for the summary.
     Once `stop` is requested, the running sites are stopped and end `cancelled`, and the
     summary (state "Cancelled") still comes back.
+    On a local Dask cluster (`task_runner: {kind: dask}`, no `address`) the cluster starts
+    here, before Prefect is imported, so it gets ready while the flow run is made, and is
+    closed when the run ends (`flows.dask_cluster`); `cluster` is one the caller started
+    for this run and closes itself (the CLI's `run` starts it before it connects).
     """
     plan = load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
     skipped_reports(plan.sites, skip or {})  # a bad `skip` is a ConfigError before the run
-    from flows.site_pipeline import run_sites  # Prefect is imported only when a run starts
+    with ExitStack() as stack:
+        if cluster is None:
+            cluster = stack.enter_context(local_cluster(plan))
+        from flows.site_pipeline import run_sites  # Prefect is imported only when a run starts
 
-    with RunContext(stop=stop, on_progress=on_progress):
-        state = run_sites(
-            sites=plan.flow_sites(),
-            config_path=str(plan.config_path),
-            max_concurrent_sites=plan.max_concurrent_sites,
-            use_async=plan.use_async,
-            skip=dict(skip) if skip else None,
-            return_state=True,
-        )
+        with RunContext(stop=stop, on_progress=on_progress, cluster=cluster):
+            state = run_sites(
+                sites=plan.flow_sites(),
+                config_path=str(plan.config_path),
+                max_concurrent_sites=plan.max_concurrent_sites,
+                use_async=plan.use_async,
+                skip=dict(skip) if skip else None,
+                return_state=True,
+            )
     summary = state.result(raise_on_failure=False)
     if not isinstance(summary, dict):
         raise PipelineRunError(f"the flow run ended {state.name}: {state.message}")

@@ -20,31 +20,39 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextvars import ContextVar, Token
 from types import TracebackType
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from flows.interrupts import StopRequest
+
+if TYPE_CHECKING:
+    from flows.dask_cluster import LocalDaskCluster
 
 ProgressFn = Callable[[int, int, int], None]
 """`on_progress(done, total, failed)`, called once after each site's final outcome."""
 
 
 class RunContext:
-    """One run's caller-side context: its `stop` request and its `on_progress` callback.
+    """One run's caller-side context: its `stop` request, its `on_progress` callback and
+    the local Dask `cluster` it started for the run.
 
     Read-only once made (the empty default is shared). An instance is entered once at a
     time, like Prefect's contexts; nest a new instance to change what an inner block sees.
     """
 
-    __slots__ = ("_on_progress", "_stop", "_token")
+    __slots__ = ("_cluster", "_on_progress", "_stop", "_token")
     _current: ClassVar[ContextVar[RunContext | None]] = ContextVar(
         "site_pipeline_run_context", default=None
     )
 
     def __init__(
-        self, stop: StopRequest | None = None, on_progress: ProgressFn | None = None
+        self,
+        stop: StopRequest | None = None,
+        on_progress: ProgressFn | None = None,
+        cluster: LocalDaskCluster | None = None,
     ) -> None:
         self._stop = stop
         self._on_progress = on_progress
+        self._cluster = cluster
         self._token: Token[RunContext | None] | None = None
 
     @property
@@ -56,6 +64,13 @@ class RunContext:
     def on_progress(self) -> ProgressFn | None:
         """Called by the flow after each site's final outcome; None: nobody listens."""
         return self._on_progress
+
+    @property
+    def cluster(self) -> LocalDaskCluster | None:
+        """A local Dask cluster the caller started for this run (`flows.dask_cluster`): the
+        flow's task runner uses it when its plan asks for a local cluster, and the caller
+        closes it. None: the flow starts its own."""
+        return self._cluster
 
     @classmethod
     def get(cls) -> RunContext:
@@ -80,7 +95,10 @@ class RunContext:
         self._token = None
 
     def __repr__(self) -> str:
-        return f"RunContext(stop={self.stop!r}, on_progress={self.on_progress!r})"
+        return (
+            f"RunContext(stop={self.stop!r}, on_progress={self.on_progress!r}, "
+            f"cluster={self.cluster!r})"
+        )
 
 
 _EMPTY = RunContext()

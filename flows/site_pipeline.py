@@ -50,7 +50,7 @@ def run_sites(
     """
     install_traceback_filter()
     logger = get_run_logger()
-    context = RunContext.get()  # the caller's stop request and progress callback
+    context = RunContext.get()  # the caller's stop request, progress callback, cluster
     full, plan, skipped = plan_run(
         logger, config_path, sites, max_concurrent_sites, use_async, skip
     )
@@ -62,7 +62,7 @@ def run_sites(
     job, earlier = site_job(logger, plan, flow_run_id)  # job.plan.sites: in start order
 
     reports: dict[str, SiteReport] = {}
-    with running_sites(job, context.stop) as (runner, halt):
+    with running_sites(job, context.stop, context.cluster) as (runner, halt):
         for site, future in sites_as_they_end(runner, job):
             future.wait()
             reports[site] = progress.site_done(halt.seen(site_report(site, future.state)))

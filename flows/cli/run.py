@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from flows.cli.console import Verbosity
+    from flows.dask_cluster import LocalDaskCluster
     from flows.interrupts import StopRequest
 
 
@@ -161,7 +162,24 @@ def _retry_plan(args: argparse.Namespace) -> tuple[RunPlan, dict[str, str]]:
 
 def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = None) -> int:
     """`run`: the flow on the configured API (or a temporary server), then the results.
-    The first Ctrl-C (or SIGTERM) cancels politely; a second one stops every pipeline now."""
+    The first Ctrl-C (or SIGTERM) cancels politely; a second one stops every pipeline now.
+    A local Dask cluster starts first, before Prefect is imported and the API checked, so it
+    is ready by the time the flow run is (`flows.dask_cluster`); it is closed on the way out."""
+    if skip is not None and len(skip) == len(plan.sites):
+        print("nothing to retry: every site succeeded")
+        return EXIT_OK
+    from flows.dask_cluster import local_cluster
+
+    with local_cluster(plan) as cluster:
+        return _run_plan(args, plan, skip, cluster)
+
+
+def _run_plan(
+    args: argparse.Namespace,
+    plan: RunPlan,
+    skip: dict[str, str] | None,
+    cluster: LocalDaskCluster | None,
+) -> int:
     from prefect.settings import get_current_settings
     from rich.console import Console
 
@@ -169,9 +187,6 @@ def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | Non
     from flows.interrupts import StopRequest, exit_status, on_signals
     from flows.process.control import stop_everything
 
-    if skip is not None and len(skip) == len(plan.sites):
-        print("nothing to retry: every site succeeded")
-        return EXIT_OK
     err = Console(stderr=True)
     stop = StopRequest()
 
@@ -186,7 +201,7 @@ def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | Non
         settings = get_current_settings()  # with the kept local server's URL, if one is used
         verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
         try:
-            outcome = _watch_flow(plan, skip, stop, verbosity, err)
+            outcome = _watch_flow(plan, skip, stop, verbosity, err, cluster)
         except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
             stop_everything(plan.config.process_control, plan.config.kill_grace_seconds)
             return interrupted(exit_status(stop.signal))
@@ -228,6 +243,7 @@ def _watch_flow(
     stop: StopRequest,
     verbosity: Verbosity,
     err: Console,
+    cluster: LocalDaskCluster | None,
 ) -> dict[str, Any] | BaseException:
     """Run the flow in a thread of its own while the console (and live view) shows it; the
     summary, or what the flow raised (for the main thread to handle)."""
@@ -247,6 +263,7 @@ def _watch_flow(
                     on_progress=on_progress,
                     skip=skip,
                     stop=stop,
+                    cluster=cluster,
                 )
             )
         except BaseException as exc:  # re-raised in the main thread

@@ -9,6 +9,8 @@
 - `outcomes`: the pure retry decision; `failure`: `SiteAttemptFailed`; `states`: a task
   run's state as a site status; `logfilter`: no tracebacks for a site's failure;
 - `task_runners`: where task runs run (threads in the flow's process, or Dask);
+  `dask_runner`: the Dask runner that sends what task runs share once; `dask_worker`: what
+  a local Dask worker loads as it starts (its preload, `flows.dask_cluster`);
 - `baselines`: earlier runs' summaries, read in one query: what result checks compare
   against and what learned timeouts learn from.
 """

@@ -27,6 +27,7 @@ from prefect.task_runners import TaskRunner
 
 from flows import report
 from flows.config import PipelineConfig
+from flows.dask_cluster import LocalDaskCluster
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.states import site_status
 from flows.engine.task import SiteJob
@@ -41,9 +42,10 @@ log = logging.getLogger(__name__)
 
 @contextmanager
 def running_sites(
-    job: SiteJob, stop: StopRequest | None
+    job: SiteJob, stop: StopRequest | None, cluster: LocalDaskCluster | None = None
 ) -> Iterator[tuple[TaskRunner[Any], HaltWatch]]:
-    """The plan's task runner, started, with the slot pool, the stop watcher and the
+    """The plan's task runner, started (on `cluster`, the caller's local Dask cluster, if
+    one is given and the plan wants one), with the slot pool, the stop watcher and the
     emergency stop around it (see the module's docstring), and the run's `HaltWatch`."""
     plan, owner = job.plan, str(job.flow_run_id)
     config = plan.config
@@ -52,7 +54,7 @@ def running_sites(
         local_run(job, prefetch=plan.max_concurrent_sites, in_flow=True)
         if in_process
         else nullcontext() as run,
-        task_runner(plan) as runner,
+        task_runner(plan, cluster) as runner,
         _stopping_on(stop, run, config, owner),
     ):
         try:
