@@ -54,13 +54,19 @@ with a site's planned busy time its sleep (`ok`; `leave_bg`: at least 1.5 s; `fl
 write only), a tenth of it plus it (`fail_first`), 2 x timeout (`hang`), 2 x (timeout +
 kill_grace) (`ignore_term`), 2 x stall_timeout (`stall`); the longest site adds the retry
 delay. The ideal has no process start-up, no flood write time and no Prefect overhead; wall
-includes the flow's start and end. And the peak RSS per fault kind, from the summary's
-`peak_rss_mb` per site ("n/a" when the summary has none).
+includes the flow's start and end. "same order" is the night with no overhead at all in the
+order the sites really started (`same_order_seconds`): the ideal leaves out the tail that a
+long site late in that order makes. On a fresh history the product starts the sites in list
+order; a row after another on the same server finds history for some of its sites (the
+names repeat where the same fault drew the same place) and starts the others first. And the
+peak RSS per fault kind, from the summary's `peak_rss_mb` per site ("n/a" when the summary
+has none).
 """
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
 import os
 import random
@@ -159,6 +165,46 @@ def busy_seconds(kind: str, seconds: float) -> float:
     return seconds
 
 
+def attempt_seconds(kind: str, seconds: float) -> list[float]:
+    """The slot time of each attempt a site's fault plans (`busy_seconds`, attempt by
+    attempt)."""
+    if kind == "fail_first":
+        return [seconds / 10, seconds]
+    if kind in ("hang", "ignore_term", "stall"):
+        return [busy_seconds(kind, seconds) / RETRIES] * RETRIES
+    return [busy_seconds(kind, seconds)]
+
+
+def same_order_seconds(
+    plan: Mapping[str, Mapping[str, Any]], cap: int, order: Sequence[str] | None = None
+) -> float:
+    """The night with no overhead at all, its sites started in `order` (default: the list's,
+    the product's order on a fresh history): at most `cap` attempts at once, a free slot to
+    the first site in that order with an attempt ready, a retried site's next attempt ready a
+    retry delay after its last one ended. What `ideal_seconds` leaves out: a long site late
+    in the order ends after the others, whatever the overhead."""
+    sites = list(plan) if order is None else list(order)
+    attempts = [attempt_seconds(plan[s]["kind"], float(plan[s]["seconds"])) for s in sites]
+    free = [0.0] * cap  # when each slot is free, a heap
+    later: list[tuple[float, int, int]] = [(0.0, i, 0) for i in range(len(attempts))]
+    ready: list[tuple[int, int]] = []  # (site's place in the list, attempt), a heap
+    end = 0.0
+    while later or ready:
+        now = heapq.heappop(free)
+        if not ready and later[0][0] > now:
+            now = later[0][0]  # the slot idles until the next attempt is ready
+        while later and later[0][0] <= now:
+            _, site, n = heapq.heappop(later)
+            heapq.heappush(ready, (site, n))
+        site, n = heapq.heappop(ready)
+        done = now + attempts[site][n]
+        end = max(end, done)
+        if n + 1 < len(attempts[site]):
+            heapq.heappush(later, (done + RETRY_DELAY_S, site, n + 1))
+        heapq.heappush(free, done)
+    return end
+
+
 def ideal_seconds(plan: Mapping[str, Mapping[str, Any]], cap: int) -> float:
     """`max(sum of busy time / cap, longest site)`; a retried site's length adds the delay."""
     busy = {site: busy_seconds(p["kind"], float(p["seconds"])) for site, p in plan.items()}
@@ -201,6 +247,12 @@ def read_records(folder: Path) -> dict[str, list[Attempt]]:
     for attempts in found.values():
         attempts.sort(key=lambda a: a.start)
     return dict(found)
+
+
+def start_order(plan: Mapping[str, Any], records: Mapping[str, list[Attempt]]) -> list[str]:
+    """The plan's sites in the order their first attempts started (a lost site last)."""
+    first = {site: attempts[0].start for site, attempts in records.items() if attempts}
+    return sorted(plan, key=lambda site: first.get(site, float("inf")))
 
 
 def work_span(records: Mapping[str, list[Attempt]]) -> float | None:
@@ -370,6 +422,7 @@ class Row:
     wall_s: float = 0.0
     span_s: float | None = None
     ideal_s: float = 0.0
+    same_order_s: float = 0.0
     exit_code: int | None = None
     lost: list[str] = field(default_factory=list)
     twice: list[str] = field(default_factory=list)
@@ -439,7 +492,8 @@ def night(
     config = soak_config(folder, plan, cap, marker, extra)
     summary_path = folder / "summary.json"
     records_dir = folder / "records"
-    row = Row(runner, len(plan), cap, seed, ideal_s=ideal_seconds(plan, cap))
+    row = Row(runner, len(plan), cap, seed)
+    row.ideal_s = ideal_seconds(plan, cap)
     argv = [str(BIN / "site-pipeline"), "run", "--config", str(config)]
     argv += ["--summary-json", str(summary_path)]
     t0 = time.monotonic()
@@ -468,6 +522,7 @@ def night(
     records = read_records(records_dir)
     row.lost, row.twice = lost_and_twice(plan, records, summary)
     row.span_s = work_span(records)
+    row.same_order_s = same_order_seconds(plan, cap, start_order(plan, records))
     background = [
         pid for attempts in records.values() for a in attempts for pid, d in a.children if d
     ]
@@ -553,11 +608,11 @@ def report(rows: Sequence[Row], servers_left: list[str], command: str, work: Pat
         f"{RETRIES} attempts, retry delay {RETRY_DELAY_S:g} s",
         "",
         "| runner | sites | cap | wall s | work span s | ideal s | wall / ideal | span / ideal "
-        "| lost | twice | left after "
+        "| same order s | wall / same order | lost | twice | left after "
         "| background stopped | slots after | flow RSS MB at 25/50/75/100 % (the flow "
         "process alone) | RSS growth "
         "| threads | fds | statuses as injected | checks |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         growth = r.rss_growth()
@@ -565,6 +620,7 @@ def report(rows: Sequence[Row], servers_left: list[str], command: str, work: Pat
             f"| {r.runner} | {r.sites} | {r.cap} | {r.wall_s:.1f} | {_s(r.span_s)} | "
             f"{r.ideal_s:.1f} | {r.wall_s / r.ideal_s:.2f} | "
             f"{'-' if r.span_s is None else f'{r.span_s / r.ideal_s:.2f}'} | "
+            f"{r.same_order_s:.1f} | {r.wall_s / r.same_order_s:.2f} | "
             f"{len(r.lost)} | {len(r.twice)} | {len(r.left)} | "
             f"{r.background - r.background_left} of {r.background} | {r.slots_after} | "
             f"{_trend([s.rss_mb for s in r.samples])} "
@@ -652,7 +708,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 label, work / runner, url, draw_plan(n, args.seed), args.cap, args.seed, extra
             )
             rows.append(row)
-            say(f"soak: {label}: wall {row.wall_s:.1f} s, ideal {row.ideal_s:.1f} s")
+            say(
+                f"soak: {label}: wall {row.wall_s:.1f} s, ideal {row.ideal_s:.1f} s, "
+                f"same order {row.same_order_s:.1f} s"
+            )
     servers_left = describe(left_after(str(work), patience=10))
     text = report(rows, servers_left, command.strip(), work)
     print(text)

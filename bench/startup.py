@@ -10,7 +10,9 @@ the same interpreter and packages). Each round runs, one after another on one ma
 - `site-pipeline --help` and `validate` (each the median of 5), before and now;
 - a run of three 0.3 s sites: before (a temporary server per run), now with
   `local_server_idle: 0` (the same), now cold (the first run: it starts the kept server, on
-  a migrated database) and now reused (the next run on it).
+  a migrated database) and now reused (the next run on it);
+- the same three sites on a local Dask cluster of 2 workers, on that reused server: the code
+  before the cluster started early (`--dask-before`, a worktree too) and now.
 
 "first site" is the time from the command's start to the first site's start (the sites'
 timeline), "wall" the whole command. Every run's database is already migrated.
@@ -45,6 +47,8 @@ from bench.cap import (  # noqa: E402
 from tests.servers import prefect_env, seed_home  # noqa: E402
 
 BEFORE = "1e7089c"  # the last commit before issue 30
+DASK_BEFORE = "b8515a8"  # the last commit before a run's local cluster started early
+DASK = {"task_runner": {"kind": "dask", "n_workers": 2}}
 SITES = ["one.example", "two.example", "three.example"]
 START, END = "<!-- bench:startup:start -->", "<!-- bench:startup:end -->"
 
@@ -93,6 +97,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", default=BEFORE, help="the code before (a git revision)")
+    parser.add_argument("--dask-before", default=DASK_BEFORE, help="the Dask rows' code before")
     parser.add_argument("--write", help="replace the start-up section of this markdown file")
     args = parser.parse_args()
 
@@ -104,6 +109,7 @@ def main() -> int:
     runs: dict[str, list[Result]] = {}
     with contextlib.ExitStack() as stack:
         before = stack.enter_context(code_at(args.before, work / "before"))
+        dask_before = stack.enter_context(code_at(args.dask_before, work / "dask-before"))
         stack.callback(stop_kept_servers, work)  # first, then the worktree goes
         for n in range(args.rounds):
             say(f"round {n + 1}/{args.rounds}")
@@ -114,11 +120,14 @@ def main() -> int:
                     took = median_seconds([*prefix, *argv], env, work / "project")
                     cli_times.setdefault(f"`site-pipeline {what}`, {name}", []).append(took)
             tag = f"r{n}"
+            kept = work / f"home-kept-{tag}"
             steps: list[tuple[str, Path | None, Path, dict[str, object]]] = [
                 ("before: a temporary server per run", before, work / "home-before", {}),
                 ("now, `local_server_idle: 0`", None, work / "home-zero", {"local_server_idle": 0}),
-                ("now, kept server, cold (starts it)", None, work / f"home-kept-{tag}", {}),
-                ("now, kept server, reused", None, work / f"home-kept-{tag}", {}),
+                ("now, kept server, cold (starts it)", None, kept, {}),
+                ("now, kept server, reused", None, kept, {}),
+                (f"Dask, reused: before (`{args.dask_before}`)", dask_before, kept, DASK),
+                ("Dask, reused: now", None, kept, DASK),
             ]
             for step, (label, code, home, config) in enumerate(steps):
                 seed_home(home)

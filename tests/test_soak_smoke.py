@@ -61,6 +61,43 @@ def test_the_ideal_is_the_planned_busy_time_over_the_cap_or_the_longest_site() -
     assert soak.ideal_seconds(plan, 16) == pytest.approx(16.0 + soak.RETRY_DELAY_S)
 
 
+def test_the_same_order_bound_runs_the_sites_in_their_order_and_retries_without_a_slot() -> None:
+    """The zero-overhead night in the sites' start order (the list's by default): at cap 1,
+    a failed first attempt's retry waits its delay without a slot while the next site runs,
+    then goes before later sites; a slot idles when no attempt is ready. A hang at the end of
+    the order makes a tail the ideal leaves out, none when it starts first; with room for
+    every site the night is the longest site."""
+    delay = soak.RETRY_DELAY_S
+    retried_first = {
+        "a": {"kind": "fail_first", "seconds": 1.0},  # 0.1 s, then 1 s after the delay
+        "b": {"kind": "ok", "seconds": 1.0},
+        "c": {"kind": "ok", "seconds": 1.0},
+    }
+    assert soak.same_order_seconds(retried_first, 1) == pytest.approx(0.1 + 1.0 + 1.0 + 1.0)
+    assert soak.same_order_seconds({"b": retried_first["b"], "a": retried_first["a"]}, 1) == (
+        pytest.approx(1.0 + 0.1 + delay + 1.0)  # the slot idles through the delay
+    )
+    hang_last = {f"ok{i}": {"kind": "ok", "seconds": 1.0} for i in range(4)}
+    hang_last["h"] = {"kind": "hang", "seconds": 0.0}
+    assert soak.ideal_seconds(hang_last, 2) == pytest.approx(2 * soak.TIMEOUT_S + delay)
+    assert soak.same_order_seconds(hang_last, 2) == pytest.approx(2.0 + 2 * soak.TIMEOUT_S + delay)
+    assert soak.same_order_seconds(hang_last, 5) == pytest.approx(2 * soak.TIMEOUT_S + delay)
+    hang_first = ["h", *(f"ok{i}" for i in range(4))]  # started first, as history orders it
+    assert soak.same_order_seconds(hang_last, 2, hang_first) == pytest.approx(
+        2 * soak.TIMEOUT_S + delay
+    )
+
+
+def test_the_start_order_is_each_site_s_first_attempt_and_a_lost_site_last() -> None:
+    """The order the bound replays is the order of the sites' first attempts' starts."""
+    plan = {"a": {}, "b": {}, "c": {}}
+    records = {
+        "a": [attempt("a", 1, 5.0, 0)],
+        "b": [attempt("b", 1, 1.0, 1), attempt("b", 2, 9.0, 0)],
+    }
+    assert soak.start_order(plan, records) == ["b", "a", "c"]
+
+
 def attempt(site: str, n: int, start: float, exit_code: int | None) -> soak.Attempt:
     return soak.Attempt(site, n, 100 + n, "ok", start, start + 1, exit_code)
 
