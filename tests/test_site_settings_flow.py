@@ -62,7 +62,7 @@ def test_the_longest_expected_site_starts_first_once_there_is_history(
 
     main(["validate", "--config", str(write_config(tmp_path, sites, order="longest_first"))])
     shown = capsys.readouterr().out
-    assert "order: longest expected first (4 of 4 sites have history" in shown, shown
+    assert "order: longest expected first (all 4 sites have history)" in shown, shown
     assert f"starts: {long_}, {mid}, {new}, {short}" in shown  # what a run would do now
 
     (tmp_path / "timeline.tsv").unlink()

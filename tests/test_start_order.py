@@ -19,7 +19,23 @@ def test_unknown_sites_start_first_in_list_order_then_the_longest_known() -> Non
     order = start_order(sites, expected, {}, "longest_first")
     assert order.sites == ("new-1", "new-2", "long", "mid", "mid-too", "short")
     assert order.line == (
-        "order: longest expected first (4 of 6 sites have history; the others first)"
+        "order: longest expected first (4 of 6 sites have history; the 2 without start first)"
+    )
+
+
+def test_the_order_line_says_plainly_when_no_site_or_every_site_has_history() -> None:
+    """With no history the run starts in list order and says so; with history for every
+    site there are no 'others' to start first, and the line names none."""
+    sites = ["a", "b", "c"]
+    none_known = start_order(sites, {}, {}, "longest_first")
+    assert none_known.sites == ("a", "b", "c")
+    assert none_known.line == (
+        "order: longest expected first (no site has history yet, so as listed)"
+    )
+    all_known = start_order(sites, {"a": 1.0, "b": 3.0, "c": 2.0}, {"a": 1}, "longest_first")
+    assert all_known.sites == ("a", "b", "c")
+    assert all_known.line == (
+        "order: longest expected first (all 3 sites have history); 1 by priority first"
     )
 
 

@@ -71,11 +71,16 @@ def start_order(
     if mode == "listed":
         return StartOrder(ordered, f"order: as listed{by_priority}")
     known = sum(1 for site in sites if site in expected)
-    return StartOrder(
-        ordered,
-        f"order: longest expected first ({known} of {len(sites)} sites have history; "
-        f"the others first){by_priority}",
-    )
+    if known == 0:
+        history = "no site has history yet, so as listed"
+    elif known == len(sites):
+        history = f"all {known} sites have history"
+    else:
+        history = (
+            f"{known} of {len(sites)} sites have history; "
+            f"the {len(sites) - known} without start first"
+        )
+    return StartOrder(ordered, f"order: longest expected first ({history}){by_priority}")
 
 
 def spread_groups(
