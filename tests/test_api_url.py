@@ -37,18 +37,23 @@ def user_env(home: Path, **extra: str) -> dict[str, str]:
         (["--help"], 0),
         (["run", "--help"], 0),
         (["validate", "--config", "{config}"], 0),
+        (["validate", "--config", "{listed}"], 0),
         (["run", "--bogus"], 2),
         (["validate", "--config", "{folder}/missing.yaml"], 2),
     ],
-    ids=["help", "run-help", "validate", "bad-option", "missing-config"],
+    ids=["help", "run-help", "validate", "validate-listed", "bad-option", "missing-config"],
 )
 def test_help_validate_and_usage_errors_import_no_prefect(
     tmp_path: Path, argv: list[str], status: int
 ) -> None:
     """In a fresh interpreter, with no API URL set: each exits as it should and `prefect`
-    was never imported (it costs about a second before the first line)."""
-    config = write_config(tmp_path, ["a.com"])
-    fill = {"config": str(config), "folder": str(tmp_path)}
+    was never imported (it costs about a second before the first line). `validate` says it
+    read no history, not that the sites have none; under `order: listed` history has no say
+    and the line names none."""
+    config = write_config(tmp_path, ["a.com"], order="longest_first")
+    (tmp_path / "listed").mkdir()
+    listed = write_config(tmp_path / "listed", ["a.com"], order="listed")
+    fill = {"config": str(config), "listed": str(listed), "folder": str(tmp_path)}
     done = run_tied(
         [sys.executable, "-c", PROBE, *(part.format(**fill) for part in argv)],
         env=user_env(tmp_path / "home"),
@@ -57,6 +62,13 @@ def test_help_validate_and_usage_errors_import_no_prefect(
     )
     probe = json.loads(done.stderr.strip().splitlines()[-1])
     assert probe == {"status": status, "prefect": False}, done.stdout + done.stderr
+    order_line = {
+        "{config}": "order: longest expected first (no PREFECT_API_URL: history not read here; "
+        "the run reads it); starts: a.com\n",
+        "{listed}": "order: as listed; starts: a.com\n",
+    }.get(argv[-1])
+    if order_line:
+        assert order_line in done.stdout, done.stdout
 
 
 ASK_BOTH = """

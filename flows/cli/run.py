@@ -51,9 +51,11 @@ def _order(plan: RunPlan) -> str:
     set, or one that doesn't answer, by priority and list (the run reads the history)."""
     from flows.slots.start_order import plan_order
 
-    durations: dict[str, list[float]] = {}
+    durations: dict[str, list[float]] | None = None
     note = ""
-    if not _profile_api_url():  # no Prefect import on this path (validate stays fast)
+    if plan.config.order == "listed" or not plan.use_async:
+        pass  # the history has no say in this order
+    elif not _profile_api_url():  # no Prefect import on this path (validate stays fast)
         note = " (no PREFECT_API_URL: history not read here; the run reads it)"
     else:
         from flows.ops.server import ApiUnreachable, check_reachable

@@ -50,26 +50,31 @@ def expected_durations(durations: Mapping[str, Sequence[float]]) -> dict[str, fl
 
 def start_order(
     sites: Sequence[str],
-    expected: Mapping[str, float],
+    expected: Mapping[str, float] | None,
     priority: Mapping[str, int],
     mode: OrderMode,
 ) -> StartOrder:
-    """`sites` (in list order) in the order they start, by the module's rules."""
+    """`sites` (in list order) in the order they start, by the module's rules. `expected`
+    None: the history was not read (the line says nothing of it; the caller says why)."""
     if mode == "sequential":
         return StartOrder(tuple(sites), "order: as listed (one site at a time)")
     position = {site: index for index, site in enumerate(sites)}
 
+    known_durations = expected or {}
+
     def key(site: str) -> tuple[int, int, float, int]:
         rank = -priority.get(site, 0)
-        if mode == "listed" or site not in expected:
+        if mode == "listed" or site not in known_durations:
             return (rank, 0, 0.0, position[site])
-        return (rank, 1, -expected[site], position[site])
+        return (rank, 1, -known_durations[site], position[site])
 
     ordered = tuple(sorted(sites, key=key))
     prioritised = sum(1 for site in sites if priority.get(site, 0) != 0)
     by_priority = f"; {prioritised} by priority first" if prioritised else ""
     if mode == "listed":
         return StartOrder(ordered, f"order: as listed{by_priority}")
+    if expected is None:
+        return StartOrder(ordered, f"order: longest expected first{by_priority}")
     known = sum(1 for site in sites if site in expected)
     if known == 0:
         history = "no site has history yet, so as listed"
@@ -114,15 +119,17 @@ def _count(recent: dict[str, int], group: str | None, change: int) -> None:
         recent[group] = recent.get(group, 0) + change
 
 
-def plan_order(plan: RunPlan, durations: Mapping[str, Sequence[float]]) -> StartOrder:
+def plan_order(plan: RunPlan, durations: Mapping[str, Sequence[float]] | None) -> StartOrder:
     """A run's start order: `plan`'s sites by priority, history (`durations`: each site's
-    recent successful durations) and list, as its `order` and `use_async` say; then each
-    group's sites spread (`spread_groups`, the window the global cap) so that no cap's worth
-    of consecutive sites holds more of a group than its cap: the slots are handed out in this
-    order, and the task runner's threads don't fill with sites of a full group."""
+    recent successful durations; None: not read) and list, as its `order` and `use_async`
+    say; then each group's sites spread (`spread_groups`, the window the global cap) so that
+    no cap's worth of consecutive sites holds more of a group than its cap: the slots are
+    handed out in this order, and the task runner's threads don't fill with sites of a full
+    group."""
     mode: OrderMode = plan.config.order if plan.use_async else "sequential"
     priority = {site: plan.site(site).priority for site in plan.sites}
-    order = start_order(plan.sites, expected_durations(durations), priority, mode)
+    expected = None if durations is None else expected_durations(durations)
+    order = start_order(plan.sites, expected, priority, mode)
     group_of = plan.site_groups
     if not group_of or not plan.use_async:
         return order
