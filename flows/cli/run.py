@@ -49,11 +49,11 @@ def _order(plan: RunPlan) -> str:
     """`order: longest expected first (...); starts: a, b, ...`: the start order a run would
     use now, from the history on the configured server (`PREFECT_API_URL`); with no server
     set, or one that doesn't answer, by priority and list (the run reads the history)."""
-    from flows.slots.start_order import plan_order
+    from flows.slots.start_order import order_mode, plan_order
 
     durations: dict[str, list[float]] | None = None
     note = ""
-    if plan.config.order == "listed" or not plan.use_async:
+    if order_mode(plan) != "longest_first":
         pass  # the history has no say in this order
     elif not _profile_api_url():  # no Prefect import on this path (validate stays fast)
         note = " (no PREFECT_API_URL: history not read here; the run reads it)"

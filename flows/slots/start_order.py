@@ -119,6 +119,12 @@ def _count(recent: dict[str, int], group: str | None, change: int) -> None:
         recent[group] = recent.get(group, 0) + change
 
 
+def order_mode(plan: RunPlan) -> OrderMode:
+    """The rule a run of `plan` starts its sites by: its `order`, or the old loop's list
+    order when `use_async` is off. Only `longest_first` reads the history."""
+    return plan.config.order if plan.use_async else "sequential"
+
+
 def plan_order(plan: RunPlan, durations: Mapping[str, Sequence[float]] | None) -> StartOrder:
     """A run's start order: `plan`'s sites by priority, history (`durations`: each site's
     recent successful durations; None: not read) and list, as its `order` and `use_async`
@@ -126,7 +132,7 @@ def plan_order(plan: RunPlan, durations: Mapping[str, Sequence[float]] | None) -
     no cap's worth of consecutive sites holds more of a group than its cap: the slots are
     handed out in this order, and the task runner's threads don't fill with sites of a full
     group."""
-    mode: OrderMode = plan.config.order if plan.use_async else "sequential"
+    mode = order_mode(plan)
     priority = {site: plan.site(site).priority for site in plan.sites}
     expected = None if durations is None else expected_durations(durations)
     order = start_order(plan.sites, expected, priority, mode)
