@@ -36,8 +36,12 @@ PREFECT_VERSION = "3.9.1"
 class _Answers(BaseHTTPRequestHandler):
     version = PREFECT_VERSION
 
+    ui_calls: str | None = None  # what /ui-settings says the UI calls; None: no UI
+
     def do_GET(self) -> None:
-        answers = {"/api/health": True, "/api/admin/version": self.version}
+        answers: dict[str, object] = {"/api/health": True, "/api/admin/version": self.version}
+        if self.ui_calls is not None:
+            answers["/ui-settings"] = {"api_url": self.ui_calls, "enabled": True}
         if self.path not in answers:
             self.send_error(404)
             return
@@ -362,3 +366,110 @@ def test_a_kept_server_that_cannot_start_is_one_error_naming_its_log_and_its_las
     )
     assert not (tmp_path / "timeline.tsv").exists()
     assert ls.read_state(home) is None
+
+
+def test_a_server_whose_ui_calls_another_address_is_not_reused(answering: str) -> None:
+    """A kept server whose `/ui-settings` names its own API is ok (also with no UI to ask);
+    one whose UI calls another address (4200, as keepers before the fix started them) is
+    'wrong-ui': replaced like one of another version, and `server status` says why."""
+    me = os.getpid()
+    assert ls.ui_api_url(answering) is None
+    _Answers.ui_calls = answering
+    try:
+        assert ls.ui_api_url(answering) == answering
+        assert ls.verdict(a_state(answering, me), PREFECT_VERSION) == "ok"
+        _Answers.ui_calls = "http://127.0.0.1:4200/api"
+        assert ls.verdict(a_state(answering, me), PREFECT_VERSION) == "wrong-ui"
+    finally:
+        _Answers.ui_calls = None
+
+
+def test_the_server_s_ui_is_told_the_server_s_own_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keeper's server gets PREFECT_SERVER_UI_API_URL = its own API on its port, and a
+    UI URL the user set (either name) does not reach it; its UI is that address less /api."""
+    monkeypatch.setenv("PREFECT_UI_API_URL", "http://elsewhere:1/api")
+    monkeypatch.setenv("PREFECT_SERVER_UI_API_URL", "http://elsewhere:2/api")
+    env = keeper.server_env(4711)
+    assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:4711/api"
+    assert "PREFECT_UI_API_URL" not in env
+    assert env["PREFECT_HOME"] == os.environ["PREFECT_HOME"]
+    state = ls.ServerState("http://127.0.0.1:4711/api", 4711, 1, 1.0, PREFECT_VERSION, 1.0)
+    assert state.ui_url == "http://127.0.0.1:4711"
+
+
+def test_the_port_is_the_preferred_one_when_free_else_the_last_one_else_any(
+    tmp_path: Path,
+) -> None:
+    """`choose_port`: the preferred port (4200 in use) when nothing listens there; when
+    something does, the port this home used last if free; else a free port."""
+    import socket
+
+    preferred = ls.free_port()
+    assert ls.choose_port(tmp_path, preferred) == preferred
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", preferred))
+        taken.listen()
+        assert not ls.port_free(preferred)
+        other = ls.choose_port(tmp_path, preferred)
+        assert other != preferred and ls.port_free(other)
+        last = ls.free_port()
+        (tmp_path / ls.PORT_FILE).write_text(str(last))
+        assert ls.choose_port(tmp_path, preferred) == last
+        with socket.socket() as also_taken:
+            also_taken.bind(("127.0.0.1", last))
+            also_taken.listen()
+            assert ls.choose_port(tmp_path, preferred) not in (preferred, last)
+
+
+def test_a_hold_names_its_keeper_and_its_end(tmp_path: Path) -> None:
+    """`held_until`: inf for a hold until `server stop` (until null), the time for one with
+    an end, None for no hold, another keeper's or a broken file."""
+    path = tmp_path / ls.HOLD_FILE
+    assert ls.held_until(tmp_path, 7) is None
+    path.write_text(json.dumps({"keeper_pid": 7, "until": None}))
+    assert ls.held_until(tmp_path, 7) == float("inf")
+    assert ls.held_until(tmp_path, 8) is None
+    path.write_text(json.dumps({"keeper_pid": 7, "until": 123.5}))
+    assert ls.held_until(tmp_path, 7) == 123.5
+    path.write_text("{")
+    assert ls.held_until(tmp_path, 7) is None
+
+
+_FAKE_KEEPER = """
+import sys
+from pathlib import Path
+from flows.ops import keeper
+keeper.server_argv = lambda port: [sys.executable, "-c", "import time; time.sleep(600)"]
+sys.exit(keeper.keep(Path(sys.argv[1]), 0))
+"""
+
+
+def _reaper_of(pid: int) -> psutil.Process | None:
+    try:
+        children = psutil.Process(pid).children()
+    except psutil.Error:
+        return None
+    for child in children:
+        try:
+            if any(part.endswith("_reaper.py") for part in child.cmdline()):
+                return child
+        except psutil.Error:
+            pass
+    return None
+
+
+def test_once_the_keeper_stopped_its_server_the_reaper_forgets_its_group(tmp_path: Path) -> None:
+    """A keeper (a long sleep for its server, no run on it: it stops it at once when idle)
+    ends, and its reaper ends with it, at once: the keeper told it to forget the server's
+    group after stopping it. Without that the reaper holds the group and lingers 5 s at the
+    keeper's exit, to signal a group that is gone."""
+    proc = start_tied(
+        [sys.executable, "-c", _FAKE_KEEPER, str(tmp_path)], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    reaper = wait_until(lambda: _reaper_of(proc.pid), "the keeper's reaper", timeout=30)
+    assert proc.wait(timeout=60) == 0
+    ended = time.monotonic()
+    wait_until(lambda: not reaper.is_running() or reaper.status() == psutil.STATUS_ZOMBIE,
+               "the reaper gone", timeout=30)  # fmt: skip
+    assert time.monotonic() - ended < 3.0  # it lingers 5 s while it holds a group

@@ -1,18 +1,21 @@
 """The keeper of a kept local server: `python -m flows.ops.keeper --home H --port P`.
 
 Started detached by `flows.ops.local_server.start`. It starts `prefect server start` on
-127.0.0.1:P for PREFECT_HOME H (its output goes to the keeper's, the log file), then every
-`CHECK_SECONDS` counts the live runs on it (`local_server.live_users`). When none is left
-for the idle seconds of the last one to leave, it takes the lock, looks once more, removes
-the state file and stops the server: SIGTERM to its process group (Ctrl-Break on Windows),
-then a kill of what is left after `STOP_GRACE` seconds. `site-pipeline server stop` asks the
-same through the stop file; a server that exits by itself ends the keeper too. Imports no
-Prefect.
+127.0.0.1:P for PREFECT_HOME H (its output goes to the keeper's, the log file), its UI told
+to call that same address (`server_env`), then every `CHECK_SECONDS` counts the live runs
+on it (`local_server.live_users`). When none is left for the idle seconds of the last one
+to leave, and no `server start` holds it (`local_server.held_until`), it takes the lock,
+looks once more, removes the state file and stops the server, still under the lock (so a
+run that starts next finds its port free): SIGTERM to its process group (Ctrl-Break on
+Windows), then a kill of what is left after `STOP_GRACE` seconds; on POSIX the reaper then
+forgets the group. `site-pipeline server stop` asks the same through the stop file; a
+server that exits by itself ends the keeper too. Imports no Prefect.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -37,6 +40,18 @@ def server_argv(port: int) -> list[str]:
     ]  # fmt: skip
 
 
+def server_env(port: int) -> dict[str, str]:
+    """The server's environment: ours, with its UI's API URL set to its own address. Prefect
+    takes that URL from its settings' port (4200) when it is not set, whatever `--port` says,
+    and the UI served on another port then calls a port where nothing answers."""
+    env = {k: v for k, v in os.environ.items() if k not in _UI_API_URL_NAMES}
+    env["PREFECT_SERVER_UI_API_URL"] = f"http://127.0.0.1:{port}/api"
+    return env
+
+
+_UI_API_URL_NAMES = ("PREFECT_SERVER_UI_API_URL", "PREFECT_UI_API_URL")
+
+
 def start_server(port: int) -> subprocess.Popen[bytes]:
     """`prefect server start` in its own process group, which ends with the keeper however
     the keeper ends (the reaper on POSIX, the Job Object on Windows)."""
@@ -45,11 +60,16 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
             server_argv(port),
             stdin=subprocess.DEVNULL,
             close_fds=True,
+            env=server_env(port),
             creationflags=subprocess.CREATE_NEW_PROCESS_GROUP,
         )
     else:
         server = subprocess.Popen(
-            server_argv(port), stdin=subprocess.DEVNULL, close_fds=True, start_new_session=True
+            server_argv(port),
+            stdin=subprocess.DEVNULL,
+            close_fds=True,
+            env=server_env(port),
+            start_new_session=True,
         )
     try:
         if sys.platform == "win32":
@@ -69,6 +89,7 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
         tree = [psutil.Process(server.pid), *psutil.Process(server.pid).children(recursive=True)]
     except psutil.Error:
         tree = []
+    grace = STOP_GRACE
     if server.poll() is None:
         try:
             if sys.platform == "win32":  # fails without a console (a detached keeper): kill
@@ -76,8 +97,8 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
             else:
                 os.killpg(server.pid, signal.SIGTERM)
         except OSError:
-            pass  # gone meanwhile, or no way to ask: the kill below ends it
-    _, alive = psutil.wait_procs(tree, timeout=STOP_GRACE)
+            grace = 0.0  # gone meanwhile, or no way to ask: the kill below ends it, now
+    _, alive = psutil.wait_procs(tree, timeout=grace)
     for proc in alive:
         try:
             proc.kill()
@@ -96,13 +117,24 @@ def idle_after(idle: float, users: list[ls.User], new_spell: bool) -> float:
     return max(runs) if new_spell else max(idle, *runs)
 
 
+def stop_and_forget(server: subprocess.Popen[bytes]) -> None:
+    """`stop_server`, then (POSIX) the reaper forgets the server's group: it would otherwise
+    hold it, and at the keeper's exit linger 5 s to signal a group that is gone (or whose
+    number is reused)."""
+    stop_server(server)
+    if sys.platform != "win32":
+        procgroup.forget_group(server.pid)
+
+
 def keep(home: Path, port: int) -> int:
     server = start_server(port)
     me = os.getpid()
     idle = 0.0
-    empty_since: float | None = None
+    quiet_until: float | None = None  # time.time() when the idle time of the last run ends
     first = True
     stop_file = home / ls.STOP_FILE
+    said: float | None = -1.0  # what the idle file says
+    stopped = False
     try:
         while server.poll() is None:
             time.sleep(CHECK_SECONDS)
@@ -111,27 +143,33 @@ def keep(home: Path, port: int) -> int:
                 break
             users = ls.live_users(home)
             if users:
-                new_spell = empty_since is not None or first
+                new_spell = quiet_until is not None or first
                 idle = idle_after(idle, users, new_spell)
-                if new_spell:
+                if new_spell and said is not None:
                     ls.write_idle_until(home, me, None)
+                    said = None
                 first = False
-                empty_since = None
+                quiet_until = None
                 continue
-            now = time.monotonic()
-            if empty_since is None:
-                empty_since = now
-                ls.write_idle_until(home, me, time.time() + idle)
-            if now - empty_since < idle:
+            if quiet_until is None:
+                quiet_until = time.time() + idle
+            until = max(quiet_until, ls.held_until(home, me) or 0.0)
+            if until != said and until != math.inf:
+                ls.write_idle_until(home, me, until)
+                said = until
+            if time.time() < until:
                 continue
             with ls.lock(home, timeout=60):  # a run starting now waits, then starts anew
-                if ls.live_users(home):
+                if ls.live_users(home) or (ls.held_until(home, me) or 0.0) > time.time():
                     continue
                 ls.remove_state(home, keeper_pid=me)
+                stop_and_forget(server)  # under the lock: the next run finds the port free
+                stopped = True
                 break
     finally:
         ls.remove_state(home, keeper_pid=me)
-        stop_server(server)
+        if not stopped:
+            stop_and_forget(server)
     return 0
 
 

@@ -16,12 +16,19 @@ keeper takes the same lock before it decides that nobody is left.
 
 Each run on the server holds a file in `local-server.users/` (its pid, start time and
 idle seconds); the keeper counts the live ones, so a run that was killed counts as ended.
-The server's log is `logs/local-server.log` under PREFECT_HOME.
+`site-pipeline server start` holds it through `local-server.hold` instead: until `server
+stop`, or until a time. The server's log is `logs/local-server.log` under PREFECT_HOME.
+
+Its UI works: the server listens on Prefect's usual port, `PREFERRED_PORT` (4200), when it
+is free, else on the port this home used last, else on a free one; and its UI is told that
+same address (the keeper sets the UI's API URL, which Prefect otherwise takes from its
+settings' port, 4200, whatever `--port` says).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -41,11 +48,15 @@ LOCK_FILE = "local-server.lock"
 USERS_DIR = "local-server.users"
 STOP_FILE = "local-server.stop"
 IDLE_FILE = "local-server.idle"  # the keeper's {"keeper_pid", "until"}: when it stops if idle
+HOLD_FILE = "local-server.hold"  # `server start`'s {"keeper_pid", "until"}: null until stopped
+PORT_FILE = "local-server.port"  # the port this home's server last listened on
+PREFERRED_PORT = 4200
+"""Prefect's usual port: the kept server's when it is free, so its address stays the same."""
 LOG_FILE = Path("logs") / "local-server.log"
 CHECK_TIMEOUT = 5.0
 """Seconds a health or version request to a recorded server may take."""
 
-Verdict = Literal["ok", "dead", "foreign", "other-version", "no-answer"]
+Verdict = Literal["ok", "dead", "foreign", "other-version", "no-answer", "wrong-ui"]
 
 
 class LocalServerFailed(RuntimeError):
@@ -71,6 +82,16 @@ class ServerState:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    @property
+    def ui_url(self) -> str:
+        """Where the server's UI is: http://127.0.0.1:<port>."""
+        return ui_url_of(self.url)
+
+
+def ui_url_of(api_url: str) -> str:
+    """The UI's address of the server whose API is `api_url` (its `/api` dropped)."""
+    return api_url.rstrip("/").removesuffix("/api")
 
 
 def read_state(home: Path) -> ServerState | None:
@@ -148,8 +169,24 @@ def server_version(url: str, timeout: float = CHECK_TIMEOUT) -> str | None:
     return answer if isinstance(answer, str) else None
 
 
+def ui_api_url(url: str, timeout: float = CHECK_TIMEOUT) -> str | None:
+    """The API URL that the UI of the server at `url` calls (its `/ui-settings`), or None
+    when it has no UI or does not say."""
+    try:
+        with httpx.Client(timeout=timeout) as client:
+            answer = client.get(f"{ui_url_of(url)}/ui-settings")
+            if answer.status_code != 200:
+                return None
+            data = answer.json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    found = data.get("api_url") if isinstance(data, dict) else None
+    return found if isinstance(found, str) else None
+
+
 def verdict(state: ServerState, version: str) -> Verdict:
-    """Whether the recorded server can be used by a run of Prefect `version`."""
+    """Whether the recorded server can be used by a run of Prefect `version`: a server whose
+    UI calls another address (as the keepers before the UI's fix started) is replaced too."""
     if not keeper_alive(state):
         return "dead" if server_version(state.url) is None else "foreign"
     answered = server_version(state.url)
@@ -157,6 +194,9 @@ def verdict(state: ServerState, version: str) -> Verdict:
         return "no-answer"
     if answered != version or state.version != version:
         return "other-version"
+    ui_calls = ui_api_url(state.url)
+    if ui_calls is not None and ui_calls.rstrip("/") != state.url.rstrip("/"):
+        return "wrong-ui"
     return "ok"
 
 
@@ -205,6 +245,35 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def port_free(port: int) -> bool:
+    """Nothing listens on 127.0.0.1:`port` and it can be bound (both asked: on Windows a
+    bind can succeed beside a server listening on every address)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            return False
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
+def choose_port(home: Path, preferred: int = PREFERRED_PORT) -> int:
+    """The kept server's port: `preferred` when free, else the one `home` used last when
+    free, else any free port."""
+    candidates = [preferred]
+    try:
+        candidates.append(int((home / PORT_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        pass
+    for port in candidates:
+        if 0 < port < 65536 and port_free(port):
+            return port
+    return free_port()
+
+
 @dataclass
 class Lease:
     """This run's use of the kept server: `how` it was found, until `release`."""
@@ -228,9 +297,25 @@ class Lease:
             else f"reused the local Prefect server at {self.state.url} (up since {since})"
         )
         return (
-            f"{what}; it stays until {self.idle:g} s after the last run on it ends "
-            "(`site-pipeline server stop` stops it now)"
+            f"{what}, its UI at {self.state.ui_url}; it stays until {self.idle:g} s after the "
+            "last run on it ends (`site-pipeline server stop` stops it now)"
         )
+
+
+def _usable_or_started(
+    home: Path, version: str, startup_timeout: float
+) -> tuple[ServerState, Literal["started", "reused"]]:
+    """Under the lock: the recorded server if it can be used, else a new one (a recorded
+    keeper of ours that fails the checks is stopped first)."""
+    state = read_state(home)
+    if state is not None:
+        found = verdict(state, version)
+        if found == "ok":
+            return state, "reused"
+        if found in ("other-version", "no-answer", "wrong-ui"):
+            stop_keeper(home, state, timeout=30)
+        remove_state(home)
+    return start(home, version, startup_timeout), "started"
 
 
 def acquire(home: Path, idle: float, version: str, startup_timeout: float) -> Lease:
@@ -238,21 +323,45 @@ def acquire(home: Path, idle: float, version: str, startup_timeout: float) -> Le
     Raises `LocalServerFailed` when a started server does not answer within
     `startup_timeout` seconds."""
     with lock(home, timeout=startup_timeout + 60):
-        state = read_state(home)
-        if state is not None:
-            found = verdict(state, version)
-            if found == "ok":
-                return Lease(state, "reused", idle, register(home, idle))
-            if found in ("other-version", "no-answer"):
-                stop_keeper(home, state, timeout=30)
-            remove_state(home)
-        user = register(home, idle)
+        user = register(home, idle)  # before a start: the keeper's first look sees it
         try:
-            state = start(home, version, startup_timeout)
+            state, how = _usable_or_started(home, version, startup_timeout)
         except BaseException:
             user.unlink(missing_ok=True)
             raise
-        return Lease(state, "started", idle, user)
+        return Lease(state, how, idle, user)
+
+
+def hold(
+    home: Path, version: str, startup_timeout: float, idle: float | None
+) -> tuple[ServerState, Literal["started", "reused"]]:
+    """`server start`: the kept server of `home`, found or started, held until `server stop`
+    (`idle` None) or for `idle` seconds from now (then it stops when idle as usual, after
+    the last run on it ends). The latest hold replaces an earlier one. Raises
+    `LocalServerFailed` when a started server does not answer in time."""
+    with lock(home, timeout=startup_timeout + 60):
+        state, how = _usable_or_started(home, version, startup_timeout)
+        until = None if idle is None else time.time() + idle
+        path = home / HOLD_FILE
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"keeper_pid": state.keeper_pid, "until": until}), "utf-8")
+        os.replace(tmp, path)
+        return state, how
+
+
+def held_until(home: Path, keeper_pid: int) -> float | None:
+    """Until when `server start` holds the server of `keeper_pid` (time.time(); `math.inf`:
+    until `server stop`), or None when it does not."""
+    try:
+        data = json.loads((home / HOLD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("keeper_pid") != keeper_pid:
+        return None
+    until = data.get("until")
+    if until is None:
+        return math.inf
+    return float(until) if isinstance(until, (int, float)) else None
 
 
 def write_idle_until(home: Path, keeper_pid: int, until: float | None) -> None:
@@ -288,13 +397,23 @@ def status(home: Path, version: str) -> tuple[list[str], bool]:
         f"up since {since}, log {home / LOG_FILE})"
     ]
     if found != "ok":
-        why = "does not answer" if found == "no-answer" else "is of another Prefect version"
+        why = {
+            "no-answer": "does not answer",
+            "wrong-ui": "has a UI that calls another address",
+        }.get(found, "is of another Prefect version")
         lines.append(f"  it {why}: the next run replaces it")
+    lines.append(f"  UI: {state.ui_url}")
     runs = live_users(home)
     until = idle_until(home, state.keeper_pid)
+    held = held_until(home, state.keeper_pid)
+    if held == math.inf:
+        lines.append("  held by `server start`: it stays until `site-pipeline server stop`")
+    elif held is not None and held > time.time():
+        at = time.strftime("%H:%M:%S", time.localtime(held))
+        lines.append(f"  held by `server start` until {at}")
     if runs:
         lines.append(f"  in use by {len(runs)} command{'s' if len(runs) > 1 else ''}")
-    elif until is not None:
+    elif until is not None and held != math.inf:
         at = time.strftime("%H:%M:%S", time.localtime(until))
         lines.append(f"  idle: it stops at {at} unless a run uses it")
     return lines, True
@@ -311,10 +430,12 @@ def reuse(home: Path, version: str) -> Lease | None:
 
 
 def start(home: Path, version: str, startup_timeout: float) -> ServerState:
-    """Start a keeper (and so a server) for `home`, wait until it answers, record it."""
-    port = free_port()
+    """Start a keeper (and so a server) for `home` on `choose_port`'s port, wait until it
+    answers, record it."""
+    port = choose_port(home)
     url = f"http://127.0.0.1:{port}/api"
     (home / STOP_FILE).unlink(missing_ok=True)
+    (home / HOLD_FILE).unlink(missing_ok=True)
     log_path = home / LOG_FILE
     log_path.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "flows.ops.keeper", "--home", str(home), "--port", str(port)]
@@ -334,6 +455,7 @@ def start(home: Path, version: str, startup_timeout: float) -> ServerState:
         if answered is not None:
             state = ServerState(url, port, keeper.pid, started, answered, time.time())
             write_state(home, state)
+            (home / PORT_FILE).write_text(str(port), encoding="utf-8")
             return state
         time.sleep(0.2)
     if keeper.poll() is None:
