@@ -323,8 +323,26 @@ def test_a_job_object_s_counts_are_the_tree_s_cost() -> None:
     basic = proctree._BasicAccounting(TotalUserTime=3_000_000, TotalKernelTime=1_000_000)
     extended = proctree._ExtendedLimits(PeakProcessMemoryUsed=120 * 2**20)
     account = proctree._job_account(basic, extended)
-    assert (account.peak_rss_mb, account.cpu_s) == (120.0, 0.4)
+    assert account is not None and (account.peak_rss_mb, account.cpu_s) == (120.0, 0.4)
     assert cost(TreeUsage(10, 12, 0.05, seen_alive=2), account) == (120.0, 0.4)
+
+
+@pytest.mark.parametrize(
+    ("user", "peak_mb", "expected"),
+    [
+        (0, 0, (None, None)),  # Wine's jobs: CPU 0, peak 0: nothing is known
+        (0, 120, (None, None)),  # a CPU of 0 for a tree that ran: the job did not count
+        (4_000_000, 0, (None, 0.4)),  # a peak of 0 is not a peak: null, never 0 MB
+    ],
+)
+def test_a_job_object_s_zero_is_unknown_never_zero(
+    user: int, peak_mb: int, expected: tuple[float | None, float | None]
+) -> None:
+    """Honest Windows cost (issue 45): a figure the job gives as 0 for a tree that ran is
+    null in the outcome, never 0 MB or 0 s (with nothing sampled to fall back on)."""
+    basic = proctree._BasicAccounting(TotalUserTime=user, TotalProcesses=1)
+    extended = proctree._ExtendedLimits(PeakProcessMemoryUsed=peak_mb * 2**20)
+    assert cost(None, proctree._job_account(basic, extended)) == expected
 
 
 def test_the_tree_backend_records_what_the_pipeline_s_own_job_counted(

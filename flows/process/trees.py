@@ -9,8 +9,12 @@
   whose parent already exited is still known, and samples the tree (`TreeUsage`): its RSS
   (every process alive at the sample, summed), the peak of that, and its CPU seconds.
 - `stop_tree` asks the whole tree to end (Ctrl-Break on Windows, SIGTERM elsewhere), then
-  kills what is left after `grace` seconds. On Windows each pipeline also has a Job Object of
-  its own (nested in the kill-on-close one): once its tree has ended, what that job counted
+  kills what is left after `grace` seconds. When it can't ask (Ctrl-Break fails wherever our
+  process has no console: a Task Scheduler job that runs whether or not the user is logged on,
+  a service, a detached process, Wine), it kills at once: it never depends on the polite
+  way. The kill is each known process's and, on Windows, the terminate of the pipeline's
+  own Job Object (nested in the kill-on-close one), which holds every process of the tree,
+  seen by a watch or not. Once its tree has ended, what that job counted
   (the CPU of every process that was ever in it, the largest commit of any one) is the
   attempt's cost (`flows.process.rusage.record`), as `wait4` gives it on POSIX.
 
@@ -123,14 +127,18 @@ class _BasicAccounting(ctypes.Structure):  # JOBOBJECT_BASIC_ACCOUNTING_INFORMAT
     ]
 
 
-def _job_account(basic: _BasicAccounting, extended: _ExtendedLimits) -> rusage.Account:
+def _job_account(basic: _BasicAccounting, extended: _ExtendedLimits) -> rusage.Account | None:
     """A Job Object's counts as an account: user + kernel CPU seconds of every process that
     was in it, and the largest commit of any one of them (it never held its spawner's
-    memory, so the peak is the tree's own)."""
-    return rusage.Account(
-        peak_rss_mb=extended.PeakProcessMemoryUsed / MB,
-        cpu_s=(basic.TotalUserTime + basic.TotalKernelTime) / 10_000_000,
-    )
+    memory, so the peak is the tree's own). A figure the job gives as 0 is not known, never
+    0: a process that ran held memory and took CPU time (Wine's jobs count neither and give
+    0). So a peak of 0 is not `peak_known`, and a CPU of 0 makes the whole account None (the
+    attempt keeps the samples' figures, or null)."""
+    cpu_s = (basic.TotalUserTime + basic.TotalKernelTime) / 10_000_000
+    if cpu_s <= 0:
+        return None
+    # spawner_peak_mb 0: any peak above 0 is the tree's own; a peak of 0 is unknown
+    return rusage.Account(peak_rss_mb=extended.PeakProcessMemoryUsed / MB, cpu_s=cpu_s)
 
 
 if sys.platform == "win32":
@@ -214,7 +222,13 @@ if sys.platform == "win32":
             kernel32.CloseHandle(job)
         return _job_account(basic, extended) if got else None
 
+    def _terminate_job(job: int) -> None:
+        """Kill every process in `job` (the pipeline's own): those no watch saw too."""
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)
+        kernel32.TerminateJobObject(job, 1)  # a failure leaves the kill of each known one
+
     def _ask_to_end(tree: _Tree, procs: Sequence[psutil.Process]) -> None:
+        """Raises OSError when Ctrl-Break can't be delivered (no console: `_end` kills)."""
         if tree.proc.poll() is None:  # Ctrl-Break to the pipeline's process group
             tree.proc.send_signal(signal.CTRL_BREAK_EVENT)
         else:  # the leader is gone: no group to signal, end each one
@@ -242,6 +256,9 @@ else:
 
     def _close_job(job: int) -> rusage.Account | None:
         return None
+
+    def _terminate_job(job: int) -> None:
+        pass  # POSIX: no Job Object; the kill of each known process does it
 
     _CREATION_FLAGS = 0
 
@@ -377,13 +394,22 @@ def _sample(tree: _Tree) -> TreeUsage | None:
 
 
 def _end(tree: _Tree, grace: float) -> list[int]:
-    """SIGTERM (Ctrl-Break) to every live process of `tree`, SIGKILL after `grace` s."""
+    """SIGTERM (Ctrl-Break) to every live process of `tree`, SIGKILL after `grace` s; the
+    kill at once when it can't be asked (`_ask_to_end` raised OSError: on Windows, no
+    console to send Ctrl-Break from)."""
     procs = [p for p in [tree.root, *tree.known.values()] if p is not None and _running(p)]
     if procs:
-        _ask_to_end(tree, procs)
-        deadline = time.monotonic() + grace
-        while any(_running(p) for p in procs) and time.monotonic() < deadline:
+        try:
+            _ask_to_end(tree, procs)
+        except OSError:
+            polite_until = time.monotonic()  # no way to ask: no grace to wait out
+        else:
+            polite_until = time.monotonic() + grace
+        while any(_running(p) for p in procs) and time.monotonic() < polite_until:
             time.sleep(0.02)
+    if tree.job is not None:  # what is left of the tree, seen by a watch or not
+        _terminate_job(tree.job)
+    if procs:
         for proc in procs:
             if _running(proc):
                 _quietly(proc.kill)
