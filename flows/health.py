@@ -34,15 +34,18 @@ WINDOW = 14
 SYMBOLS: dict[str, str] = {
     "succeeded": "✓",
     "failed": "✗",
-    "timed_out": "⏱",
+    "timed_out": "◷",
     "check_failed": "⚠",
     "cancelled": "⊘",
     "skipped": "↷",
 }
-"""The strip's symbol for each outcome; `?` for an outcome not listed here."""
+"""The strip's symbol for each outcome; `?` for an outcome not listed here. Each is in DejaVu
+Sans (and Windows' and macOS's symbol fonts): the UI's font has none of them, and a symbol
+that no installed font has shows as an empty box there (`⏱` did, on Debian's Chromium);
+tests/test_ui_browser.py checks each renders."""
 
 LEGEND = (
-    "✓ succeeded · ✗ failed · ⏱ timed out · ⚠ result check failed · ⊘ cancelled · "
+    "✓ succeeded · ✗ failed · ◷ timed out · ⚠ result check failed · ⊘ cancelled · "
     "↷ skipped (succeeded earlier)"
 )
 

@@ -25,7 +25,7 @@ from flows.engine.finish import finish_run
 from flows.engine.logfilter import install_traceback_filter
 from flows.engine.prepare import claim_limit, plan_run, site_job
 from flows.engine.progress import ProgressReporter
-from flows.engine.running import running_sites, site_report
+from flows.engine.running import running_sites, site_report, stopped_for
 from flows.engine.task import sites_as_they_end
 from flows.names import FLOW_NAME
 from flows.report import SiteReport
@@ -62,9 +62,11 @@ def run_sites(
     job, earlier = site_job(logger, plan, flow_run_id)  # job.plan.sites: in start order
 
     reports: dict[str, SiteReport] = {}
+    given_up = stopped_for(context.stop, plan.config.kill_grace_seconds + 2)
     with running_sites(job, context.stop, context.cluster) as (runner, halt):
-        for site, future in sites_as_they_end(runner, job):
-            future.wait()
+        for site, future in sites_as_they_end(runner, job, given_up):
+            if not given_up():
+                future.wait()
             reports[site] = progress.site_done(halt.seen(site_report(site, future.state)))
 
     ordered = [skipped.get(site) or reports[site] for site in full.sites]

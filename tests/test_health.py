@@ -74,7 +74,7 @@ def test_a_sparkline_scales_linearly() -> None:
 
 
 def test_each_outcome_has_its_own_symbol_and_a_failed_check_shows_as_one() -> None:
-    """succeeded ✓, failed ✗, timed out ⏱, a result check that did not pass ⚠ (failed or
+    """succeeded ✓, failed ✗, timed out ◷, a result check that did not pass ⚠ (failed or
     only warned), cancelled ⊘, skipped ↷; an unknown status `?`."""
     rows = [
         row("a", "succeeded"),
@@ -87,7 +87,7 @@ def test_each_outcome_has_its_own_symbol_and_a_failed_check_shows_as_one() -> No
         row("a", "skipped"),
         row("a", "exploded"),
     ]
-    assert health.strip(health.outcome(r) for r in rows) == "✓✗⏱⚠⚠✓⊘↷?"
+    assert health.strip(health.outcome(r) for r in rows) == "✓✗◷⚠⚠✓⊘↷?"
     for symbol in health.SYMBOLS.values():
         assert symbol in health.LEGEND
 

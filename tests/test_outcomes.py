@@ -79,8 +79,11 @@ class FakePool:
     def site_finished(self, site: str) -> None:
         self.finished.append(site)
 
+    def stop_waits(self, reason: str) -> None:
+        self.stopped_waits = reason
+
     @contextmanager
-    def slot(self, site: str) -> Iterator[None]:
+    def slot(self, site: str, on_long_wait: object = None) -> Iterator[None]:
         self.asked.append(site)
         if self.slot_error is not None:
             raise SlotError(self.slot_error)
@@ -322,7 +325,7 @@ def test_a_halt_that_comes_while_waiting_for_the_slot_stops_the_start(tmp_path: 
     engine, pool = engine_for(tmp_path, attempt=1)
 
     @contextmanager
-    def slot(site: str) -> Iterator[None]:
+    def slot(site: str, on_long_wait: object = None) -> Iterator[None]:
         pool.asked.append(site)
         engine.run.halt("the run halted after 1 failure (halt: 1 failed)")
         yield

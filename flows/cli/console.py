@@ -41,6 +41,7 @@ class LiveView:
     def __init__(self, console: Console, total: int) -> None:
         self._lock = threading.Lock()
         self._running: dict[str, float] = {}
+        self._waiting: dict[str, str] = {}  # site -> why it waits long for a slot
         self._counts = {"succeeded": 0, "failed": 0, "timed_out": 0}
         self._progress = Progress(
             TextColumn("[bold]sites"),
@@ -68,11 +69,23 @@ class LiveView:
             shown = ", ".join(f"{site} {now - since:.0f}s" for site, since in running[:8])
             more = f" and {len(running) - 8} more" if len(running) > 8 else ""
             lines.append(Text(f"running: {shown}{more}", overflow="ellipsis", no_wrap=True))
+        with self._lock:
+            waiting = list(self._waiting.items())
+        if waiting:
+            sites = ", ".join(site for site, _ in waiting[:8])
+            more = f" and {len(waiting) - 8} more" if len(waiting) > 8 else ""
+            why = waiting[-1][1]
+            text = f"waiting: {sites}{more}: {why}"
+            lines.append(Text(text, overflow="ellipsis", no_wrap=True))
         return Group(*lines)
 
-    def site_event(self, site: str, event: str) -> None:
+    def site_event(self, site: str, event: str, message: str = "") -> None:
         """A lifecycle event of `site` from its task run's log (in this process only)."""
         with self._lock:
+            if event == "waiting":  # a long wait for a slot, and who holds the cap
+                self._waiting[site] = message.split(": ", 1)[-1]
+                return
+            self._waiting.pop(site, None)
             if event == "started":
                 self._running[site] = time.monotonic()
                 return
@@ -128,7 +141,7 @@ class ConsoleLogHandler(logging.Handler):
             event = getattr(record, SITE_EVENT, None)
             site = getattr(record, "task_run_name", None)
             if self._view is not None and event and site:
-                self._view.site_event(site, event)
+                self._view.site_event(site, event, record.getMessage())
             if self.wanted(record):
                 self._console.print(
                     Text(self.format(record)), soft_wrap=True, highlight=False, markup=False

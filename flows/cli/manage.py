@@ -202,8 +202,33 @@ def _local_server_status() -> tuple[list[str], bool]:
     return local_server.status(Path(get_current_settings().home), prefect.__version__)
 
 
+def server_start(home: Path, idle: float | None) -> int:
+    """`server start [--idle SECONDS]`: the kept server of `home`, started or reused, held
+    until `server stop` (or for `idle` seconds); prints where its UI is."""
+    import prefect
+
+    from flows.ops import local_server
+    from flows.ops.server import log_tail, startup_timeout
+
+    try:
+        state, how = local_server.hold(home, prefect.__version__, startup_timeout(), idle)
+    except local_server.LocalServerFailed as exc:
+        print(f"site-pipeline: error: {exc}; its last lines:", file=sys.stderr)
+        with open(exc.log, "rb") as log:
+            for line in log_tail(log):
+                print(f"  {line}", file=sys.stderr)
+        return EXIT_FAILED
+    until = "`site-pipeline server stop`" if idle is None else f"{idle:g} s from now, or later"
+    what = "started" if how == "started" else "reused"
+    print(f"{what} the local Prefect server at {state.url} for PREFECT_HOME {home}")
+    print(f"UI: {state.ui_url}")
+    print(f"it stays until {until}; runs with no PREFECT_API_URL use it")
+    return EXIT_OK
+
+
 def server(args: argparse.Namespace) -> int:
-    """`server status` (0 when the local server is up, 1 when none is) and `server stop`."""
+    """`server start`, `server status` (0 when the local server is up, 1 when none is) and
+    `server stop`."""
     from prefect.settings import get_current_settings
 
     from flows.ops import local_server
@@ -216,6 +241,8 @@ def server(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     home = Path(settings.home)
+    if args.action == "start":
+        return server_start(home, args.idle)
     if args.action == "status":
         lines, up = _local_server_status()
         for line in lines:

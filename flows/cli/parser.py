@@ -174,11 +174,23 @@ def _add_manage(commands: Commands) -> None:
 
 
 def _add_server(commands: Commands) -> None:
-    """`server status|stop`: the kept local server of the embedded default."""
+    """`server start|status|stop`: the kept local server of the embedded default."""
     server = commands.add_parser(
-        "server", help="show or stop the local Prefect server that runs keep (no PREFECT_API_URL)"
+        "server",
+        help="start, show or stop the local Prefect server that runs keep (no PREFECT_API_URL)",
     )
     actions = server.add_subparsers(dest="action", required=True, metavar="ACTION")
+    start = actions.add_parser(
+        "start",
+        help="start it (or reuse it) and print where its UI is; it stays until `server stop`",
+        allow_abbrev=False,
+    )
+    start.add_argument(
+        "--idle",
+        type=_positive_int,
+        metavar="SECONDS",
+        help="stay this long instead, then stop once no run is on it",
+    )
     actions.add_parser(
         "status", help="the local server of this PREFECT_HOME, if one is up", allow_abbrev=False
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import contextvars
 import json
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -195,18 +196,24 @@ def _run_plan(
     def notice(text: str) -> None:
         err.print(f"site-pipeline: {text}", highlight=False, markup=False)
 
+    # Before the flow run exists there is nothing to cancel politely: the first signal ends
+    # the start (the kept server goes on, for its idle time).
+    try:
+        with on_signals(stop, notice, polite=False):
+            if connect(plan.config.local_server_idle, run=True) is None:
+                return EXIT_FAILED
+    except KeyboardInterrupt:
+        return interrupted(exit_status(stop.signal))
     # Dask workers can't see a stop request: there the first signal stops at once.
     polite = plan.config.task_runner.kind == "threads"
     with on_signals(stop, notice, polite=polite):
-        if connect(plan.config.local_server_idle, run=True) is None:
-            return EXIT_FAILED
         settings = get_current_settings()  # with the kept local server's URL, if one is used
         verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
         try:
             outcome = _watch_flow(plan, skip, stop, verbosity, err, cluster)
         except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
             stop_everything(plan.config.process_control, plan.config.kill_grace_seconds)
-            return interrupted(exit_status(stop.signal))
+            return end_now(interrupted(exit_status(stop.signal)))
         if isinstance(outcome, PipelineRunError):
             print(f"site-pipeline: {outcome}", file=sys.stderr)
             return EXIT_FAILED
@@ -218,9 +225,44 @@ def _run_plan(
     # A server that keeps running (not the temporary one): link to the run.
     ui_url = str(settings.ui_url) if settings.api.url and settings.ui_url else None
     _print_results(args, outcome, ui_url)
+    if ui_url is None:
+        for line in temporary_server_gone(outcome["flow_run_id"]):
+            print(line)
     if outcome["state"] == "Cancelled" and stop.signal is not None:
-        return exit_status(stop.signal)
+        return end_now(exit_status(stop.signal))
     return EXIT_OK if outcome["state"] == "Completed" else EXIT_FAILED
+
+
+def temporary_server_gone(flow_run_id: str) -> list[str]:
+    """The last lines of a run on the temporary server (`local_server_idle: 0`): it has
+    stopped with the run, so no link of it works now; how to see the run again."""
+    return [
+        f"flow run: {flow_run_id} (its temporary Prefect server stopped with the run)",
+        "  to see it in the UI: `site-pipeline server start` prints the UI's address; the run "
+        f"is at <UI>/runs/flow-run/{flow_run_id}",
+    ]
+
+
+def end_now(status: int) -> int:
+    """`status`; or, when a thread lingers, the process ends with it now (the stopped run's
+    summary is out). Python's exit would first join every thread, and a task run's thread
+    may sleep through the rest of a retry delay in Prefect's engine (nothing wakes a
+    `time.sleep`): so with such a thread left, Prefect's queued log lines are sent, and the
+    process ends without waiting for it."""
+    lingering = [
+        t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
+    ]
+    if not lingering:
+        return status
+    from prefect.logging.handlers import APILogHandler
+
+    try:
+        APILogHandler().flush()  # the run's last lines reach the server
+    except Exception:  # noqa: S110 - no API left to send them to: the exit goes on
+        pass
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def api_failure(exc: BaseException) -> str | None:

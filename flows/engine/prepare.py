@@ -73,7 +73,8 @@ def claim_limit(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> None:
         # Name this process on the run, so `doctor` and `--retry-failed` can tell a run
         # left Running by a dead process; and give back what dead runs here still held.
         client.update_flow_run_labels(flow_run_id, {**holders.this_process_labels()})
-        for line in reclaim(client):
+        names = [group_limit_name(config.concurrency_tag, g) for g in plan.group_limits]
+        for line in reclaim(client, names=[config.concurrency_tag, *names]):
             logger.warning(line)
     logger.info(
         "%d sites, at most %d at once (%s), %d attempts each",

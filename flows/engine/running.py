@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from typing import Any
 
@@ -65,6 +67,7 @@ def running_sites(
             # local cluster ends its workers, and their reapers stop their pipelines.)
             if run is not None:
                 run.stopping.set()
+                run.pool.stop_waits("the flow run is ending")
             stop_everything(config.process_control, config.kill_grace_seconds, owner=owner)
             raise
 
@@ -131,12 +134,35 @@ class HaltWatch:
         return site_report
 
 
+def stopped_for(stop: StopRequest | None, seconds: float) -> Callable[[], bool]:
+    """Whether `stop` was requested `seconds` ago or more: by then the running pipelines
+    were stopped and the waiting sites cancelled, and what is left sleeps in a retry delay."""
+    since: list[float] = []
+
+    def given_up() -> bool:
+        if stop is None or not stop.requested:
+            return False
+        if not since:
+            since.append(time.monotonic())
+        return time.monotonic() - since[0] >= seconds
+
+    return given_up
+
+
 def site_report(site: str, state: State[Any]) -> report.SiteReport:
     """The site's final report, from its task run's final state: the report the task
     returned or failed with; else `cancelled` (cancelled, or never finished) or `failed`."""
     value = state.result(raise_on_failure=False) if state.is_final() else None
     if isinstance(value, SiteAttemptFailed):
         return value.report
+    if state.is_scheduled():  # stopped in its retry delay: its last attempt's report
+        failed = _last_attempt(state)
+        if failed is not None:
+            return dataclasses.replace(
+                failed.report,
+                status="cancelled",
+                error=f"stopped in its retry delay; its last attempt: {failed.report.error}",
+            )
     if isinstance(value, dict) and (state.is_completed() or state.is_cancelled()):
         return report.SiteReport(**value)
     status: report.SiteStatus = "failed"
@@ -144,3 +170,12 @@ def site_report(site: str, state: State[Any]) -> report.SiteReport:
         status = "cancelled"
     error = state.message or (repr(value) if value is not None else None)
     return report.SiteReport(site, status, 0, None, 0.0, error)
+
+
+def _last_attempt(state: State[Any]) -> SiteAttemptFailed | None:
+    """The attempt failure an AwaitingRetry state carries, if its result can be read."""
+    try:
+        value = state.result(raise_on_failure=False)
+    except Exception:
+        return None
+    return value if isinstance(value, SiteAttemptFailed) else None

@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -56,7 +56,7 @@ from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for
 from flows.process.logfile import attempt_log_path, prune_logs, run_logs
 from flows.report import SiteReport, attempt_usage, with_usage
-from flows.slots.pool import SlotError
+from flows.slots.pool import SlotError, WaitStopped
 from flows.slots.sharing import LocalRun, local_run
 from flows.timeouts import SiteTimeout, site_timeout
 
@@ -216,7 +216,7 @@ class AttemptEngine:
         if self._held_back(fresh=False):
             return None
         try:
-            with self.run.pool.slot(self.site):
+            with self.run.pool.slot(self.site, on_long_wait=self._long_wait):
                 if self._held_back(fresh=True):
                     return None
                 if self.attempt == 1:
@@ -226,6 +226,12 @@ class AttemptEngine:
                 return outcome
         except SlotError as exc:
             return exc
+        except WaitStopped:  # the run stops or halted while this site waited
+            return None
+
+    def _long_wait(self, line: str) -> None:
+        """A long wait for a slot: who holds the cap, in the site's log and the live view."""
+        self.logger.warning(line, extra={SITE_EVENT: "waiting"})
 
     def _held_back(self, fresh: bool) -> bool:
         """The flow run stops or halted: this attempt does not start."""
@@ -493,12 +499,13 @@ def _submitted(runner: TaskRunner[Any], job: SiteJob) -> Iterator[tuple[str, Pre
 
 
 def sites_as_they_end(
-    runner: TaskRunner[Any], job: SiteJob
+    runner: TaskRunner[Any], job: SiteJob, given_up: Callable[[], bool] = lambda: False
 ) -> Iterator[tuple[str, PrefectFuture[Any]]]:
     """Submit every site's task run (`_submitted`) and yield `(site, future)` as each ends,
     while the rest are still being submitted too. No future is held past its yield: a Dask
     scheduler keeps a task (its parameters, its result) while the flow holds its future, and
-    a night's first sites end long before its last are submitted."""
+    a night's first sites end long before its last are submitted. Once `given_up()` says so
+    (the run stopped a while ago), the sites not ended are yielded as they are, not done."""
     ended: queue.SimpleQueue[UUID] = queue.SimpleQueue()
     pending: dict[UUID, tuple[str, PrefectFuture[Any]]] = {}
 
@@ -516,4 +523,9 @@ def sites_as_they_end(
                 break
             yield pending.pop(done)
     while pending:
-        yield pending.pop(ended.get())
+        try:
+            yield pending.pop(ended.get(timeout=0.25))
+        except queue.Empty:
+            if given_up():  # the run stopped: what has not ended (a retry delay) is not waited for
+                yield from list(pending.values())
+                return

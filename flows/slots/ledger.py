@@ -2,15 +2,27 @@
 
 Plain Python. Prefect counts a slot until its lease is released. A server with lease
 expiry (the repossessor service of `prefect server start`) frees a dead holder's slots
-once their leases expire; the temporary server of an ad hoc run has no such service, and
-it dies with the run, so after a `kill -9` its slots would stay counted in the database
-for ever and the next run at the same cap would wait for ever.
+once their leases expire; but a server that keeps leases in memory (Prefect's default)
+forgets them when it restarts and keeps counting their slots, and the embedded default's
+server restarts often (a temporary server each run, the kept one after its idle stop). So
+after a `kill -9` those slots would stay counted for ever and every later run at the same
+cap would wait for ever.
 
 So each pool writes `<holder>-<pid>.jsonl` under `PREFECT_HOME/site-pipeline/leases`: a
-header naming the process and the API, then `+` and `-` lines as it takes and gives back
-leases. The file is removed when the pool closes. A file whose process is gone is an
-orphan: `orphans()` finds them, and `flows.slots.prefect_api.reclaim` gives their slots back.
-Only this host's files are seen: a run that died on another machine is that machine's.
+header naming the process, its flow run (the holder) and the server (`api`), then a line per change:
+
+- `{"canary": id}`: a lease on no limit, a day long, renewed while the pool lives. While the
+  server still knows it, the server has not lost its leases since the pool last renewed it
+  (`flows.slots.prefect_api.reclaim`);
+- `{"ask": names}` before the pool asks for a slot, closed by the `+` of what it got or a
+  `{"asked": 0}`: a slot the server may have counted for a live pool before its `+` line;
+- `{"+": lease, "names": [...]}` and `{"-": lease}` as it takes and gives back leases;
+- `{"alive": t}` now and then, so its file's age says when its process was last seen.
+
+The file is removed when the pool closes. A file whose process is gone is an orphan:
+`orphans()` finds them. `holdings()` counts what live pools hold, per limit name.
+A ledger names its process by host, pid and start time (`flows.process.holders`): a process
+of another host can't be checked from here, so its ledger counts as live, never as an orphan.
 """
 
 from __future__ import annotations
@@ -18,6 +30,8 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,17 +53,33 @@ class Ledger:
 
     def _write(self, entry: Mapping[str, object]) -> None:
         # One write per line, flushed: a SIGKILL after it returns keeps it (the OS has it).
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
+        with self._lock:
+            if not self._file.closed:
+                self._file.write(json.dumps(entry) + "\n")
+                self._file.flush()
+
+    def canary(self, lease: UUID) -> None:
+        """The pool's canary lease (see the module docstring)."""
+        self._write({"canary": str(lease)})
+
+    def asking(self, names: Sequence[str]) -> None:
+        """The pool is about to ask for a slot of each of `names`."""
+        self._write({"ask": list(names)})
+
+    def answered(self) -> None:
+        """The last ask got nothing (a `held` line closes a granted one)."""
+        self._write({"asked": 0})
 
     def held(self, lease: UUID, names: Sequence[str]) -> None:
         """`lease` holds a slot of each of `names` (the global limit, and maybe a group's)."""
-        with self._lock:
-            self._write({"+": str(lease), "name": names[0], "names": list(names)})
+        self._write({"+": str(lease), "name": names[0], "names": list(names)})
 
     def given_back(self, lease: UUID) -> None:
-        with self._lock:
-            self._write({"-": str(lease)})
+        self._write({"-": str(lease)})
+
+    def alive(self) -> None:
+        """Note that this process still runs (the file's age is when it was last seen)."""
+        self._write({"alive": round(time.time())})
 
     def close(self) -> None:
         """Every lease went back: the file goes too."""
@@ -60,21 +90,42 @@ class Ledger:
 
 @dataclass
 class Orphan:
-    """What a dead pool's file says it still held."""
+    """What a pool's file says it holds (for a dead pool: still held when it died)."""
 
     path: Path
-    holder: str
+    holder: str  # the flow run id
     api: str
     labels: dict[str, object] = field(default_factory=dict)  # the process (flows.ops.resume)
     leases: dict[UUID, tuple[str, ...]] = field(default_factory=dict)  # lease -> limit names
+    canary: UUID | None = None
+    asking: tuple[str, ...] = ()  # an ask not answered yet: names it may hold a slot of
+    seen: float = 0.0  # when its process last wrote it (the file's mtime)
+
+    def slots(self) -> Counter[str]:
+        """Slots it holds (or may hold, an ask in flight) per limit name."""
+        count: Counter[str] = Counter()
+        for names in [*self.leases.values(), self.asking]:
+            count.update(names)
+        return count
+
+
+Holding = Orphan
+"""A live pool's ledger, as `holdings` reads it."""
 
 
 def read(path: Path) -> Orphan | None:
     """A ledger file's held leases; None for a file that is not one (or is empty)."""
     try:
+        seen = path.stat().st_mtime
         lines = path.read_text(encoding="utf-8").splitlines()
         header = json.loads(lines[0])
-        orphan = Orphan(path, str(header["holder"]), str(header["api"]), header.get("labels") or {})
+        orphan = Orphan(
+            path,
+            str(header["holder"]),
+            str(header["api"]),
+            header.get("labels") or {},
+            seen=seen,
+        )
         for line in lines[1:]:
             try:
                 entry = json.loads(line)
@@ -83,21 +134,44 @@ def read(path: Path) -> Orphan | None:
             if "+" in entry:
                 names = entry.get("names") or [entry["name"]]  # "names": since group caps
                 orphan.leases[UUID(entry["+"])] = tuple(str(name) for name in names)
+                orphan.asking = ()
             elif "-" in entry:
                 orphan.leases.pop(UUID(entry["-"]), None)
+            elif "ask" in entry:
+                orphan.asking = tuple(str(name) for name in entry["ask"])
+            elif "asked" in entry:
+                orphan.asking = ()
+            elif "canary" in entry:
+                orphan.canary = UUID(entry["canary"])
         return orphan
     except (OSError, IndexError, KeyError, ValueError, TypeError):
         return None
 
 
-def orphans(folder: Path, api: str) -> Iterator[Orphan]:
-    """Ledgers for `api` whose process is gone. Never one of a live process, nor one whose
-    process this host can't check."""
+def ledgers(folder: Path, api: str) -> Iterator[tuple[Orphan, bool | None]]:
+    """Every ledger for `api` in `folder`, and whether its process runs (None: it can't be
+    checked from here, as for another host's)."""
     if not folder.is_dir():
         return
     for path in sorted(folder.glob("*.jsonl")):
-        orphan = read(path)
-        if orphan is None or orphan.api != api:
-            continue
-        if holder_alive(orphan.labels) is False:
-            yield orphan
+        found = read(path)
+        if found is not None and found.api == api:
+            yield found, holder_alive(found.labels)
+
+
+def orphans(folder: Path, api: str) -> Iterator[Orphan]:
+    """Ledgers for `api` whose process is gone. Never one of a live process, nor one whose
+    process this host can't check."""
+    for found, alive in ledgers(folder, api):
+        if alive is False:
+            yield found
+
+
+def holdings(folder: Path, api: str) -> Counter[str]:
+    """The slots, per limit name, that pools for `api` whose process runs (or can't be
+    checked) hold or may hold: what must never be given back."""
+    count: Counter[str] = Counter()
+    for found, alive in ledgers(folder, api):
+        if alive is not False:
+            count.update(found.slots())
+    return count

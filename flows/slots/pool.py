@@ -81,6 +81,10 @@ class SlotError(RuntimeError):
     """The concurrency limit can't be used: it does not exist, or the API kept failing."""
 
 
+class WaitStopped(Exception):
+    """The run stops (or halted): a site waiting for a slot gives up its wait (`stop_waits`)."""
+
+
 class ApiUnavailable(Exception):
     """One API call failed in a way that may pass: 5xx, 401, 403, or no connection."""
 
@@ -120,6 +124,10 @@ class SlotApi(Protocol):
 class LeaseLedger(Protocol):
     """Where the pool notes each lease it holds (`flows.slots.ledger`), for crash cleanup."""
 
+    def asking(self, names: Sequence[str]) -> None: ...
+
+    def answered(self) -> None: ...
+
     def held(self, lease: UUID, names: Sequence[str]) -> None: ...
 
     def given_back(self, lease: UUID) -> None: ...
@@ -140,6 +148,7 @@ class PoolSettings:
     warn_after: float = 1.0  # how long the API fails before the first warning
     lease_seconds: float = LEASE_SECONDS  # each lease's duration on the server
     group_recheck: float = 1.0  # how long a group the server found full is passed over
+    wait_notice: float = 60.0  # how long a site waits before one line says who holds the cap
 
 
 @dataclass
@@ -165,6 +174,17 @@ class LeaseBook:
         self._lease_seconds = lease_seconds
         self._ledger = ledger
         self._leases: dict[UUID, _Lease] = {}
+
+    def asking(self, names: Sequence[str]) -> None:
+        """An acquire of `names` is about to go out: until `took` or `refused`, the ledger
+        counts it as possibly held (a crash cleanup never takes a slot in flight)."""
+        if self._ledger is not None:
+            self._ledger.asking(names)
+
+    def refused(self) -> None:
+        """The acquire `asking` announced got nothing."""
+        if self._ledger is not None:
+            self._ledger.answered()
 
     def took(self, lease: UUID, now: float, names: Sequence[str] = ()) -> None:
         """The server granted `lease` at `now`, on `names` (default: this book's limit)."""
@@ -279,8 +299,14 @@ class SlotPool:
         ledger: LeaseLedger | None = None,
         site_groups: Mapping[str, str] | None = None,
         group_caps: Mapping[str, int] | None = None,
+        explain_wait: Callable[[], str] | None = None,
     ) -> None:
         self.name = name
+        self._explain_wait = explain_wait
+        self._waiting_since: dict[str, float] = {}  # site -> when its current wait began
+        self._noticed: set[str] = set()  # sites whose current wait was explained
+        self._notices: dict[str, str] = {}  # site -> the line to log in its own thread
+        self._waits_stopped: str | None = None
         self.settings = settings
         self._api = api
         self._groups = {site: group for site, group in (site_groups or {}).items()}
@@ -317,10 +343,12 @@ class SlotPool:
     # -- public ---------------------------------------------------------------
 
     @contextmanager
-    def slot(self, site: str) -> Iterator[None]:
+    def slot(self, site: str, on_long_wait: Callable[[str], None] | None = None) -> Iterator[None]:
         """Hold one slot for `site` (and one of its group's) for the duration of the block.
-        Raises `SlotError`."""
-        lease = self._acquire(site)
+        A wait longer than `settings.wait_notice` calls `on_long_wait` once, in this thread,
+        with a line saying who holds the cap (`explain_wait`). Raises `SlotError`, or
+        `WaitStopped` once `stop_waits` is called."""
+        lease = self._acquire(site, on_long_wait)
         try:
             yield
         finally:
@@ -342,6 +370,13 @@ class SlotPool:
                 if group is not None:
                     self._groups.setdefault(site, group)
                 self._order.add(site, self._groups.get(site))
+
+    def stop_waits(self, reason: str) -> None:
+        """Every site waiting for a slot, now or later, raises `WaitStopped(reason)`: the
+        run stops or halted, and no further site starts."""
+        with self._cond:
+            self._waits_stopped = self._waits_stopped or reason
+            self._cond.notify_all()
 
     def site_finished(self, site: str) -> None:
         """`site` reached its final outcome: it will not ask for a slot again."""
@@ -374,14 +409,25 @@ class SlotPool:
 
     # -- hand-out -------------------------------------------------------------
 
-    def _acquire(self, site: str) -> UUID:
+    def _acquire(self, site: str, on_long_wait: Callable[[str], None] | None = None) -> UUID:
         patience = self.settings.patience
         group = self._groups.get(site)
         with self._cond:
             self._order.wait(site, time.monotonic())
+            self._waiting_since[site] = time.monotonic()
             self._cond.notify_all()  # wake the broker
             try:
                 while True:
+                    if self._waits_stopped is not None:
+                        raise WaitStopped(self._waits_stopped)
+                    notice = self._notices.pop(site, None)
+                    if notice is not None and on_long_wait is not None:
+                        self._cond.release()  # the line may be slow to write: not under the lock
+                        try:
+                            on_long_wait(notice)
+                        finally:
+                            self._cond.acquire()
+                        continue
                     if self._error is not None:
                         raise self._error
                     if group is not None and group in self._group_errors:
@@ -400,6 +446,9 @@ class SlotPool:
                 return lease
             finally:
                 self._order.stop_waiting(site)
+                self._waiting_since.pop(site, None)
+                self._noticed.discard(site)
+                self._notices.pop(site, None)
                 unused = self._granted.pop(site, None)  # granted as it gave up
                 if unused is not None:
                     self._releases.put(unused)
@@ -604,7 +653,14 @@ class SlotPool:
                 with self._cond:
                     self._parked.append((ask.room, time.monotonic()))
                 raise
-        return self._api.acquire(ask.names, self.settings.lease_seconds)
+        self._book.asking(ask.names)
+        lease = None
+        try:
+            lease = self._api.acquire(ask.names, self.settings.lease_seconds)
+        finally:
+            if lease is None:
+                self._book.refused()
+        return lease
 
     def _wait_for_asks(self) -> list[_Ask] | None:
         """Wait until something is to be asked for and no hold-off is on; the asks (their
@@ -735,6 +791,32 @@ class SlotPool:
             self._error = error
             self._cond.notify_all()
 
+    def _explain_long_waits(self) -> None:
+        """The sites waiting longer than `wait_notice` get a line saying who holds the cap,
+        once per wait (`explain_wait`, asked here: not in a site's thread, nor under the lock)."""
+        if self._explain_wait is None:
+            return
+        with self._cond:
+            now = time.monotonic()
+            due = [
+                site
+                for site, since in self._waiting_since.items()
+                if now - since >= self.settings.wait_notice and site not in self._noticed
+            ]
+        if not due:
+            return
+        try:
+            line = self._explain_wait()
+        except Exception as exc:  # the API failed: say so, the wait goes on
+            line = f"who holds the slots of {self.name!r} can't be told: {exc}"
+        with self._cond:
+            for site in due:
+                if site in self._waiting_since:
+                    waited = time.monotonic() - self._waiting_since[site]
+                    self._notices[site] = f"waiting {waited:.0f}s for a slot: {line}"
+                    self._noticed.add(site)
+            self._cond.notify_all()
+
     def _releaser(self) -> None:
         """Give queued leases back until `None` arrives, retrying while the API fails."""
         while (lease := self._releases.get()) is not None:
@@ -760,6 +842,7 @@ class SlotPool:
                 )
             for lease in stale:
                 self._releases.put(lease)
+            self._explain_long_waits()
             if renew:
                 next_renewal = now + lease_seconds / 3
                 if not self._book.renew(renew):

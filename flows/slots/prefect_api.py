@@ -9,6 +9,7 @@ on a CSRF-protected server, the CSRF token.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from prefect.settings import get_current_settings
 
 from flows import _prefect_compat as compat
 from flows.config import group_limit_name
-from flows.process.holders import PID_LABEL
+from flows.process.holders import HOST_LABEL, PID_LABEL
 from flows.slots import ledger
 from flows.slots.ledger import Ledger
 from flows.slots.pool import ApiUnavailable, PoolSettings, SlotError, SlotPool
@@ -153,6 +154,32 @@ class PrefectSlotApi:
     def release(self, lease: UUID) -> None:
         self._post("/v2/concurrency_limits/decrement-with-lease", {"lease_id": str(lease)})
 
+    def canary(self) -> UUID | None:
+        """A lease on no limit (`CANARY_NAME` names none), `CANARY_SECONDS` long: it holds no
+        slot, and the server forgets it only when it expires or the server restarts with its
+        leases in memory (`flows.slots.ledger`). None where the server grants none (the
+        server skips a name it does not know; `tests/test_ledger.py` checks it still does)."""
+        body: dict[str, Any] = {
+            "names": [CANARY_NAME],
+            "slots": 1,
+            "mode": "concurrency",
+            "lease_duration": CANARY_SECONDS,
+        }
+        if self._holder is not None:
+            body["holder"] = self._holder.model_dump(mode="json")
+        try:
+            response = self._post("/v2/concurrency_limits/increment-with-lease", body)
+        except ApiUnavailable:
+            return None
+        if response.status_code >= 400:
+            return None
+        data: dict[str, Any] = response.json()
+        lease = UUID(data["lease_id"])
+        if data.get("limits"):  # someone made a limit of that name: this lease holds a slot
+            self.release(lease)
+            return None
+        return lease
+
     def release_unleased(self, names: Sequence[str], held_seconds: float) -> None:
         names = [names] if isinstance(names, str) else list(names)
         try:
@@ -166,6 +193,42 @@ class PrefectSlotApi:
             raise SlotError(f"concurrency limit {_listed(names)}: {status}") from None
         except httpx.TransportError as exc:
             raise ApiUnavailable(f"{type(exc).__name__}: {exc}") from None
+
+
+CANARY_NAME = "site-pipeline canary (a limit that never exists)"
+CANARY_SECONDS = 86400.0  # the longest lease Prefect 3.9 grants
+
+
+class Canary:
+    """A pool's canary lease (`PrefectSlotApi.canary`), noted in its ledger; renewed, and
+    the ledger marked alive, every `EVERY` seconds (`tick`); released at `close`."""
+
+    EVERY = 3600.0
+
+    def __init__(self, slots: PrefectSlotApi, book: Ledger) -> None:
+        self._slots, self._book = slots, book
+        self.lease = slots.canary()
+        if self.lease is not None:
+            book.canary(self.lease)
+        self._renewed = time.monotonic()
+
+    def tick(self) -> None:
+        if time.monotonic() - self._renewed < self.EVERY:
+            return
+        self._renewed = time.monotonic()
+        self._book.alive()
+        if self.lease is not None:
+            try:
+                self._slots.renew(self.lease, CANARY_SECONDS)
+            except ApiUnavailable:
+                pass  # the next tick tries again; a day is long
+
+    def close(self) -> None:
+        if self.lease is not None:
+            try:
+                self._slots.release(self.lease)
+            except ApiUnavailable:
+                pass  # it expires on its own, and holds no slot meanwhile
 
 
 def _listed(names: Sequence[str]) -> str:
@@ -228,6 +291,7 @@ def open_slot_pool(
     patience: float = 2.0,
     park: bool = True,
     api_patience: float = 300.0,
+    wait_notice: float = 60.0,
     tags: Sequence[str] = (),
     groups: Mapping[str, str] | None = None,
     group_limits: Mapping[str, int] | None = None,
@@ -243,18 +307,31 @@ def open_slot_pool(
     try:
         shortcut = TagCheckShortcut(client, tags)
         shortcut.refresh()
+        slots = PrefectSlotApi(client, holder_id)
+        book = Ledger(ledger_folder(), str(holder_id), ledger_api())
+        canary = Canary(slots, book)
+
+        def tick() -> None:
+            shortcut.refresh()
+            canary.tick()
+
+        def close() -> None:
+            canary.close()
+            client.__exit__(None, None, None)
+
         return SlotPool(
             name,
             sites,
-            PrefectSlotApi(client, holder_id),
-            PoolSettings(patience=patience, api_patience=api_patience),
+            slots,
+            PoolSettings(patience=patience, api_patience=api_patience, wait_notice=wait_notice),
             prefetch=prefetch,
             park=park,
-            on_tick=shortcut.refresh,
-            on_close=lambda: client.__exit__(None, None, None),
-            ledger=Ledger(ledger_folder(), str(holder_id), ledger_api()),
+            on_tick=tick,
+            on_close=close,
+            ledger=book,
             site_groups=site_limit_names(name, groups or {}),
             group_caps={group_limit_name(name, g): cap for g, cap in (group_limits or {}).items()},
+            explain_wait=lambda: holders_line(client, name, holder_id),
         )
     except BaseException:
         client.__exit__(None, None, None)
@@ -266,52 +343,194 @@ def ledger_folder() -> Path:
     return Path(get_current_settings().home) / "site-pipeline" / "leases"
 
 
+LOCAL_SERVER_ENV = "SITE_PIPELINE_LOCAL_SERVER"
+"""The kept local server's URL, set by `flows.ops.server.use_local_server` for the command
+and what it starts: that server is the embedded default's (this PREFECT_HOME's database),
+whatever port it listens on this time."""
+
+
 def ledger_api() -> str:
-    """Which API a ledger's leases belong to: its URL, or the embedded default's database
-    (each ad hoc run starts its own temporary server on it)."""
+    """Which server a ledger's leases belong to: its URL, or for the embedded default (a
+    temporary server, or the kept local server, each restart on another port) its database."""
     settings = get_current_settings()
-    if settings.api.url:
-        return str(settings.api.url).rstrip("/")
+    url = str(settings.api.url or "").rstrip("/")
+    if url and url != os.environ.get(LOCAL_SERVER_ENV, "").rstrip("/"):
+        return url
     database = settings.server.database.connection_url
     where = database.get_secret_value() if database else str(settings.home)
     # A digest: the database URL may hold a password, and this goes into a file.
     return f"embedded {hashlib.sha256(where.encode()).hexdigest()[:16]}"
 
 
-def reclaim(client: SyncPrefectClient, dry_run: bool = False) -> list[str]:
-    """Give back the slots that pools of dead processes on this host still held; one line
-    per dead pool, saying what was (or, with `dry_run`, would be) given back.
+def on_embedded_default() -> bool:
+    """The API is this PREFECT_HOME's own server, which listens on loopback only: every
+    process that can hold its slots runs on this host and notes them in `ledger_folder()`."""
+    return ledger_api().startswith("embedded ")
 
-    On the embedded default the dead run's temporary server died with it, and its leases
-    with it: each slot is given back by name. On a URL's server a lease it still knows
-    (expired: no lease expiry service runs there) is released; one it no longer knows was
-    already freed by its expiry service (`prefect server start` runs one), or lost in a
-    restart of a server that keeps leases in memory, and is left alone.
+
+def reclaim(
+    client: SyncPrefectClient, dry_run: bool = False, names: Sequence[str] = ()
+) -> list[str]:
+    """Give back the slots that no live process holds; one line per dead pool, and per limit
+    of `names` (or held in a ledger) with slots nobody holds, saying what was (or, with
+    `dry_run`, would be) given back.
+
+    1. A dead pool's lease the server still knows is released. One it no longer knows either
+       expired (the server's lease expiry gave its slot back) or was lost when the server
+       restarted with its leases in memory (its slot still counts): the pool's canary lease
+       tells which (`_lost_in_restart`). A lost one's slot is given back by name.
+    2. On the embedded default every holder is a process of this host with a ledger here, so
+       each limit's slots in use beyond what live pools hold or are asking for are held by
+       nobody (a ledger of an older version, an ask a crash cut short): given back by name.
+       On another server a slot no ledger here explains may be another host's: left alone.
     """
-    api = ledger_api()
+    api, folder = ledger_api(), ledger_folder()
     slots = PrefectSlotApi(client)
     lines = []
-    for orphan in ledger.orphans(ledger_folder(), api):
-        if not orphan.leases:  # it held nothing when it died
-            if not dry_run:
-                orphan.path.unlink(missing_ok=True)
-            continue
-        given = 0
-        for lease, names in orphan.leases.items():
-            if dry_run:
-                given += 1
-                continue
-            if api.startswith("embedded "):
+    for orphan in ledger.orphans(folder, api):
+        lines += _reclaim(slots, orphan, dry_run)
+    if on_embedded_default():
+        lines += _reclaim_unheld(client, slots, [*names], dry_run)
+    return lines
+
+
+def _reclaim(slots: PrefectSlotApi, orphan: ledger.Orphan, dry_run: bool) -> list[str]:
+    """Give back what one dead pool held (see `reclaim`); its line, if it held anything."""
+    given = 0
+    lost: bool | None = None
+    for lease, names in orphan.leases.items():
+        if dry_run:
+            given += 1
+        elif slots.renew(lease, 60.0):
+            slots.release(lease)
+            given += 1
+        else:
+            if lost is None:
+                lost = _lost_in_restart(slots, orphan)
+            if lost:
                 slots.release_unleased(names, held_seconds=0.001)
                 given += 1
-            elif slots.renew(lease, 60.0):
-                slots.release(lease)
-                given += 1
+    if not dry_run:
+        if orphan.canary is not None and slots.renew(orphan.canary, 60.0):
+            slots.release(orphan.canary)
+        orphan.path.unlink(missing_ok=True)
+    if not orphan.leases:  # it held nothing when it died
+        return []
+    verb = "would give back" if dry_run else "gave back"
+    line = (
+        f"{verb} {given} of {len(orphan.leases)} slot(s) held by flow run {orphan.holder}, "
+        f"whose process ({orphan.labels.get(PID_LABEL, '?')}) is gone"
+    )
+    if given < len(orphan.leases):
+        line += (
+            "; the server's lease expiry gave the rest back"
+            if lost is False
+            else "; the rest: the server no longer knows their leases (expired, or lost in a "
+            "restart: its canary can't tell)"
+        )
+    return [line]
+
+
+def _lost_in_restart(slots: PrefectSlotApi, orphan: ledger.Orphan) -> bool | None:
+    """Whether the server lost the dead pool's leases in a restart (their slots still count)
+    rather than let them expire (their slots went back): the pool's canary, a lease on no
+    limit that lasts `CANARY_SECONDS` and that the pool renewed while it ran, is gone too
+    only after a restart, if the pool was seen within that time. None: can't tell (no
+    canary, or seen too long ago)."""
+    if orphan.canary is None:
+        return None
+    if slots.renew(orphan.canary, 60.0):
+        return False
+    if time.time() - orphan.seen < CANARY_SECONDS - Canary.EVERY:
+        return True
+    return None
+
+
+def _reclaim_unheld(
+    client: SyncPrefectClient, slots: PrefectSlotApi, names: list[str], dry_run: bool
+) -> list[str]:
+    """On the embedded default: each limit's slots in use that no live pool here holds or
+    asks for, given back by name (see `reclaim`). Counted twice, a moment apart, and the
+    smaller surplus taken: a slot taken and given back between the two reads of one count
+    (a pipeline of a few milliseconds) is not mistaken for an orphan."""
+    api, folder = ledger_api(), ledger_folder()
+    lines = []
+    for name in sorted({*names, *ledger.holdings(folder, api)}):
+        surplus = None
+        for look in range(2):
+            if look:
+                time.sleep(0.2)
+            try:
+                in_use = client.read_global_concurrency_limit_by_name(name).active_slots
+            except ObjectNotFound:
+                break
+            held = ledger.holdings(folder, api)[name]
+            surplus = min(surplus if surplus is not None else in_use, in_use - held)
+            if surplus <= 0:
+                break
+        if not surplus or surplus <= 0:
+            continue
+        if not dry_run:
+            for _ in range(surplus):
+                slots.release_unleased([name], held_seconds=0.001)
         verb = "would give back" if dry_run else "gave back"
         lines.append(
-            f"{verb} {given} of {len(orphan.leases)} slot(s) held by flow run {orphan.holder}, "
-            f"whose process ({orphan.labels.get(PID_LABEL, '?')}) is gone"
+            f"{verb} {surplus} slot(s) of {name!r} that no live process holds "
+            f"(the server counted {in_use} in use, live runs here hold {held})"
         )
-        if not dry_run:
-            orphan.path.unlink(missing_ok=True)
     return lines
+
+
+def holders(client: SyncPrefectClient, name: str, this_run: UUID | None = None) -> list[str]:
+    """Who holds the slots of the limit `name`, one entry per holder: `1 by run NAME (pid P,
+    alive)` for a pool with a ledger here (its process alive, dead, or on another host),
+    then what no ledger here explains: `by no live process` on the embedded default, else
+    `by no run of this host` (another host's, or a crash's)."""
+    in_use = int(client.read_global_concurrency_limit_by_name(name).active_slots)
+    entries, counted = [], 0
+    for found, alive in ledger.ledgers(ledger_folder(), ledger_api()):
+        held = found.slots()[name]
+        if not held:
+            continue
+        counted += held
+        pid = found.labels.get(PID_LABEL, "?")
+        if alive is None:
+            state = f"on {found.labels.get(HOST_LABEL, 'an unknown host')}, not checked from here"
+        else:
+            state = "alive" if alive else "dead"
+        run = (
+            "this run"
+            if this_run is not None and found.holder == str(this_run)
+            else (f"run {_run_name(client, found.holder)}")
+        )
+        entries.append(f"{held} by {run} (pid {pid}, {state})")
+    rest = in_use - counted
+    if rest > 0:
+        who = "no live process" if on_embedded_default() else "no run of this host"
+        entries.append(f"{rest} by {who}")
+    return entries
+
+
+def holders_line(client: SyncPrefectClient, name: str, this_run: UUID | None = None) -> str:
+    """`2 of 2 slots of 'site-pipeline' held by run NAME (pid P, alive)`; a holder that is
+    gone adds `: run `site-pipeline doctor --fix``."""
+    limit = client.read_global_concurrency_limit_by_name(name)
+    entries = holders(client, name, this_run)
+    if len(entries) == 1:
+        held = entries[0].split(" ", 1)[1]  # one holder has them all
+        line = f"{int(limit.active_slots)} of {limit.limit} slots of {name!r} held {held}"
+    else:
+        line = f"{int(limit.active_slots)} of {limit.limit} slots of {name!r} held: " + (
+            ", ".join(entries) or "none"
+        )
+    if any(entry.endswith((", dead)", "no live process")) for entry in entries):
+        line += ": run `site-pipeline doctor --fix`"
+    return line
+
+
+def _run_name(client: SyncPrefectClient, holder: str) -> str:
+    """The flow run's name, else its id."""
+    try:
+        return str(client.read_flow_run(UUID(holder)).name)
+    except Exception:  # not a flow run this server knows, or no answer: the id says enough
+        return holder

@@ -74,6 +74,7 @@ class LocalRun:
         the caller (`ProcessControl.stop_all`)."""
         self.stop_reason = self.stop_reason or reason
         self.stopping.set()
+        self.pool.stop_waits(reason)  # a site waiting for a slot ends its wait now
 
     def site_done(self, site: str, status: str) -> str | None:
         """Count `site`, finally `status`, towards the halt rule; halts the run when it trips
@@ -89,6 +90,7 @@ class LocalRun:
         if self.halt_reason is not None:
             return
         self.halt_reason = reason
+        self.pool.stop_waits(f"halted: {reason}")  # no further site starts
         if self.halt_now:
             self.stop(reason)
             threading.Thread(target=self.stop_pipelines, name="site-pipeline-halt").start()
@@ -129,6 +131,7 @@ def local_run(job: RunJob, *, prefetch: int = 0, in_flow: bool = False) -> Itera
                 patience=2.0 if in_flow else 0.0,
                 park=in_flow,
                 api_patience=config.api_patience,
+                wait_notice=config.slot_wait_notice,
                 tags=job.tags,
                 groups=job.plan.site_groups,
                 group_limits=job.plan.group_limits,
