@@ -60,10 +60,13 @@ class TaskRunnerConfig(_Strict):
     address: str | None = Field(default=None, min_length=1)  # dask: tcp://scheduler:8786
     n_workers: int | None = Field(default=None, gt=0)  # local cluster: Dask's default if null
     threads_per_worker: int | None = Field(default=None, gt=0)  # local: enough for the cap
+    worker_wait: float = Field(default=300, gt=0)  # dask: s to wait for a first worker
 
     @model_validator(mode="after")
     def _check_kind(self) -> TaskRunnerConfig:
         problems = []
+        if "worker_wait" in self.model_fields_set and self.kind != "dask":
+            problems.append(f"worker_wait = {self.worker_wait:g}: only for kind dask")
         for key in ("address", "n_workers", "threads_per_worker"):
             value = getattr(self, key)
             if value is not None and self.kind != "dask":

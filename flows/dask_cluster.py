@@ -48,6 +48,13 @@ local cluster here has neither:
 A cluster at `address` keeps its own config."""
 
 
+class WorkerWaitEnded(RuntimeError):
+    """A run's wait for a first Dask worker ended without one (`task_runner.worker_wait`
+    passed, or the run was asked to stop: `flows.engine.dask_runner`). An expected outcome
+    of a cluster that gave no worker, not a bug here: its message is the one line the flow
+    run fails with (`flows.engine.logfilter` keeps Prefect's record of it to that line)."""
+
+
 def wants_local_cluster(plan: RunPlan) -> bool:
     """Whether the plan's sites run on a local Dask cluster (Dask, and no `address`)."""
     settings = plan.config.task_runner

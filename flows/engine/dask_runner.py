@@ -8,9 +8,11 @@ each `submit`:
 - cloudpickle of a new closure over the task, the task and its function by value: ~10 ms.
 All of it is the same for every site of a flow run. So here, at the first submit of a
 flow run, the shared context (all of `serialize_context()` but the task run's own asset
-context) and each distinct task are scattered to the workers once, and each submit sends
-Dask a module-level function (pickled by name), those two futures, the task run's id,
-its small asset context and its parameters, under a key of its own (no `tokenize`).
+context) and each distinct task are sent to the cluster once, each as a task of its own
+that returns it (a dependency future, as prefect-dask's open PR #23024 does), and each
+submit sends Dask a module-level function (pickled by name), those two futures, the task
+run's id, its small asset context and its parameters, under a key of its own (no
+`tokenize`).
 On the worker, `_run_on_worker` calls Prefect's `run_task_sync` with the same `context`
 dict, as prefect-dask's own wrapper does, but for two things each task run would build
 again there (a third and a half of a short site's CPU on a worker, by py-spy):
@@ -20,10 +22,21 @@ again there (a third and a half of a short site's CPU on a worker, by py-spy):
 - the Prefect client: two new sync clients per task run (about 22 ms each); here one per
   worker, made at its first task run and shared by its threads
   (`flows._prefect_compat.shared_sync_client`), as Prefect's thread runner shares the flow's.
-Both are held by the scattered `Shared` object, which Dask keeps once per worker while the
-flow run lasts: nothing is global to the worker process. Scattered data lives only on the
-workers (a copy on each): if every copy is lost (all workers restarted at once), the next
-submit scatters it again.
+Both are held by the `Shared` object, which Dask keeps once per worker while the flow run
+lasts: nothing is global to the worker process.
+
+Why a dependency, not a broadcast `scatter`: a scatter needs workers there and then, and a
+cluster that scales from zero (`adapt(minimum=0)`: dask-jobqueue's, dask-kubernetes') has
+none until tasks wait for them; Dask's scheduler then fails it after 30 s ("No valid workers
+found"). A dependency waits with the task runs: the first worker to come computes it, and
+every other worker fetches it from a worker that has it with its first task run (once per
+worker). The scheduler keeps the task (its pickled value, a few kB) while the flow run
+holds its future, so a copy lost with its workers is computed again; only a cancelled or
+failed one is sent again by the next submit.
+
+`wait_for_workers`, called once as the run starts (`flows.engine.task_runners`): on a
+cluster with no worker, a probe task asks an adaptive cluster for one, and the run waits
+for it for `task_runner.worker_wait`, else fails naming the address and the wait.
 
 Everything else is prefect-dask's: the upstream task runs found in the parameters (when the
 caller states no `dependencies`, as `Task.submit` doesn't), `wait_for`, async tasks, the
@@ -35,10 +48,11 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, cast
+from typing import Any
 from uuid import UUID, uuid4
 
 import distributed
@@ -50,6 +64,7 @@ from prefect.utilities.engine import collect_task_run_inputs_sync
 from prefect_dask.task_runners import DaskTaskRunner, PrefectDaskFuture
 
 from flows._prefect_compat import shared_sync_client
+from flows.dask_cluster import WorkerWaitEnded
 
 
 class Shared:
@@ -109,6 +124,19 @@ def _run_on_worker(
         return run_task_sync(**kwargs)
 
 
+WORKER_POLL = 0.5
+"""Seconds between two looks for a worker while waiting (and for a stop request)."""
+
+
+def _ready() -> None:
+    """The probe: a task that an adaptive cluster with no worker scales up for."""
+
+
+def _held(value: Any) -> Any:
+    """On a worker: `value`, which the task runs depending on this task share."""
+    return value
+
+
 class SharedContextDaskRunner(DaskTaskRunner):
     """`DaskTaskRunner` whose `submit` sends the flow run's shared context and each task
     once (see the module's docstring); everything else is prefect-dask's."""
@@ -119,9 +147,45 @@ class SharedContextDaskRunner(DaskTaskRunner):
         self._tasks: dict[int, tuple[Task[..., Any], distributed.Future[Any]]] = {}
 
     def __exit__(self, *args: Any) -> None:
-        self._shared = None  # the scattered data is released with its futures
+        self._shared = None  # what was sent is released with its futures
         self._tasks = {}
         super().__exit__(*args)
+
+    def wait_for_workers(
+        self,
+        wait: float,
+        stopped: Callable[[], bool] = lambda: False,
+        say: Callable[[str], None] | None = None,
+    ) -> None:
+        """Return once the cluster has a running worker; on one with none, submit a probe
+        task (an adaptive cluster scales up for it) and wait up to `wait` seconds for one,
+        telling `say` (the flow run's log; else this runner's) that it waits, and how long
+        it took. Raises `WorkerWaitEnded` when none came in time, or once `stopped()`."""
+        client = self.client
+        if _has_worker(client, 0.01):
+            return
+        say = say or self.logger.info
+        address = client.scheduler.address  # type: ignore[union-attr]
+        say(
+            f"no Dask worker at {address} yet: waiting up to {wait:g} s "
+            "(task_runner.worker_wait) for one"
+        )
+        started = time.monotonic()
+        probe = client.submit(  # type: ignore[no-untyped-call]
+            _ready, key=f"site-pipeline-worker-probe-{uuid4().hex}", pure=False
+        )
+        try:
+            while not _has_worker(client, WORKER_POLL):
+                if stopped():
+                    raise WorkerWaitEnded(f"stopped while waiting for a Dask worker at {address}")
+                if time.monotonic() - started >= wait:
+                    raise WorkerWaitEnded(
+                        f"no Dask worker at {address} within task_runner.worker_wait = {wait:g} s"
+                    )
+        finally:
+            probe.release()
+        took = time.monotonic() - started
+        say(f"a Dask worker at {address} came after {took:.1f} s")
 
     def submit(  # type: ignore[override]  # prefect-dask's overloads, one signature here
         self,
@@ -150,7 +214,7 @@ class SharedContextDaskRunner(DaskTaskRunner):
         ).serialize()
         future = client.submit(  # type: ignore[no-untyped-call]
             _run_on_worker,
-            self._scattered_task(client, task),
+            self._sent_task(client, task),
             self._shared_context(client, settings),
             asset_context,
             task_run_id,
@@ -165,28 +229,40 @@ class SharedContextDaskRunner(DaskTaskRunner):
     def _shared_context(
         self, client: distributed.Client, settings: SettingsContext
     ) -> distributed.Future[Any]:
-        if self._shared is None or self._shared.status != "finished":  # none yet, or lost
+        if self._shared is None or _gone(self._shared):  # none yet, or cancelled
             context = serialize_context()
             del context["settings_context"], context["asset_context"]  # sent as objects
             # A new context of the same fields: the entered one holds its (unpicklable) token.
             unentered = SettingsContext.model_construct(**dict(settings))
-            self._shared = _scatter(client, Shared(unentered, context))
+            self._shared = _send(client, Shared(unentered, context), "shared-context")
         return self._shared
 
-    def _scattered_task(
+    def _sent_task(
         self, client: distributed.Client, task: Task[..., Any]
     ) -> distributed.Future[Any]:
         held = self._tasks.get(id(task))
-        if held is None or held[0] is not task or held[1].status != "finished":
-            held = (task, _scatter(client, task))
+        if held is None or held[0] is not task or _gone(held[1]):
+            held = (task, _send(client, task, f"task-{task.name}"))
             self._tasks[id(task)] = held
         return held[1]
 
 
-def _scatter(client: distributed.Client, value: Any) -> distributed.Future[Any]:
-    """`value` on every worker, once (a list of one: `scatter` would split a dict)."""
-    [future] = cast(
-        "list[distributed.Future[Any]]",
-        client.scatter([value], broadcast=True, hash=False),  # type: ignore[no-untyped-call]
-    )
-    return future
+def _send(client: distributed.Client, value: Any, name: str) -> distributed.Future[Any]:
+    """`value`, sent once, as a task that returns it: a dependency the task runs share,
+    which waits for a worker as they do (see the module's docstring)."""
+    return client.submit(_held, value, key=f"site-pipeline-{name}-{uuid4().hex}", pure=False)
+
+
+def _gone(future: distributed.Future[Any]) -> bool:
+    """Whether the cluster will never give `future`'s value (cancelled, failed, lost); one
+    still pending (no worker yet) or finished is there for the task runs that need it."""
+    return future.status not in ("pending", "finished")
+
+
+def _has_worker(client: distributed.Client, timeout: float) -> bool:
+    """Whether the cluster has a running worker, or gets one within `timeout` seconds."""
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except TimeoutError:
+        return False
+    return True

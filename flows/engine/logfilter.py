@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+from flows.dask_cluster import WorkerWaitEnded
 from flows.engine.failure import SiteAttemptFailed
 from flows.slots.prefect_api import API_ERRORS
 
@@ -20,11 +21,13 @@ class _NoTracebackForSiteFailures(logging.Filter):
     "Task run failed with exception" record keeps its one line, without the traceback, in
     the UI's logs and on the console. So does its "Encountered exception during execution"
     for a failed API call (`httpx.HTTPStatusError`, `httpx.TransportError`: the line names
-    the URL). A real bug keeps its traceback."""
+    the URL), and for a Dask cluster that gave no worker in `task_runner.worker_wait`
+    (`WorkerWaitEnded`: the line names the address and the wait). A real bug keeps its
+    traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, (SiteAttemptFailed, *API_ERRORS)):
+        if isinstance(error, (SiteAttemptFailed, WorkerWaitEnded, *API_ERRORS)):
             record.exc_info = None
             record.exc_text = None
         return True

@@ -2,7 +2,9 @@
 
 `pipeline.task_runner.kind: dask` sends each task run to a Dask worker through
 `prefect-dask` (the `dask` extra), so each pipeline process runs on that worker's machine;
-`flows.engine.dask_runner` sends what the task runs share once, not once per site.
+`flows.engine.dask_runner` sends what the task runs share once, not once per site. A run
+on a cluster with no worker yet (an adaptive one, scaling from zero) waits for one for
+`task_runner.worker_wait` seconds before its first site, or fails naming the address.
 The task is self-contained (`flows.engine.task.SiteJob`), takes its concurrency slots from the
 Prefect server, and stops its own process groups, so the cap and the timeouts hold there too.
 """
@@ -14,10 +16,13 @@ from contextlib import ExitStack, closing, contextmanager
 from typing import Any
 
 from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from flows.config import RunPlan
+from flows.context import RunContext
 from flows.dask_cluster import LocalDaskCluster
 
 DASK_EXTRA = 'pip install -e ".[dask]"'
@@ -53,5 +58,11 @@ def task_runner(
         with get_client(sync_client=True) as client:
             api_url = str(client.api_url).rstrip("/")
         updates = {} if get_current_settings().api.url else {PREFECT_API_URL: api_url}
+        stop = RunContext.get().stop
+        say = get_run_logger().info if FlowRunContext.get() is not None else None
         with temporary_settings(updates=updates), dask as runner:
+            # A cluster with no worker yet (an adaptive one, from zero): wait for one.
+            runner.wait_for_workers(
+                settings.worker_wait, lambda: stop is not None and stop.requested, say
+            )
             yield runner
