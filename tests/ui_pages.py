@@ -85,9 +85,15 @@ def ui_of(api_url: str) -> str:
 def show(page: Page, url: str, expect: str) -> None:
     """Open `url` and wait until the page shows `expect`; `UiBroken` when it shows the UI's
     own error (its API does not answer) instead, or as well."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     page.goto(url)
     wanted = page.get_by_text(expect, exact=True).first
-    page.get_by_text(BROKEN[0]).or_(wanted).first.wait_for()
+    try:
+        page.get_by_text(BROKEN[0]).or_(wanted).first.wait_for()
+    except PlaywrightTimeout:
+        seen = " | ".join(page.inner_text("body").split("\n")[-6:])
+        raise UiBroken(f"{url} did not show {expect!r} in {WAIT_MS / 1000:g} s: {seen}") from None
     assert_not_broken(page, url)
 
 
