@@ -25,7 +25,7 @@ from flows.engine.finish import finish_run
 from flows.engine.logfilter import install_traceback_filter
 from flows.engine.prepare import claim_limit, plan_run, site_job
 from flows.engine.progress import ProgressReporter
-from flows.engine.running import running_sites, site_report, stopped_for
+from flows.engine.running import running_sites, site_report, stopped_for, stopped_report
 from flows.engine.task import sites_as_they_end
 from flows.names import FLOW_NAME
 from flows.report import SiteReport
@@ -65,9 +65,12 @@ def run_sites(
     given_up = stopped_for(context.stop, plan.config.kill_grace_seconds + 2)
     with running_sites(job, context.stop, context.cluster) as (runner, halt):
         for site, future in sites_as_they_end(runner, job, given_up):
-            if not given_up():
+            if given_up():  # the run stopped; this one sleeps in a retry delay
+                ended = stopped_report(site, future.state, halt.run)
+            else:
                 future.wait()
-            reports[site] = progress.site_done(halt.seen(site_report(site, future.state)))
+                ended = site_report(site, future.state)
+            reports[site] = progress.site_done(halt.seen(ended))
 
     ordered = [skipped.get(site) or reports[site] for site in full.sites]
     return finish_run(logger, plan, str(flow_run_id), ordered, context.stop, halt.reason, earlier)

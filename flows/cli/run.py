@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from flows.cli import retry
 from flows.cli.common import EXIT_FAILED, EXIT_OK, connect, fail, interrupted
@@ -212,8 +212,11 @@ def _run_plan(
         try:
             outcome = _watch_flow(plan, skip, stop, verbosity, err, cluster)
         except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
-            stop_everything(plan.config.process_control, plan.config.kill_grace_seconds)
-            return end_now(interrupted(exit_status(stop.signal)))
+            stop_everything(plan.config.process_control, 0)  # at once: no grace
+            status = interrupted(exit_status(stop.signal))
+            if polite:  # threads: one may sleep in a retry delay (on Dask, the cluster closes)
+                end_now(status)
+            return status
         if isinstance(outcome, PipelineRunError):
             print(f"site-pipeline: {outcome}", file=sys.stderr)
             return EXIT_FAILED
@@ -229,7 +232,7 @@ def _run_plan(
         for line in temporary_server_gone(outcome["flow_run_id"]):
             print(line)
     if outcome["state"] == "Cancelled" and stop.signal is not None:
-        return end_now(exit_status(stop.signal))
+        end_now(exit_status(stop.signal))
     return EXIT_OK if outcome["state"] == "Completed" else EXIT_FAILED
 
 
@@ -243,17 +246,13 @@ def temporary_server_gone(flow_run_id: str) -> list[str]:
     ]
 
 
-def end_now(status: int) -> int:
-    """`status`; or, when a thread lingers, the process ends with it now (the stopped run's
-    summary is out). Python's exit would first join every thread, and a task run's thread
-    may sleep through the rest of a retry delay in Prefect's engine (nothing wakes a
-    `time.sleep`): so with such a thread left, Prefect's queued log lines are sent, and the
-    process ends without waiting for it."""
-    lingering = [
-        t for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon
-    ]
-    if not lingering:
-        return status
+def end_now(status: int) -> NoReturn:
+    """End the process with `status` now that the stopped run's summary is out. Python's exit
+    would first join the task runner's threads (`concurrent.futures` joins them at exit, daemon
+    or not), and one may sleep through the rest of a retry delay in Prefect's task engine:
+    nothing wakes a `time.sleep`. So Prefect's queued log lines are sent, and the process
+    ends without waiting for it (the kept server counts a command whose process is gone as
+    ended; a temporary server is ended by the reaper)."""
     from prefect.logging.handlers import APILogHandler
 
     try:

@@ -155,14 +155,7 @@ def site_report(site: str, state: State[Any]) -> report.SiteReport:
     value = state.result(raise_on_failure=False) if state.is_final() else None
     if isinstance(value, SiteAttemptFailed):
         return value.report
-    if state.is_scheduled():  # stopped in its retry delay: its last attempt's report
-        failed = _last_attempt(state)
-        if failed is not None:
-            return dataclasses.replace(
-                failed.report,
-                status="cancelled",
-                error=f"stopped in its retry delay; its last attempt: {failed.report.error}",
-            )
+
     if isinstance(value, dict) and (state.is_completed() or state.is_cancelled()):
         return report.SiteReport(**value)
     status: report.SiteStatus = "failed"
@@ -172,10 +165,15 @@ def site_report(site: str, state: State[Any]) -> report.SiteReport:
     return report.SiteReport(site, status, 0, None, 0.0, error)
 
 
-def _last_attempt(state: State[Any]) -> SiteAttemptFailed | None:
-    """The attempt failure an AwaitingRetry state carries, if its result can be read."""
-    try:
-        value = state.result(raise_on_failure=False)
-    except Exception:
-        return None
-    return value if isinstance(value, SiteAttemptFailed) else None
+def stopped_report(site: str, state: State[Any], run: LocalRun | None) -> report.SiteReport:
+    """The report of a site the stopped run no longer waits for (`stopped_for`): in its
+    retry delay, its last attempt's report (`LocalRun.retrying`), `cancelled`; else what
+    its state says (`site_report`)."""
+    failed = run.retrying.get(site) if run is not None else None
+    if failed is None:
+        return site_report(site, state)
+    return dataclasses.replace(
+        failed,
+        status="cancelled",
+        error=f"stopped in its retry delay; its last attempt: {failed.error}",
+    )

@@ -384,6 +384,7 @@ class AttemptEngine:
 
     def handle_retry(self, what: str, report: SiteReport) -> Ending:
         """Another attempt follows (Prefect schedules it): the site is not finished."""
+        self.run.retrying[self.site] = report  # what a stop in the retry delay reports
         config = self.config
         delay = retry_delays(
             config.async_settings.retry_backoff, config.retry_delay, config.retry_max_delay, self.of

@@ -33,6 +33,7 @@ from flows.slots.prefect_api import open_slot_pool, site_limit_names
 
 if TYPE_CHECKING:
     from flows.config import RunPlan
+    from flows.report import SiteReport
 
 IDLE_CLOSE_SECONDS = 5.0
 HALT_LABEL = "site-pipeline.halt"  # on the flow run: the halt's reason, once it halted
@@ -68,6 +69,8 @@ class LocalRun:
     stop_pipelines: Callable[[], object] = lambda: None  # this run's, in this process
     read_halt: Callable[[], str | None] | None = None  # a worker's: the flow's halt label
     polling: threading.Event = field(default_factory=threading.Event)  # set: poller ends
+    # site -> its last failed attempt's report while it waits to retry: a stop keeps it
+    retrying: dict[str, SiteReport] = field(default_factory=dict)
 
     def stop(self, reason: str) -> None:
         """Sites that have not finished end `cancelled`; their pipelines are stopped by
