@@ -421,6 +421,24 @@ def test_the_port_is_the_preferred_one_when_free_else_the_last_one_else_any(
             assert ls.choose_port(tmp_path, preferred) not in (preferred, last)
 
 
+def test_a_port_whose_server_just_closed_is_free_again() -> None:
+    """The port of a server that stopped a moment ago (its closed connections in TIME_WAIT)
+    is free, as it is for uvicorn: the next run gets the same address back."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        served, _ = listener.accept()
+        served.close()  # the server's side closes first: TIME_WAIT on its port
+        wait_until(lambda: client.recv(1) == b"", "the client sees the close")
+        client.close()
+    assert ls.port_free(port)
+
+
 def test_a_hold_names_its_keeper_and_its_end(tmp_path: Path) -> None:
     """`held_until`: inf for a hold until `server stop` (until null), the time for one with
     an end, None for no hold, another keeper's or a broken file."""

@@ -245,7 +245,9 @@ def test_a_second_run_on_the_reused_server_links_to_working_pages(
 def test_server_start_after_the_idle_stop_brings_back_both_runs(
     first: Run, second: Run, on_demand: str, page: Page
 ) -> None:
-    """The history is back: both runs' pages, the first one's artifacts and the limits."""
+    """The history is back, at the same address as before (4200, or else the port this home
+    used last): both runs' pages, the first one's artifacts and the limits."""
+    assert on_demand == first.ui
     api = f"{on_demand}/api"
     for run, sites in ((first, NAMES), (second, NAMES[:2])):
         name, state = ui.flow_run_facts(api, run.flow_run_id)

@@ -71,8 +71,8 @@ def chromium() -> Iterator[Browser]:
             browser.close()
 
 
-def new_page(browser: Browser) -> Page:
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def new_page(browser: Browser, width: int = 1280, height: int = 900) -> Page:
+    page = browser.new_page(viewport={"width": width, "height": height})
     page.set_default_timeout(WAIT_MS)
     return page
 

@@ -254,6 +254,8 @@ def port_free(port: int) -> bool:
             return False
     try:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            if sys.platform != "win32":  # as uvicorn binds: a port whose last server closed
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (TIME_WAIT) is free
             sock.bind(("127.0.0.1", port))
     except OSError:
         return False
