@@ -107,6 +107,65 @@ class LearnedTimeout(_Strict):
         return self
 
 
+_LABEL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class PushgatewayConfig(_Strict):
+    """`pipeline.metrics.pushgateway`: push every run's metrics to a Prometheus Pushgateway."""
+
+    url: str  # http://host:9091
+    job: str = Field(default="site-pipeline", min_length=1)
+    grouping: dict[str, str] = Field(default_factory=dict)  # more grouping labels
+    timeout: float = Field(default=10, gt=0)  # s for the push
+
+    @model_validator(mode="after")
+    def _check(self) -> PushgatewayConfig:
+        from urllib.parse import urlsplit
+
+        problems = []
+        try:
+            parts = urlsplit(self.url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not one
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(
+                f"url = {self.url!r}: expected an http:// or https:// URL with a host, "
+                "e.g. http://localhost:9091"
+            )
+        for name, value in self.grouping.items():
+            if not _LABEL_NAME_RE.match(name) or name == "job" or name.startswith("__"):
+                problems.append(
+                    f"grouping.{name!r}: expected a label name (letters, digits, '_'), not job"
+                )
+            elif not value:
+                problems.append(f"grouping.{name} = '': expected a value that is not empty")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+
+class MetricsConfig(_Strict):
+    """`pipeline.metrics`: every run's Prometheus metrics (`flows.metrics`), to a file for a
+    textfile collector and/or a Pushgateway."""
+
+    textfile: str | None = Field(default=None, min_length=1)  # <folder>/site_pipeline.prom
+    pushgateway: PushgatewayConfig | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricsConfig:
+        if self.textfile is None and self.pushgateway is None:
+            raise ValueError("textfile: expected textfile, pushgateway or both to be set")
+        if self.textfile is not None and (
+            "\0" in self.textfile or not self.textfile.endswith(".prom")
+        ):
+            raise ValueError(
+                f"textfile = {self.textfile!r}: expected a file name ending in .prom (the "
+                "textfile collectors read only those), without a NUL character"
+            )
+        return self
+
+
 NotifyOutcome = Literal["failed", "crashed", "completed", "cancelled"]
 DEFAULT_NOTIFY_ON: tuple[NotifyOutcome, ...] = ("failed", "crashed")
 
@@ -262,6 +321,7 @@ class PipelineConfig(_Strict):
     halt: HaltConfig | None = None
     order: Literal["longest_first", "listed"] = "longest_first"
     groups: dict[str, GroupConfig] = Field(default_factory=dict)
+    metrics: MetricsConfig | None = None
 
     @model_validator(mode="after")
     def _check_consistency(self) -> PipelineConfig:
@@ -613,6 +673,7 @@ def load_plan(
     chosen = {**own, **listed}  # an override's own mapping wins; a bare name keeps the config's
     settings = resolve_settings(config, unique, chosen, labels)
     _check_platform(config, path)
+    _check_metrics(config, path)
     working_dir = (base / config.working_dir).resolve()
     if not working_dir.is_dir():
         raise ConfigError(
@@ -793,6 +854,24 @@ def _raw_sites(
     raise ConfigError(
         [f"{path}: pipeline.sites: required: give pipeline.sites or pipeline.sites_file"]
     )
+
+
+def _check_metrics(config: PipelineConfig, path: Path) -> None:
+    """`pipeline.metrics.textfile` goes in a folder that exists (a collector's), not a
+    folder itself."""
+    if config.metrics is None or config.metrics.textfile is None:
+        return
+    target = path.parent / config.metrics.textfile
+    if not target.parent.is_dir() or target.is_dir():
+        raise ConfigError(
+            [
+                f"{path}: pipeline.metrics.textfile = {config.metrics.textfile!r}: expected a "
+                f"file in an existing folder ({target.parent} is not one)"
+                if not target.parent.is_dir()
+                else f"{path}: pipeline.metrics.textfile = {config.metrics.textfile!r}: "
+                "expected a file, not a folder"
+            ]
+        )
 
 
 def _check_platform(config: PipelineConfig, path: Path) -> None:

@@ -6,6 +6,7 @@
   records, and its failure streak (`flows.health`), from the history that `prepare` read
   and this run;
 - the result check warnings, logged;
+- the metrics (`pipeline.metrics`, `flows.engine.metrics_export`), every run;
 - the state: Cancelled when the caller asked to stop, Failed when a site failed, else
   Completed; its data is the summary dict (`flows.report.build_summary`).
 """
@@ -21,6 +22,7 @@ from prefect.states import Cancelled, Completed, Failed
 
 from flows import health, report
 from flows.config import RunPlan
+from flows.engine.metrics_export import export_metrics
 from flows.engine.prepare import RunLogger
 from flows.interrupts import StopRequest
 from flows.names import FAILURES_KEY, HEALTH_KEY, SUMMARY_KEY
@@ -84,6 +86,7 @@ def finish_run(
     stopped = stop is not None and stop.requested
     summary = report.build_summary(flow_run_id, reports, state="Cancelled" if stopped else None)
     streaks = publish_artifacts(logger, plan, reports, earlier)
+    export_metrics(logger, plan, summary, streaks)  # pipeline.metrics; never raises
     warned = report.warning_message(reports)
     if warned:
         logger.warning(warned)
