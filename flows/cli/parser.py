@@ -182,7 +182,8 @@ def _add_server(commands: Commands) -> None:
     actions = server.add_subparsers(dest="action", required=True, metavar="ACTION")
     start = actions.add_parser(
         "start",
-        help="start it (or reuse it) and print where its UI is; it stays until `server stop`",
+        help="start it (or reuse it) and print where its UI is; it stays until `server stop` "
+        "(--idle SECONDS: that long instead)",
         allow_abbrev=False,
     )
     start.add_argument(
