@@ -402,7 +402,7 @@ def read_file(path: Path) -> dict[str, SiteValues]:
     """`read` of the file at `path`; none when it does not exist."""
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return {}
     return read(text)
 
@@ -477,7 +477,8 @@ def export(
         streaks=streaks,
     )
     try:
-        outputs.state.parent.mkdir(parents=True, exist_ok=True)
+        if outputs.textfile is None:  # the state under output_dir (a collector's folder exists)
+            outputs.state.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(outputs.state, render(snapshot))
     except OSError as exc:
         where = "textfile" if outputs.textfile else "state file"
