@@ -27,7 +27,7 @@ from flows.ops import local_server as ls
 from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
 from tests.processes import keepers_under, start_tied, stop_keepers, tie_keepers
 from tests.servers import seed_home
-from tests.waiting import wait_until
+from tests.waiting import wait_for, wait_until
 
 SERVER_NOISE = re.compile(r"prefect\.server|telemetry|uvicorn|docket|Traceback|sqlite3\.")
 PREFECT_VERSION = "3.9.1"
@@ -491,3 +491,69 @@ def test_once_the_keeper_stopped_its_server_the_reaper_forgets_its_group(tmp_pat
     wait_until(lambda: not reaper.is_running() or reaper.status() == psutil.STATUS_ZOMBIE,
                "the reaper gone", timeout=30)  # fmt: skip
     assert time.monotonic() - ended < 3.0  # it lingers 5 s while it holds a group
+
+
+@pytest.mark.slow  # a CLI run on a temporary server, then a real keeper and server
+def test_a_temporary_server_s_run_says_how_to_see_it_and_server_start_brings_it_back(
+    tmp_path: Path,
+) -> None:
+    """`local_server_idle: 0`: the run's last lines give its flow run id and `server
+    start`, and no link (its server is gone). `server start` starts the kept server on the
+    same database (the run is there) and prints its UI; it stays past any idle time until a
+    `server start --idle 1` replaces the hold (reused, not started again), after which it
+    stops by itself; `server status` says which hold it is under."""
+    home = tmp_path / "home"
+    env = embedded_env(home)
+    config = write_config(tmp_path, ["ok-a"], local_server_idle=0)
+    summary = tmp_path / "summary.json"
+    try:
+        done = run_cli(["run", "--config", str(config), "--summary-json", str(summary)], env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        flow_run_id = json.loads(summary.read_text())["flow_run_id"]
+        assert done.stdout.splitlines()[-2:] == [
+            f"flow run: {flow_run_id} (its temporary Prefect server stopped with the run)",
+            "  to see it in the UI: `site-pipeline server start` prints the UI's address; the "
+            f"run is at <UI>/runs/flow-run/{flow_run_id}",
+        ]
+        assert "http" not in done.stdout
+
+        started = run_cli(["server", "start"], env)
+        tie_keepers(home)
+        assert started.returncode == 0, started.stdout + started.stderr
+        state = ls.read_state(home)
+        assert state is not None
+        assert started.stdout.splitlines() == [
+            f"started the local Prefect server at {state.url} for PREFECT_HOME {home}",
+            f"UI: {state.ui_url}",
+            "it stays until `site-pipeline server stop`; runs with no PREFECT_API_URL use it",
+        ]
+        import httpx
+
+        assert httpx.get(f"{state.url}/flow_runs/{flow_run_id}").status_code == 200
+        status = run_cli(["server", "status"], env)
+        assert f"  UI: {state.ui_url}" in status.stdout
+        assert "held by `server start`: it stays until `site-pipeline server stop`" in (
+            status.stdout
+        )
+        tree = server_tree(home)
+        assert not wait_for(lambda: gone(tree), timeout=3)  # no run on it, no idle time: held
+
+        shorter = run_cli(["server", "start", "--idle", "1"], env)
+        assert shorter.returncode == 0, shorter.stdout + shorter.stderr
+        assert shorter.stdout.startswith(f"reused the local Prefect server at {state.url}")
+        assert "it stays until 1 s from now, or later" in shorter.stdout
+        wait_until(lambda: gone(tree), "the server stopped once the hold ended", timeout=60)
+        assert ls.read_state(home) is None
+    finally:
+        stop_keepers(home)
+
+
+def test_server_start_s_idle_must_be_a_whole_number_of_seconds(tmp_path: Path) -> None:
+    """`server start --idle 0` (or a word) is a usage error: exit 2 naming the value, and no
+    server starts."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home"), "PYTHONPATH": str(ROOT)}
+    for bad in ("0", "soon"):
+        result = run_cli(["server", "start", "--idle", bad], env)
+        assert result.returncode == 2, result.stderr
+        assert f"--idle: '{bad}': expected a whole number > 0" in result.stderr
+    assert not (tmp_path / "home" / ls.STATE_FILE).exists()
