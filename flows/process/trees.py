@@ -228,7 +228,8 @@ if sys.platform == "win32":
         kernel32.TerminateJobObject(job, 1)  # a failure leaves the kill of each known one
 
     def _ask_to_end(tree: _Tree, procs: Sequence[psutil.Process]) -> None:
-        """Raises OSError when Ctrl-Break can't be delivered (no console: `_end` kills)."""
+        """Raises when Ctrl-Break can't be delivered (no console; `_end` then kills): OSError,
+        or SystemError from CPython 3.11's `os.kill`, which loses track of the OSError."""
         if tree.proc.poll() is None:  # Ctrl-Break to the pipeline's process group
             tree.proc.send_signal(signal.CTRL_BREAK_EVENT)
         else:  # the leader is gone: no group to signal, end each one
@@ -395,13 +396,14 @@ def _sample(tree: _Tree) -> TreeUsage | None:
 
 def _end(tree: _Tree, grace: float) -> list[int]:
     """SIGTERM (Ctrl-Break) to every live process of `tree`, SIGKILL after `grace` s; the
-    kill at once when it can't be asked (`_ask_to_end` raised OSError: on Windows, no
-    console to send Ctrl-Break from)."""
+    kill at once when it can't be asked (`_ask_to_end` raised: on Windows, no console to
+    send Ctrl-Break from)."""
     procs = [p for p in [tree.root, *tree.known.values()] if p is not None and _running(p)]
     if procs:
         try:
             _ask_to_end(tree, procs)
-        except OSError:
+        except Exception:  # for any reason: CPython 3.11's os.kill raises SystemError (from
+            # the OSError) when Ctrl-Break can't be sent, as under Wine or with no console
             polite_until = time.monotonic()  # no way to ask: no grace to wait out
         else:
             polite_until = time.monotonic() + grace
