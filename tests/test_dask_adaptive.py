@@ -5,6 +5,7 @@ flow run fails with one line naming the address and the wait."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -166,3 +167,33 @@ def test_the_wait_for_a_worker_ends_once_the_run_is_asked_to_stop() -> None:
         str(ended.value) == f"stopped while waiting for a Dask worker at {empty.scheduler_address}"
     )
     assert len(asked) == 2 and took < 10
+
+
+def test_the_runner_sends_what_task_runs_share_to_a_cluster_with_no_worker_yet(
+    adaptive: distributed.LocalCluster,
+) -> None:
+    """Submits on an adaptive cluster that has no worker at that moment (no wait first, as
+    a flow that names the runner itself does): what the task runs share is sent without a
+    broadcast (which fails with no worker: Dask's 'No valid workers found'); the cluster
+    scales up for the task runs and each runs on a worker, in the flow run."""
+    from prefect import flow, task
+    from prefect.context import FlowRunContext
+    from prefect.runtime import flow_run
+
+    from flows.engine.dask_runner import SharedContextDaskRunner
+
+    @task
+    def where(n: int) -> tuple[int, int, str]:
+        return n, os.getpid(), str(flow_run.get_id())
+
+    @flow(task_runner=SharedContextDaskRunner(address=adaptive.scheduler_address))
+    def fan_out() -> tuple[str, list[tuple[int, int, str]]]:
+        runner = FlowRunContext.get().task_runner  # type: ignore[union-attr]
+        assert runner.client.scheduler_info()["workers"] == {}
+        futures = [runner.submit(where, {"n": n}, dependencies={}) for n in range(4)]
+        return str(flow_run.get_id()), [f.result() for f in futures]
+
+    flow_run_id, results = fan_out()
+    assert [n for n, _, _ in results] == [0, 1, 2, 3]
+    assert os.getpid() not in {pid for _, pid, _ in results}
+    assert {seen for _, _, seen in results} == {flow_run_id}
