@@ -291,3 +291,39 @@ def test_a_long_wait_says_once_who_holds_the_cap() -> None:
     assert re.fullmatch(
         r"waiting \d+s for a slot: 1 of 1 slots of 'cap' held by run night \(pid 7, alive\)", line
     ), line
+
+
+def test_doctor_names_each_holder_and_the_orphans_and_fix_frees_only_those(
+    api: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`doctor` lists who holds each slot in use (a live run here, a dead one, nobody) and
+    marks the orphans; `doctor --fix` gives back the orphans' slots and no other."""
+    import os
+
+    from flows.config import load_plan
+    from flows.ops.health import doctor
+    from flows.slots import prefect_api as slots
+    from tests.conftest import write_config
+
+    monkeypatch.setenv(slots.LOCAL_SERVER_ENV, str(api.api_url))  # type: ignore[attr-defined]
+    name = new_limit(api, 3)
+    count_without_lease(api, name, 3)
+    folder, key = tmp_path / "leases", slots.ledger_api()
+    live = write_ledger(folder, key, this_process_labels(), [{"+": str(uuid4()), "names": [name]}])
+    write_ledger(folder, key, dead_labels(), [{"+": str(uuid4()), "names": [name]}])
+    holder = json.loads(live.read_text().splitlines()[0])["holder"]
+    config = write_config(tmp_path, ["ok-a"], concurrency_tag=name, max_concurrent_sites=3)
+    plan = load_plan(str(config))
+
+    lines, well = doctor(plan)
+    held = sorted(line for line in lines if line.startswith(f"  {name!r}: "))
+    assert len(held) == 3, lines
+    assert f"  {name!r}: 1 by no live process (orphaned)" in held
+    assert f"  {name!r}: 1 by run {holder} (pid {os.getpid()}, alive)" in held
+    (dead,) = [line for line in held if ", dead)" in line]
+    assert re.fullmatch(rf"  '{name}': 1 by run \S+ \(pid \d+, dead\) \(orphaned\)", dead)
+    assert not well and in_use(api, name) == 3
+
+    lines, well = doctor(plan, fix=True)
+    assert in_use(api, name) == 1
+    assert doctor(plan)[0].count(f"  {name!r}: 1 by run {holder} (pid {os.getpid()}, alive)") == 1

@@ -19,7 +19,7 @@ from flows.engine.baselines import PAGE
 from flows.ops.queries import of_the_flow
 from flows.ops.resume import mark_crashed
 from flows.process.holders import HOST_LABEL, PID_LABEL, holder_alive
-from flows.slots.prefect_api import describe_status, reclaim
+from flows.slots.prefect_api import describe_status, holders, reclaim
 
 
 def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
@@ -27,18 +27,24 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
 
     - the server's version and where it keeps concurrency leases (`lease_storage_line`),
       the concurrency limit against the config's cap, and each group's limit against its cap;
-    - slots still held by pools of dead processes on this host (`flows.slots.ledger`);
+    - who holds each limit's slots in use, and which are orphaned (`holders`);
+    - slots held by pools of dead processes on this host (`flows.slots.ledger`), or by no
+      live process (`reclaim`);
     - `site-pipeline` flow runs Running or Pending whose process is gone (by the labels the
       flow sets, `flows.process.holders.HOLDER_LABELS`); with `fix`, they are marked Crashed
       and the slots are given back.
     """
     with get_client(sync_client=True) as client:
         lines = [f"server version: {client.api_version()}", lease_storage_line(client)]
+        names: list[str] = []
         if plan is not None:
             lines.append(_limit_line(client, plan))
             lines.extend(_group_lines(client, plan))
-        freed = reclaim(client, dry_run=not fix)
-        lines.extend(freed or ["no slots held by dead processes on this host"])
+            tag = plan.config.concurrency_tag
+            names = [tag, *(group_limit_name(tag, group) for group in plan.group_limits)]
+            lines.extend(_holder_lines(client, names))
+        freed = reclaim(client, dry_run=not fix, names=names)
+        lines.extend(freed or ["no slots to give back: none held by a dead process of this host, or by none"])
         stuck_lines, found = _stuck_runs(client, fix)
         lines.extend(stuck_lines)
     return lines, fix or not (freed or found)
@@ -105,6 +111,21 @@ def _group_lines(client: SyncPrefectClient, plan: RunPlan) -> list[str]:
         lines.append(
             f"group limit {name!r}: {limit.limit} ({same}), {limit.active_slots} slot(s) in use"
         )
+    return lines
+
+
+def _holder_lines(client: SyncPrefectClient, names: list[str]) -> list[str]:
+    """Who holds each limit's slots in use: a run of this host (alive or dead: orphaned),
+    another host's, or nobody (orphaned, on the embedded default)."""
+    lines = []
+    for name in names:
+        try:
+            held = holders(client, name)
+        except ObjectNotFound:
+            continue
+        for entry in held:
+            orphaned = entry.endswith((", dead)", "no live process"))
+            lines.append(f"  {name!r}: {entry}{' (orphaned)' if orphaned else ''}")
     return lines
 
 
