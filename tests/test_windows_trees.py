@@ -98,21 +98,32 @@ def test_a_timeout_stops_the_pipeline_and_its_grandchild(tmp_path: Path) -> None
 
 
 def test_ctrl_break_fails_here_and_the_stop_goes_on(tmp_path: Path) -> None:
-    """What the fallback is for, as this machine shows it: with no console the Ctrl-Break
-    that `_ask_to_end` sends raises (under Wine always; CPython 3.11 raises SystemError, its
-    cause the OSError). `stop_tree` still ends the tree, a grandchild and a pipeline that
-    ignores SIGTERM included, without waiting out the grace."""
-    proc = proctree.spawn(fake("stubborn.com"), cwd=tmp_path, env=_env(tmp_path))
-    pids = hanging_pids(tmp_path, timeout=30)
-    proctree.watch(proc)
+    """What the fallback is for, as this machine shows it. A Ctrl-Break to a process group
+    of its own, with no console to send it from, raises (under Wine always): CPython 3.11's
+    `os.kill` then terminates the process itself (the leader only, not its group) and
+    raises SystemError, its cause the OSError. `stop_tree` still ends a whole tree, a
+    grandchild and a pipeline deaf to SIGTERM included, without waiting out the grace."""
+    probe = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)"],
+        stdin=subprocess.DEVNULL,
+        creationflags=subprocess.CREATE_NEW_PROCESS_GROUP,
+    )
+    proctree.end_with_us(probe.pid)
     try:
-        proc.send_signal(signal.CTRL_BREAK_EVENT)
+        probe.send_signal(signal.CTRL_BREAK_EVENT)
         delivered = True
     except Exception as exc:
         delivered = False
         print(f"Ctrl-Break is not delivered here: {exc!r} (cause: {exc.__cause__!r})")
+    finally:
+        probe.kill()
+        probe.wait()
     if _under_wine():
         assert not delivered
+
+    proc = proctree.spawn(fake("stubborn.com"), cwd=tmp_path, env=_env(tmp_path))
+    pids = hanging_pids(tmp_path, timeout=30)
+    proctree.watch(proc)
     started = time.monotonic()
     proctree.stop_tree(proc, GRACE)
     assert time.monotonic() - started < GRACE / 2

@@ -229,7 +229,8 @@ if sys.platform == "win32":
 
     def _ask_to_end(tree: _Tree, procs: Sequence[psutil.Process]) -> None:
         """Raises when Ctrl-Break can't be delivered (no console; `_end` then kills): OSError,
-        or SystemError from CPython 3.11's `os.kill`, which loses track of the OSError."""
+        or SystemError from CPython 3.11's `os.kill`, which then also terminates the leader
+        (not its group) and loses track of the OSError."""
         if tree.proc.poll() is None:  # Ctrl-Break to the pipeline's process group
             tree.proc.send_signal(signal.CTRL_BREAK_EVENT)
         else:  # the leader is gone: no group to signal, end each one
