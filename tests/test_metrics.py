@@ -317,3 +317,10 @@ def test_the_state_without_a_textfile_keeps_values_across_runs(tmp_path: Path) -
     kept = metrics.read_file(state)
     assert kept["a"].streak == 2 and kept["a"].first_run == END
     assert kept["b"].last_run == END  # not in the second run: as it was
+
+
+def test_the_metrics_module_is_plain_python() -> None:
+    """flows.metrics imports neither Prefect nor Dask (tests/test_boundaries.py's check)."""
+    from tests.test_boundaries import loaded_heavy
+
+    assert loaded_heavy("flows.metrics") == []
