@@ -557,3 +557,41 @@ def test_server_start_s_idle_must_be_a_whole_number_of_seconds(tmp_path: Path) -
         assert result.returncode == 2, result.stderr
         assert f"--idle: '{bad}': expected a whole number > 0" in result.stderr
     assert not (tmp_path / "home" / ls.STATE_FILE).exists()
+
+
+def test_a_process_listening_on_a_port_is_seen_and_one_that_is_not_is_not() -> None:
+    """`listens_on`: this process, listening on a port, does; on another port it does not;
+    a pid that is gone listens on nothing."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert ls.listens_on(os.getpid(), port) is True
+        assert ls.listens_on(os.getpid(), ls.free_port()) is False
+    assert ls.listens_on(a_dead_pid(), port) is False
+
+
+@pytest.mark.slow  # a real keeper whose server can't listen, then one that does
+def test_a_server_that_answers_on_the_chosen_port_but_is_not_ours_is_not_taken(
+    answering: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another home's server got the chosen port first (here a small server answering like
+    Prefect of our version): its answers are not taken for our keeper's, whose server can't
+    listen there and exits; the start then takes a free port, where our own server answers."""
+    home = seed_home(tmp_path / "home")
+    taken = int(answering.rsplit(":", 1)[1].split("/")[0])
+    monkeypatch.setattr(ls, "choose_port", lambda home: taken)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    user = ls.register(home, 60)  # a run on it, as `acquire` registers one before a start
+    try:
+        state = ls.start(home, PREFECT_VERSION, startup_timeout=120)
+        tie_keepers(home)
+        assert state.port != taken
+        assert ls.listens_on(state.keeper_pid, state.port) is True
+        assert ls.read_state(home) == state
+        assert ls.verdict(state, PREFECT_VERSION) == "ok"
+    finally:
+        user.unlink(missing_ok=True)
+        stop_keepers(home)

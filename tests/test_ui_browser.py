@@ -124,12 +124,12 @@ def run_here(where: Home, name: str, idle: float, sites: list[Any]) -> Run:
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     links = re.findall(r"^flow run: (http\S+)$", done.stdout, re.MULTILINE)
     assert len(links) == 1, done.stdout
-    state = ls.read_state(where.home)
-    assert state is not None, done.stderr[-3000:]
-    assert links[0] == f"{state.ui_url}/runs/flow-run/{summary['flow_run_id']}"
+    used = re.findall(r"local Prefect server at (http://127\.0\.0\.1:\d+/api)", done.stderr)
+    assert len(used) == 1, done.stderr[-3000:]
+    assert links[0] == f"{ui.ui_of(used[0])}/runs/flow-run/{summary['flow_run_id']}"
     # Prefect's own "View at" line names the same page
     assert f"View at {links[0]}" in done.stderr, done.stderr[-3000:]
-    return Run(done.stdout, done.stderr, summary, links[0], state.url)
+    return Run(done.stdout, done.stderr, summary, links[0], used[0])
 
 
 @pytest.fixture(scope="module")

@@ -342,12 +342,16 @@ def hold(
     the last run on it ends). The latest hold replaces an earlier one. Raises
     `LocalServerFailed` when a started server does not answer in time."""
     with lock(home, timeout=startup_timeout + 60):
-        state, how = _usable_or_started(home, version, startup_timeout)
-        until = None if idle is None else time.time() + idle
-        path = home / HOLD_FILE
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"keeper_pid": state.keeper_pid, "until": until}), "utf-8")
-        os.replace(tmp, path)
+        user = register(home, -1)  # until the hold is written: a command on it, without a say
+        try:
+            state, how = _usable_or_started(home, version, startup_timeout)
+            until = None if idle is None else time.time() + idle
+            path = home / HOLD_FILE
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"keeper_pid": state.keeper_pid, "until": until}), "utf-8")
+            os.replace(tmp, path)
+        finally:
+            user.unlink(missing_ok=True)
         return state, how
 
 
@@ -433,8 +437,21 @@ def reuse(home: Path, version: str) -> Lease | None:
 
 def start(home: Path, version: str, startup_timeout: float) -> ServerState:
     """Start a keeper (and so a server) for `home` on `choose_port`'s port, wait until it
-    answers, record it."""
+    answers, record it. When that port was taken meanwhile (another home's server starting
+    at the same moment, say), once more on a free port."""
     port = choose_port(home)
+    try:
+        return _start_on(home, port, startup_timeout)
+    except LocalServerFailed as failed:
+        if failed.what != _EXITED or port_free(port):
+            raise
+    return _start_on(home, free_port(), startup_timeout)
+
+
+_EXITED = "exited before it answered"
+
+
+def _start_on(home: Path, port: int, startup_timeout: float) -> ServerState:
     url = f"http://127.0.0.1:{port}/api"
     (home / STOP_FILE).unlink(missing_ok=True)
     (home / HOLD_FILE).unlink(missing_ok=True)
@@ -454,7 +471,9 @@ def start(home: Path, version: str, startup_timeout: float) -> ServerState:
         if keeper.poll() is not None:
             break
         answered = server_version(url, timeout=2)
-        if answered is not None:
+        # an answer from a server that is not the keeper's (another one got the port first)
+        # is no answer: ours then exits, unable to listen there
+        if answered is not None and listens_on(keeper.pid, port) is not False:
             state = ServerState(url, port, keeper.pid, started, answered, time.time())
             write_state(home, state)
             (home / PORT_FILE).write_text(str(port), encoding="utf-8")
@@ -465,7 +484,27 @@ def start(home: Path, version: str, startup_timeout: float) -> ServerState:
         _wait_gone(keeper.pid, 15)
         _kill(keeper.pid)
         raise LocalServerFailed(f"did not answer within {startup_timeout:g} s", log_path)
-    raise LocalServerFailed("exited before it answered", log_path)
+    raise LocalServerFailed(_EXITED, log_path)
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether `pid` or a process under it listens on TCP `port`; None when that can't be
+    seen (a process we may not look into)."""
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return False
+    for proc in tree:
+        try:
+            found = proc.net_connections(kind="tcp")
+        except psutil.AccessDenied:
+            return None
+        except psutil.Error:
+            continue
+        if any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in found):
+            return True
+    return False
 
 
 def stop_keeper(home: Path, state: ServerState, timeout: float) -> bool:
