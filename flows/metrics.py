@@ -360,21 +360,44 @@ def read(text: str) -> dict[str, SiteValues]:
     seen: dict[str, dict[str, Any]] = {}
     match_line = _LINE.match
     for line in text.splitlines():
-        match = match_line(line)
-        if match is None:
+        if not line.startswith("site_pipeline_site_"):
             continue
-        name, site, group, _label, item, number = match.groups()
-        site = _unescape(site)
+        parts = _split(line) if "\\" not in line else None
+        if parts is None:  # an escaped character: the full pattern
+            match = match_line(line)
+            if match is None:
+                continue
+            name, site, group, _label, item, number = match.groups()
+            site, group, item = _unescape(site), _unescape(group), _unescape(item or "")
+        else:
+            name, site, group, item, number = parts
         values = seen.get(site)
         if values is None:
-            values = seen[site] = {"group": _unescape(group)}
+            values = seen[site] = {"group": group}
         if name == "site_last_status":
-            values["status"] = _unescape(item or "")
+            values["status"] = item
         elif name == "site_last_check_value":
-            values["check"] = (_unescape(item or ""), float(number))
+            values["check"] = (item, float(number))
         else:
             values[name] = float(number)
     return {site: _site_values(site, values) for site, values in seen.items()}
+
+
+def _split(line: str) -> tuple[str, str, str, str, str] | None:
+    """(name, site, group, third label's value, number) of a line without a backslash (so
+    no value holds a quote): plain string splits, the fast path of `read`."""
+    head, _, number = line.rpartition("} ")
+    name, _, body = head.partition("{")
+    pairs = body.split('",')
+    if len(pairs) < 2 or not pairs[0].startswith('site="') or not pairs[1].startswith('group="'):
+        return None
+    site, group = pairs[0][6:], pairs[1][7:]
+    item = ""
+    if len(pairs) == 2:
+        group = group[:-1]  # its closing quote
+    else:
+        item = pairs[2].partition('="')[2][:-1]
+    return name[len(PREFIX) :], site, group, item, number
 
 
 def _site_values(site: str, values: Mapping[str, Any]) -> SiteValues:

@@ -324,3 +324,18 @@ def test_the_metrics_module_is_plain_python() -> None:
     from tests.test_boundaries import loaded_heavy
 
     assert loaded_heavy("flows.metrics") == []
+
+
+def test_the_metrics_bench_runs() -> None:
+    """bench/metrics_write.py still runs (its numbers live in BENCHMARKS.md)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "bench/metrics_write.py", "--sites", "50", "--rounds", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "| **export: read + build + write (target <= 100 ms)** |" in done.stdout
