@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -91,13 +92,13 @@ def test_a_night_killed_holding_the_cap_then_idle_stopped_leaves_the_next_night_
     )  # fmt: skip
     try:
         first = Run(["run", "--config", str(config)], env)
-        assert wait_until(lambda: started(night, "hang-a", "hang-b"), 120), first.output()
+        wait_until(lambda: started(night, "hang-a", "hang-b"), "both sites started", 120)
         tie_keepers(home)
         pids = fake_pids(night)
         first.proc.kill()  # a reboot, a closed terminal
         first.proc.wait(10)
-        assert wait_until(lambda: not alive(pids), 30), alive(pids)
-        assert wait_until(lambda: keepers_under(home) == [], 60)  # the idle stop
+        wait_until(lambda: not alive(pids), "the pipelines gone", 30)
+        wait_until(lambda: keepers_under(home) == [], "the idle stop", 60)
 
         after = tmp_path / "after"
         after.mkdir()
@@ -132,10 +133,10 @@ def test_a_run_waiting_for_a_slot_says_who_holds_it_and_sigterm_ends_it_in_time(
     )
     a = Run(["run", "--config", str(a_config)], env)
     try:
-        assert wait_until(lambda: started(a_dir, "hang-x"), 90), a.output()
+        wait_until(lambda: started(a_dir, "hang-x"), "run A started", 90)
         summary = b_dir / "summary.json"
         b = Run(["run", "--config", str(b_config), "--summary-json", str(summary)], env)
-        assert wait_until(lambda: b.said("for a slot"), 90), b.output()
+        wait_until(lambda: b.said("for a slot"), "the wait line", 90)
         took = b.signal_and_time(signal.SIGTERM)
         assert b.proc.returncode == 143, b.output()
         assert took <= 1 + 5, took
@@ -162,7 +163,7 @@ def test_sigterm_in_a_retry_delay_ends_the_run_in_time_with_the_attempt_kept(
     run = Run(
         ["run", "--config", str(config), "--summary-json", str(summary)], cli_env(prefect_api)
     )
-    assert wait_until(lambda: run.said("retrying in"), 90), run.output()
+    wait_until(lambda: run.said("retrying in"), "the retry line", 90)
     took = run.signal_and_time(signal.SIGTERM)
     assert run.proc.returncode == 143, run.output()
     assert took <= 1 + 5, took
@@ -178,11 +179,112 @@ def test_a_second_signal_ends_the_run_at_once_and_leaves_no_process(
     `kill_grace_seconds` (30 here). The second ends the run at once, its pipelines killed."""
     config = write_config(tmp_path, ["stubborn-s"], kill_grace_seconds=30)
     run = Run(["run", "--config", str(config)], cli_env(prefect_api))
-    assert wait_until(lambda: started(tmp_path, "stubborn-s") and bool(fake_pids(tmp_path)), 90)
+    wait_until(lambda: started(tmp_path, "stubborn-s") and fake_pids(tmp_path), "started", 90)
     pids = fake_pids(tmp_path)
     run.proc.send_signal(signal.SIGTERM)
-    assert wait_until(lambda: run.said("cancelling"), 10), run.output()
+    wait_until(lambda: run.said("cancelling"), "the cancelling line", 10)
     took = run.signal_and_time(signal.SIGTERM)
     assert took < 5, (took, run.output())
     assert run.proc.returncode == 143, run.output()
-    assert wait_until(lambda: not alive(pids), 10), alive(pids)
+    wait_until(lambda: not alive(pids), "the pipelines gone", 10)
+
+
+def tree_of(pid: int) -> list[int]:
+    try:
+        proc = psutil.Process(pid)
+        return [pid, *(child.pid for child in proc.children(recursive=True))]
+    except psutil.Error:
+        return []
+
+
+def server_pids(home: Path) -> list[int]:
+    """The kept server of `home`: its keeper's children (`prefect server start`, uvicorn)."""
+    return [pid for keeper in keepers_under(home) for pid in tree_of(keeper.pid)[1:]]
+
+
+def next_night_works(home: Path, folder: Path, tag: str) -> subprocess.CompletedProcess[str]:
+    """A run of three quick sites at the same cap, on the same home: it must succeed, each
+    site started once, never more than the cap at once."""
+    folder.mkdir()
+    config = write_config(
+        folder, ["ok-1", "ok-2", "ok-3"], local_server_idle=2, max_concurrent_sites=2,
+        concurrency_tag=tag,
+    )  # fmt: skip
+    done = run_cli(["run", "--config", str(config)], embedded_env(home), timeout=150)
+    tie_keepers(home)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    starts = [site for site, what, _ in read_timeline(folder) if what == "start"]
+    assert sorted(starts) == ["ok-1", "ok-2", "ok-3"]
+    return done
+
+
+@pytest.mark.parametrize("fault", ["keeper", "server", "reboot"])
+def test_a_fault_of_the_kept_server_mid_run_leaves_no_process_and_the_next_run_works(
+    tmp_path: Path, fault: str
+) -> None:
+    """The fault table of docs/behaviour.md ("After a crash"), for the kept server. Mid-run,
+    with both slots of the cap held: SIGKILL of the keeper (its server goes with it), of the
+    server, or of everything at once (a reboot: the run, its pipelines, the keeper, the
+    server). The run ends (or is gone); no process of it or of the server is left; a second
+    home's run beside it is untouched; the next run on the home gives the slots back and
+    runs every site once."""
+    home, other = tmp_path / "home", tmp_path / "other-home"
+    night = tmp_path / "night"
+    night.mkdir()
+    config = write_config(
+        night, ["slow-a", "slow-b"], local_server_idle=2, max_concurrent_sites=2,
+        concurrency_tag="fault-cap", timeout=120, env={
+            "FAKE_TIMELINE": str(night / "timeline.tsv"), "FAKE_SLOW": "6",
+        },
+    )  # fmt: skip
+    beside = tmp_path / "beside"
+    beside.mkdir()
+    beside_config = write_config(
+        beside, ["slow-z"], local_server_idle=2, concurrency_tag="fault-cap",
+        env={"FAKE_TIMELINE": str(beside / "timeline.tsv"), "FAKE_SLOW": "6"},
+    )  # fmt: skip
+    try:
+        first = Run(["run", "--config", str(config)], embedded_env(home))
+        second_home = Run(["run", "--config", str(beside_config)], embedded_env(other))
+        wait_until(lambda: started(night, "slow-a", "slow-b"), "both sites started", 120)
+        tie_keepers(home), tie_keepers(other)
+        run_tree, server = tree_of(first.proc.pid), server_pids(home)
+        (keeper,) = [k.pid for k in keepers_under(home)]
+        victims = {"keeper": [keeper], "server": server[:1], "reboot": [*run_tree, keeper, *server]}
+        for pid in victims[fault]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        first.proc.wait(180)
+        left = [*run_tree[1:], keeper, *server]
+        wait_until(lambda: not alive(left), "no process of the run or the server", 60)
+        second_home.proc.wait(120)
+        assert second_home.proc.returncode == 0, second_home.output()
+        done = next_night_works(home, tmp_path / "after", "fault-cap")
+        assert "gave back" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+    finally:
+        stop_keepers(home), stop_keepers(other)
+
+
+def test_a_run_that_starts_while_the_kept_server_stops_when_idle_starts_a_new_one(
+    tmp_path: Path,
+) -> None:
+    """The keeper removes the state file and stops its server under the lock; a run that
+    starts in that moment waits for the lock, finds no server and starts a new one, and
+    runs every site."""
+    home = tmp_path / "home"
+    first = tmp_path / "first"
+    first.mkdir()
+    config = write_config(first, ["ok-a"], local_server_idle=1)
+    try:
+        done = run_cli(["run", "--config", str(config)], embedded_env(home), timeout=150)
+        tie_keepers(home)
+        assert done.returncode == 0, done.stderr[-3000:]
+        old = [k.pid for k in keepers_under(home)]
+        wait_until(lambda: not (home / "local-server.json").exists(), "the idle stop began", 60)
+        done = next_night_works(home, tmp_path / "next", f"test-{first.name}")
+        assert "started a local Prefect server" in done.stderr, done.stderr[-3000:]
+        assert not alive(old)
+    finally:
+        stop_keepers(home)

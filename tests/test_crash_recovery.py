@@ -327,3 +327,17 @@ def test_doctor_names_each_holder_and_the_orphans_and_fix_frees_only_those(
     lines, well = doctor(plan, fix=True)
     assert in_use(api, name) == 1
     assert doctor(plan)[0].count(f"  {name!r}: 1 by run {holder} (pid {os.getpid()}, alive)") == 1
+
+
+def test_a_server_is_taken_for_this_home_s_own_only_when_it_says_so(
+    api: object, tmp_path: Path
+) -> None:
+    """The rule for slots nobody holds applies only on a server that reports this
+    PREFECT_HOME as its own (another home's server may have taken the port first)."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+
+    from flows.slots.prefect_api import serves_this_home
+
+    assert serves_this_home(api)  # type: ignore[arg-type]
+    with temporary_settings({PREFECT_HOME: tmp_path / "another-home"}):
+        assert not serves_this_home(api)  # type: ignore[arg-type]

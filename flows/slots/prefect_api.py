@@ -389,9 +389,22 @@ def reclaim(
     lines = []
     for orphan in ledger.orphans(folder, api):
         lines += _reclaim(slots, orphan, dry_run)
-    if on_embedded_default():
+    if on_embedded_default() and serves_this_home(client):
         lines += _reclaim_unheld(client, slots, [*names], dry_run)
     return lines
+
+
+def serves_this_home(client: SyncPrefectClient) -> bool:
+    """The server says (`GET /admin/settings`) it runs for this PREFECT_HOME: the check that
+    a URL taken for the embedded default's really is this home's server (not another
+    home's, which took the port a moment before). False when it can't tell."""
+    try:
+        response = client.request("GET", "/admin/settings")
+        response.raise_for_status()
+        home = Path(str(response.json()["home"]))
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return False
+    return home.resolve() == Path(get_current_settings().home).resolve()
 
 
 def _reclaim(slots: PrefectSlotApi, orphan: ledger.Orphan, dry_run: bool) -> list[str]:
