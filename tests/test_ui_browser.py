@@ -100,6 +100,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Home]:
     home = seed_home(folder / "home")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     env.update(PREFECT_HOME=str(home), PYTHONPATH=str(ROOT))
+    # a server start may take more than the default 60 s on a loaded 2-core machine (CI)
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"
     try:
         yield Home(folder, home, env)
     finally:
