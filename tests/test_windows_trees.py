@@ -30,7 +30,7 @@ from flows.process import trees as proctree
 from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for, stop_everything
 from flows.process.logfile import attempt_log_path
-from tests.conftest import FAKE, ROOT
+from tests.conftest import FAKE, ROOT, cli_in_process, write_config
 from tests.processes import alive, hanging_pids, wait_until_gone
 
 pytestmark = [
@@ -180,6 +180,32 @@ def test_the_keeper_stops_a_server_it_cannot_ask(tmp_path: Path) -> None:
     assert wait_until_gone(tree, timeout=10) == []
     if _under_wine():
         assert elapsed < keeper.STOP_GRACE / 2
+
+
+def test_a_background_grandchild_is_stopped_after_a_normal_exit(tmp_path: Path) -> None:
+    """A pipeline that exits 0 but leaves a process behind: the stop after its exit ends
+    that one too (the leader gone, each process is ended, and the pipeline's job)."""
+    script = (
+        "import subprocess, sys, time; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(1000)']); "
+        f"open({str(tmp_path / 'bg.pid')!r}, 'w').write(str(p.pid)); time.sleep(1); "
+        "print('done')"
+    )
+    outcome = attempt([sys.executable, "-c", script], tmp_path)
+    assert outcome.status == "succeeded", outcome.error
+    assert wait_until_gone([int((tmp_path / "bg.pid").read_text())], timeout=10) == []
+
+
+def test_process_control_group_is_a_clear_error_here(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No POSIX process groups on Windows: `process_control: group` is exit 2 naming the
+    key and what is expected, and nothing runs."""
+    config = write_config(tmp_path, ["ok.com"], process_control="group")
+    code, out, err = cli_in_process(["validate", "--config", str(config)], capsys)
+    assert code == 2, out + err
+    assert "pipeline.process_control = 'group'" in err
+    assert not (tmp_path / "timeline.tsv").exists()
 
 
 def test_a_tree_over_its_memory_limit_is_stopped(tmp_path: Path) -> None:
