@@ -175,7 +175,6 @@ def expected(row: dict[str, Any], end: float, group: str) -> dict[str, Any]:
     return values
 
 
-@pytest.mark.e2e
 def test_a_night_s_values_through_the_textfile_collector_and_the_pushgateway(
     prefect_api: str, tmp_path: Path, stack: Stack
 ) -> None:
