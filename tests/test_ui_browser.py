@@ -232,31 +232,38 @@ def test_the_symbol_check_finds_a_character_no_font_has(browser: Browser) -> Non
         page.close()
 
 
+def check_every_page(page: Page, ui_url: str, run: Run, sites: list[str]) -> None:
+    """On the server whose UI is at `ui_url`: the run's flow run with a task run per site,
+    its summary's rows, its failures and health artifacts with every symbol drawn, and the
+    limits on the Concurrency page."""
+    api = f"{ui_url}/api"
+    name, state = ui.flow_run_facts(api, run.flow_run_id)
+    ui.check_flow_run(page, f"{ui_url}/runs/flow-run/{run.flow_run_id}", name, state, sites)
+    artifacts = ui.artifacts_of(api, run.flow_run_id)
+    ui.check_summary(
+        page, f"{ui_url}/artifacts/artifact/{artifacts['site-pipeline-summary']}", site_rows(run)
+    )
+    for key in ("site-pipeline-failures", "site-pipeline-health"):
+        url = f"{ui_url}/artifacts/artifact/{artifacts[key]}"
+        assert ui.unreadable_symbols(page, url, "fail-b") == [], key
+    ui.check_concurrency(page, ui_url, ["site-pipeline", f"site-pipeline:{GROUP}"])
+
+
 def test_a_second_run_on_the_reused_server_links_to_working_pages(
     second: Run, page: Page
 ) -> None:
-    name, state = ui.flow_run_facts(second.api_url, second.flow_run_id)
-    ui.check_flow_run(page, second.link, name, state, NAMES[:2])
-    artifacts = ui.artifacts_of(second.api_url, second.flow_run_id)
-    ui.check_summary(
-        page, f"{second.ui}/artifacts/artifact/{artifacts['site-pipeline-summary']}",
-        site_rows(second),
-    )  # fmt: skip
+    """The same checks on the second run, which reused the server: its printed link, its
+    artifacts, the limits."""
+    assert second.link == f"{second.ui}/runs/flow-run/{second.flow_run_id}"
+    check_every_page(page, second.ui, second, NAMES[:2])
 
 
 def test_server_start_after_the_idle_stop_brings_back_both_runs(
     first: Run, second: Run, on_demand: str, page: Page
 ) -> None:
     """The history is back, at the same address as before (4200, or else the port this home
-    used last): both runs' pages, the first one's artifacts and the limits."""
+    used last): the same checks on the first run, and the second run's page."""
     assert on_demand == first.ui
-    api = f"{on_demand}/api"
-    for run, sites in ((first, NAMES), (second, NAMES[:2])):
-        name, state = ui.flow_run_facts(api, run.flow_run_id)
-        ui.check_flow_run(page, f"{on_demand}/runs/flow-run/{run.flow_run_id}", name, state, sites)
-    artifacts = ui.artifacts_of(api, first.flow_run_id)
-    ui.check_summary(
-        page, f"{on_demand}/artifacts/artifact/{artifacts['site-pipeline-summary']}",
-        site_rows(first),
-    )  # fmt: skip
-    ui.check_concurrency(page, on_demand, ["site-pipeline", f"site-pipeline:{GROUP}"])
+    check_every_page(page, on_demand, first, NAMES)
+    name, state = ui.flow_run_facts(f"{on_demand}/api", second.flow_run_id)
+    ui.check_flow_run(page, second.link, name, state, NAMES[:2])
