@@ -89,6 +89,21 @@ def test_the_dashboard_has_the_issue_s_panels_on_our_metrics() -> None:
         assert "site_pipeline_" in expr and "$" not in expr, (title, expr)
 
 
+def test_the_dashboard_is_one_grafana_can_provision() -> None:
+    """What Grafana's provisioning needs: a uid and title, panels with unique ids and a
+    place each, every query on the `datasource` variable (picked at import)."""
+    board = json.loads((MONITORING / "grafana" / "site-pipeline.json").read_text("utf-8"))
+    assert board["uid"] == "site-pipeline" and board["title"]
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids))
+    variables = {v["name"]: v["type"] for v in board["templating"]["list"]}
+    assert variables == {"datasource": "datasource"}
+    for panel in board["panels"]:
+        assert set(panel["gridPos"]) == {"x", "y", "w", "h"}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+
+
 def test_missing_tools_skip_and_fail_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     assert "promtool not found on PATH" in (missing("promtool") or "")
