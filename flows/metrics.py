@@ -305,14 +305,14 @@ def render(snapshot: Snapshot) -> str:
         full = PREFIX + name
         lines += (f"# HELP {full} {text}", f"# TYPE {full} gauge")
         for site, values in snapshot.sites.items():
-            head = heads[site]
             for more, value in samples(values):
-                if more:
-                    head = heads[site] + "".join(
+                pairs = heads[site]
+                if more:  # the status, the check's field
+                    pairs += "".join(
                         f',{label}="{_escape(item)}"'
                         for label, item in zip(extra, more, strict=True)
                     )
-                lines.append(f"{full}{{{head}}} {value}")
+                lines.append(f"{full}{{{pairs}}} {_number(value)}")
     for name, text in RUN_FAMILIES:
         full = PREFIX + name
         lines += (f"# HELP {full} {text}", f"# TYPE {full} gauge")
