@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The Windows tests, as both the Wine lane and windows-latest run them (after `python`).
 WINDOWS_PYTEST = [
     "-m", "pytest", "-m", "windows", "-n", "0", "-p", "no:cacheprovider", "-rs",
-    "tests/test_windows_trees.py", "tests/test_windows_e2e.py",
+    "tests/test_windows_trees.py", "tests/test_windows_e2e.py", "tests/test_metrics.py",
 ]  # fmt: skip
 TIMEOUT = 600  # seconds for the Wine pytest; the lane's target is 3 minutes warm
 
