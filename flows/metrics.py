@@ -52,6 +52,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from http.client import HTTPException
 from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
@@ -501,14 +502,16 @@ def export(
                 grouping_key=dict(outputs.grouping),
                 timeout=outputs.timeout,
             )
-        except OSError as exc:
+        except (OSError, HTTPException) as exc:  # refused, timed out, an answer not HTTP
             warnings.append(
                 f"metrics: could not push to the Pushgateway {outputs.push_url}: {_reason(exc)}"
             )
     return warnings
 
 
-def _reason(exc: OSError) -> str:
+def _reason(exc: OSError | HTTPException) -> str:
+    if not isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"  # http.client's: BadStatusLine: garbage
     if isinstance(exc, HTTPError):
         return str(exc)  # HTTP Error 400: Bad Request
     if isinstance(exc, URLError):

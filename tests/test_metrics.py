@@ -363,3 +363,32 @@ def test_a_file_the_exporter_holds_open_is_replaced_once_it_lets_go(tmp_path: Pa
     metrics.write_atomically(target, "new\n")
     assert time.monotonic() - started >= 0.4
     assert target.read_text(encoding="utf-8") == "new\n"
+
+
+def test_a_pushgateway_that_answers_no_http_is_one_warning_line(tmp_path: Path) -> None:
+    """Something else on the port (not HTTP): http.client's error, one line, the file
+    written all the same."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer_garbage() -> None:
+        connection, _ = server.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"-ERR unknown command\r\n")
+
+    threading.Thread(target=answer_garbage, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    state = tmp_path / "site_pipeline.prom"
+    try:
+        warnings = metrics.export(
+            Outputs(state, textfile=state, push_url=url, timeout=5), {"sites": [row("a")]},
+            ended=END,
+        )
+    finally:
+        server.close()
+    assert len(warnings) == 1 and warnings[0].startswith(
+        f"metrics: could not push to the Pushgateway {url}: BadStatusLine: "
+    ), warnings
+    assert set(metrics.read_file(state)) == {"a"}

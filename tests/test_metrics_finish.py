@@ -103,3 +103,19 @@ def test_outputs_that_fail_are_one_warning_each_and_change_nothing_of_the_run(
     assert lines[0].startswith(f"metrics: could not write the textfile {unwritable}: ")
     assert lines[1].startswith(f"metrics: could not push to the Pushgateway {url}: ")
     assert not (plain.output_dir / metrics.STATE_NAME).exists()  # metrics off: nothing
+
+
+def test_a_bug_in_the_export_is_one_warning_line_not_a_crashed_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever the export raises, the run's end goes on: one warning line."""
+    from flows.engine.metrics_export import export_metrics
+
+    plan = load_plan(write_config(tmp_path, SITES, metrics={"textfile": "site_pipeline.prom"}))
+    broken = {"sites": [{"site": "ok-a"}]}  # no status: build() can't read it
+    logger = logging.getLogger("test-metrics-bug")
+    with caplog.at_level(logging.WARNING, logger="test-metrics-bug"):
+        export_metrics(logger, plan, broken, {})
+    assert [r.getMessage() for r in caplog.records] == [
+        "metrics: not exported: KeyError: 'status'"
+    ]

@@ -35,15 +35,18 @@ def export_metrics(
         grouping=push.grouping if push else {},
         timeout=push.timeout if push else 10.0,
     )
-    warnings = metrics.export(
-        outputs,
-        summary,
-        ended=ended,
-        duration=duration,
-        groups=plan.site_groups,
-        configured=configured_sites(plan),
-        streaks=streaks,
-    )
+    try:
+        warnings = metrics.export(
+            outputs,
+            summary,
+            ended=ended,
+            duration=duration,
+            groups=plan.site_groups,
+            configured=configured_sites(plan),
+            streaks=streaks,
+        )
+    except Exception as exc:  # a bug here must not change the run's outcome
+        warnings = [f"metrics: not exported: {type(exc).__name__}: {exc}"]
     for line in warnings:
         logger.warning(line)
 
