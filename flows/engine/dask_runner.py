@@ -8,11 +8,11 @@ each `submit`:
 - cloudpickle of a new closure over the task, the task and its function by value: ~10 ms.
 All of it is the same for every site of a flow run. So here, at the first submit of a
 flow run, the shared context (all of `serialize_context()` but the task run's own asset
-context) and each distinct task are sent to the cluster once, each as a task of its own
-that returns it (a dependency future, as prefect-dask's open PR #23024 does), and each
-submit sends Dask a module-level function (pickled by name), those two futures, the task
-run's id, its small asset context and its parameters, under a key of its own (no
-`tokenize`).
+context) and each distinct task are sent to the cluster once (to every worker there is;
+with none yet, as a task of its own that returns it: a dependency future, as
+prefect-dask's open PR #23024 does), and each submit sends Dask a module-level function
+(pickled by name), those two futures, the task run's id, its small asset context and its
+parameters, under a key of its own (no `tokenize`).
 On the worker, `_run_on_worker` calls Prefect's `run_task_sync` with the same `context`
 dict, as prefect-dask's own wrapper does, but for two things each task run would build
 again there (a third and a half of a short site's CPU on a worker, by py-spy):
@@ -25,14 +25,19 @@ again there (a third and a half of a short site's CPU on a worker, by py-spy):
 Both are held by the `Shared` object, which Dask keeps once per worker while the flow run
 lasts: nothing is global to the worker process.
 
-Why a dependency, not a broadcast `scatter`: a scatter needs workers there and then, and a
-cluster that scales from zero (`adapt(minimum=0)`: dask-jobqueue's, dask-kubernetes') has
-none until tasks wait for them; Dask's scheduler then fails it after 30 s ("No valid workers
-found"). A dependency waits with the task runs: the first worker to come computes it, and
-every other worker fetches it from a worker that has it with its first task run (once per
-worker). The scheduler keeps the task (its pickled value, a few kB) while the flow run
-holds its future, so a copy lost with its workers is computed again; only a cancelled or
-failed one is sent again by the next submit.
+Why both ways. A broadcast `scatter` needs workers there and then, and a cluster that scales
+from zero (`adapt(minimum=0)`: dask-jobqueue's, dask-kubernetes') has none until tasks wait
+for them: Dask's scheduler fails it ("No valid workers found"). A dependency task waits with
+the task runs: the first worker to come computes it, and any other worker that gets a task
+run fetches it from one that has it (once per worker). But Dask sends a task run only to a
+worker that already holds its dependencies (others get work only by stealing): with a copy
+on one worker of two, 6 one-second tasks on 2 x 2 threads went 4 and 2 (2.1-3.3 s), against
+3 and 3 (2.0-2.3 s) with a copy on each. So a copy goes to every worker there is, and only a
+cluster with no worker gets the dependency task, as does one whose workers leave while the
+copies go (an adaptive cluster retires an idle worker within seconds). The scheduler keeps
+that task (its pickled value, a few kB) while the flow run holds its future, so a copy lost
+with its workers is computed again; a lost scattered copy, or a cancelled or failed one, is
+sent again by the next submit.
 
 `wait_for_workers`, called once as the run starts (`flows.engine.task_runners`): on a
 cluster with no worker, a probe task asks an adaptive cluster for one, and the run waits
@@ -52,7 +57,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import distributed
@@ -248,8 +253,16 @@ class SharedContextDaskRunner(DaskTaskRunner):
 
 
 def _send(client: distributed.Client, value: Any, name: str) -> distributed.Future[Any]:
-    """`value`, sent once, as a task that returns it: a dependency the task runs share,
-    which waits for a worker as they do (see the module's docstring)."""
+    """`value`, sent once (see the module's docstring): to every worker there is; with
+    none, as a task that returns it, which waits for a worker as the task runs do."""
+    if client.scheduler_info(n_workers=1)["workers"]:
+        try:
+            [future] = client.scatter(  # type: ignore[no-untyped-call]
+                [value], broadcast=True, hash=False
+            )  # a list of one: `scatter` would split a dict
+            return cast("distributed.Future[Any]", future)
+        except OSError:  # they left meanwhile (an adaptive cluster scaled down): Dask's
+            pass  # TimeoutError, or CommClosedError from the one that was closing
     return client.submit(_held, value, key=f"site-pipeline-{name}-{uuid4().hex}", pure=False)
 
 
