@@ -233,7 +233,7 @@ def test_a_fault_of_the_kept_server_mid_run_leaves_no_process_and_the_next_run_w
     night.mkdir()
     config = write_config(
         night, ["slow-a", "slow-b"], local_server_idle=2, max_concurrent_sites=2,
-        concurrency_tag="fault-cap", timeout=120, env={
+        concurrency_tag="fault-cap", timeout=120, api_patience=5, env={
             "FAKE_TIMELINE": str(night / "timeline.tsv"), "FAKE_SLOW": "6",
         },
     )  # fmt: skip
@@ -256,7 +256,7 @@ def test_a_fault_of_the_kept_server_mid_run_leaves_no_process_and_the_next_run_w
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        first.proc.wait(180)
+        first.proc.wait(120)  # api_patience: the API may fail 5 s, then the run ends
         left = [*run_tree[1:], keeper, *server]
         wait_until(lambda: not alive(left), "no process of the run or the server", 60)
         second_home.proc.wait(120)

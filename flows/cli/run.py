@@ -211,6 +211,16 @@ def _run_plan(
         verbosity: Verbosity = "verbose" if args.verbose else "quiet" if args.quiet else "normal"
         try:
             outcome = _watch_flow(plan, skip, stop, verbosity, err, cluster)
+        except ServerGone as gone:  # the kept server died: end now, stating what to do next
+            print(f"site-pipeline: error: {gone}", file=sys.stderr)
+            stop_everything(plan.config.process_control, plan.config.kill_grace_seconds)
+            print(
+                "site-pipeline: its pipelines were stopped. The next run starts a new server "
+                "and gives their slots back; `site-pipeline doctor --fix` marks this run "
+                "Crashed, and `site-pipeline run --retry-failed` runs its unfinished sites",
+                file=sys.stderr,
+            )
+            end_now(EXIT_FAILED)  # the flow's thread waits on API retries: don't join it
         except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
             stop_everything(plan.config.process_control, 0)  # at once: no grace
             status = interrupted(exit_status(stop.signal))
@@ -292,6 +302,7 @@ def _watch_flow(
     summary, or what the flow raised (for the main thread to handle)."""
     from flows.api import run_pipeline_summary
     from flows.cli.console import run_console
+    from flows.ops.server import watch_kept_server
 
     outcome: list[dict[str, Any] | BaseException] = []
 
@@ -324,9 +335,16 @@ def _watch_flow(
             daemon=True,
         )
         runner.start()
+        server_gone = watch_kept_server()
         while runner.is_alive():
-            runner.join(0.2)
+            runner.join(0.5)
+            if runner.is_alive() and (what := server_gone()) is not None:
+                raise ServerGone(what)
     return outcome[0]
+
+
+class ServerGone(Exception):
+    """The kept local server ended during the run (`flows.ops.server.watch_kept_server`)."""
 
 
 def _print_results(args: argparse.Namespace, summary: dict[str, Any], ui_url: str | None) -> None:

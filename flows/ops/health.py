@@ -44,7 +44,8 @@ def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:
             names = [tag, *(group_limit_name(tag, group) for group in plan.group_limits)]
             lines.extend(_holder_lines(client, names))
         freed = reclaim(client, dry_run=not fix, names=names)
-        lines.extend(freed or ["no slots to give back: none held by a dead process of this host, or by none"])
+        nothing = "no slots to give back: none held by a dead process of this host, or by none"
+        lines.extend(freed or [nothing])
         stuck_lines, found = _stuck_runs(client, fix)
         lines.extend(stuck_lines)
     return lines, fix or not (freed or found)

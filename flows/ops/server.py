@@ -9,6 +9,7 @@ import atexit
 import os
 import re
 import threading
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any
@@ -172,6 +173,28 @@ def use_local_server(keep: float | None) -> local_server.Lease | None:
     pointed.__enter__()
     atexit.register(_end_lease, lease, pointed)
     return lease
+
+
+def watch_kept_server() -> Callable[[], str | None]:
+    """For a command on the kept local server (`use_local_server`): a check that says what
+    happened once the server is gone for good (its keeper ended: killed, or its server died
+    and it ended with it; it is never restarted on that URL); None while it runs, and
+    always on any other server."""
+    url = os.environ.get(LOCAL_SERVER_ENV)
+    state = local_server.read_state(Path(get_current_settings().home))
+    if not url or state is None or state.url != url:
+        return lambda: None
+    kept = state
+
+    def gone() -> str | None:
+        if local_server.keeper_alive(kept):
+            return None
+        return (
+            f"the local Prefect server at {url} stopped during the run (its keeper, pid "
+            f"{kept.keeper_pid}, is gone), so nothing more of the run can be recorded"
+        )
+
+    return gone
 
 
 def _local_failure_message(failure: local_server.LocalServerFailed) -> str:
