@@ -53,8 +53,8 @@ def connect(keep: float | None = None, run: bool = False) -> str | None:
         elif run and ops.api_url_unset():
             print(
                 "site-pipeline: starting a temporary Prefect server for this run (a few "
-                "seconds); to skip this, keep one running: `prefect server start --background` "
-                "and `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`",
+                "seconds); to skip this, keep one running: `site-pipeline server start`, or "
+                "`pipeline.local_server_idle` above 0",
                 file=sys.stderr,
             )
         target = ops.check_reachable()
