@@ -11,6 +11,7 @@ Prefect server, and stops its own process groups, so the cap and the timeouts ho
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from typing import Any
@@ -38,7 +39,7 @@ def task_runner(
     and closed on exit."""
     settings = plan.config.task_runner
     if settings.kind == "threads":
-        with ThreadPoolTaskRunner[Any](max_workers=plan.workers) as threads:
+        with _threads(plan.workers) as threads:
             yield threads
         return
     from flows.engine.dask_runner import SharedContextDaskRunner as DaskTaskRunner
@@ -66,3 +67,24 @@ def task_runner(
                 settings.worker_wait, lambda: stop is not None and stop.requested, say
             )
             yield runner
+
+
+@contextmanager
+def _threads(workers: int) -> Iterator[ThreadPoolTaskRunner[Any]]:
+    """A thread pool task runner. Once the run was asked to stop, its exit does not wait for
+    the threads: one may sleep through the rest of a retry delay in Prefect's task engine
+    (`time.sleep`, which nothing wakes), and the run's summary must not wait for it. Such a
+    thread, once awake, finds the run stopping and ends its site `cancelled` at once."""
+    runner = ThreadPoolTaskRunner[Any](max_workers=workers)
+    runner.__enter__()
+    try:
+        yield runner
+    finally:
+        stop = RunContext.get().stop
+        if stop is not None and stop.requested:
+            threading.Thread(
+                target=runner.__exit__, args=(None, None, None), name="site-pipeline-threads-exit",
+                daemon=True,
+            ).start()  # fmt: skip
+        else:
+            runner.__exit__(None, None, None)
