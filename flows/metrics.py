@@ -46,6 +46,7 @@ registry for the Pushgateway, and a test checks that the two say the same.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -57,6 +58,7 @@ from pathlib import Path
 from typing import Any
 from urllib.error import HTTPError, URLError
 
+from filelock import FileLock, Timeout
 from prometheus_client import CollectorRegistry, push_to_gateway
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -455,6 +457,10 @@ class Outputs:
     timeout: float = 10.0
 
 
+LOCK_WAIT = 60.0
+"""Seconds a run's end waits for another run of the same outputs to finish its export."""
+
+
 def export(
     outputs: Outputs,
     summary: Mapping[str, Any],
@@ -464,10 +470,41 @@ def export(
     groups: Mapping[str, str] | None = None,
     configured: Collection[str] | None = None,
     streaks: Mapping[str, int] | None = None,
+    lock_wait: float = LOCK_WAIT,
 ) -> list[str]:
-    """Read the previous values, build the snapshot, write the state (the textfile) and push.
-    Never raises for an output that fails: returns one warning line per failure (the run's
-    outcome does not depend on its metrics)."""
+    """Read the previous values, build the snapshot, write the state (the textfile) and push,
+    holding the state's lock (`.<name>.lock` beside it), so two runs ending at once (a night
+    and a `--site` run) each add their sites to the other's, not over them. Never raises for
+    an output that fails: returns one warning line per failure (the run's outcome does not
+    depend on its metrics)."""
+    if outputs.textfile is None:  # the state under output_dir; a collector's folder exists
+        with contextlib.suppress(OSError):  # the write says what is wrong
+            outputs.state.parent.mkdir(parents=True, exist_ok=True)
+    path = outputs.state.with_name(f".{outputs.state.name}.lock")
+    try:
+        path.touch()  # filelock would try again until lock_wait for a folder that isn't there
+    except OSError:  # the folder is gone or can't be written: the write will say so
+        return _export(outputs, summary, ended, duration, groups, configured, streaks)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=lock_wait)
+    except Timeout:
+        return [f"metrics: not exported: another run held {path} for {lock_wait:g} s"]
+    try:
+        return _export(outputs, summary, ended, duration, groups, configured, streaks)
+    finally:
+        lock.release()
+
+
+def _export(
+    outputs: Outputs,
+    summary: Mapping[str, Any],
+    ended: float,
+    duration: float | None,
+    groups: Mapping[str, str] | None,
+    configured: Collection[str] | None,
+    streaks: Mapping[str, int] | None,
+) -> list[str]:
     warnings: list[str] = []
     try:
         previous = read_file(outputs.state)
@@ -487,8 +524,6 @@ def export(
         streaks=streaks,
     )
     try:
-        if outputs.textfile is None:  # the state under output_dir (a collector's folder exists)
-            outputs.state.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(outputs.state, render(snapshot))
     except OSError as exc:
         where = "textfile" if outputs.textfile else "state file"

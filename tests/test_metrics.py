@@ -392,3 +392,37 @@ def test_a_pushgateway_that_answers_no_http_is_one_warning_line(tmp_path: Path) 
         f"metrics: could not push to the Pushgateway {url}: BadStatusLine: "
     ), warnings
     assert set(metrics.read_file(state)) == {"a"}
+
+
+def test_two_runs_ending_at_once_add_their_sites_not_over_each_other(tmp_path: Path) -> None:
+    """The export holds the state's lock: a run that ends while another exports waits, then
+    reads what that one wrote; one that waits too long says so in one line."""
+    from filelock import FileLock
+
+    from tests.waiting import wait_for, wait_until
+
+    state = tmp_path / "site_pipeline.prom"
+    outputs = Outputs(state, textfile=state)
+    assert metrics.export(outputs, {"sites": [row("night")]}, ended=END) == []
+    other_run = FileLock(str(tmp_path / ".site_pipeline.prom.lock"))
+    other_run.acquire()
+    results: list[list[str]] = []
+    ending = threading.Thread(
+        target=lambda: results.append(
+            metrics.export(Outputs(state, textfile=state), {"sites": [row("manual")]}, ended=END)
+        )
+    )
+    ending.start()
+    try:
+        assert not wait_for(lambda: "manual" in state.read_text(encoding="utf-8"), timeout=0.5)
+    finally:
+        other_run.release()
+    wait_until(lambda: results, "the export once the lock is free", timeout=30)
+    assert results == [[]] and set(metrics.read_file(state)) == {"night", "manual"}
+
+    with FileLock(str(tmp_path / ".site_pipeline.prom.lock")):
+        warnings = metrics.export(
+            Outputs(state, textfile=state), {"sites": [row("late")]}, ended=END, lock_wait=0.1
+        )
+    assert len(warnings) == 1 and warnings[0].startswith("metrics: not exported: another run ")
+    assert "late" not in metrics.read_file(state)
