@@ -288,3 +288,19 @@ def test_a_run_that_starts_while_the_kept_server_stops_when_idle_starts_a_new_on
         assert not alive(old)
     finally:
         stop_keepers(home)
+
+
+def test_sigterm_while_the_kept_server_starts_ends_the_command_at_once(tmp_path: Path) -> None:
+    """Before the flow run exists (a new home's kept server takes seconds to answer) there
+    is nothing to cancel politely: SIGTERM ends the command at once, exit 143, no site run."""
+    home = tmp_path / "home"
+    config = write_config(tmp_path, ["ok-a"], local_server_idle=2)
+    try:
+        run = Run(["run", "--config", str(config)], embedded_env(home))
+        wait_until(lambda: keepers_under(home), "the keeper started", 60)
+        took = run.signal_and_time(signal.SIGTERM)
+        assert run.proc.returncode == 143, run.output()
+        assert took < 5, (took, run.output())
+        assert not started(tmp_path, "ok-a")
+    finally:
+        stop_keepers(home)
