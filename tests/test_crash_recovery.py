@@ -156,7 +156,8 @@ def test_on_the_embedded_default_slots_no_live_process_holds_go_back_and_no_othe
     count_without_lease(api, name, 5)
     folder, key = tmp_path / "leases", slots.ledger_api()
     write_ledger(folder, key, this_process_labels(), [{"+": str(uuid4()), "names": [name]}])
-    write_ledger(folder, key, this_process_labels(), [{"ask": [name]}])
+    asking = write_ledger(folder, key, this_process_labels(), [])
+    ledger.ask_path(asking).write_text(json.dumps([name]))  # an acquire in flight
     write_ledger(folder, key, other_host_labels(), [{"+": str(uuid4()), "names": [name]}])
     old = "http://127.0.0.1:41234/api"  # the kept server's port before its restart
     write_ledger(folder, old, dead_labels(), [{"+": str(uuid4()), "names": [name]}])
@@ -341,3 +342,28 @@ def test_a_server_is_taken_for_this_home_s_own_only_when_it_says_so(
     assert serves_this_home(api)  # type: ignore[arg-type]
     with temporary_settings({PREFECT_HOME: tmp_path / "another-home"}):
         assert not serves_this_home(api)  # type: ignore[arg-type]
+
+
+def test_a_pool_waiting_on_a_full_limit_does_not_grow_its_ledger(tmp_path: Path) -> None:
+    """A waiting pool asks many times a second; its ask in flight is one small file beside
+    the ledger, so the ledger itself stays its header however long the wait."""
+    book = ledger.Ledger(tmp_path, "run-1", "api-x")
+    limit = FakeLimit(1)
+    holder = SlotPool("cap", ["x"], FakeSlotApi(limit), park=False)
+    pool = SlotPool("cap", ["a"], FakeSlotApi(limit), park=False, ledger=book)
+
+    def wait() -> None:
+        with pytest.raises(WaitStopped), pool.slot("a"):
+            pass
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    try:
+        with holder.slot("x"):
+            waiter.start()
+            assert wait_for(lambda: limit.calls.count("acquire") >= 20)
+            assert len(book.path.read_text().splitlines()) == 1
+    finally:
+        pool.stop_waits("test over")
+        waiter.join(5)
+        pool.close()
+        holder.close()

@@ -14,8 +14,10 @@ header naming the process, its flow run (the holder) and the server (`api`), the
 - `{"canary": id}`: a lease on no limit, a day long, renewed while the pool lives. While the
   server still knows it, the server has not lost its leases since the pool last renewed it
   (`flows.slots.prefect_api.reclaim`);
-- `{"ask": names}` before the pool asks for a slot, closed by the `+` of what it got or a
-  `{"asked": 0}`: a slot the server may have counted for a live pool before its `+` line;
+- beside it, `<holder>-<pid>.ask` holds the names of an acquire in flight (written before
+  the pool asks, removed once the answer is in and noted): a slot the server may have counted
+  for a live pool before its `+` line. A file, not lines: a pool waiting on a full limit asks
+  many times a second, and its ledger must not grow with the wait;
 - `{"+": lease, "names": [...]}` and `{"-": lease}` as it takes and gives back leases;
 - `{"alive": t}` now and then, so its file's age says when its process was last seen.
 
@@ -62,17 +64,22 @@ class Ledger:
         """The pool's canary lease (see the module docstring)."""
         self._write({"canary": str(lease)})
 
+    @property
+    def ask_path(self) -> Path:
+        return ask_path(self.path)
+
     def asking(self, names: Sequence[str]) -> None:
         """The pool is about to ask for a slot of each of `names`."""
-        self._write({"ask": list(names)})
+        self.ask_path.write_text(json.dumps(list(names)), encoding="utf-8")
 
     def answered(self) -> None:
-        """The last ask got nothing (a `held` line closes a granted one)."""
-        self._write({"asked": 0})
+        """The last ask got nothing (`held` ends a granted one)."""
+        self.ask_path.unlink(missing_ok=True)
 
     def held(self, lease: UUID, names: Sequence[str]) -> None:
         """`lease` holds a slot of each of `names` (the global limit, and maybe a group's)."""
         self._write({"+": str(lease), "name": names[0], "names": list(names)})
+        self.answered()
 
     def given_back(self, lease: UUID) -> None:
         self._write({"-": str(lease)})
@@ -86,6 +93,12 @@ class Ledger:
         with self._lock:
             self._file.close()
             self.path.unlink(missing_ok=True)
+            self.ask_path.unlink(missing_ok=True)
+
+
+def ask_path(path: Path) -> Path:
+    """Where the ledger at `path` notes an acquire in flight."""
+    return path.with_suffix(".ask")
 
 
 @dataclass
@@ -134,18 +147,22 @@ def read(path: Path) -> Orphan | None:
             if "+" in entry:
                 names = entry.get("names") or [entry["name"]]  # "names": since group caps
                 orphan.leases[UUID(entry["+"])] = tuple(str(name) for name in names)
-                orphan.asking = ()
             elif "-" in entry:
                 orphan.leases.pop(UUID(entry["-"]), None)
-            elif "ask" in entry:
-                orphan.asking = tuple(str(name) for name in entry["ask"])
-            elif "asked" in entry:
-                orphan.asking = ()
             elif "canary" in entry:
                 orphan.canary = UUID(entry["canary"])
+        orphan.asking = _asking(path)
         return orphan
     except (OSError, IndexError, KeyError, ValueError, TypeError):
         return None
+
+
+def _asking(path: Path) -> tuple[str, ...]:
+    """The names of the acquire in flight of the ledger at `path`; () for none."""
+    try:
+        return tuple(str(name) for name in json.loads(ask_path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return ()
 
 
 def ledgers(folder: Path, api: str) -> Iterator[tuple[Orphan, bool | None]]:

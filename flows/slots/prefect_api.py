@@ -502,6 +502,9 @@ def holders(client: SyncPrefectClient, name: str, this_run: UUID | None = None) 
     in_use = int(client.read_global_concurrency_limit_by_name(name).active_slots)
     entries, counted = [], 0
     for found, alive in ledger.ledgers(ledger_folder(), ledger_api()):
+        mine = this_run is not None and found.holder == str(this_run)
+        if mine:
+            found.asking = ()  # this run's own ask in flight is its wait, not a slot it holds
         held = found.slots()[name]
         if not held:
             continue
@@ -511,11 +514,7 @@ def holders(client: SyncPrefectClient, name: str, this_run: UUID | None = None) 
             state = f"on {found.labels.get(HOST_LABEL, 'an unknown host')}, not checked from here"
         else:
             state = "alive" if alive else "dead"
-        run = (
-            "this run"
-            if this_run is not None and found.holder == str(this_run)
-            else (f"run {_run_name(client, found.holder)}")
-        )
+        run = "this run" if mine else f"run {_run_name(client, found.holder)}"
         entries.append(f"{held} by {run} (pid {pid}, {state})")
     rest = in_use - counted
     if rest > 0:
