@@ -158,3 +158,26 @@ def test_a_site_waiting_for_its_group_holds_no_global_slot(tmp_path: Path) -> No
         limit = client.read_global_concurrency_limit_by_name(group_limit_name(tag, "vendor"))
         assert limit.limit == 1 and limit.active_slots == 0
         assert client.read_global_concurrency_limit_by_name(tag).active_slots == 0
+
+
+def test_validate_orders_by_the_same_history_window_as_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With `learned_timeout.window: 1` a site's expected duration is its last success: the
+    site that was slow once and fast last starts after the steady one, in the run and in what
+    `validate` prints (which used a fixed window of 20, and printed the opposite order)."""
+    tag = uuid4().hex[:6]
+    once_slow, steady = f"once-slow-{tag}", f"steady-{tag}"
+    for first in (0.9, 0.05):
+        run(write_config(tmp_path, [sleeping(once_slow, first), sleeping(steady, 0.4)]))
+    sites = [sleeping(once_slow, 0.05), sleeping(steady, 0.4)]
+    learned = {"window": 1, "min_runs": 1}
+    config = write_config(
+        tmp_path, sites, max_concurrent_sites=1, order="longest_first", learned_timeout=learned
+    )
+    main(["validate", "--config", str(config)])
+    shown = capsys.readouterr().out
+    assert f"starts: {steady}, {once_slow}" in shown, shown
+    (tmp_path / "timeline.tsv").unlink()
+    run(config)
+    assert starts(tmp_path) == [steady, once_slow]

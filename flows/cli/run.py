@@ -50,7 +50,7 @@ def _order(plan: RunPlan) -> str:
     """`order: longest expected first (...); starts: a, b, ...`: the start order a run would
     use now, from the history on the configured server (`PREFECT_API_URL`); with no server
     set, or one that doesn't answer, by priority and list (the run reads the history)."""
-    from flows.slots.start_order import order_mode, plan_order
+    from flows.slots.start_order import history_window, order_mode, plan_order
 
     durations: dict[str, list[float]] | None = None
     note = ""
@@ -66,7 +66,7 @@ def _order(plan: RunPlan) -> str:
             from flows.engine import baselines
 
             tables = baselines.summary_tables()
-            durations = baselines.success_durations(plan.sites, 20, tables)
+            durations = baselines.success_durations(plan.sites, history_window(plan), tables)
         except (ApiUnreachable, OSError) as exc:
             note = f" (history not read: {exc})"
     order = plan_order(plan, durations)

@@ -24,7 +24,7 @@ from flows.engine import baselines
 from flows.engine.task import SiteJob
 from flows.process import holders
 from flows.slots.prefect_api import ensure_limit, reclaim
-from flows.slots.start_order import plan_order
+from flows.slots.start_order import history_window, plan_order
 from flows.timeouts import site_timeout
 
 RunLogger = logging.Logger | logging.LoggerAdapter[logging.Logger]
@@ -94,9 +94,6 @@ class PreparedJob(NamedTuple):
     earlier: list[list[health.Row]]
 
 
-HISTORY_WINDOW = 20  # the successes an expected duration is the median of, without learned
-
-
 def site_job(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> PreparedJob:
     """The task runs' shared parameter: the plan (its sites in start order), the run, its
     tags, and what earlier runs tell (the start order, result check baselines, learned
@@ -104,8 +101,7 @@ def site_job(logger: RunLogger, plan: RunPlan, flow_run_id: UUID) -> PreparedJob
     config = plan.config
     checks, learned = config.result_checks, config.learned_timeout
     tables = baselines.summary_tables()
-    window = learned.window if learned else HISTORY_WINDOW
-    durations = baselines.success_durations(plan.sites, window, tables)
+    durations = baselines.success_durations(plan.sites, history_window(plan), tables)
     order = plan_order(plan, durations)
     logger.info(order.line)
     job = SiteJob(

@@ -119,6 +119,17 @@ def _count(recent: dict[str, int], group: str | None, change: int) -> None:
         recent[group] = recent.get(group, 0) + change
 
 
+HISTORY_WINDOW = 20  # the successes an expected duration is the median of, without learned
+
+
+def history_window(plan: RunPlan) -> int:
+    """How many of a site's last successes its expected duration is the median of: the
+    learned timeout's `window` when it is on, else `HISTORY_WINDOW`. The run and `validate`
+    both ask this, so `validate` prints the order the run will use."""
+    learned = plan.config.learned_timeout
+    return learned.window if learned else HISTORY_WINDOW
+
+
 def order_mode(plan: RunPlan) -> OrderMode:
     """The rule a run of `plan` starts its sites by: its `order`, or the old loop's list
     order when `use_async` is off. Only `longest_first` reads the history."""
