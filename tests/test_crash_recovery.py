@@ -302,7 +302,7 @@ def test_doctor_names_each_holder_and_the_orphans_and_fix_frees_only_those(
     import os
 
     from flows.config import load_plan
-    from flows.ops.health import doctor
+    from flows.ops.checkup import doctor
     from flows.slots import prefect_api as slots
     from tests.conftest import write_config
 

@@ -165,7 +165,7 @@ def test_flows_ops_exports_its_functions_even_once_their_modules_are_loaded() ->
     import types
 
     import flows.ops
-    import flows.ops.health
+    import flows.ops.checkup
     import flows.ops.provision
     import flows.ops.run_history
 
@@ -174,5 +174,5 @@ def test_flows_ops_exports_its_functions_even_once_their_modules_are_loaded() ->
         assert not isinstance(value, types.ModuleType), name
         assert callable(value), name
     assert flows.ops.history is flows.ops.run_history.history
-    assert flows.ops.doctor is flows.ops.health.doctor
+    assert flows.ops.doctor is flows.ops.checkup.doctor
     assert flows.ops.setup is flows.ops.provision.setup

@@ -16,7 +16,7 @@ import pytest
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.ops.health import doctor, lease_storage_line
+from flows.ops.checkup import doctor, lease_storage_line
 from flows.slots.pool import LEASE_SECONDS
 from tests.conftest import write_config
 from tests.scaled import (

@@ -4,7 +4,7 @@
 - `provision`: `setup`: the work pool, the concurrency limit, the notifications (`notify`);
 - `run_history`: `history`, the last runs and each site's last status;
 - `resume`: the earlier run `--retry-failed` resumes, and which sites it runs again;
-- `health`: `doctor`, slots and flow runs left behind by dead processes;
+- `checkup`: `doctor`, slots and flow runs left behind by dead processes;
 - `queries`: the reads those share.
 
 The names below are re-exported here, each loaded on first use: importing `flows.ops` (or
@@ -19,7 +19,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flows.ops.health import doctor
+    from flows.ops.checkup import doctor
     from flows.ops.provision import setup
     from flows.ops.resume import EarlierRun, RetryChoice, choose, earlier_run, mark_crashed
     from flows.ops.run_history import format_history, history, history_rows
@@ -48,7 +48,7 @@ _HOME = {
     "choose": "resume",
     "earlier_run": "resume",
     "mark_crashed": "resume",
-    "doctor": "health",
+    "doctor": "checkup",
 }
 """Each re-exported name -> the module of `flows.ops` it lives in."""
 

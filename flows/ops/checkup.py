@@ -1,6 +1,7 @@
-"""`site-pipeline doctor`: the server, the concurrency limit, slots held by dead processes
-and flow runs whose process is gone; with `--fix`, the slots are given back and the runs
-marked Crashed."""
+"""`site-pipeline doctor`: the server, the concurrency limit, who holds its slots, slots
+held by dead processes and flow runs whose process is gone; with `--fix`, the slots are
+given back and the runs marked Crashed. (Named `checkup`, not `health`: `flows.health` is a
+site's health, and a module named `doctor` would shadow the function `flows.ops.doctor`.)"""
 
 from __future__ import annotations
 
