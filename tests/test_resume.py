@@ -176,3 +176,18 @@ def test_flows_ops_exports_its_functions_even_once_their_modules_are_loaded() ->
     assert flows.ops.history is flows.ops.run_history.history
     assert flows.ops.doctor is flows.ops.checkup.doctor
     assert flows.ops.setup is flows.ops.provision.setup
+
+
+def test_one_rule_tells_a_process_from_one_that_reused_its_pid() -> None:
+    """`same_process` is the one rule (the flow's labels, the ledgers, the kept server's
+    keeper and users): the pid runs and started within half a second of the recorded time."""
+    from flows.process.holders import same_process
+
+    started = psutil.Process().create_time()
+    assert same_process(os.getpid(), started)
+    assert same_process(os.getpid(), round(started, 2))  # as a label keeps it
+    assert not same_process(os.getpid(), started + 0.6)  # a reused pid starts later
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child_started = psutil.Process(child.pid).create_time()
+    child.wait()
+    assert not same_process(child.pid, child_started)

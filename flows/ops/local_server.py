@@ -43,6 +43,8 @@ import httpx
 import psutil
 from filelock import FileLock
 
+from flows.process.holders import process_started, same_process
+
 STATE_FILE = "local-server.json"
 LOCK_FILE = "local-server.lock"
 USERS_DIR = "local-server.users"
@@ -129,23 +131,6 @@ def remove_state(home: Path, keeper_pid: int | None = None) -> None:
 def lock(home: Path, timeout: float) -> FileLock:
     home.mkdir(parents=True, exist_ok=True)
     return FileLock(str(home / LOCK_FILE), timeout=timeout)
-
-
-def process_started(pid: int) -> float | None:
-    """`pid`'s start time, or None when no such process runs (a zombie counts as gone)."""
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return None
-        return proc.create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return None
-
-
-def same_process(pid: int, started: float) -> bool:
-    """`pid` runs and is the process that started at `started` (not a reused pid)."""
-    now = process_started(pid)
-    return now is not None and abs(now - started) < 0.5
 
 
 def keeper_alive(state: ServerState) -> bool:

@@ -26,23 +26,52 @@ def holder_labels(pid: int, started: float) -> dict[str, str]:
     return {host: socket.gethostname(), pid_label: str(pid), started_label: f"{started:.2f}"}
 
 
-def holder_alive(labels: Mapping[str, object]) -> bool | None:
-    """Whether the process the labels name still runs: None when they are missing or name
-    another host (it can't be checked from here)."""
+START_TOLERANCE = 0.5
+"""Seconds a recorded start time may differ from the process's own and still name it: the
+one rule for "is this pid still that process, not a reused pid?" (labels keep 2 decimals;
+a new process on a reused pid starts much later)."""
+
+
+def process_started(pid: int) -> float | None:
+    """`pid`'s start time, or None when no such process runs (a zombie counts as gone)."""
     import psutil
 
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+
+
+def same_process(pid: int, started: float) -> bool:
+    """`pid` runs and is the process that started at `started` (within `START_TOLERANCE`),
+    not a process that reused its number. A process whose start time can't be read (another
+    user's) counts as that one: a live process is never taken for a dead one."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return abs(proc.create_time() - started) < START_TOLERANCE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # pragma: no cover - another user's process: it runs
+        return True
+
+
+def holder_alive(labels: Mapping[str, object]) -> bool | None:
+    """Whether the process the labels name still runs (`same_process`): None when they are
+    missing or name another host (it can't be checked from here)."""
     host, pid_label, started_label = HOLDER_LABELS
     if labels.get(host) != socket.gethostname() or pid_label not in labels:
         return None
     try:
-        proc = psutil.Process(int(str(labels[pid_label])))
-        return f"{proc.create_time():.2f}" == str(labels.get(started_label)) and (
-            proc.status() != psutil.STATUS_ZOMBIE
-        )
-    except (psutil.NoSuchProcess, ValueError):
+        return same_process(int(str(labels[pid_label])), float(str(labels.get(started_label))))
+    except ValueError:
         return False
-    except psutil.AccessDenied:  # pragma: no cover - another user's process: it runs
-        return True
 
 
 def this_process_labels() -> dict[str, str]:
