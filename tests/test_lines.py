@@ -1,5 +1,5 @@
 """How the runner turns a pipeline's bytes into log lines and its result: plain Python, no
-processes (tests/test_runner.py runs real ones)."""
+processes (tests/test_attempt.py runs real ones)."""
 
 from __future__ import annotations
 

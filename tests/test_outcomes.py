@@ -17,7 +17,7 @@ import pytest
 from flows.config import load_plan
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.outcomes import RetryDecision, retry_decision
-from flows.engine.task import AttemptEngine, Ending, SiteJob
+from flows.engine.task import AttemptEngine, Handled, SiteJob
 from flows.process.attempt import AttemptOutcome
 from flows.slots.pool import SlotError
 from flows.slots.sharing import LocalRun
@@ -246,7 +246,7 @@ def test_an_error_before_the_slot_finishes_the_site_and_is_raised(tmp_path: Path
     """An ending that is an exception (the output folder can't be made): finished, raised."""
     engine, pool = engine_for(tmp_path)
     with pytest.raises(OSError, match="read-only"):
-        engine.end(Ending(OSError("read-only")))
+        engine.end(Handled(OSError("read-only")))
     assert pool.finished == ["a"]
 
 

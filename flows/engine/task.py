@@ -11,7 +11,7 @@ process shares one slot pool per flow run (`flows.slots.sharing`).
 An attempt is run by `AttemptEngine`, in the shape of Prefect's own task engine: prepare,
 run under the slot (`begin_run`), one handler per outcome (`handle_success`,
 `handle_check_failure`, `handle_retry`, `handle_failure`, `handle_no_slot`,
-`handle_cancelled`) returning an `Ending` (data), and `end`, the one place a site is
+`handle_cancelled`) returning a `Handled` (data), and `end`, the one place a site is
 finished. Whether a failure is retried is decided once, by
 `flows.engine.outcomes.retry_decision`.
 
@@ -159,12 +159,12 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[A
         out_dir.mkdir(parents=True, exist_ok=True)
     except BaseException as exc:
         # It will never ask for a slot: don't keep others waiting.
-        return engine.end(Ending(exc))
+        return engine.end(Handled(exc))
     return engine.end(engine.dispatch(engine.begin_run(out_dir), out_dir))
 
 
 @dataclass(frozen=True)
-class Ending:
+class Handled:
     """An attempt's outcome as data: what the task run returns or raises (`result`), whether
     the site is done (`final`: it will not ask for a slot again), and the log line to write
     (`message`, `args`, `level`, `event`)."""
@@ -290,7 +290,7 @@ class AttemptEngine:
 
     def dispatch(
         self, outcome: AttemptOutcome | SlotError | None, out_dir: Path | None = None
-    ) -> Ending:
+    ) -> Handled:
         """The handler of `begin_run`'s outcome (`out_dir`: where its attempt logs are). A
         site whose own outcome tripped a `when: now` halt is not cancelled by it."""
         stopping = self.run.stopping.is_set() and not self.counted
@@ -321,7 +321,7 @@ class AttemptEngine:
             return self.handle_success(outcome, report)
         return self.handle_failure(outcome, report)
 
-    def handle_success(self, outcome: AttemptOutcome, report: SiteReport) -> Ending:
+    def handle_success(self, outcome: AttemptOutcome, report: SiteReport) -> Handled:
         """The pipeline succeeded: the result checks (if any) have the last word."""
         checks = self.config.result_checks
         if checks is not None:
@@ -334,17 +334,17 @@ class AttemptEngine:
                 self.logger.warning(
                     "result check: %s (on_fail: warn; the site succeeds)", verdict.reason
                 )
-        return Ending(
+        return Handled(
             message="attempt %d/%d succeeded in %.1fs",
             args=(self.attempt, self.of, outcome.duration_s),
             event="succeeded",
             result=_report_data(report),
         )
 
-    def handle_check_failure(self, report: SiteReport, reason: str | None) -> Ending:
+    def handle_check_failure(self, report: SiteReport, reason: str | None) -> Handled:
         """The scraper ran fine and the data is what it is: retrying can't help."""
         report.status, report.kind, report.error = "failed", "result check", reason
-        return Ending(
+        return Handled(
             level=logging.ERROR,
             message="attempt %d/%d: result check failed: %s; not retried",
             args=(self.attempt, self.of, reason),
@@ -352,7 +352,7 @@ class AttemptEngine:
             result=SiteAttemptFailed(report, retryable=False),
         )
 
-    def handle_failure(self, outcome: AttemptOutcome, report: SiteReport) -> Ending:
+    def handle_failure(self, outcome: AttemptOutcome, report: SiteReport) -> Handled:
         """Failed, timed out or could not start: retried (`handle_retry`), or final."""
         decision = self.decision(outcome)
         what = (
@@ -362,7 +362,7 @@ class AttemptEngine:
         )
         if decision.retry:
             return self.handle_retry(what, report)
-        return Ending(
+        return Handled(
             level=logging.ERROR,
             message="%s; %s",
             args=(what, decision.why),
@@ -382,7 +382,7 @@ class AttemptEngine:
             non_retryable_errors=self.config.non_retryable_error_patterns(),
         )
 
-    def handle_retry(self, what: str, report: SiteReport) -> Ending:
+    def handle_retry(self, what: str, report: SiteReport) -> Handled:
         """Another attempt follows (Prefect schedules it): the site is not finished."""
         self.run.retrying[self.site] = report  # what a stop in the retry delay reports
         config = self.config
@@ -390,7 +390,7 @@ class AttemptEngine:
             config.async_settings.retry_backoff, config.retry_delay, config.retry_max_delay, self.of
         )[self.attempt - 1]
         then = f"retrying in ~{delay:g}s" if delay else "retrying now"
-        return Ending(
+        return Handled(
             final=False,
             level=logging.WARNING,
             message="%s; %s",
@@ -399,12 +399,12 @@ class AttemptEngine:
             result=SiteAttemptFailed(report, retryable=True),
         )
 
-    def handle_no_slot(self, exc: SlotError) -> Ending:
+    def handle_no_slot(self, exc: SlotError) -> Handled:
         """The API kept failing (api_patience) or the limit is gone: retrying can't help."""
         report = SiteReport(
             self.site, "failed", self.attempt - 1, None, 0.0, str(exc), kind="no slot"
         )
-        return Ending(
+        return Handled(
             level=logging.ERROR,
             message="no slot: %s",
             args=(exc,),
@@ -418,7 +418,7 @@ class AttemptEngine:
         duration_s: float = 0.0,
         stderr_tail: list[str] | None = None,
         usage: list[dict[str, Any]] | None = None,
-    ) -> Ending:
+    ) -> Handled:
         """The flow run is stopping (Ctrl-C, SIGTERM): this site ends Cancelled, not Failed,
         with its report as the state's data; a pipeline it was running has been stopped."""
         reason = self.run.stop_reason or self.run.halt_reason or "the flow run is stopping"
@@ -432,7 +432,7 @@ class AttemptEngine:
             stderr_tail=stderr_tail or [],
         )
         with_usage(report, usage or [])
-        return Ending(
+        return Handled(
             level=logging.WARNING,
             message="cancelled: %s",
             args=(reason,),
@@ -440,19 +440,19 @@ class AttemptEngine:
             result=Cancelled(message=reason, data=_report_data(report)),
         )
 
-    def end(self, ending: Ending) -> dict[str, Any] | State[Any]:
+    def end(self, handled: Handled) -> dict[str, Any] | State[Any]:
         """The one place a site is finished: every final outcome finishes it exactly once
         (before its log line, so a waiting site gets the slot order at once); a site that
         will retry is not. Then the log line, then the task run's result or exception."""
-        if ending.final:
+        if handled.final:
             self.run.pool.site_finished(self.site)
-        if ending.message is not None:
+        if handled.message is not None:
             self.logger.log(
-                ending.level, ending.message, *ending.args, extra={SITE_EVENT: ending.event}
+                handled.level, handled.message, *handled.args, extra={SITE_EVENT: handled.event}
             )
-        if isinstance(ending.result, BaseException):
-            raise ending.result
-        return ending.result
+        if isinstance(handled.result, BaseException):
+            raise handled.result
+        return handled.result
 
 
 def configured_task(
