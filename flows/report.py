@@ -229,7 +229,7 @@ class FailureGroup:
     sites: list[str]
 
 
-def _group_of(report: SiteReport) -> tuple[str, str]:
+def _failure_key(report: SiteReport) -> tuple[str, str]:
     """(key, label) of a site that did not succeed: its kind when one is set (`no slot`,
     `result check`); a cancelled one by its error (`the run halted ...`, `cancelled by
     SIGTERM`); a timed-out one by its error without the last line seen (`timed out after
@@ -257,14 +257,14 @@ def _group_of(report: SiteReport) -> tuple[str, str]:
 
 
 def failure_groups(reports: Iterable[SiteReport]) -> list[FailureGroup]:
-    """The sites that did not succeed (nor were skipped), grouped by `_group_of`: the biggest
+    """The sites that did not succeed (nor were skipped), grouped by `_failure_key`: the biggest
     group first, then by key; each group's label is its first site's."""
     labels: dict[str, str] = {}
     members: dict[str, list[str]] = {}
     for report in reports:
         if report.status in OK_STATUSES:
             continue
-        key, label = _group_of(report)
+        key, label = _failure_key(report)
         labels.setdefault(key, label)
         members.setdefault(key, []).append(report.site)
     return [
