@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
-from flows.config import ConfigError, load_plan
+from flows.config import ConfigError, RunPlan, load_plan
 from flows.context import ProgressFn, RunContext
 from flows.dask_cluster import LocalDaskCluster, local_cluster
 from flows.interrupts import StopRequest
@@ -42,6 +42,7 @@ def run_pipeline_summary(
     skip: Mapping[str, str] | None = None,
     stop: StopRequest | None = None,
     cluster: LocalDaskCluster | None = None,
+    plan: RunPlan | None = None,
 ) -> dict[str, Any]:
     """Run the `site-pipeline` flow and return its summary (the `--summary-json` dict).
 
@@ -54,17 +55,23 @@ def run_pipeline_summary(
     here, before Prefect is imported, so it gets ready while the flow run is made, and is
     closed when the run ends (`flows.dask_cluster`); `cluster` is one the caller started
     for this run and closes itself (the CLI's `run` starts it before it connects).
+    `plan`: one the caller already loaded and checked (the CLI's), used as it is, down to
+    the flow: the config is read once per run (the other arguments then say nothing).
     """
-    plan = load_plan(
-        config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
-    )
+    if plan is None:
+        plan = load_plan(
+            config_path,
+            sites=sites,
+            max_concurrent_sites=max_concurrent_sites,
+            use_async=use_async,
+        )
     skipped_reports(plan.sites, skip or {})  # a bad `skip` is a ConfigError before the run
     with ExitStack() as stack:
         if cluster is None:
             cluster = stack.enter_context(local_cluster(plan))
         from flows.site_pipeline import run_sites  # Prefect is imported only when a run starts
 
-        with RunContext(stop=stop, on_progress=on_progress, cluster=cluster):
+        with RunContext(stop=stop, on_progress=on_progress, cluster=cluster, plan=plan):
             state = run_sites(
                 sites=plan.flow_sites(),
                 config_path=str(plan.config_path),

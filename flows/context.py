@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, ClassVar
 from flows.interrupts import StopRequest
 
 if TYPE_CHECKING:
+    from flows.config import RunPlan
     from flows.dask_cluster import LocalDaskCluster
 
 ProgressFn = Callable[[int, int, int], None]
@@ -39,7 +40,7 @@ class RunContext:
     time, like Prefect's contexts; nest a new instance to change what an inner block sees.
     """
 
-    __slots__ = ("_cluster", "_on_progress", "_stop", "_token")
+    __slots__ = ("_cluster", "_on_progress", "_plan", "_stop", "_token")
     _current: ClassVar[ContextVar[RunContext | None]] = ContextVar(
         "site_pipeline_run_context", default=None
     )
@@ -49,10 +50,12 @@ class RunContext:
         stop: StopRequest | None = None,
         on_progress: ProgressFn | None = None,
         cluster: LocalDaskCluster | None = None,
+        plan: RunPlan | None = None,
     ) -> None:
         self._stop = stop
         self._on_progress = on_progress
         self._cluster = cluster
+        self._plan = plan
         self._token: Token[RunContext | None] | None = None
 
     @property
@@ -71,6 +74,13 @@ class RunContext:
         flow's task runner uses it when its plan asks for a local cluster, and the caller
         closes it. None: the flow starts its own."""
         return self._cluster
+
+    @property
+    def plan(self) -> RunPlan | None:
+        """The plan the caller loaded and checked for this run (`flows.api`), which the flow
+        uses as it is instead of reading the config again. None: the flow loads it from its
+        parameters (a deployment's run, in a worker's process)."""
+        return self._plan
 
     @classmethod
     def get(cls) -> RunContext:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -112,3 +113,28 @@ def test_bad_config_raises_config_error_and_runs_nothing(tmp_path: Path) -> None
         asyncio.run(flows.run_pipeline_async(["ok-a"], config_path=good, max_concurrent_sites=0))
     assert flow_run_count() == before
     assert not (tmp_path / "timeline.tsv").exists()
+
+
+def test_a_run_from_the_command_line_reads_its_config_once(
+    tmp_path: Path,
+    prefect_api: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`site-pipeline run` loads and checks its config once and hands the plan down to the
+    flow (`RunContext.plan`): the API and the flow used to read it again (3 reads a run)."""
+    from flows import config as config_module
+    from tests.conftest import cli_in_process
+
+    reads: list[str] = []
+    parse = config_module.parse_config
+
+    def counted(text: str, source: str = config_module.DEFAULT_CONFIG) -> Any:
+        reads.append(source)
+        return parse(text, source)
+
+    monkeypatch.setattr(config_module, "parse_config", counted)
+    config = write_config(tmp_path, ["ok-a", "ok-b"])
+    code, _, err = cli_in_process(["run", "--config", str(config)], capsys)
+    assert code == 0, err
+    assert reads == [str(config)]

@@ -318,6 +318,7 @@ def _watch_flow(
                     skip=skip,
                     stop=stop,
                     cluster=cluster,
+                    plan=plan,  # loaded and checked once, by the command: not read again
                 )
             )
         except BaseException as exc:  # re-raised in the main thread

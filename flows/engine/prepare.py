@@ -20,6 +20,7 @@ from prefect.context import TagsContext
 
 from flows import health, report
 from flows.config import RunPlan, group_limit_name, load_plan
+from flows.context import RunContext
 from flows.engine import baselines
 from flows.engine.task import SiteJob
 from flows.process import holders
@@ -47,9 +48,10 @@ def plan_run(
     use_async: bool | None,
     skip: dict[str, str] | None,
 ) -> PlannedRun:
-    """Load the plan (the flow's parameters override the config file) and leave out the
-    sites in `skip`; logs the plan's warnings and how many sites were skipped."""
-    full = load_plan(
+    """The plan (the caller's, `RunContext.plan`, else loaded: the flow's parameters override
+    the config file), without the sites in `skip`; logs the plan's warnings and how many
+    sites were skipped."""
+    full = RunContext.get().plan or load_plan(
         config_path, sites=sites, max_concurrent_sites=max_concurrent_sites, use_async=use_async
     )
     skipped = report.skipped_reports(full.sites, skip or {})
