@@ -304,3 +304,18 @@ def test_sigterm_while_the_kept_server_starts_ends_the_command_at_once(tmp_path:
         assert not started(tmp_path, "ok-a")
     finally:
         stop_keepers(home)
+    wait_until(lambda: not servers_of(home), "no server of the home left", 30)
+
+
+def servers_of(home: Path) -> list[int]:
+    """`prefect server start` processes (anywhere, orphans too) whose PREFECT_HOME is `home`."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        argv = proc.info["cmdline"] or []
+        if "prefect" in " ".join(argv) and "server" in argv and "start" in argv:
+            try:
+                if proc.environ().get("PREFECT_HOME") == str(home):
+                    found.append(proc.pid)
+            except psutil.Error:
+                pass
+    return found

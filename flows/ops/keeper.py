@@ -127,6 +127,9 @@ def stop_and_forget(server: subprocess.Popen[bytes]) -> None:
 
 
 def keep(home: Path, port: int) -> int:
+    # A SIGTERM while the server starts (before `try`, while it is being tied to the reaper)
+    # would leave it running unseen: it waits until the server is ours to stop.
+    held = _hold_sigterm()
     server = start_server(port)
     me = os.getpid()
     idle = 0.0
@@ -136,6 +139,7 @@ def keep(home: Path, port: int) -> int:
     said: float | None = -1.0  # what the idle file says
     stopped = False
     try:
+        _release_sigterm(held)  # one that came meanwhile ends us here, and `finally` stops it
         while server.poll() is None:
             time.sleep(CHECK_SECONDS)
             if stop_file.exists():
@@ -171,6 +175,18 @@ def keep(home: Path, port: int) -> int:
         if not stopped:
             stop_and_forget(server)
     return 0
+
+
+def _hold_sigterm() -> set[int]:
+    """Block SIGTERM (POSIX) until `_release_sigterm`; the mask it replaced."""
+    if sys.platform == "win32":
+        return set()
+    return {int(number) for number in signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})}
+
+
+def _release_sigterm(previous: set[int]) -> None:
+    if sys.platform != "win32":
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:
