@@ -595,3 +595,19 @@ def test_a_server_that_answers_on_the_chosen_port_but_is_not_ours_is_not_taken(
     finally:
         user.unlink(missing_ok=True)
         stop_keepers(home)
+
+
+def test_a_server_that_could_not_listen_is_told_from_its_log(tmp_path: Path) -> None:
+    """A start whose server exited because its port was taken (as uvicorn or Windows say it)
+    is tried once more on a free port, even when the port is free again by the time it is
+    looked at (the other home's server was stopped meanwhile); another exit is not."""
+    log = tmp_path / "local-server.log"
+    log.write_text(
+        "Check out the dashboard at http://127.0.0.1:4200\n"
+        "ERROR | uvicorn.error - [Errno 98] error while attempting to bind on address "
+        "('127.0.0.1', 4200): address already in use\n"
+    )
+    assert ls._port_was_taken(log)
+    log.write_text("sqlite3.OperationalError: unable to open database file\n")
+    assert not ls._port_was_taken(log)
+    assert not ls._port_was_taken(tmp_path / "missing.log")

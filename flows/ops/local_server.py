@@ -423,14 +423,29 @@ def reuse(home: Path, version: str) -> Lease | None:
 def start(home: Path, version: str, startup_timeout: float) -> ServerState:
     """Start a keeper (and so a server) for `home` on `choose_port`'s port, wait until it
     answers, record it. When that port was taken meanwhile (another home's server starting
-    at the same moment, say), once more on a free port."""
+    at the same moment, say; it may be gone again by now), once more on a free port."""
     port = choose_port(home)
     try:
         return _start_on(home, port, startup_timeout)
     except LocalServerFailed as failed:
-        if failed.what != _EXITED or port_free(port):
+        if failed.what != _EXITED or (port_free(port) and not _port_was_taken(failed.log)):
             raise
     return _start_on(home, free_port(), startup_timeout)
+
+
+_PORT_TAKEN = (b"address already in use", b"only one usage of each socket address")
+"""What the server's log ends with when its port was taken (uvicorn on POSIX, on Windows)."""
+
+
+def _port_was_taken(log: Path) -> bool:
+    """The server's last start failed to listen: its port was taken."""
+    try:
+        with open(log, "rb") as file:
+            file.seek(max(0, file.seek(0, os.SEEK_END) - 8192))
+            tail = file.read().lower()
+    except OSError:
+        return False
+    return any(words in tail for words in _PORT_TAKEN)
 
 
 _EXITED = "exited before it answered"
