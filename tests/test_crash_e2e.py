@@ -262,7 +262,12 @@ def test_a_fault_of_the_kept_server_mid_run_leaves_no_process_and_the_next_run_w
         second_home.proc.wait(120)
         assert second_home.proc.returncode == 0, second_home.output()
         done = next_night_works(home, tmp_path / "after", "fault-cap")
-        assert "gave back" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
+        # It ran every site at the cap of 2, so no slot was left held. Who gave the slots
+        # back: the next run, where the server died at once; after the keeper's SIGKILL the
+        # reaper's SIGTERM lets the server finish a request, in which the run may give them
+        # back itself (a CI run did).
+        if fault != "keeper":
+            assert "gave back" in done.stdout + done.stderr, (done.stdout + done.stderr)[-3000:]
     finally:
         stop_keepers(home), stop_keepers(other)
 

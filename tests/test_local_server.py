@@ -597,16 +597,27 @@ def test_a_server_that_answers_on_the_chosen_port_but_is_not_ours_is_not_taken(
         stop_keepers(home)
 
 
-def test_a_server_that_could_not_listen_is_told_from_its_log(tmp_path: Path) -> None:
-    """A start whose server exited because its port was taken (as uvicorn or Windows say it)
-    is tried once more on a free port, even when the port is free again by the time it is
-    looked at (the other home's server was stopped meanwhile); another exit is not."""
-    log = tmp_path / "local-server.log"
-    log.write_text(
-        "Check out the dashboard at http://127.0.0.1:4200\n"
+@pytest.mark.parametrize(
+    "said",
+    [
         "ERROR | uvicorn.error - [Errno 98] error while attempting to bind on address "
-        "('127.0.0.1', 4200): address already in use\n"
-    )
+        "('127.0.0.1', 4200): address already in use",
+        "[WinError 10048] only one usage of each socket address (protocol/network "
+        "address/port) is normally permitted",
+        # `prefect server start`'s own check, wrapped by rich as a CI log had it
+        "  Port 4200 is already in use. Please specify a different port with the `--port`\n"
+        "  flag.",
+        "  A background server process is already running on port 4200. Run `prefect\n"
+        "  server stop` to stop it or specify a different port with the `--port` flag.",
+    ],
+)
+def test_a_server_that_could_not_listen_is_told_from_its_log(tmp_path: Path, said: str) -> None:
+    """A start whose server exited because its port was taken (as uvicorn, Windows or
+    Prefect's own check say it) is tried once more on a free port, even when the port is free
+    again by the time it is looked at (the other home's server was stopped meanwhile);
+    another exit is not."""
+    log = tmp_path / "local-server.log"
+    log.write_text(f"Check out the dashboard at http://127.0.0.1:4200\n{said}\n")
     assert ls._port_was_taken(log)
     log.write_text("sqlite3.OperationalError: unable to open database file\n")
     assert not ls._port_was_taken(log)

@@ -433,8 +433,15 @@ def start(home: Path, version: str, startup_timeout: float) -> ServerState:
     return _start_on(home, free_port(), startup_timeout)
 
 
-_PORT_TAKEN = (b"address already in use", b"only one usage of each socket address")
-"""What the server's log ends with when its port was taken (uvicorn on POSIX, on Windows)."""
+_PORT_TAKEN = (
+    b"address already in use",  # uvicorn, POSIX
+    b"only one usage of each socket address",  # uvicorn, Windows
+    b"is already in use. please specify a different port",  # `prefect server start`'s check
+    b"already running on port",  # the same check, for a server of Prefect's own PID file
+)
+"""What the server's log ends with when its port was taken, its spaces and line breaks made
+one space (Prefect's own messages come wrapped to the terminal's width). A CI run failed on
+the third: Prefect checks the port itself before uvicorn tries it."""
 
 
 def _port_was_taken(log: Path) -> bool:
@@ -442,7 +449,7 @@ def _port_was_taken(log: Path) -> bool:
     try:
         with open(log, "rb") as file:
             file.seek(max(0, file.seek(0, os.SEEK_END) - 8192))
-            tail = file.read().lower()
+            tail = b" ".join(file.read().lower().split())
     except OSError:
         return False
     return any(words in tail for words in _PORT_TAKEN)

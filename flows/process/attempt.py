@@ -124,7 +124,7 @@ def run_attempt(
     output = AttemptOutput(log, max_log_lines, writer)
     assert proc.stdout is not None and proc.stderr is not None  # noqa: S101  (pipes requested)
     pipes = open_pipes({"stdout": proc.stdout, "stderr": proc.stderr})
-    ending: Ending = "exited"
+    ending: Ending | None = None  # None until `_follow` returns: an exception ended it
     usage: TreeUsage | None = None
     try:
         ending, usage = _follow(
@@ -137,6 +137,10 @@ def run_attempt(
         usage = control.usage(proc) or usage
     finally:
         control.stop(proc, kill_grace)
+        # Not after an exception (a CancelledError raised into this thread, say): raised just
+        # after a read of the reader threads' queue took the queue's lock (CPython checks for
+        # it after each C call), it left that lock held, and a drain then waited for it for
+        # ever (a red CI run: tree-threads, the thread never ended).
         if ending == "exited":
             drain(pipes, output, until=time.monotonic() + 0.5)
         pipes.close()
