@@ -19,8 +19,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from flows.process.holders import HOST_LABEL, holder_labels, this_process_labels
-from flows.slots import ledger
-from flows.slots.pool import PoolSettings, SlotPool, WaitStopped
+from flows.slots import PoolSettings, SlotPool, WaitStopped, ledger
 from tests.fakes.slot_api import FakeLimit, FakeSlotApi
 from tests.test_ledger import dead_labels
 from tests.waiting import wait_for

@@ -331,8 +331,8 @@ def test_an_api_that_keeps_failing_fails_waiting_sites_after_api_patience(
     """Once the server stops giving slots (503s from the 3rd request on), the 2 sites still
     waiting fail after api_patience with 'could not get a concurrency slot from <url>: ...',
     grouped as "no slot"; the 2 running pipelines finish and are reported; the run fails."""
+    from flows.slots import ApiUnavailable
     from flows.slots import prefect_api as prefect_slots
-    from flows.slots.pool import ApiUnavailable
 
     original = prefect_slots.PrefectSlotApi.acquire
     granted: list[object] = []

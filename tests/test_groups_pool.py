@@ -11,7 +11,7 @@ from uuid import UUID
 
 import pytest
 
-from flows.slots.pool import PoolSettings, SlotError, SlotPool
+from flows.slots import PoolSettings, SlotError, SlotPool
 from tests.fakes.slot_api import FakeLimit, FakeSlotApi
 from tests.waiting import wait_for
 

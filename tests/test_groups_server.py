@@ -14,7 +14,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from flows.config import group_limit_name, load_plan
 from flows.ops.checkup import doctor
 from flows.ops.provision import setup
-from flows.slots.pool import SlotError
+from flows.slots import SlotError
 from flows.slots.prefect_api import PrefectSlotApi, ensure_limit, open_slot_pool
 from tests.conftest import write_config
 

@@ -12,8 +12,7 @@ import psutil
 import pytest
 
 from flows.process.holders import holder_labels
-from flows.slots import ledger
-from flows.slots.pool import SlotPool
+from flows.slots import SlotPool, ledger
 from tests.fakes.slot_api import FakeLimit, FakeSlotApi
 from tests.waiting import wait_for
 

@@ -19,7 +19,7 @@ from flows.engine.failure import SiteAttemptFailed
 from flows.engine.outcomes import RetryDecision, retry_decision
 from flows.engine.task import AttemptEngine, Handled, SiteJob
 from flows.process.attempt import AttemptOutcome
-from flows.slots.pool import SlotError
+from flows.slots import SlotError
 from flows.slots.sharing import LocalRun
 from tests.conftest import write_config
 

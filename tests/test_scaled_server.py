@@ -17,7 +17,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.ops.checkup import doctor, lease_storage_line
-from flows.slots.pool import LEASE_SECONDS
+from flows.slots import LEASE_SECONDS
 from tests.conftest import write_config
 from tests.scaled import (
     LEASE_STORAGE,
@@ -38,7 +38,7 @@ CAP = 3
 TAG = "scaled-cap"
 # Prefect's server logs these when a lease goes missing or runs out (prefect/server/services/
 # repossessor.py); our pool logs the last two when the server forgot or expired a lease
-# (flows/slots/pool.py, LeaseBook._lost).
+# (flows/slots/lease_book.py, LeaseBook._lost).
 LEASE_TROUBLE = (
     "should be revoked but was not found",
     "Revoking lease",

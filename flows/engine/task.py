@@ -56,7 +56,7 @@ from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for
 from flows.process.logfile import attempt_log_path, prune_logs, run_logs
 from flows.report import SiteReport, attempt_usage, with_usage
-from flows.slots.pool import SlotError, WaitStopped
+from flows.slots import SlotError, WaitStopped
 from flows.slots.sharing import LocalRun, local_run
 from flows.timeouts import SiteTimeout, site_timeout
 

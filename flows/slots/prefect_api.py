@@ -27,7 +27,9 @@ from flows.config import group_limit_name
 from flows.process.holders import HOST_LABEL, PID_LABEL
 from flows.slots import ledger
 from flows.slots.ledger import Ledger
-from flows.slots.pool import ApiUnavailable, PoolSettings, SlotError, SlotPool
+from flows.slots.pool import SlotPool
+from flows.slots.pool_state import PoolSettings
+from flows.slots.slot_api import ApiUnavailable, SlotError
 
 
 def ensure_limit(client: SyncPrefectClient, name: str, limit: int) -> str:
@@ -90,7 +92,7 @@ def may_pass(status_code: int) -> bool:
 
 
 class PrefectSlotApi:
-    """`flows.slots.pool.SlotApi` on a Prefect server, for the leases of one holder (a flow run)."""
+    """`flows.slots.slot_api.SlotApi` on a Prefect server, for the leases of one holder (a flow run)."""
 
     def __init__(
         self, client: SyncPrefectClient, holder_id: UUID | None = None, *, fast: bool = True

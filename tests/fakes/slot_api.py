@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from uuid import UUID, uuid4
 
-from flows.slots.pool import ApiUnavailable, SlotError
+from flows.slots import ApiUnavailable, SlotError
 
 _SERVER = threading.RLock()  # one lock for every fake limit: multi-name calls are atomic
 
@@ -44,7 +44,7 @@ class FakeLimit:
 
 
 class FakeSlotApi:
-    """`flows.slots.pool.SlotApi` on a `FakeLimit` (the global one) and `groups` (limit
+    """`flows.slots.slot_api.SlotApi` on a `FakeLimit` (the global one) and `groups` (limit
     name -> `FakeLimit`). Set `down` to make every call fail. Set `lease_store_down` for
     Prefect 3.9's server with its lease storage (Redis) gone: an acquire with room counts
     the slot, fails to store the lease and answers 500, keeping the count; a full limit
