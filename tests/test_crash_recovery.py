@@ -31,10 +31,10 @@ def api(prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> It
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.slots import prefect_api as slots
+    from flows.slots import ledger_home
 
-    monkeypatch.setattr(slots, "ledger_folder", lambda: tmp_path / "leases")
-    monkeypatch.delenv(slots.LOCAL_SERVER_ENV, raising=False)
+    monkeypatch.setattr(ledger_home, "ledger_folder", lambda: tmp_path / "leases")
+    monkeypatch.delenv(ledger_home.LOCAL_SERVER_ENV, raising=False)
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         yield client
 
@@ -94,7 +94,8 @@ def test_a_canary_lease_holds_no_slot_and_the_server_knows_it_until_released(api
 def test_a_dead_run_s_slot_that_a_restart_lost_is_given_back(api: object, tmp_path: Path) -> None:
     """A dead pool's lease the server no longer knows, with its canary gone too (a restart of
     a server that keeps leases in memory: the slot still counts), is given back by name."""
-    from flows.slots.prefect_api import ledger_api, reclaim
+    from flows.slots.ledger_home import ledger_api
+    from flows.slots.reclaim import reclaim
 
     name = new_limit(api, 2)
     count_without_lease(api, name, 1)
@@ -117,7 +118,9 @@ def test_a_dead_run_s_expired_lease_is_left_alone_and_another_host_s_slot_stays(
     """A dead pool's lease the server no longer knows while its canary is still known expired
     (the server gave its slot back already): nothing is given back twice, so the slot a
     live run of another host holds stays taken. A ledger of another host is never an orphan."""
-    from flows.slots.prefect_api import PrefectSlotApi, ledger_api, reclaim
+    from flows.slots.ledger_home import ledger_api
+    from flows.slots.prefect_api import PrefectSlotApi
+    from flows.slots.reclaim import reclaim
 
     name = new_limit(api, 2)
     count_without_lease(api, name, 1)  # the other host's run holds it
@@ -147,27 +150,28 @@ def test_on_the_embedded_default_slots_no_live_process_holds_go_back_and_no_othe
     """On this home's own server, the slots in use beyond what live pools hold or are asking
     for go back (a ledger of an older version, keyed by the old server's port, explains
     nothing); a live pool's slot, an ask in flight and another host's slot stay."""
-    from flows.slots import prefect_api as slots
+    from flows.slots import ledger_home
+    from flows.slots.reclaim import reclaim
 
-    monkeypatch.setenv(slots.LOCAL_SERVER_ENV, str(api.api_url))  # type: ignore[attr-defined]
-    assert slots.on_embedded_default()
+    monkeypatch.setenv(ledger_home.LOCAL_SERVER_ENV, str(api.api_url))  # type: ignore[attr-defined]
+    assert ledger_home.on_embedded_default()
     name = new_limit(api, 5)
     count_without_lease(api, name, 5)
-    folder, key = tmp_path / "leases", slots.ledger_api()
+    folder, key = tmp_path / "leases", ledger_home.ledger_api()
     write_ledger(folder, key, this_process_labels(), [{"+": str(uuid4()), "names": [name]}])
     asking = write_ledger(folder, key, this_process_labels(), [])
     ledger.ask_path(asking).write_text(json.dumps([name]))  # an acquire in flight
     write_ledger(folder, key, other_host_labels(), [{"+": str(uuid4()), "names": [name]}])
     old = "http://127.0.0.1:41234/api"  # the kept server's port before its restart
     write_ledger(folder, old, dead_labels(), [{"+": str(uuid4()), "names": [name]}])
-    assert slots.reclaim(api, dry_run=True, names=[name]) == [  # type: ignore[arg-type]
+    assert reclaim(api, dry_run=True, names=[name]) == [  # type: ignore[arg-type]
         f"would give back 2 slot(s) of {name!r} that no live process holds "
         "(the server counted 5 in use, live runs here hold 3)"
     ]
     assert in_use(api, name) == 5
-    slots.reclaim(api, names=[name])  # type: ignore[arg-type]
+    reclaim(api, names=[name])  # type: ignore[arg-type]
     assert in_use(api, name) == 3
-    assert slots.reclaim(api, names=[name]) == []  # type: ignore[arg-type]
+    assert reclaim(api, names=[name]) == []  # type: ignore[arg-type]
 
 
 def test_the_kept_server_s_ledgers_are_the_embedded_default_s_whatever_its_port(
@@ -177,19 +181,19 @@ def test_the_kept_server_s_ledgers_are_the_embedded_default_s_whatever_its_port(
     after a restart on another port finds it; a URL the user set is keyed by itself."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.slots import prefect_api as slots
+    from flows.slots import ledger_home
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings({PREFECT_API_URL: None}):
-        embedded = slots.ledger_api()
+        embedded = ledger_home.ledger_api()
     assert embedded.startswith("embedded ")
     for port in (41234, 41999):
         url = f"http://127.0.0.1:{port}/api"
-        monkeypatch.setenv(slots.LOCAL_SERVER_ENV, url)
+        monkeypatch.setenv(ledger_home.LOCAL_SERVER_ENV, url)
         with temporary_settings({PREFECT_API_URL: url}):
-            assert slots.ledger_api() == embedded
+            assert ledger_home.ledger_api() == embedded
     with temporary_settings({PREFECT_API_URL: "http://prefect.example:4200/api"}):
-        assert slots.ledger_api() == "http://prefect.example:4200/api"
+        assert ledger_home.ledger_api() == "http://prefect.example:4200/api"
 
 
 def test_a_pool_notes_an_ask_before_it_goes_out_and_closes_it_after(tmp_path: Path) -> None:
@@ -302,13 +306,13 @@ def test_doctor_names_each_holder_and_the_orphans_and_fix_frees_only_those(
 
     from flows.config import load_plan
     from flows.ops.checkup import doctor
-    from flows.slots import prefect_api as slots
+    from flows.slots import ledger_home
     from tests.conftest import write_config
 
-    monkeypatch.setenv(slots.LOCAL_SERVER_ENV, str(api.api_url))  # type: ignore[attr-defined]
+    monkeypatch.setenv(ledger_home.LOCAL_SERVER_ENV, str(api.api_url))  # type: ignore[attr-defined]
     name = new_limit(api, 3)
     count_without_lease(api, name, 3)
-    folder, key = tmp_path / "leases", slots.ledger_api()
+    folder, key = tmp_path / "leases", ledger_home.ledger_api()
     live = write_ledger(folder, key, this_process_labels(), [{"+": str(uuid4()), "names": [name]}])
     write_ledger(folder, key, dead_labels(), [{"+": str(uuid4()), "names": [name]}])
     holder = json.loads(live.read_text().splitlines()[0])["holder"]
@@ -336,7 +340,7 @@ def test_a_server_is_taken_for_this_home_s_own_only_when_it_says_so(
     PREFECT_HOME as its own (another home's server may have taken the port first)."""
     from prefect.settings import PREFECT_HOME, temporary_settings
 
-    from flows.slots.prefect_api import serves_this_home
+    from flows.slots.ledger_home import serves_this_home
 
     assert serves_this_home(api)  # type: ignore[arg-type]
     with temporary_settings({PREFECT_HOME: tmp_path / "another-home"}):

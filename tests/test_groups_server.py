@@ -15,7 +15,8 @@ from flows.config import group_limit_name, load_plan
 from flows.ops.checkup import doctor
 from flows.ops.provision import setup
 from flows.slots import SlotError
-from flows.slots.prefect_api import PrefectSlotApi, ensure_limit, open_slot_pool
+from flows.slots.prefect_api import PrefectSlotApi, ensure_limit
+from flows.slots.prefect_pool import open_slot_pool
 from tests.conftest import write_config
 
 

@@ -92,24 +92,26 @@ def test_reclaim_releases_a_dead_runs_lease_on_a_real_server(
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from flows.slots import ledger_home
     from flows.slots import prefect_api as prefect_slots
+    from flows.slots.reclaim import reclaim
 
-    monkeypatch.setattr(prefect_slots, "ledger_folder", lambda: tmp_path)
+    monkeypatch.setattr(ledger_home, "ledger_folder", lambda: tmp_path)
     name = f"reclaim-{uuid4().hex[:8]}"
     with temporary_settings({PREFECT_API_URL: prefect_api}), get_client(sync_client=True) as client:
         prefect_slots.ensure_limit(client, name, 1)
         lease = prefect_slots.PrefectSlotApi(client).acquire([name], 60)
         assert lease is not None
         path = write_dead_ledger(
-            tmp_path, prefect_slots.ledger_api(), [{"+": str(lease), "name": name}]
+            tmp_path, ledger_home.ledger_api(), [{"+": str(lease), "name": name}]
         )
         pid = json.loads(path.read_text().splitlines()[0])["labels"]["site-pipeline.pid"]
-        assert prefect_slots.reclaim(client, dry_run=True) == [
+        assert reclaim(client, dry_run=True) == [
             f"would give back 1 of 1 slot(s) held by flow run run-1, whose process ({pid}) is gone"
         ]
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
-        lines = prefect_slots.reclaim(client)
+        lines = reclaim(client)
         assert len(lines) == 1 and lines[0].startswith("gave back 1 of 1 slot(s)")
         assert client.read_global_concurrency_limit_by_name(name).active_slots == 0
         assert not path.exists()
-        assert prefect_slots.reclaim(client) == []  # nothing twice
+        assert reclaim(client) == []  # nothing twice

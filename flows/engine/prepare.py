@@ -24,7 +24,8 @@ from flows.context import RunContext
 from flows.engine import baselines
 from flows.engine.task import SiteJob
 from flows.process import holders
-from flows.slots.prefect_api import ensure_limit, reclaim
+from flows.slots.prefect_api import ensure_limit
+from flows.slots.reclaim import reclaim
 from flows.slots.start_order import history_window, plan_order
 from flows.timeouts import site_timeout
 

@@ -20,7 +20,9 @@ from flows.engine.baselines import PAGE
 from flows.ops.queries import of_the_flow
 from flows.ops.resume import mark_crashed
 from flows.process.holders import HOST_LABEL, PID_LABEL, holder_alive
-from flows.slots.prefect_api import describe_status, holders, reclaim
+from flows.slots.prefect_api import describe_status
+from flows.slots.reclaim import reclaim
+from flows.slots.slot_holders import holders
 
 
 def doctor(plan: RunPlan | None, fix: bool = False) -> tuple[list[str], bool]:

@@ -22,7 +22,7 @@ from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_se
 
 from flows import _prefect_compat as compat
 from flows.ops import local_server
-from flows.slots.prefect_api import LOCAL_SERVER_ENV
+from flows.slots.ledger_home import LOCAL_SERVER_ENV
 
 SERVER_LOG = Path("logs") / "temporary-server.log"
 """The temporary server's log, under PREFECT_HOME; the previous run's is `<name>.1`."""
@@ -164,7 +164,7 @@ def use_local_server(keep: float | None) -> local_server.Lease | None:
         return None
     os.environ["PREFECT_API_URL"] = lease.state.url
     # This home's own server, whatever its port: its slot ledgers are the embedded default's
-    # (flows.slots.prefect_api.ledger_api), so a crash's slots are found after a restart.
+    # (flows.slots.ledger_home.ledger_api), so a crash's slots are found after a restart.
     os.environ[LOCAL_SERVER_ENV] = lease.state.url
     # For the rest of this command (the context manager must stay referenced: a generator
     # closed by the garbage collector would restore the settings). The flow's thread runs in

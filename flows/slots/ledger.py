@@ -13,7 +13,7 @@ header naming the process, its flow run (the holder) and the server (`api`), the
 
 - `{"canary": id}`: a lease on no limit, a day long, renewed while the pool lives. While the
   server still knows it, the server has not lost its leases since the pool last renewed it
-  (`flows.slots.prefect_api.reclaim`);
+  (`flows.slots.reclaim`);
 - beside it, `<holder>-<pid>.ask` holds the names of an acquire in flight (written before
   the pool asks, removed once the answer is in and noted): a slot the server may have counted
   for a live pool before its `+` line. A file, not lines: a pool waiting on a full limit asks

@@ -29,7 +29,7 @@ from prefect.client.orchestration import get_client
 from flows.halt import HaltTally
 from flows.process.control import stop_everything
 from flows.slots.pool import SlotPool
-from flows.slots.prefect_api import open_slot_pool, site_limit_names
+from flows.slots.prefect_pool import open_slot_pool, site_limit_names
 
 if TYPE_CHECKING:
     from flows.config import RunPlan
