@@ -25,7 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from flows.ops import local_server as ls  # noqa: E402  (needs ROOT on sys.path)
+from flows.ops import local_server_files as lsfiles  # noqa: E402  (needs ROOT on sys.path)
 from tests import ui_pages as ui  # noqa: E402
 from tests.servers import seed_home  # noqa: E402
 
@@ -113,7 +113,7 @@ def main() -> int:
     try:
         run(env, config, folder)
         flow_run_id = run(env, config, folder)  # the second: the health strip has history
-        state = ls.read_state(home)
+        state = lsfiles.read_state(home)
         if state is None:
             print("ui_screenshots: no kept server after the runs", file=sys.stderr)
             return 1

@@ -47,6 +47,7 @@ PLAIN = [
     "flows.cli",  # the CLI's start: its exit-2 paths must not wait for Prefect to load
     "flows.ops",  # its names load on first use
     "flows.ops.resume",
+    "flows.ops.keeper",  # the kept server's keeper (and the files it reads) runs without Prefect
     *sorted(f"flows.process.{m.name}" for m in pkgutil.iter_modules(flows.process.__path__)),
 ]
 """Every module of `flows/process/` is plain, whatever is added there."""

@@ -24,6 +24,10 @@ import pytest
 
 from flows.ops import keeper
 from flows.ops import local_server as ls
+from flows.ops import local_server_checks as lschecks
+from flows.ops import local_server_files as lsfiles
+from flows.ops import local_server_start as lsstart
+from flows.process import holders
 from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
 from tests.processes import keepers_under, start_tied, stop_keepers, tie_keepers
 from tests.servers import seed_home
@@ -69,11 +73,11 @@ def answering() -> Iterator[str]:
 
 def a_state(
     url: str, pid: int, started: float | None = None, version: str = PREFECT_VERSION
-) -> ls.ServerState:
+) -> lsfiles.ServerState:
     if started is None:
         started = psutil.Process(pid).create_time()
     port = int(url.rsplit(":", 1)[1].split("/")[0])
-    return ls.ServerState(url, port, pid, started, version, time.time())
+    return lsfiles.ServerState(url, port, pid, started, version, time.time())
 
 
 def a_dead_pid() -> int:
@@ -93,51 +97,52 @@ def test_a_recorded_server_is_used_only_when_its_keeper_lives_and_it_answers_our
     keeper that is gone, or a pid now another process (another start time), is 'foreign'
     when something still answers there and 'dead' when nothing does."""
     me = os.getpid()
-    closed = f"http://127.0.0.1:{ls.free_port()}/api"
-    assert ls.verdict(a_state(answering, me), PREFECT_VERSION) == "ok"
-    assert ls.verdict(a_state(answering, me), "3.9.2") == "other-version"
-    assert ls.verdict(a_state(answering, me, version="3.8.0"), PREFECT_VERSION) == "other-version"
-    assert ls.verdict(a_state(closed, me), PREFECT_VERSION) == "no-answer"
+    closed = f"http://127.0.0.1:{lsstart.free_port()}/api"
+    assert lschecks.verdict(a_state(answering, me), PREFECT_VERSION) == "ok"
+    assert lschecks.verdict(a_state(answering, me), "3.9.2") == "other-version"
+    older = a_state(answering, me, version="3.8.0")
+    assert lschecks.verdict(older, PREFECT_VERSION) == "other-version"
+    assert lschecks.verdict(a_state(closed, me), PREFECT_VERSION) == "no-answer"
     reused_pid = a_state(answering, me, started=psutil.Process(me).create_time() - 100)
-    assert ls.verdict(reused_pid, PREFECT_VERSION) == "foreign"
+    assert lschecks.verdict(reused_pid, PREFECT_VERSION) == "foreign"
     gone = a_dead_pid()
-    assert ls.verdict(a_state(answering, gone, started=1.0), PREFECT_VERSION) == "foreign"
-    assert ls.verdict(a_state(closed, gone, started=1.0), PREFECT_VERSION) == "dead"
+    assert lschecks.verdict(a_state(answering, gone, started=1.0), PREFECT_VERSION) == "foreign"
+    assert lschecks.verdict(a_state(closed, gone, started=1.0), PREFECT_VERSION) == "dead"
 
 
 def test_a_broken_state_file_is_no_server_and_a_written_one_reads_back(tmp_path: Path) -> None:
     """A missing, truncated or foreign-shaped `local-server.json` is None (a run starts a
     server); one written by `write_state` reads back field for field."""
-    assert ls.read_state(tmp_path) is None
-    (tmp_path / ls.STATE_FILE).write_text('{"url": "http://127.0.0.1:1/api", "port"')
-    assert ls.read_state(tmp_path) is None
-    (tmp_path / ls.STATE_FILE).write_text('["not", "a", "mapping"]')
-    assert ls.read_state(tmp_path) is None
-    state = ls.ServerState("http://127.0.0.1:5/api", 5, 42, 1.5, PREFECT_VERSION, 2.5)
-    ls.write_state(tmp_path, state)
-    assert ls.read_state(tmp_path) == state
-    ls.remove_state(tmp_path, keeper_pid=43)  # another keeper's: left alone
-    assert ls.read_state(tmp_path) == state
-    ls.remove_state(tmp_path, keeper_pid=42)
-    assert ls.read_state(tmp_path) is None
+    assert lsfiles.read_state(tmp_path) is None
+    (tmp_path / lsfiles.STATE_FILE).write_text('{"url": "http://127.0.0.1:1/api", "port"')
+    assert lsfiles.read_state(tmp_path) is None
+    (tmp_path / lsfiles.STATE_FILE).write_text('["not", "a", "mapping"]')
+    assert lsfiles.read_state(tmp_path) is None
+    state = lsfiles.ServerState("http://127.0.0.1:5/api", 5, 42, 1.5, PREFECT_VERSION, 2.5)
+    lsfiles.write_state(tmp_path, state)
+    assert lsfiles.read_state(tmp_path) == state
+    lsfiles.remove_state(tmp_path, keeper_pid=43)  # another keeper's: left alone
+    assert lsfiles.read_state(tmp_path) == state
+    lsfiles.remove_state(tmp_path, keeper_pid=42)
+    assert lsfiles.read_state(tmp_path) is None
 
 
 def test_only_runs_whose_process_lives_count_as_on_the_server(tmp_path: Path) -> None:
     """A registered live process counts, with its idle seconds; the file of a process that
     has ended, or of a pid that another process now has, is removed and does not count;
     `release` removes this run's."""
-    mine = ls.register(tmp_path, 600)
-    users = tmp_path / ls.USERS_DIR
+    mine = lsfiles.register(tmp_path, 600)
+    users = tmp_path / lsfiles.USERS_DIR
     (users / "dead.json").write_text(json.dumps({"pid": a_dead_pid(), "started": 1, "idle": 5}))
     me = os.getpid()
     (users / "reused.json").write_text(json.dumps({"pid": me, "started": 1.0, "idle": 5}))
     (users / "junk.json").write_text("{")
-    live = ls.live_users(tmp_path)
+    live = lsfiles.live_users(tmp_path)
     assert [(user.pid, user.idle, user.path) for user in live] == [(me, 600, mine)]
     assert sorted(path.name for path in users.iterdir()) == [mine.name]
     lease = ls.Lease(a_state("http://127.0.0.1:1/api", me), "reused", 600, mine)
     lease.release()
-    assert ls.live_users(tmp_path) == []
+    assert lsfiles.live_users(tmp_path) == []
 
 
 def embedded_env(home: Path) -> dict[str, str]:
@@ -159,7 +164,7 @@ def url_in(line: str) -> str:
 
 
 def gone(pids: list[int]) -> bool:
-    return not any(ls.process_started(pid) is not None for pid in pids)
+    return not any(holders.process_started(pid) is not None for pid in pids)
 
 
 def server_tree(home: Path) -> list[int]:
@@ -228,7 +233,7 @@ def test_a_second_run_reuses_the_server_the_first_started_and_server_stop_ends_i
         ] == []
         assert (home / "logs" / "local-server.log").stat().st_size > 0
         (kept,) = keepers_under(home)
-        state = ls.read_state(home)
+        state = lsfiles.read_state(home)
         assert state is not None and state.url == url and state.keeper_pid == kept.pid
 
         second = run_watching_for_servers(["run", "--config", str(config)], env)
@@ -246,7 +251,7 @@ def test_a_second_run_reuses_the_server_the_first_started_and_server_stop_ends_i
         doctor = run_cli(["doctor"], env)
         assert f"local server: {url}" in doctor.stdout, doctor.stdout + doctor.stderr
 
-        ls.write_state(home, ls.ServerState(**{**state.__dict__, "version": "3.8.0"}))
+        lsfiles.write_state(home, lsfiles.ServerState(**{**state.__dict__, "version": "3.8.0"}))
         old_tree = server_tree(home)
         third = run_cli(["run", "--config", str(config)], env)
         tie_keepers(home)
@@ -258,7 +263,7 @@ def test_a_second_run_reuses_the_server_the_first_started_and_server_stop_ends_i
         stopped = run_cli(["server", "stop"], env)
         assert stopped.returncode == 0 and "stopped the local Prefect server" in stopped.stdout
         wait_until(lambda: gone(new_tree), "the keeper and its server gone", timeout=30)
-        assert ls.read_state(home) is None
+        assert lsfiles.read_state(home) is None
         after = run_cli(["server", "status"], env)
         assert after.returncode == 1 and "local server: none" in after.stdout
     finally:
@@ -273,8 +278,8 @@ def test_two_runs_at_once_start_one_server_which_stops_when_idle(tmp_path: Path)
     (2 s): keeper, server and record gone."""
     home = tmp_path / "home"
     env = embedded_env(home)
-    closed = f"http://127.0.0.1:{ls.free_port()}/api"
-    ls.write_state(home, a_state(closed, a_dead_pid(), started=1.0))
+    closed = f"http://127.0.0.1:{lsstart.free_port()}/api"
+    lsfiles.write_state(home, a_state(closed, a_dead_pid(), started=1.0))
     config = write_config(tmp_path, ["ok-a"], local_server_idle=2)
     try:
         runs = [
@@ -300,7 +305,7 @@ def test_two_runs_at_once_start_one_server_which_stops_when_idle(tmp_path: Path)
         tree = server_tree(home)
         assert tree
         wait_until(lambda: gone(tree), "the idle server stopped by itself", timeout=60)
-        assert ls.read_state(home) is None
+        assert lsfiles.read_state(home) is None
     finally:
         stop_keepers(home)
 
@@ -316,8 +321,8 @@ def test_doctor_lists_no_local_server_when_the_user_set_an_api_url(
     assert "local server" not in doctor.stdout + doctor.stderr
 
 
-def a_user(idle: float) -> ls.User:
-    return ls.User(os.getpid(), 0.0, idle, Path("unused"))
+def a_user(idle: float) -> lsfiles.User:
+    return lsfiles.User(os.getpid(), 0.0, idle, Path("unused"))
 
 
 def test_the_server_stays_for_the_idle_time_of_the_last_busy_spell_s_runs() -> None:
@@ -365,7 +370,7 @@ def test_a_kept_server_that_cannot_start_is_one_error_naming_its_log_and_its_las
         result.stderr
     )
     assert not (tmp_path / "timeline.tsv").exists()
-    assert ls.read_state(home) is None
+    assert lsfiles.read_state(home) is None
 
 
 def test_a_server_whose_ui_calls_another_address_is_not_reused(answering: str) -> None:
@@ -373,13 +378,13 @@ def test_a_server_whose_ui_calls_another_address_is_not_reused(answering: str) -
     one whose UI calls another address (4200, as keepers before the fix started them) is
     'wrong-ui': replaced like one of another version, and `server status` says why."""
     me = os.getpid()
-    assert ls.ui_api_url(answering) is None
+    assert lschecks.ui_api_url(answering) is None
     _Answers.ui_calls = answering
     try:
-        assert ls.ui_api_url(answering) == answering
-        assert ls.verdict(a_state(answering, me), PREFECT_VERSION) == "ok"
+        assert lschecks.ui_api_url(answering) == answering
+        assert lschecks.verdict(a_state(answering, me), PREFECT_VERSION) == "ok"
         _Answers.ui_calls = "http://127.0.0.1:4200/api"
-        assert ls.verdict(a_state(answering, me), PREFECT_VERSION) == "wrong-ui"
+        assert lschecks.verdict(a_state(answering, me), PREFECT_VERSION) == "wrong-ui"
     finally:
         _Answers.ui_calls = None
 
@@ -393,7 +398,7 @@ def test_the_server_s_ui_is_told_the_server_s_own_address(monkeypatch: pytest.Mo
     assert env["PREFECT_SERVER_UI_API_URL"] == "http://127.0.0.1:4711/api"
     assert "PREFECT_UI_API_URL" not in env
     assert env["PREFECT_HOME"] == os.environ["PREFECT_HOME"]
-    state = ls.ServerState("http://127.0.0.1:4711/api", 4711, 1, 1.0, PREFECT_VERSION, 1.0)
+    state = lsfiles.ServerState("http://127.0.0.1:4711/api", 4711, 1, 1.0, PREFECT_VERSION, 1.0)
     assert state.ui_url == "http://127.0.0.1:4711"
 
 
@@ -404,21 +409,21 @@ def test_the_port_is_the_preferred_one_when_free_else_the_last_one_else_any(
     something does, the port this home used last if free; else a free port."""
     import socket
 
-    preferred = ls.free_port()
-    assert ls.choose_port(tmp_path, preferred) == preferred
+    preferred = lsstart.free_port()
+    assert lsstart.choose_port(tmp_path, preferred) == preferred
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", preferred))
         taken.listen()
-        assert not ls.port_free(preferred)
-        other = ls.choose_port(tmp_path, preferred)
-        assert other != preferred and ls.port_free(other)
-        last = ls.free_port()
-        (tmp_path / ls.PORT_FILE).write_text(str(last))
-        assert ls.choose_port(tmp_path, preferred) == last
+        assert not lsstart.port_free(preferred)
+        other = lsstart.choose_port(tmp_path, preferred)
+        assert other != preferred and lsstart.port_free(other)
+        last = lsstart.free_port()
+        (tmp_path / lsfiles.PORT_FILE).write_text(str(last))
+        assert lsstart.choose_port(tmp_path, preferred) == last
         with socket.socket() as also_taken:
             also_taken.bind(("127.0.0.1", last))
             also_taken.listen()
-            assert ls.choose_port(tmp_path, preferred) not in (preferred, last)
+            assert lsstart.choose_port(tmp_path, preferred) not in (preferred, last)
 
 
 def test_a_port_whose_server_just_closed_is_free_again() -> None:
@@ -436,21 +441,21 @@ def test_a_port_whose_server_just_closed_is_free_again() -> None:
         served.close()  # the server's side closes first: TIME_WAIT on its port
         wait_until(lambda: client.recv(1) == b"", "the client sees the close")
         client.close()
-    assert ls.port_free(port)
+    assert lsstart.port_free(port)
 
 
 def test_a_hold_names_its_keeper_and_its_end(tmp_path: Path) -> None:
     """`held_until`: inf for a hold until `server stop` (until null), the time for one with
     an end, None for no hold, another keeper's or a broken file."""
-    path = tmp_path / ls.HOLD_FILE
-    assert ls.held_until(tmp_path, 7) is None
+    path = tmp_path / lsfiles.HOLD_FILE
+    assert lsfiles.held_until(tmp_path, 7) is None
     path.write_text(json.dumps({"keeper_pid": 7, "until": None}))
-    assert ls.held_until(tmp_path, 7) == float("inf")
-    assert ls.held_until(tmp_path, 8) is None
+    assert lsfiles.held_until(tmp_path, 7) == float("inf")
+    assert lsfiles.held_until(tmp_path, 8) is None
     path.write_text(json.dumps({"keeper_pid": 7, "until": 123.5}))
-    assert ls.held_until(tmp_path, 7) == 123.5
+    assert lsfiles.held_until(tmp_path, 7) == 123.5
     path.write_text("{")
-    assert ls.held_until(tmp_path, 7) is None
+    assert lsfiles.held_until(tmp_path, 7) is None
 
 
 _FAKE_KEEPER = """
@@ -520,7 +525,7 @@ def test_a_temporary_server_s_run_says_how_to_see_it_and_server_start_brings_it_
         started = run_cli(["server", "start"], env)
         tie_keepers(home)
         assert started.returncode == 0, started.stdout + started.stderr
-        state = ls.read_state(home)
+        state = lsfiles.read_state(home)
         assert state is not None
         assert started.stdout.splitlines() == [
             f"started the local Prefect server at {state.url} for PREFECT_HOME {home}",
@@ -543,7 +548,7 @@ def test_a_temporary_server_s_run_says_how_to_see_it_and_server_start_brings_it_
         assert shorter.stdout.startswith(f"reused the local Prefect server at {state.url}")
         assert "it stays until 1 s from now, or later" in shorter.stdout
         wait_until(lambda: gone(tree), "the server stopped once the hold ended", timeout=60)
-        assert ls.read_state(home) is None
+        assert lsfiles.read_state(home) is None
     finally:
         stop_keepers(home)
 
@@ -556,7 +561,7 @@ def test_server_start_s_idle_must_be_a_whole_number_of_seconds(tmp_path: Path) -
         result = run_cli(["server", "start", "--idle", bad], env)
         assert result.returncode == 2, result.stderr
         assert f"--idle: '{bad}': expected a whole number > 0" in result.stderr
-    assert not (tmp_path / "home" / ls.STATE_FILE).exists()
+    assert not (tmp_path / "home" / lsfiles.STATE_FILE).exists()
 
 
 def test_a_process_listening_on_a_port_is_seen_and_one_that_is_not_is_not() -> None:
@@ -568,9 +573,9 @@ def test_a_process_listening_on_a_port_is_seen_and_one_that_is_not_is_not() -> N
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]
-        assert ls.listens_on(os.getpid(), port) is True
-        assert ls.listens_on(os.getpid(), ls.free_port()) is False
-    assert ls.listens_on(a_dead_pid(), port) is False
+        assert lschecks.listens_on(os.getpid(), port) is True
+        assert lschecks.listens_on(os.getpid(), lsstart.free_port()) is False
+    assert lschecks.listens_on(a_dead_pid(), port) is False
 
 
 @pytest.mark.slow  # a real keeper whose server can't listen, then one that does
@@ -582,16 +587,16 @@ def test_a_server_that_answers_on_the_chosen_port_but_is_not_ours_is_not_taken(
     listen there and exits; the start then takes a free port, where our own server answers."""
     home = seed_home(tmp_path / "home")
     taken = int(answering.rsplit(":", 1)[1].split("/")[0])
-    monkeypatch.setattr(ls, "choose_port", lambda home: taken)
+    monkeypatch.setattr(lsstart, "choose_port", lambda home: taken)
     monkeypatch.setenv("PREFECT_HOME", str(home))
-    user = ls.register(home, 60)  # a run on it, as `acquire` registers one before a start
+    user = lsfiles.register(home, 60)  # a run on it, as `acquire` registers one before a start
     try:
-        state = ls.start(home, PREFECT_VERSION, startup_timeout=120)
+        state = lsstart.start(home, PREFECT_VERSION, startup_timeout=120)
         tie_keepers(home)
         assert state.port != taken
-        assert ls.listens_on(state.keeper_pid, state.port) is True
-        assert ls.read_state(home) == state
-        assert ls.verdict(state, PREFECT_VERSION) == "ok"
+        assert lschecks.listens_on(state.keeper_pid, state.port) is True
+        assert lsfiles.read_state(home) == state
+        assert lschecks.verdict(state, PREFECT_VERSION) == "ok"
     finally:
         user.unlink(missing_ok=True)
         stop_keepers(home)
@@ -618,7 +623,7 @@ def test_a_server_that_could_not_listen_is_told_from_its_log(tmp_path: Path, sai
     another exit is not."""
     log = tmp_path / "local-server.log"
     log.write_text(f"Check out the dashboard at http://127.0.0.1:4200\n{said}\n")
-    assert ls._port_was_taken(log)
+    assert lsstart._port_was_taken(log)
     log.write_text("sqlite3.OperationalError: unable to open database file\n")
-    assert not ls._port_was_taken(log)
-    assert not ls._port_was_taken(tmp_path / "missing.log")
+    assert not lsstart._port_was_taken(log)
+    assert not lsstart._port_was_taken(tmp_path / "missing.log")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.process import rusage
+from flows.process import job_object, rusage
 from flows.process import trees as proctree
 from flows.process.attempt import AttemptOutcome, cost, run_attempt
 from flows.process.control import ProcessControl, control_for
@@ -320,9 +320,9 @@ def test_a_job_object_s_counts_are_the_tree_s_cost() -> None:
     """Windows: the pipeline's Job Object counted 0.3 s user + 0.1 s kernel CPU (in 100 ns
     units) and a largest commit of 120 MB: the attempt's cost is (120 MB, 0.4 s), above what
     two small samples saw (the job never held the spawner's memory)."""
-    basic = proctree._BasicAccounting(TotalUserTime=3_000_000, TotalKernelTime=1_000_000)
-    extended = proctree._ExtendedLimits(PeakProcessMemoryUsed=120 * 2**20)
-    account = proctree._job_account(basic, extended)
+    basic = job_object._BasicAccounting(TotalUserTime=3_000_000, TotalKernelTime=1_000_000)
+    extended = job_object._ExtendedLimits(PeakProcessMemoryUsed=120 * 2**20)
+    account = job_object.job_account(basic, extended)
     assert account is not None and (account.peak_rss_mb, account.cpu_s) == (120.0, 0.4)
     assert cost(TreeUsage(10, 12, 0.05, seen_alive=2), account) == (120.0, 0.4)
 
@@ -340,23 +340,23 @@ def test_a_job_object_s_zero_is_unknown_never_zero(
 ) -> None:
     """Honest Windows cost (issue 45): a figure the job gives as 0 for a tree that ran is
     null in the outcome, never 0 MB or 0 s (with nothing sampled to fall back on)."""
-    basic = proctree._BasicAccounting(TotalUserTime=user, TotalProcesses=1)
-    extended = proctree._ExtendedLimits(PeakProcessMemoryUsed=peak_mb * 2**20)
-    assert cost(None, proctree._job_account(basic, extended)) == expected
+    basic = job_object._BasicAccounting(TotalUserTime=user, TotalProcesses=1)
+    extended = job_object._ExtendedLimits(PeakProcessMemoryUsed=peak_mb * 2**20)
+    assert cost(None, job_object.job_account(basic, extended)) == expected
 
 
 def test_the_tree_backend_records_what_the_pipeline_s_own_job_counted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The tree backend gives each pipeline a job of its own when it starts (`_own_job`,
+    """The tree backend gives each pipeline a job of its own when it starts (`own_job`,
     with the pipeline's pid) and, once the tree has ended, closes it and makes what it
     counted the attempt's cost. (The Win32 calls themselves run only on Windows; here they
     are stand-ins that answer as a job would.)"""
     jobs: list[int] = []
     closed: list[int] = []
     counted = rusage.Account(peak_rss_mb=321.0, cpu_s=7.5)
-    monkeypatch.setattr(proctree, "_own_job", lambda pid: jobs.append(pid) or 1000 + pid)
-    monkeypatch.setattr(proctree, "_close_job", lambda job: closed.append(job) or counted)
+    monkeypatch.setattr(job_object, "own_job", lambda pid: jobs.append(pid) or 1000 + pid)
+    monkeypatch.setattr(job_object, "close_job", lambda job: closed.append(job) or counted)
 
     outcome = run([sys.executable, "-c", "pass"], tmp_path, control_for("tree"))
 

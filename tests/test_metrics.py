@@ -17,9 +17,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flows import metrics
+from flows import metrics, metrics_families, metrics_values
 from flows.config import ConfigError, load_plan, parse_config
-from flows.metrics import Outputs, SiteValues
+from flows.metrics import Outputs
+from flows.metrics_values import SiteValues
 from tests.conftest import cli_in_process, write_config
 
 END = 1_800_000_000.0
@@ -140,7 +141,7 @@ def test_a_run_s_sites_take_its_values() -> None:
             row("slow.example", "timed_out", attempts=3),
         ]
     }
-    snap = metrics.build(summary, {}, ended=END, duration=60.0, groups={"ok.example": "g"})
+    snap = metrics_values.build(summary, {}, ended=END, duration=60.0, groups={"ok.example": "g"})
     ok, bad, slow = (snap.sites[s] for s in ("ok.example", "bad.example", "slow.example"))
     assert ok == SiteValues(
         group="g", last_run=END, first_run=END, status="succeeded", duration=12.345,
@@ -160,7 +161,7 @@ def test_a_run_s_sites_take_its_values() -> None:
 def test_a_check_value_that_is_not_a_number_is_not_exported() -> None:
     for value in (None, "7", True, float("nan")):
         check = {"field": "records", "value": value, "ok": False, "reason": "x"}
-        snap = metrics.build({"sites": [row("a", check=check)]}, {}, ended=END)
+        snap = metrics_values.build({"sites": [row("a", check=check)]}, {}, ended=END)
         assert snap.sites["a"].check is None
 
 
@@ -180,7 +181,7 @@ def test_sites_not_in_this_run_keep_their_values() -> None:
             row("ran.example", "failed"),
         ]
     }
-    snap = metrics.build(summary, before, ended=END, configured=None)
+    snap = metrics_values.build(summary, before, ended=END, configured=None)
     for site in ("other.example", "skipped.example", "unstarted.example"):
         assert snap.sites[site] == before[site], site
     ran = snap.sites["ran.example"]
@@ -192,11 +193,11 @@ def test_sites_not_in_this_run_keep_their_values() -> None:
 def test_a_site_removed_from_the_config_is_dropped_and_kept_when_the_list_is_unknown() -> None:
     before = {"kept.example": values(), "removed.example": values()}
     summary = {"sites": [row("new.example")]}
-    listed = metrics.build(
+    listed = metrics_values.build(
         summary, before, ended=END, configured={"kept.example", "new.example"}
     )
     assert set(listed.sites) == {"new.example", "kept.example"}
-    unknown = metrics.build(summary, before, ended=END, configured=None)
+    unknown = metrics_values.build(summary, before, ended=END, configured=None)
     assert set(unknown.sites) == {"new.example", "kept.example", "removed.example"}
 
 
@@ -205,10 +206,10 @@ def test_the_failure_streak_follows_the_health_rule_and_the_history() -> None:
     summary = {
         "sites": [row("a", "failed"), row("b", "succeeded"), row("c", "cancelled", attempts=1)]
     }
-    snap = metrics.build(summary, before, ended=END)
+    snap = metrics_values.build(summary, before, ended=END)
     assert [snap.sites[s].streak for s in "abc"] == [3, 0, 2]
     # the run history knows more (metrics turned on later): the larger count is kept
-    snap = metrics.build(summary, before, ended=END, streaks={"a": 6, "b": 0})
+    snap = metrics_values.build(summary, before, ended=END, streaks={"a": 6, "b": 0})
     assert [snap.sites[s].streak for s in "abc"] == [6, 0, 2]
 
 
@@ -217,14 +218,16 @@ def test_the_failure_streak_follows_the_health_rule_and_the_history() -> None:
 ODD_SITES = ['plain.example', 'quote"site', "back\\slash", "ünï.example/path?x=1", "a,b={c}"]
 
 
-def odd_snapshot() -> metrics.Snapshot:
+def odd_snapshot() -> metrics_values.Snapshot:
     rows = [
         row(site, status, check={"field": "stats.records", "value": 3.25, "ok": True}, cpu_s=1.0)
         for site, status in zip(ODD_SITES, ["succeeded", "failed", "timed_out", "cancelled",
                                              "succeeded"], strict=True)
     ]
     groups = {"quote\"site": "vendor-host"}
-    return metrics.build({"sites": rows}, {}, ended=END + 0.123456, duration=42.5, groups=groups)
+    return metrics_values.build(
+        {"sites": rows}, {}, ended=END + 0.123456, duration=42.5, groups=groups
+    )
 
 
 def samples(text: str) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
@@ -237,11 +240,11 @@ def samples(text: str) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
 
 def test_the_file_says_what_prometheus_client_says_and_reads_back() -> None:
     snap = odd_snapshot()
-    text = metrics.render(snap)
+    text = metrics_families.render(snap)
     ours = samples(text)
-    assert ours == samples(generate_latest(metrics.registry(snap)).decode())
+    assert ours == samples(generate_latest(metrics_families.registry(snap)).decode())
     assert len(ours) > 5 * len(ODD_SITES)
-    assert metrics.read(text) == dict(snap.sites)
+    assert metrics_families.read(text) == dict(snap.sites)
     names = {name for name, _, _ in ours}
     assert all(name.startswith("site_pipeline_") for name in names)
     labels = {key for _, pairs, _ in ours for key, _ in pairs}
@@ -252,10 +255,10 @@ def test_a_file_that_is_not_ours_is_an_error_and_the_export_warns(tmp_path: Path
     state = tmp_path / "site_pipeline.prom"
     state.write_text('site_pipeline_site_last_attempts{site="a",group=""} 1\n', encoding="utf-8")
     with pytest.raises(ValueError, match="site 'a'"):
-        metrics.read_file(state)
+        metrics_families.read_file(state)
     warnings = metrics.export(Outputs(state, textfile=state), {"sites": [row("b")]}, ended=END)
     assert len(warnings) == 1 and "could not read the previous metrics" in warnings[0]
-    assert set(metrics.read_file(state)) == {"b"}
+    assert set(metrics_families.read_file(state)) == {"b"}
 
 
 def test_the_write_replaces_atomically_and_retries_a_held_file(tmp_path: Path) -> None:
@@ -301,7 +304,7 @@ def test_a_failing_output_is_one_warning_line_and_the_other_still_goes(tmp_path:
     assert len(warnings) == 1
     assert warnings[0].startswith(f"metrics: could not push to the Pushgateway {url}: ")
     assert "\n" not in warnings[0]
-    assert set(metrics.read_file(state)) == {"a"}  # the file was written all the same
+    assert set(metrics_families.read_file(state)) == {"a"}  # the file was written all the same
 
     gone = tmp_path / "gone" / "site_pipeline.prom"  # its folder removed after the check
     warnings = metrics.export(Outputs(gone, textfile=gone), {"sites": [row("a")]}, ended=END)
@@ -318,7 +321,7 @@ def test_the_state_without_a_textfile_keeps_values_across_runs(tmp_path: Path) -
     assert metrics.export(Outputs(state), first, ended=END) == []
     second = {"sites": [row("a", "failed")]}
     assert metrics.export(Outputs(state), second, ended=END + 86400) == []
-    kept = metrics.read_file(state)
+    kept = metrics_families.read_file(state)
     assert kept["a"].streak == 2 and kept["a"].first_run == END
     assert kept["b"].last_run == END  # not in the second run: as it was
 
@@ -391,7 +394,7 @@ def test_a_pushgateway_that_answers_no_http_is_one_warning_line(tmp_path: Path) 
     assert len(warnings) == 1 and warnings[0].startswith(
         f"metrics: could not push to the Pushgateway {url}: BadStatusLine: "
     ), warnings
-    assert set(metrics.read_file(state)) == {"a"}
+    assert set(metrics_families.read_file(state)) == {"a"}
 
 
 def test_two_runs_ending_at_once_add_their_sites_not_over_each_other(tmp_path: Path) -> None:
@@ -418,11 +421,11 @@ def test_two_runs_ending_at_once_add_their_sites_not_over_each_other(tmp_path: P
     finally:
         other_run.release()
     wait_until(lambda: results, "the export once the lock is free", timeout=30)
-    assert results == [[]] and set(metrics.read_file(state)) == {"night", "manual"}
+    assert results == [[]] and set(metrics_families.read_file(state)) == {"night", "manual"}
 
     with FileLock(str(tmp_path / ".site_pipeline.prom.lock")):
         warnings = metrics.export(
             Outputs(state, textfile=state), {"sites": [row("late")]}, ended=END, lock_wait=0.1
         )
     assert len(warnings) == 1 and warnings[0].startswith("metrics: not exported: another run ")
-    assert "late" not in metrics.read_file(state)
+    assert "late" not in metrics_families.read_file(state)

@@ -14,7 +14,7 @@ import pytest
 from prefect import flow
 from prefect.client.schemas.objects import State
 
-from flows import metrics, report
+from flows import metrics, metrics_families, metrics_values, report
 from flows.config import load_plan
 from flows.engine.finish import finish_run
 from flows.interrupts import StopRequest
@@ -51,9 +51,9 @@ def closed_port() -> int:
 def earlier_values(path: Path) -> None:
     """A previous night in the file: later-c failed twice in a row then."""
     earlier = {"sites": [report.SiteReport("later-c", "failed", 1, 1, 3.0).to_json()]}
-    before = metrics.build(earlier, {}, ended=1_700_000_000.0)
-    before = metrics.build(earlier, before.sites, ended=1_700_086_400.0)
-    path.write_text(metrics.render(before), encoding="utf-8")
+    before = metrics_values.build(earlier, {}, ended=1_700_000_000.0)
+    before = metrics_values.build(earlier, before.sites, ended=1_700_086_400.0)
+    path.write_text(metrics_families.render(before), encoding="utf-8")
 
 
 @pytest.mark.parametrize("ending", ["stopped", "halted"])
@@ -65,7 +65,7 @@ def test_a_stopped_or_halted_run_exports_and_ends_as_it_would(
     earlier_values(textfile)
     state = end_a_run(str(plan.config_path), ending, "test-metrics", return_state=True)
     assert state.is_cancelled() if ending == "stopped" else state.is_failed()
-    exported = metrics.read_file(textfile)
+    exported = metrics_families.read_file(textfile)
     assert (exported["ok-a"].status, exported["ok-a"].attempts) == ("succeeded", 1)
     assert (exported["bad-b"].status, exported["bad-b"].streak) == ("failed", 1)
     # not started: kept as the previous night left it

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from flows.ops import local_server
+from flows.ops import local_server_files
 from tests.conftest import PYTHON, ROOT, cli_env, read_timeline, run_cli, write_config
 from tests.processes import (
     hanging_pids,
@@ -65,7 +65,7 @@ def temporary_server_port(proc: subprocess.Popen[str]) -> str | None:
 
 def kept_server_port(home: Path) -> str | None:
     """The port of the local server kept for `home` (flows.ops.local_server), if one is up."""
-    state = local_server.read_state(home)
+    state = local_server_files.read_state(home)
     return str(state.port) if state is not None else None
 
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from flows.ops import local_server as ls
+from flows.ops import local_server_files as lsfiles
 from tests import ui_pages as ui
 from tests.conftest import ROOT, run_cli, write_config
 from tests.processes import keepers_under, stop_keepers, tie_keepers
@@ -158,7 +158,7 @@ def on_demand(home: Home, second: Run) -> str:
     `server start`: the UI's address it printed."""
     run_here(home, "third", 1, ["ok-z"])
     wait_until(lambda: not keepers_under(home.home), "the kept server stopped when idle", 60)
-    assert ls.read_state(home.home) is None
+    assert lsfiles.read_state(home.home) is None
     started = run_cli(["server", "start"], home.env)
     tie_keepers(home.home)
     assert started.returncode == 0, started.stdout + started.stderr

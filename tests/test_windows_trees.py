@@ -26,6 +26,7 @@ import pytest
 
 from flows.config import site_output_dir
 from flows.ops import keeper
+from flows.process import job_object
 from flows.process import trees as proctree
 from flows.process.attempt import AttemptOutcome, run_attempt
 from flows.process.control import control_for, stop_everything
@@ -229,18 +230,18 @@ def test_a_job_that_counts_nothing_gives_null_never_zero(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Honest cost: the pipeline burns 0.5 s of CPU and holds 60 MB. What its own Job Object
-    counted is read as it is (under Wine: CPU 0 and peak 0, which `_job_account` must not
+    counted is read as it is (under Wine: CPU 0 and peak 0, which `job_account` must not
     pass on); the outcome's figures are real or null, never 0 s or 0 MB."""
     raw: list[tuple[float, int]] = []
-    real = proctree._job_account
+    real = job_object.job_account
 
     def reading(
-        basic: proctree._BasicAccounting, extended: proctree._ExtendedLimits
+        basic: job_object._BasicAccounting, extended: job_object._ExtendedLimits
     ) -> object:
         raw.append((basic.TotalUserTime + basic.TotalKernelTime, extended.PeakProcessMemoryUsed))
         return real(basic, extended)
 
-    monkeypatch.setattr(proctree, "_job_account", reading)
+    monkeypatch.setattr(job_object, "job_account", reading)
     outcome = attempt(
         [sys.executable, str(HOG), "--site", "cost", "--mb", "60", "--burn", "0.5",
          "--hold", "1"],

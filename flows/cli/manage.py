@@ -208,11 +208,12 @@ def server_start(home: Path, idle: float | None) -> int:
     import prefect
 
     from flows.ops import local_server
+    from flows.ops.local_server_start import LocalServerFailed
     from flows.ops.server import log_tail, startup_timeout
 
     try:
         state, how = local_server.hold(home, prefect.__version__, startup_timeout(), idle)
-    except local_server.LocalServerFailed as exc:
+    except LocalServerFailed as exc:
         print(f"site-pipeline: error: {exc}; its last lines:", file=sys.stderr)
         with open(exc.log, "rb") as log:
             for line in log_tail(log):
@@ -231,7 +232,9 @@ def server(args: argparse.Namespace) -> int:
     `server stop`."""
     from prefect.settings import get_current_settings
 
-    from flows.ops import local_server
+    from flows.ops.local_server_checks import keeper_alive
+    from flows.ops.local_server_files import live_users, read_state
+    from flows.ops.local_server_start import stop_keeper
 
     settings = get_current_settings()
     if settings.api.url:
@@ -248,12 +251,12 @@ def server(args: argparse.Namespace) -> int:
         for line in lines:
             print(line)
         return EXIT_OK if up else EXIT_FAILED
-    state = local_server.read_state(home)
-    if state is None or not local_server.keeper_alive(state):
+    state = read_state(home)
+    if state is None or not keeper_alive(state):
         print(f"no local server is running for PREFECT_HOME {home}")
         return EXIT_OK
-    users = local_server.live_users(home)
-    if not local_server.stop_keeper(home, state, timeout=30):
+    users = live_users(home)
+    if not stop_keeper(home, state, timeout=30):
         print(
             f"site-pipeline: error: the keeper (pid {state.keeper_pid}) did not stop",
             file=sys.stderr,

@@ -1,10 +1,10 @@
 """The keeper of a kept local server: `python -m flows.ops.keeper --home H --port P`.
 
-Started detached by `flows.ops.local_server.start`. It starts `prefect server start` on
+Started detached by `flows.ops.local_server_start.start`. It starts `prefect server start` on
 127.0.0.1:P for PREFECT_HOME H (its output goes to the keeper's, the log file), its UI told
 to call that same address (`server_env`), then every `CHECK_SECONDS` counts the live runs
-on it (`local_server.live_users`). When none is left for the idle seconds of the last one
-to leave, and no `server start` holds it (`local_server.held_until`), it takes the lock,
+on it (`local_server_files.live_users`). When none is left for the idle seconds of the last one
+to leave, and no `server start` holds it (`local_server_files.held_until`), it takes the lock,
 looks once more, removes the state file and stops the server, still under the lock (so a
 run that starts next finds its port free): SIGTERM to its process group (Ctrl-Break on
 Windows), then a kill of what is left after `STOP_GRACE` seconds; on POSIX the reaper then
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-from flows.ops import local_server as ls
+from flows.ops import local_server_files as server_files
 from flows.process import groups as procgroup
 from flows.process import trees as proctree
 
@@ -107,7 +107,7 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
     server.wait()
 
 
-def idle_after(idle: float, users: list[ls.User], new_spell: bool) -> float:
+def idle_after(idle: float, users: list[server_files.User], new_spell: bool) -> float:
     """The seconds the server stays once `users` (on it now) are gone: the largest idle time
     of the runs of this busy spell; a command that is not a run (idle -1) has no say, and a
     new spell's runs replace an earlier spell's idle time (`idle`)."""
@@ -135,7 +135,7 @@ def keep(home: Path, port: int) -> int:
     idle = 0.0
     quiet_until: float | None = None  # time.time() when the idle time of the last run ends
     first = True
-    stop_file = home / ls.STOP_FILE
+    stop_file = home / server_files.STOP_FILE
     said: float | None = -1.0  # what the idle file says
     stopped = False
     try:
@@ -145,33 +145,36 @@ def keep(home: Path, port: int) -> int:
             if stop_file.exists():
                 stop_file.unlink(missing_ok=True)
                 break
-            users = ls.live_users(home)
+            users = server_files.live_users(home)
             if users:
                 new_spell = quiet_until is not None or first
                 idle = idle_after(idle, users, new_spell)
                 if new_spell and said is not None:
-                    ls.write_idle_until(home, me, None)
+                    server_files.write_idle_until(home, me, None)
                     said = None
                 first = False
                 quiet_until = None
                 continue
             if quiet_until is None:
                 quiet_until = time.time() + idle
-            until = max(quiet_until, ls.held_until(home, me) or 0.0)
+            until = max(quiet_until, server_files.held_until(home, me) or 0.0)
             if until != said and until != math.inf:
-                ls.write_idle_until(home, me, until)
+                server_files.write_idle_until(home, me, until)
                 said = until
             if time.time() < until:
                 continue
-            with ls.lock(home, timeout=60):  # a run starting now waits, then starts anew
-                if ls.live_users(home) or (ls.held_until(home, me) or 0.0) > time.time():
+            with server_files.lock(home, timeout=60):  # a run starting now waits, then starts anew
+                if (
+                    server_files.live_users(home)
+                    or (server_files.held_until(home, me) or 0.0) > time.time()
+                ):
                     continue
-                ls.remove_state(home, keeper_pid=me)
+                server_files.remove_state(home, keeper_pid=me)
                 stop_and_forget(server)  # under the lock: the next run finds the port free
                 stopped = True
                 break
     finally:
-        ls.remove_state(home, keeper_pid=me)
+        server_files.remove_state(home, keeper_pid=me)
         if not stopped:
             stop_and_forget(server)
     return 0

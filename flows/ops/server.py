@@ -21,7 +21,8 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
 from flows import _prefect_compat as compat
-from flows.ops import local_server
+from flows.ops import local_server, local_server_files, local_server_start
+from flows.ops.local_server_checks import keeper_alive
 from flows.slots.ledger_home import LOCAL_SERVER_ENV
 
 SERVER_LOG = Path("logs") / "temporary-server.log"
@@ -158,7 +159,7 @@ def use_local_server(keep: float | None) -> local_server.Lease | None:
             lease = local_server.reuse(home, prefect.__version__)
         else:
             lease = local_server.acquire(home, keep, prefect.__version__, startup_timeout())
-    except local_server.LocalServerFailed as exc:
+    except local_server_start.LocalServerFailed as exc:
         raise ServerStartFailed(_local_failure_message(exc)) from None
     if lease is None:
         return None
@@ -181,13 +182,13 @@ def watch_kept_server() -> Callable[[], str | None]:
     and it ended with it; it is never restarted on that URL); None while it runs, and
     always on any other server."""
     url = os.environ.get(LOCAL_SERVER_ENV)
-    state = local_server.read_state(Path(get_current_settings().home))
+    state = local_server_files.read_state(Path(get_current_settings().home))
     if not url or state is None or state.url != url:
         return lambda: None
     kept = state
 
     def gone() -> str | None:
-        if local_server.keeper_alive(kept):
+        if keeper_alive(kept):
             return None
         return (
             f"the local Prefect server at {url} stopped during the run (its keeper, pid "
@@ -197,7 +198,7 @@ def watch_kept_server() -> Callable[[], str | None]:
     return gone
 
 
-def _local_failure_message(failure: local_server.LocalServerFailed) -> str:
+def _local_failure_message(failure: local_server_start.LocalServerFailed) -> str:
     """One line naming what happened and the log, then the log's last lines (`log_tail`)."""
     try:
         with open(failure.log, "rb") as log:

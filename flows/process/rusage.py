@@ -15,10 +15,10 @@ about the pipeline; one above it can only be the pipeline's tree. `Account.peak_
 the two apart (`spawner_peak_mb` is this process's own `ru_maxrss` when it reaped it).
 
 Windows has no `wait4`: there `reap` and `poll` leave the process to `Popen`, and the tree
-backend (`flows.process.trees`) `record`s what the pipeline's own Job Object counted once its
-tree has ended: the CPU of every process that was in it, and the largest commit (private
-memory) of any one of them. Without that, `account` is None and the attempt keeps the
-sampled figures (flows.process.attempt.cost).
+backend (`flows.process.trees`) `record`s what the pipeline's own Job Object
+(`flows.process.job_object`) counted once its tree has ended: the CPU of every process that
+was in it, and the largest commit (private memory) of any one of them. Without that,
+`account` is None and the attempt keeps the sampled figures (flows.process.attempt.cost).
 """
 
 from __future__ import annotations
