@@ -115,6 +115,22 @@ def test_bad_config_raises_config_error_and_runs_nothing(tmp_path: Path) -> None
     assert not (tmp_path / "timeline.tsv").exists()
 
 
+def count_config_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The config files parsed from now on, one entry a parse: `parse_config` is patched
+    where `read_config` looks it up (`flows.config.reading`), the one place a file is read."""
+    from flows.config import reading
+
+    reads: list[str] = []
+    parse = reading.parse_config
+
+    def counted(text: str, source: str = reading.DEFAULT_CONFIG) -> Any:
+        reads.append(source)
+        return parse(text, source)
+
+    monkeypatch.setattr(reading, "parse_config", counted)
+    return reads
+
+
 def test_a_run_from_the_command_line_reads_its_config_once(
     tmp_path: Path,
     prefect_api: str,
@@ -123,17 +139,9 @@ def test_a_run_from_the_command_line_reads_its_config_once(
 ) -> None:
     """`site-pipeline run` loads and checks its config once and hands the plan down to the
     flow (`RunContext.plan`): the API and the flow used to read it again (3 reads a run)."""
-    from flows import config as config_module
     from tests.conftest import cli_in_process
 
-    reads: list[str] = []
-    parse = config_module.parse_config
-
-    def counted(text: str, source: str = config_module.DEFAULT_CONFIG) -> Any:
-        reads.append(source)
-        return parse(text, source)
-
-    monkeypatch.setattr(config_module, "parse_config", counted)
+    reads = count_config_reads(monkeypatch)
     config = write_config(tmp_path, ["ok-a", "ok-b"])
     code, _, err = cli_in_process(["run", "--config", str(config)], capsys)
     assert code == 0, err
