@@ -146,3 +146,26 @@ def test_a_run_from_the_command_line_reads_its_config_once(
     code, _, err = cli_in_process(["run", "--config", str(config)], capsys)
     assert code == 0, err
     assert reads == [str(config)]
+
+
+def test_a_retry_failed_run_reads_its_config_once(
+    tmp_path: Path,
+    prefect_api: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`run --retry-failed last` reads its config once: the config it starts from (for
+    `local_server_idle`) and the earlier run's config are the same file, read once and used
+    for both (it used to be read for each, and for the plan)."""
+    from tests.conftest import cli_in_process
+
+    config = write_config(tmp_path, ["ok-a", "fail-b"])
+    first, _, err = cli_in_process(["run", "--config", str(config)], capsys)
+    assert first == 1, err
+    reads = count_config_reads(monkeypatch)
+    code, out, err = cli_in_process(
+        ["run", "--config", str(config), "--retry-failed", "last"], capsys
+    )
+    assert code == 1, out + err
+    assert "running again 1: fail-b" in out, out
+    assert reads == [str(config)]
