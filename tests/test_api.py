@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 import flows
-from tests.conftest import read_timeline, write_config
+from tests.conftest import count_config_reads, read_timeline, write_config
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -113,22 +112,6 @@ def test_bad_config_raises_config_error_and_runs_nothing(tmp_path: Path) -> None
         asyncio.run(flows.run_pipeline_async(["ok-a"], config_path=good, max_concurrent_sites=0))
     assert flow_run_count() == before
     assert not (tmp_path / "timeline.tsv").exists()
-
-
-def count_config_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The config files parsed from now on, one entry a parse: `parse_config` is patched
-    where `read_config` looks it up (`flows.config.reading`), the one place a file is read."""
-    from flows.config import reading
-
-    reads: list[str] = []
-    parse = reading.parse_config
-
-    def counted(text: str, source: str = reading.DEFAULT_CONFIG) -> Any:
-        reads.append(source)
-        return parse(text, source)
-
-    monkeypatch.setattr(reading, "parse_config", counted)
-    return reads
 
 
 def test_a_run_from_the_command_line_reads_its_config_once(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -18,7 +17,7 @@ from flows.config import (
     site_dir_name,
     site_output_dir,
 )
-from tests.conftest import cli_in_process, write_config
+from tests.conftest import cli_in_process, count_config_reads, write_config
 
 BAD_CONFIGS = [
     ("yaml syntax", "pipeline: [unclosed\n", "YAML syntax error at line"),
@@ -515,16 +514,9 @@ def test_config_files_reads_each_file_once_whatever_path_names_it(
     """`ConfigFiles` (one command's reads): the same file asked for again, by another path
     (relative, through a link) is not read again, and the plan keeps the path asked for; a
     file that can't be read gives its error each time, read once; another file is read."""
-    from flows.config import ConfigFiles, make_plan, reading
+    from flows.config import ConfigFiles, make_plan
 
-    reads: list[str] = []
-    parse = reading.parse_config
-
-    def counted(text: str, source: str = reading.DEFAULT_CONFIG) -> Any:
-        reads.append(source)
-        return parse(text, source)
-
-    monkeypatch.setattr(reading, "parse_config", counted)
+    reads = count_config_reads(monkeypatch)
     config = write_config(tmp_path, ["ok-a"])
     other = tmp_path / "other"
     other.mkdir()
