@@ -103,6 +103,22 @@ def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
     return path
 
 
+def count_config_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The config files parsed from now on, one entry a parse: `parse_config` is patched
+    where `read_config` looks it up (`flows.config.reading`), the one place a file is read."""
+    from flows.config import reading
+
+    reads: list[str] = []
+    parse = reading.parse_config
+
+    def counted(text: str, source: str = reading.DEFAULT_CONFIG) -> Any:
+        reads.append(source)
+        return parse(text, source)
+
+    monkeypatch.setattr(reading, "parse_config", counted)
+    return reads
+
+
 def read_timeline(folder: Path) -> list[Row]:
     """(site, 'start'|'end', time) rows the fake pipeline wrote in `folder`, in time order."""
     return read_rows(folder / "timeline.tsv")

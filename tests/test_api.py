@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
 import flows
-from tests.conftest import read_timeline, write_config
+from tests.conftest import count_config_reads, read_timeline, write_config
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -123,18 +122,33 @@ def test_a_run_from_the_command_line_reads_its_config_once(
 ) -> None:
     """`site-pipeline run` loads and checks its config once and hands the plan down to the
     flow (`RunContext.plan`): the API and the flow used to read it again (3 reads a run)."""
-    from flows import config as config_module
     from tests.conftest import cli_in_process
 
-    reads: list[str] = []
-    parse = config_module.parse_config
-
-    def counted(text: str, source: str = config_module.DEFAULT_CONFIG) -> Any:
-        reads.append(source)
-        return parse(text, source)
-
-    monkeypatch.setattr(config_module, "parse_config", counted)
+    reads = count_config_reads(monkeypatch)
     config = write_config(tmp_path, ["ok-a", "ok-b"])
     code, _, err = cli_in_process(["run", "--config", str(config)], capsys)
     assert code == 0, err
+    assert reads == [str(config)]
+
+
+def test_a_retry_failed_run_reads_its_config_once(
+    tmp_path: Path,
+    prefect_api: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`run --retry-failed last` reads its config once: the config it starts from (for
+    `local_server_idle`) and the earlier run's config are the same file, read once and used
+    for both (it used to be read for each, and for the plan)."""
+    from tests.conftest import cli_in_process
+
+    config = write_config(tmp_path, ["ok-a", "fail-b"])
+    first, _, err = cli_in_process(["run", "--config", str(config)], capsys)
+    assert first == 1, err
+    reads = count_config_reads(monkeypatch)
+    code, out, err = cli_in_process(
+        ["run", "--config", str(config), "--retry-failed", "last"], capsys
+    )
+    assert code == 1, out + err
+    assert "running again 1: fail-b" in out, out
     assert reads == [str(config)]

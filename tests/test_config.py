@@ -17,7 +17,7 @@ from flows.config import (
     site_dir_name,
     site_output_dir,
 )
-from tests.conftest import cli_in_process, write_config
+from tests.conftest import cli_in_process, count_config_reads, write_config
 
 BAD_CONFIGS = [
     ("yaml syntax", "pipeline: [unclosed\n", "YAML syntax error at line"),
@@ -506,3 +506,33 @@ def test_dask_without_the_extra_exits_2_naming_the_extra(
     assert code == 2
     assert "pipeline.task_runner.kind = 'dask': prefect-dask is not installed" in err
     assert 'pip install -e ".[dask]"' in err
+
+
+def test_config_files_reads_each_file_once_whatever_path_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ConfigFiles` (one command's reads): the same file asked for again, by another path
+    (relative, through a link) is not read again, and the plan keeps the path asked for; a
+    file that can't be read gives its error each time, read once; another file is read."""
+    from flows.config import ConfigFiles, make_plan
+
+    reads = count_config_reads(monkeypatch)
+    config = write_config(tmp_path, ["ok-a"])
+    other = tmp_path / "other"
+    other.mkdir()
+    link = other / "linked.yaml"
+    link.symlink_to(config)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("pipeline: [", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    configs = ConfigFiles()
+    first = configs.read(str(config))
+    assert configs.read("config.yaml").config is first.config
+    assert configs.read(link).path == link
+    assert make_plan(configs.read(link)).config_path == link
+    for _ in range(2):
+        with pytest.raises(ConfigError, match="YAML syntax error"):
+            configs.read(broken)
+    assert reads == [str(config), str(broken)]
+    assert ConfigFiles().read(config).config == first.config
+    assert reads == [str(config), str(broken), str(config)]

@@ -1,5 +1,6 @@
 """What every `site-pipeline` command shares: the exit statuses, the one-line usage error,
-the API check, the run plan from the command line, and the one answer to Ctrl-C."""
+the API check, the run plan from the command line, `--retry-failed`'s earlier run, and the
+one answer to Ctrl-C."""
 
 from __future__ import annotations
 
@@ -7,9 +8,12 @@ import argparse
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from flows.config import RunPlan, check_sites, load_plan, read_sites_file
+from flows.config import ConfigError, ConfigFiles, RunPlan, check_sites, load_plan, read_sites_file
+
+if TYPE_CHECKING:
+    from flows.ops.resume import Retry
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 EXIT_INTERRUPTED = 130  # the shell's status for SIGINT, when no signal is known
@@ -85,3 +89,18 @@ def plan_from_args(args: argparse.Namespace) -> RunPlan:
         max_concurrent_sites=getattr(args, "max_concurrent", None),
         use_async=False if getattr(args, "sequential", False) else None,
     )
+
+
+def retry_or_fail(ref: str, configs: ConfigFiles | None = None) -> Retry:
+    """`--retry-failed REF` of `run` and `submit` (`flows.ops.resume.find_retry`): the earlier
+    run and which of its sites run again; what was done to the run is printed. Exits 2 when
+    REF names no run, or one that may still be running."""
+    from flows.ops import resume
+
+    try:
+        retry = resume.find_retry(ref, configs)
+    except ConfigError as exc:
+        fail(str(exc))
+    for line in retry.notes:
+        print(line)
+    return retry

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flows.cli import retry
-from flows.cli.common import EXIT_FAILED, EXIT_OK, connect, fail
+from flows.cli.common import EXIT_FAILED, EXIT_OK, connect, fail, retry_or_fail
 from flows.config import ConfigError, RunPlan, check_sites, load_plan
 
 # What `submit --retry-failed` takes from the earlier run's parameters (a flag given wins).
@@ -156,14 +155,16 @@ def submit(args: argparse.Namespace) -> int:
     if connect() is None:
         return EXIT_FAILED
     if args.retry_failed:
-        earlier, choice = retry.earlier_run(args.retry_failed)
+        retry = retry_or_fail(args.retry_failed)
+        earlier, choice = retry.earlier, retry.choice
         if not choice.rerun:
             print(f"nothing to retry: every site succeeded in flow run {earlier.name}")
             return EXIT_OK
         inherited = {k: v for k, v in earlier.parameters.items() if k in _INHERITED}
         params = {**inherited, **params, "sites": list(earlier.sites), "skip": choice.skip}
         args.deployment = args.deployment or earlier.deployment
-        retry.announce(earlier, choice)
+        for line in retry.announcement():
+            print(line)
     return _start_deployment(args.deployment or "site-pipeline/adhoc", params, args.no_watch)
 
 

@@ -13,9 +13,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from flows.cli import retry
-from flows.cli.common import EXIT_FAILED, EXIT_OK, connect, fail, interrupted
-from flows.config import ConfigError, RunPlan, build_argv, load_plan, site_output_dir
+from flows.cli.common import EXIT_FAILED, EXIT_OK, connect, fail, interrupted, retry_or_fail
+from flows.config import (
+    ConfigError,
+    ConfigFiles,
+    PipelineConfig,
+    RunPlan,
+    build_argv,
+    make_plan,
+    site_output_dir,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -118,49 +125,51 @@ def _memory(plan: RunPlan) -> str:
 
 
 def retry_failed(args: argparse.Namespace) -> int:
-    """`run --retry-failed REF`: run again, here, the sites of REF that did not succeed."""
+    """`run --retry-failed REF`: run again, here, the sites of REF that did not succeed. Each
+    config file is read once: the one given (or found) now and the earlier run's are mostly
+    the same file."""
     if args.site or args.sites_file:
         fail(
             "--retry-failed and --site/--sites-file: expected one or the other; "
             "--retry-failed takes the sites of the run it resumes"
         )
-    if connect(_local_server_idle(args), run=True) is None:
+    configs = ConfigFiles()
+    if connect(_local_server_idle(args, configs), run=True) is None:
         return EXIT_FAILED
-    plan, skip = _retry_plan(args)
+    plan, skip = _retry_plan(args, configs)
     return run_plan(args, plan, skip)
 
 
-def _local_server_idle(args: argparse.Namespace) -> float:
+def _local_server_idle(args: argparse.Namespace, configs: ConfigFiles) -> float:
     """`local_server_idle` of the config `--retry-failed` starts from (the earlier run's may
     differ; it is read once the API answers): the default where it can't be read here."""
-    from flows.config import PipelineConfig
-
     try:
-        return load_plan(args.config, sites=["any.example"]).config.local_server_idle
+        return configs.read(args.config).config.local_server_idle
     except ConfigError:
         return float(PipelineConfig.model_fields["local_server_idle"].default)
 
 
-def _retry_plan(args: argparse.Namespace) -> tuple[RunPlan, dict[str, str]]:
+def _retry_plan(args: argparse.Namespace, configs: ConfigFiles) -> tuple[RunPlan, dict[str, str]]:
     """The plan and the `skip` of `run --retry-failed REF`: the earlier run's sites, config
     and overrides (a flag given now wins). Exits 2 when REF names no run, or one that may
     still be running."""
-    earlier, choice = retry.earlier_run(args.retry_failed)
-    params = earlier.parameters
+    retry = retry_or_fail(args.retry_failed, configs)
+    params = retry.earlier.parameters
     config_path = args.config or params.get("config_path")
     cap = args.max_concurrent or params.get("max_concurrent_sites")
     use_async = False if args.sequential else params.get("use_async")
     try:
-        plan = load_plan(
-            config_path if isinstance(config_path, str) else None,
-            sites=list(earlier.sites),
+        plan = make_plan(
+            configs.read(config_path if isinstance(config_path, str) else None),
+            sites=list(retry.earlier.sites),
             max_concurrent_sites=cap if isinstance(cap, int) else None,
             use_async=use_async if isinstance(use_async, bool) else None,
         )
     except ConfigError as exc:
         fail(str(exc))
-    retry.announce(earlier, choice)
-    return plan, choice.skip
+    for line in retry.announcement():
+        print(line)
+    return plan, retry.choice.skip
 
 
 def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = None) -> int:

@@ -1,9 +1,12 @@
-"""Which sites `--retry-failed` runs again, and how the skipped ones are reported.
+"""`--retry-failed`, for `run` and `submit`: which earlier run, which of its sites run
+again, and what is said about it. The one home of `--retry-failed`; the CLI only prints.
 
-`earlier_run` reads the earlier flow run from the API, then `choose` (plain Python: no API)
-decides. A site is skipped only when it succeeded (in that run, or in the run *that* one
-resumed); everything else runs again: failed, timed out, cancelled, never started, or left
-Running by a process that is gone. `mark_crashed` ends such a run (and `doctor --fix`'s).
+`find_retry` is the whole step: `earlier_run` reads the earlier flow run from the API, then
+`choose` (plain Python: no API) decides, and a run left unfinished by a dead process is
+marked Crashed (`mark_crashed`, which `doctor --fix` uses too). A site is skipped only when
+it succeeded (in that run, or in the run *that* one resumed); everything else runs again:
+failed, timed out, cancelled, never started, or left Running by a process that is gone.
+`Retry.announcement` is what the command says before anything starts.
 
 Importing this module loads no Prefect (the CLI's start imports `choose`): `earlier_run`
 and `mark_crashed` import it when they are called.
@@ -11,12 +14,12 @@ and `mark_crashed` import it when they are called.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from flows.config import ConfigError, load_plan
+from flows.config import ConfigError, ConfigFiles, make_plan
 from flows.names import FLOW_NAME
 from flows.process.holders import holder_alive
 
@@ -51,6 +54,49 @@ class RetryChoice:
     rerun: tuple[str, ...]
     skip: dict[str, str]  # site -> note for the summary's `error` column
     why: dict[str, str]  # rerun site -> its earlier outcome
+
+
+@dataclass(frozen=True)
+class Retry:
+    """`--retry-failed REF`, found: the earlier run, which of its sites run again, and what
+    was done to the run on the way (`notes`: a line each, said at once)."""
+
+    earlier: EarlierRun
+    choice: RetryChoice
+    notes: tuple[str, ...] = ()
+
+    def announcement(self) -> list[str]:
+        """Which run is resumed, which of its sites run again (and why), which are skipped."""
+        earlier, choice = self.earlier, self.choice
+        return [
+            f"resuming flow run {earlier.name} ({earlier.id}, {earlier.state}):",
+            f"  running again {len(choice.rerun)}: " + _named(choice.rerun, choice.why),
+            f"  skipped {len(choice.skip)} (succeeded): " + _named(tuple(choice.skip), {}),
+        ]
+
+
+def _named(sites: Sequence[str], why: Mapping[str, str], shown: int = 10) -> str:
+    """`a.com (exit code 3), b.com, and 4 more`, or `none`."""
+    if not sites:
+        return "none"
+    names = [f"{site} ({why[site]})" if site in why else site for site in sites[:shown]]
+    more = f", and {len(sites) - shown} more" if len(sites) > shown else ""
+    return ", ".join(names) + more
+
+
+def find_retry(ref: str, configs: ConfigFiles | None = None) -> Retry:
+    """The flow run `--retry-failed REF` names, and which of its sites to run again. Raises
+    `ConfigError` when REF names no run, or one that may still be running; a run left
+    unfinished by a dead process is marked Crashed first (it is over), and a note says so.
+    `configs`: the command's config files, each read once (the earlier run's config, when
+    its parameters hold no `sites`, may be the one the command reads too)."""
+    earlier = earlier_run(ref, configs)
+    choice = choose(earlier)
+    notes: tuple[str, ...] = ()
+    if not earlier.final:
+        mark_crashed(earlier.id, "its process is gone (found by --retry-failed)")
+        notes = (f"flow run {earlier.name} was {earlier.state} with its process gone: now Crashed",)
+    return Retry(earlier, choice, notes)
 
 
 def choose(earlier: EarlierRun) -> RetryChoice:
@@ -93,9 +139,10 @@ def choose(earlier: EarlierRun) -> RetryChoice:
     return RetryChoice(rerun, skip, why)
 
 
-def earlier_run(ref: str) -> EarlierRun:
+def earlier_run(ref: str, configs: ConfigFiles | None = None) -> EarlierRun:
     """The flow run that `--retry-failed REF` resumes: a flow run id, or `last` (the most
-    recently started `site-pipeline` run). Raises `ConfigError` for a REF that names none."""
+    recently started `site-pipeline` run). Raises `ConfigError` for a REF that names none.
+    Its config is read (through `configs`) only when its parameters hold no `sites`."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -110,7 +157,7 @@ def earlier_run(ref: str) -> EarlierRun:
         state=(state.name if state else None) or "Pending",
         final=bool(state and state.is_final()),
         parameters=params,
-        sites=_site_list(params),
+        sites=_site_list(params, configs or ConfigFiles()),
         outcomes=outcomes,
         holder_alive=holder_alive(run.labels),
         deployment=deployment,
@@ -179,12 +226,13 @@ def _outcomes(client: SyncPrefectClient, flow_run_id: UUID) -> dict[str, str]:
     return outcomes
 
 
-def _site_list(params: Mapping[str, Any]) -> tuple[str, ...]:
+def _site_list(params: Mapping[str, Any], configs: ConfigFiles) -> tuple[str, ...]:
     """The run's site list: its `sites` parameter, else its config's sites."""
     sites = params.get("sites")
     if not isinstance(sites, list):
         config_path = params.get("config_path")
-        sites = list(load_plan(config_path if isinstance(config_path, str) else None).sites)
+        loaded = configs.read(config_path if isinstance(config_path, str) else None)
+        sites = list(make_plan(loaded).sites)
     return tuple(str(site) for site in sites)
 
 
