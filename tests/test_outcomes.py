@@ -15,9 +15,10 @@ from uuid import uuid4
 import pytest
 
 from flows.config import load_plan
+from flows.engine.attempt_engine import AttemptEngine, Handled
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.outcomes import RetryDecision, retry_decision
-from flows.engine.task import AttemptEngine, Handled, SiteJob
+from flows.engine.site_job import SiteJob
 from flows.process.attempt import AttemptOutcome
 from flows.slots.pool import SlotError
 from flows.slots.sharing import LocalRun

@@ -31,8 +31,8 @@ from flows import report
 from flows.config import PipelineConfig
 from flows.dask_cluster import LocalDaskCluster
 from flows.engine.failure import SiteAttemptFailed
+from flows.engine.site_job import SiteJob
 from flows.engine.states import site_status
-from flows.engine.task import SiteJob
 from flows.engine.task_runners import task_runner
 from flows.halt import HaltTally
 from flows.interrupts import StopRequest
