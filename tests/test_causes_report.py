@@ -17,19 +17,21 @@ from rich.console import Console
 
 from flows.cli.console import summary_table
 from flows.cli.run import _print_results
-from flows.report import (
+from flows.failure_groups import (
     MESSAGE_MAX,
-    PLAIN_ERROR_WIDTH,
     FailureGroup,
-    SiteReport,
-    build_summary,
     failure_groups,
     failure_message,
     failures_markdown,
     fingerprint,
-    format_table,
     group_lines,
     group_lines_of,
+)
+from flows.report import (
+    PLAIN_ERROR_WIDTH,
+    SiteReport,
+    build_summary,
+    format_table,
     reports_of,
     table_rows,
 )

@@ -11,9 +11,10 @@ import psutil
 import pytest
 
 from flows.config import ConfigError
+from flows.failure_groups import failure_message
 from flows.ops.resume import EarlierRun, choose
 from flows.process.holders import holder_alive, holder_labels, this_process_labels
-from flows.report import as_bools, build_summary, failure_message, skipped_reports
+from flows.report import as_bools, build_summary, skipped_reports
 
 SITES = ("a", "b", "c", "d", "e", "f")
 
