@@ -7,13 +7,24 @@ The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tool
      "counts": {"total", "succeeded", "failed", "timed_out", "cancelled", "skipped",
                 "check_warnings"},
      "sites": [{"site", "status", "attempts", "exit_code", "duration_s", "error", "result",
-                "check", "timeout_s", "cause", "logs", "peak_rss_mb", "cpu_s", "usage"}]}
+                "check", "timeout_s", "cause", "logs", "peak_rss_mb", "cpu_s", "usage",
+                "stopped_by"}]}
+
+A site's record is one `SiteReport` from its task run to the summary: the task returns it
+(or fails with it, `SiteAttemptFailed`), Prefect serializes it where it crosses a process (the
+task run's result, Dask), and the flow reads it back from the task run's state. `to_json` is
+the summary row; `from_json` reads a row back (the CLI, from the summary it was given).
 
 `error` says what happened, with the cause when one was read from the pipeline's output
 (`"exit code 1: ModuleNotFoundError: No module named 'pandas'"`); `cause` is that line alone
 (a traceback's final exception line, else the last stderr line, else the last stdout line
 that is not the result JSON), or None. `logs` are the paths of the site's attempt log files
 in this run, in attempt order (empty when none was written).
+
+`stopped_by` says what stopped the attempt the record comes from: `"timeout"` (it ran past
+`timeout_s`), `"stall"` (no output for `pipeline.stall_timeout`) or `"memory"` (over
+`memory_limit`); null when it exited by itself, never ran, or was stopped by the run (a
+stopped or halted run is `cancelled`). A site `timed_out` always has one.
 
 `timeout_s` is the attempts' timeout in seconds: learned (`pipeline.learned_timeout`) or
 `pipeline.timeout`; None for a site that never started an attempt.
@@ -41,6 +52,7 @@ from typing import Any, Literal
 from flows.config import ConfigError
 
 SiteStatus = Literal["succeeded", "failed", "timed_out", "cancelled", "skipped"]
+StoppedBy = Literal["timeout", "stall", "memory"]
 STATUSES: tuple[SiteStatus, ...] = ("succeeded", "failed", "timed_out", "cancelled", "skipped")
 OK_STATUSES: frozenset[str] = frozenset({"succeeded", "skipped"})
 """Not a failure. `skipped`: not run, because it succeeded in the run that this one resumed
@@ -67,12 +79,22 @@ class SiteReport:
     peak_rss_mb: float | None = None  # the largest of its attempts' (`usage`)
     cpu_s: float | None = None  # the sum of its attempts' (`usage`)
     usage: list[dict[str, Any]] = field(default_factory=list)  # per attempt, in attempt order
+    stopped_by: StoppedBy | None = None  # what stopped its attempt: timeout, stall, memory
 
     def to_json(self) -> dict[str, Any]:
+        """The summary's row of this site (without `stderr_tail` and `kind`)."""
         data = asdict(self)
         del data["stderr_tail"], data["kind"]
         data["duration_s"] = round(self.duration_s, 3)
         return data
+
+    @classmethod
+    def from_json(cls, row: Mapping[str, Any]) -> SiteReport:
+        """A summary row back as a report (without `kind` and `stderr_tail`, which the JSON
+        does not hold); keys it does not know are ignored, missing ones take their defaults
+        (a summary of an older version)."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in row.items() if key in known})
 
 
 def attempt_usage(attempt: int, peak_rss_mb: float | None, cpu_s: float | None) -> dict[str, Any]:
@@ -156,10 +178,8 @@ def cut(text: str, width: int) -> str:
 
 
 def reports_of(summary: Mapping[str, Any]) -> list[SiteReport]:
-    """A summary's rows back as reports (without `kind` and `stderr_tail`, which the JSON
-    does not hold); keys it does not know are ignored, missing ones take their defaults."""
-    known = {f.name for f in fields(SiteReport)}
-    return [SiteReport(**{k: v for k, v in row.items() if k in known}) for row in summary["sites"]]
+    """A summary's rows back as reports (`SiteReport.from_json`)."""
+    return [SiteReport.from_json(row) for row in summary["sites"]]
 
 
 def _check_cell(report: SiteReport) -> str:

@@ -85,6 +85,7 @@ def test_a_run_stops_sites_over_memory_retries_them_and_reports_every_site_s_usa
     stopped = rows[over]
     assert (stopped["status"], stopped["attempts"]) == ("timed_out", 2), stopped
     assert re.fullmatch(r"over memory: \d+ MB > 200 MB", stopped["error"]), stopped["error"]
+    assert stopped["stopped_by"] == "memory"  # the status as data, not only message text
     assert [entry["attempt"] for entry in stopped["usage"]] == [1, 2]
     assert all(entry["peak_rss_mb"] > 200 for entry in stopped["usage"])
     assert stopped["peak_rss_mb"] == max(entry["peak_rss_mb"] for entry in stopped["usage"])

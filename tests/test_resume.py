@@ -134,6 +134,7 @@ def test_a_skipped_site_ran_no_attempt_and_took_no_time() -> None:
         "peak_rss_mb": None,
         "cpu_s": None,
         "usage": [],
+        "stopped_by": None,
     }
 
 

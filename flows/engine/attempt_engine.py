@@ -34,10 +34,10 @@ from flows.engine.failure import SiteAttemptFailed
 from flows.engine.outcomes import RetryDecision, retry_decision
 from flows.engine.site_job import SiteJob
 from flows.names import PIPELINE_OUTPUT, SITE_EVENT
-from flows.process.attempt import AttemptOutcome, run_attempt
+from flows.process.attempt import AttemptOutcome, Ending, run_attempt
 from flows.process.control import control_for
 from flows.process.logfile import attempt_log_path, prune_logs, run_logs
-from flows.report import SiteReport, with_usage
+from flows.report import SiteReport, StoppedBy, with_usage
 from flows.slots.pool import SlotError, WaitStopped
 from flows.slots.sharing import LocalRun
 from flows.timeouts import SiteTimeout
@@ -49,7 +49,7 @@ class Handled:
     the site is done (`final`: it will not ask for a slot again), and the log line to write
     (`message`, `args`, `level`, `event`)."""
 
-    result: dict[str, Any] | State[Any] | BaseException
+    result: SiteReport | State[Any] | BaseException
     final: bool = True
     level: int = logging.INFO
     message: str | None = None
@@ -57,9 +57,12 @@ class Handled:
     event: str | None = None
 
 
-def _report_data(report: SiteReport) -> dict[str, Any]:
-    """A report as a task run's result: its JSON, and its stderr tail for the console."""
-    return report.to_json() | {"stderr_tail": report.stderr_tail}
+STOPPED_BY: dict[Ending | None, StoppedBy] = {
+    "timed_out": "timeout",
+    "stalled": "stall",
+    "over_memory": "memory",
+}
+"""What stopped an attempt (`AttemptOutcome.ending`), as the report says it (`stopped_by`)."""
 
 
 class AttemptEngine:
@@ -192,7 +195,7 @@ class AttemptEngine:
             message="attempt %d/%d succeeded in %.1fs",
             args=(self.attempt, self.of, outcome.duration_s),
             event="succeeded",
-            result=_report_data(report),
+            result=report,
         )
 
     def handle_check_failure(self, report: SiteReport, reason: str | None) -> Handled:
@@ -291,10 +294,10 @@ class AttemptEngine:
             message="cancelled: %s",
             args=(reason,),
             event="failed",
-            result=Cancelled(message=reason, data=_report_data(report)),
+            result=Cancelled(message=reason, data=report),
         )
 
-    def end(self, handled: Handled) -> dict[str, Any] | State[Any]:
+    def end(self, handled: Handled) -> SiteReport | State[Any]:
         """The one place a site is finished: every final outcome finishes it exactly once
         (before its log line, so a waiting site gets the slot order at once); a site that
         will retry is not. Then the log line, then the task run's result or exception."""
@@ -354,5 +357,6 @@ def outcome_report(
         timeout_s=limit.seconds,
         cause=outcome.cause,
         logs=logs,
+        stopped_by=STOPPED_BY.get(outcome.ending),
     )
     return with_usage(report, usage)

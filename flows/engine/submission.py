@@ -15,13 +15,14 @@ from prefect.task_runners import TaskRunner
 
 from flows.engine.site_job import SiteJob
 from flows.engine.task import configured_task
+from flows.report import SiteReport
 
 
 def _submitted(runner: TaskRunner[Any], job: SiteJob) -> Iterator[tuple[str, PrefectFuture[Any]]]:
     """One `run_site` task run per site, submitted in the job's start order (`job.plan.sites`),
     each with its own site's retries (one task per distinct `retry_count`) and its own share
     of the job (`SiteJob.for_site`)."""
-    tasks: dict[int, Task[..., dict[str, Any] | State[Any]]] = {}
+    tasks: dict[int, Task[..., SiteReport | State[Any]]] = {}
     for site in job.plan.sites:
         count = job.plan.site(site).retry_count
         if count not in tasks:

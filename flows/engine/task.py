@@ -29,6 +29,7 @@ from flows.engine.attempt_engine import AttemptEngine, Handled
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.logfilter import install_traceback_filter
 from flows.engine.site_job import SiteJob
+from flows.report import SiteReport
 from flows.slots.sharing import LocalRun, local_run
 
 
@@ -55,7 +56,7 @@ def site_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str |
     persist_result=True,  # a succeeded site's report, so a retry of the flow run can reuse it
     retry_condition_fn=_should_retry,
 )
-def run_site(site: str, job: SiteJob) -> dict[str, Any] | State[Any]:
+def run_site(site: str, job: SiteJob) -> SiteReport | State[Any]:
     """Run one attempt of `site`'s pipeline. Returns its report; raises on failure; returns
     a Cancelled state (its data the report) when the flow run is stopping."""
     install_traceback_filter()  # in whichever process runs it (the flow's, a Dask worker)
@@ -63,7 +64,7 @@ def run_site(site: str, job: SiteJob) -> dict[str, Any] | State[Any]:
         return _attempt(site, job, run)
 
 
-def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[Any]:
+def _attempt(site: str, job: SiteJob, run: LocalRun) -> SiteReport | State[Any]:
     """Prepare the attempt, run it under a slot, and end it through its outcome's handler."""
     engine = AttemptEngine(site, job, run, max(1, int(current_task_run.run_count)))
     try:
@@ -77,7 +78,7 @@ def _attempt(site: str, job: SiteJob, run: LocalRun) -> dict[str, Any] | State[A
 
 def configured_task(
     plan: RunPlan, retry_count: int | None = None
-) -> Task[..., dict[str, Any] | State[Any]]:
+) -> Task[..., SiteReport | State[Any]]:
     """`run_site` with the plan's retries (`retry_count` attempts: a site's own, else the
     config's), delays, jitter and tag.
 
