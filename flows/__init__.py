@@ -2,8 +2,8 @@
 
 From Python: `run_pipeline(sites) -> dict[str, bool]` and its async and summary forms
 (`flows.api`). The Prefect layer is `flows.site_pipeline` (the flow) and `flows.engine.task` (the
-task); config, backoff, process control, the slot pool's rules and the report are plain
-Python that needs no server.
+task; `flows.engine.attempt_engine` runs its attempts); config, backoff, process control, the
+slot pool's rules and the report are plain Python that needs no server.
 """
 
 from flows.api import (

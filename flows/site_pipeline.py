@@ -26,7 +26,7 @@ from flows.engine.logfilter import install_traceback_filter
 from flows.engine.prepare import claim_limit, plan_run, site_job
 from flows.engine.progress import ProgressReporter
 from flows.engine.running import running_sites, site_report, stopped_for, stopped_report
-from flows.engine.task import sites_as_they_end
+from flows.engine.submission import sites_as_they_end
 from flows.names import FLOW_NAME
 from flows.report import SiteReport
 

@@ -124,7 +124,7 @@ def test_timeout_kills_the_pipeline_and_its_grandchild(tmp_path: Path, site: str
     outcome = attempt(fake(site), tmp_path, timeout=1.5, kill_grace=0.5)
     elapsed = time.monotonic() - started
     pipeline, grandchild = hanging_pids(tmp_path, timeout=10)
-    assert outcome.status == "timed_out"
+    assert outcome.status == "timed_out" and outcome.ending == "timed_out"
     assert outcome.error == "timed out after 1.5 s: hanging"
     if site.startswith("stubborn"):  # SIGTERM ignored: SIGKILL came after the grace
         assert elapsed >= 1.5 + 0.5 - 0.05

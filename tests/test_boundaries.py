@@ -32,6 +32,7 @@ PLAIN = [
     "flows.interrupts",
     "flows.names",
     "flows.report",
+    "flows.failure_groups",
     "flows.timeouts",
     "flows.slots",
     "flows.slots.pool",

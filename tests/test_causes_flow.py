@@ -14,8 +14,8 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from flows.failure_groups import group_lines_of
 from flows.names import FAILURES_KEY, SUMMARY_KEY
-from flows.report import group_lines_of
 from flows.site_pipeline import run_sites
 from tests.conftest import ROOT, write_config
 

@@ -17,19 +17,21 @@ from rich.console import Console
 
 from flows.cli.console import summary_table
 from flows.cli.run import _print_results
-from flows.report import (
+from flows.failure_groups import (
     MESSAGE_MAX,
-    PLAIN_ERROR_WIDTH,
     FailureGroup,
-    SiteReport,
-    build_summary,
     failure_groups,
     failure_message,
     failures_markdown,
     fingerprint,
-    format_table,
     group_lines,
     group_lines_of,
+)
+from flows.report import (
+    PLAIN_ERROR_WIDTH,
+    SiteReport,
+    build_summary,
+    format_table,
     reports_of,
     table_rows,
 )
@@ -230,6 +232,19 @@ def test_the_summary_json_has_the_cause_and_the_logs() -> None:
     assert row["logs"] == ["/out/pyerr-a/logs/run/attempt-1.log"]
     assert "kind" not in row and "stderr_tail" not in row
     assert SiteReport("s", "succeeded", 1, 0, 0.1).to_json()["logs"] == []
+
+
+def test_a_summary_row_reads_back_as_the_report_it_was() -> None:
+    """`to_json` and `from_json` are one round trip (less `kind` and `stderr_tail`), with
+    `stopped_by`; a row of an older summary (no `stopped_by`) reads back with null."""
+    report = SiteReport(
+        "slow", "timed_out", 2, -15, 30.0, "timed out after 30 s", stopped_by="timeout"
+    )
+    row = build_summary("id", [report])["sites"][0]
+    assert row["stopped_by"] == "timeout"
+    assert SiteReport.from_json(row) == report
+    del row["stopped_by"]
+    assert SiteReport.from_json(row | {"unknown": 1}).stopped_by is None
 
 
 def test_the_failures_artifact_groups_by_cause_and_lists_each_site_with_its_error() -> None:

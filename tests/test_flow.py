@@ -218,7 +218,9 @@ def test_summary_shape_result_line_and_ui_records(tmp_path: Path) -> None:
             "peak_rss_mb",
             "cpu_s",
             "usage",
+            "stopped_by",
         }
+        assert entry["stopped_by"] is None  # it exited by itself, succeeded or not
         assert entry["timeout_s"] == 60  # no learned_timeout: pipeline.timeout
     result = site(summary, "ok-a.com")["result"]  # the JSON status line, parsed
     assert result["site"] == "ok-a.com" and result["env_site"] == "ok-a.com"
@@ -405,5 +407,6 @@ def test_a_learned_timeout_stops_a_hanging_site_at_its_usual_pace(tmp_path: Path
     assert hung["status"] == "timed_out"
     assert 2.0 <= hung["timeout_s"] <= 4.0, hung  # 2 x p95 of ~1.05-1.5 s runs
     assert hung["error"].startswith(f"timed out after {hung['timeout_s']:g} s")
+    assert (hung["stopped_by"], other["stopped_by"]) == ("timeout", None)
     assert time.monotonic() - started < 30
     assert other["status"] == "succeeded" and other["timeout_s"] == 60

@@ -75,6 +75,7 @@ def test_a_tree_over_its_memory_limit_is_stopped_and_nothing_is_left(
     assert match is not None, outcome.error
     assert 200 < int(match.group(1)) < 600
     assert outcome.exit_code == -15  # TERM, as a timeout
+    assert outcome.ending == "over_memory"
     assert elapsed < 30
     pids = tree_pids(tmp_path)
     assert len(pids) == 2

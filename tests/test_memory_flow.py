@@ -85,6 +85,7 @@ def test_a_run_stops_sites_over_memory_retries_them_and_reports_every_site_s_usa
     stopped = rows[over]
     assert (stopped["status"], stopped["attempts"]) == ("timed_out", 2), stopped
     assert re.fullmatch(r"over memory: \d+ MB > 200 MB", stopped["error"]), stopped["error"]
+    assert stopped["stopped_by"] == "memory"  # the status as data, not only message text
     assert [entry["attempt"] for entry in stopped["usage"]] == [1, 2]
     assert all(entry["peak_rss_mb"] > 200 for entry in stopped["usage"])
     assert stopped["peak_rss_mb"] == max(entry["peak_rss_mb"] for entry in stopped["usage"])
@@ -132,7 +133,7 @@ def test_the_site_s_limit_reaches_its_attempt(
 ) -> None:
     """The `run_site` task passes the site's resolved limit to `run_attempt` (its own for
     one site, the global for the other)."""
-    from flows.engine import task as site_task
+    from flows.engine import attempt_engine
     from flows.process.attempt import run_attempt
 
     seen: dict[str, float | None] = {}
@@ -141,7 +142,7 @@ def test_the_site_s_limit_reaches_its_attempt(
         seen[argv[argv.index("--site") + 1]] = options["memory_limit"]
         return run_attempt(argv, **options)
 
-    monkeypatch.setattr(site_task, "run_attempt", recording)
+    monkeypatch.setattr(attempt_engine, "run_attempt", recording)
     sites = [{"site": "own-limit", "memory_limit": 900}, "global-limit"]
     config = hog_config(tmp_path, sites, memory_limit=400)
     state = run_sites(config_path=str(config), return_state=True)

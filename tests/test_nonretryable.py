@@ -98,5 +98,6 @@ def test_a_stalled_pipeline_is_stopped_and_retried_like_a_timeout(tmp_path: Path
     entry = only(summary)
     assert (entry["status"], entry["attempts"]) == ("timed_out", 2)
     assert entry["error"].startswith("stalled: no output for 1 s"), entry["error"]
+    assert entry["stopped_by"] == "stall"
     assert entry["duration_s"] < 30
     assert state.is_failed()

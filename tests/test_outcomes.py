@@ -15,10 +15,12 @@ from uuid import uuid4
 import pytest
 
 from flows.config import load_plan
+from flows.engine.attempt_engine import AttemptEngine, Handled
 from flows.engine.failure import SiteAttemptFailed
 from flows.engine.outcomes import RetryDecision, retry_decision
-from flows.engine.task import AttemptEngine, Handled, SiteJob
+from flows.engine.site_job import SiteJob
 from flows.process.attempt import AttemptOutcome
+from flows.report import SiteReport
 from flows.slots import SlotError
 from flows.slots.sharing import LocalRun
 from tests.conftest import write_config
@@ -133,8 +135,8 @@ def test_a_success_finishes_the_site_once_and_returns_its_report(
     outcome = AttemptOutcome("succeeded", 0, 1.25, result={"n": 1}, stderr_tail=["warn"])
     result = engine.end(engine.dispatch(outcome))
     assert pool.finished == ["a"]
-    assert isinstance(result, dict)
-    assert (result["status"], result["attempts"], result["stderr_tail"]) == (
+    assert isinstance(result, SiteReport)  # the record itself, not a dict of it
+    assert (result.status, result.attempts, result.stderr_tail) == (
         "succeeded",
         1,
         ["warn"],
@@ -226,8 +228,8 @@ def test_a_stopping_run_cancels_before_the_slot(tmp_path: Path, lines: Lines) ->
     engine.run.stop("Ctrl-C")
     result = engine.end(engine.dispatch(engine.begin_run(tmp_path)))
     assert pool.asked == [] and pool.finished == ["a"]
-    assert not isinstance(result, dict) and result.is_cancelled()
-    assert (result.data["status"], result.data["attempts"]) == ("cancelled", 1)
+    assert not isinstance(result, SiteReport) and result.is_cancelled()
+    assert (result.data.status, result.data.attempts) == ("cancelled", 1)
     assert lines.rows[-1] == (logging.WARNING, "cancelled: Ctrl-C", "failed")
 
 
@@ -237,9 +239,10 @@ def test_a_stopping_run_cancels_an_attempt_that_ran(tmp_path: Path) -> None:
     engine.run.stop("SIGTERM")
     result = engine.end(engine.dispatch(AttemptOutcome("failed", -15, 3.0, stderr_tail=["x"])))
     assert pool.finished == ["a"]
-    assert not isinstance(result, dict)
+    assert not isinstance(result, SiteReport)
     data = result.data
-    assert (data["attempts"], data["duration_s"], data["stderr_tail"]) == (2, 3.0, ["x"])
+    assert isinstance(data, SiteReport)
+    assert (data.attempts, data.duration_s, data.stderr_tail) == (2, 3.0, ["x"])
 
 
 def test_an_error_before_the_slot_finishes_the_site_and_is_raised(tmp_path: Path) -> None:
@@ -311,8 +314,8 @@ def test_a_halted_run_starts_no_attempt(tmp_path: Path, lines: Lines) -> None:
     engine.run.halt("the run halted after 3 failures (halt: 3 failed)")
     result = engine.end(engine.dispatch(engine.begin_run(tmp_path)))
     assert pool.asked == [] and pool.finished == ["a"]
-    assert not isinstance(result, dict) and result.is_cancelled()
-    assert (result.data["status"], result.data["attempts"], result.data["error"]) == (
+    assert not isinstance(result, SiteReport) and result.is_cancelled()
+    assert (result.data.status, result.data.attempts, result.data.error) == (
         "cancelled",
         1,
         "the run halted after 3 failures (halt: 3 failed)",
@@ -333,5 +336,42 @@ def test_a_halt_that_comes_while_waiting_for_the_slot_stops_the_start(tmp_path: 
     pool.slot = slot  # type: ignore[method-assign]
     result = engine.end(engine.dispatch(engine.begin_run(tmp_path)))
     assert pool.asked == ["a"] and pool.finished == ["a"]
-    assert not isinstance(result, dict) and result.is_cancelled()
-    assert result.data["attempts"] == 0
+    assert not isinstance(result, SiteReport) and result.is_cancelled()
+    assert result.data.attempts == 0
+
+
+@pytest.mark.parametrize(
+    ("ending", "stopped_by"),
+    [("timed_out", "timeout"), ("stalled", "stall"), ("over_memory", "memory"), ("exited", None)],
+)
+def test_what_stopped_the_attempt_is_in_its_report(
+    tmp_path: Path, ending: str, stopped_by: str | None
+) -> None:
+    """The attempt's `ending` is the report's `stopped_by` (the summary's), as data: a
+    timeout, a stall and going over memory are all `timed_out`, told apart only by it."""
+    engine, _ = engine_for(tmp_path, retry_count=1)
+    status = "failed" if ending == "exited" else "timed_out"
+    outcome = AttemptOutcome(status, -15, 1.0, error="stopped", ending=ending)  # type: ignore[arg-type]
+    with pytest.raises(SiteAttemptFailed) as raised:
+        engine.end(engine.dispatch(outcome))
+    assert raised.value.report.stopped_by == stopped_by
+    assert raised.value.report.to_json()["stopped_by"] == stopped_by
+
+
+def test_the_task_run_s_result_is_the_report_itself(tmp_path: Path) -> None:
+    """One record up: the flow reads back the very `SiteReport` the task returned (after
+    Prefect's serialization: a pickle round trip), not a dict rebuilt into one."""
+    import pickle
+
+    from prefect.states import Cancelled, Completed
+
+    from flows.engine.running import site_report
+
+    engine, _ = engine_for(tmp_path)
+    outcome = AttemptOutcome("succeeded", 0, 1.0, stderr_tail=["w"], ending="exited")
+    returned = engine.end(engine.dispatch(outcome))
+    assert isinstance(returned, SiteReport)
+    back = pickle.loads(pickle.dumps(returned))  # noqa: S301  (our own bytes)
+    assert site_report("a", Completed(data=back)) is back
+    assert site_report("a", Cancelled(data=back)) is back
+    assert back == returned and back.stderr_tail == ["w"]

@@ -3,6 +3,7 @@ line say for each kind of outcome. Plain Python: no server."""
 
 from __future__ import annotations
 
+from flows.failure_groups import failure_kind, failure_message, failures_markdown
 from flows.report import (
     SiteReport,
     as_bools,
@@ -10,9 +11,6 @@ from flows.report import (
     compact_result,
     count_line,
     counts,
-    failure_kind,
-    failure_message,
-    failures_markdown,
     format_table,
     progress_line,
     table_rows,

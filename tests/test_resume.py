@@ -11,9 +11,10 @@ import psutil
 import pytest
 
 from flows.config import ConfigError
+from flows.failure_groups import failure_message
 from flows.ops.resume import EarlierRun, choose
 from flows.process.holders import holder_alive, holder_labels, this_process_labels
-from flows.report import as_bools, build_summary, failure_message, skipped_reports
+from flows.report import as_bools, build_summary, skipped_reports
 
 SITES = ("a", "b", "c", "d", "e", "f")
 
@@ -133,6 +134,7 @@ def test_a_skipped_site_ran_no_attempt_and_took_no_time() -> None:
         "peak_rss_mb": None,
         "cpu_s": None,
         "usage": [],
+        "stopped_by": None,
     }
 
 

@@ -17,7 +17,8 @@ from uuid import uuid4
 from prefect.futures import PrefectConcurrentFuture
 
 from flows.config import load_plan
-from flows.engine.task import SiteJob, sites_as_they_end
+from flows.engine.site_job import SiteJob
+from flows.engine.submission import sites_as_they_end
 from flows.timeouts import SiteTimeout
 from tests.conftest import write_config
 

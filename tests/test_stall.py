@@ -33,6 +33,7 @@ def test_a_pipeline_silent_for_the_stall_timeout_is_stopped_as_stalled(tmp_path:
     elapsed = time.monotonic() - started
     assert outcome.status == "timed_out" and outcome.exit_code == -15
     assert outcome.error == "stalled: no output for 1 s"
+    assert outcome.ending == "stalled"  # what stopped it, as data (the report's `stopped_by`)
     assert outcome.cause == "connecting to db.example"
     assert 1.0 <= elapsed < 10
 

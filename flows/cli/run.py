@@ -364,7 +364,8 @@ def _print_results(args: argparse.Namespace, summary: dict[str, Any], ui_url: st
     from rich.console import Console
 
     from flows.cli.console import summary_table
-    from flows.report import count_line, format_table, group_lines_of
+    from flows.failure_groups import group_lines_of
+    from flows.report import count_line, format_table
 
     out = Console()
     if out.is_terminal:

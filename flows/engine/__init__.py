@@ -6,6 +6,9 @@
   emergency stop while the sites run; each site's report from its task run's state;
 - `finish`: the artifacts and the flow run's final state;
 - `task`: the `run_site` task, one attempt per task run attempt, and its retry options;
+  `site_job`: `SiteJob`, what every task run needs; `attempt_engine`: one attempt, run
+  under a slot and ended through its outcome's handler; `submission`: the task runs
+  submitted, and yielded as each ends;
 - `outcomes`: the pure retry decision; `failure`: `SiteAttemptFailed`; `states`: a task
   run's state as a site status; `logfilter`: no tracebacks for a site's failure;
 - `task_runners`: where task runs run (threads in the flow's process, or Dask);
@@ -16,6 +19,7 @@
 """
 
 from flows.engine.failure import SiteAttemptFailed
-from flows.engine.task import SiteJob, configured_task, run_site
+from flows.engine.site_job import SiteJob
+from flows.engine.task import configured_task, run_site
 
 __all__ = ["SiteAttemptFailed", "SiteJob", "configured_task", "run_site"]

@@ -22,7 +22,7 @@ from flows import health, report
 from flows.config import RunPlan, group_limit_name, load_plan
 from flows.context import RunContext
 from flows.engine import baselines
-from flows.engine.task import SiteJob
+from flows.engine.site_job import SiteJob
 from flows.process import holders
 from flows.slots.prefect_api import ensure_limit
 from flows.slots.reclaim import reclaim

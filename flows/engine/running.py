@@ -31,8 +31,8 @@ from flows import report
 from flows.config import PipelineConfig
 from flows.dask_cluster import LocalDaskCluster
 from flows.engine.failure import SiteAttemptFailed
+from flows.engine.site_job import SiteJob
 from flows.engine.states import site_status
-from flows.engine.task import SiteJob
 from flows.engine.task_runners import task_runner
 from flows.halt import HaltTally
 from flows.interrupts import StopRequest
@@ -151,13 +151,13 @@ def stopped_for(stop: StopRequest | None, seconds: float) -> Callable[[], bool]:
 
 def site_report(site: str, state: State[Any]) -> report.SiteReport:
     """The site's final report, from its task run's final state: the report the task
-    returned or failed with; else `cancelled` (cancelled, or never finished) or `failed`."""
+    returned or failed with (read back here, once, from the task run's result); else
+    `cancelled` (cancelled, or never finished) or `failed`."""
     value = state.result(raise_on_failure=False) if state.is_final() else None
     if isinstance(value, SiteAttemptFailed):
         return value.report
-
-    if isinstance(value, dict) and (state.is_completed() or state.is_cancelled()):
-        return report.SiteReport(**value)
+    if isinstance(value, report.SiteReport) and (state.is_completed() or state.is_cancelled()):
+        return value
     status: report.SiteStatus = "failed"
     if site_status(state) == "cancelled" or not state.is_final():
         status = "cancelled"

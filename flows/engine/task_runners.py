@@ -5,7 +5,7 @@
 `flows.engine.dask_runner` sends what the task runs share once, not once per site. A run
 on a cluster with no worker yet (an adaptive one, scaling from zero) waits for one for
 `task_runner.worker_wait` seconds before its first site, or fails naming the address.
-The task is self-contained (`flows.engine.task.SiteJob`), takes its concurrency slots from the
+The task is self-contained (`flows.engine.site_job.SiteJob`), takes its concurrency slots from the
 Prefect server, and stops its own process groups, so the cap and the timeouts hold there too.
 """
 

@@ -59,7 +59,9 @@ class AttemptOutcome:
     `exit code 1: ModuleNotFoundError: No module named 'pandas'`, `killed by signal 9:
     <cause>`, `timed out after 30 s: <last line>`, `stalled: no output for 20 s`,
     `over memory: 612 MB > 500 MB`, or the bare `exit code 1` when there is no cause.
-    `log_path` is the attempt's full log file (None without one); `log_complete` is False
+    `ending` is how it ended (`exited`, or what stopped it: `timed_out`, `stalled`,
+    `over_memory`; None when it did not start). `log_path` is the attempt's full log file
+    (None without one); `log_complete` is False
     when it could not be written whole. `peak_rss_mb` (MB) and `cpu_s` (user + system
     seconds): the kernel's account of the reaped tree or the samples' figure, whichever is
     larger (`cost`); both None when neither is known.
@@ -78,6 +80,7 @@ class AttemptOutcome:
     log_complete: bool = True
     peak_rss_mb: float | None = None
     cpu_s: float | None = None
+    ending: Ending | None = None
 
 
 def run_attempt(
@@ -246,6 +249,7 @@ def _outcome(
         "lines_not_logged": output.logged.dropped,
         "log_path": None,
         "log_complete": True,
+        "ending": ending,
     }
     if output.log_file is not None:
         common["log_path"] = str(output.log_file.path) if output.log_file.created else None

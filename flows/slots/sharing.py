@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 
 class RunJob(Protocol):
-    """What a process needs to share a flow run's slots (`flows.engine.task.SiteJob`)."""
+    """What a process needs to share a flow run's slots (`flows.engine.site_job.SiteJob`)."""
 
     @property
     def plan(self) -> RunPlan: ...
