@@ -130,7 +130,7 @@ def test_a_broken_state_file_is_no_server_and_a_written_one_reads_back(tmp_path:
 def test_only_runs_whose_process_lives_count_as_on_the_server(tmp_path: Path) -> None:
     """A registered live process counts, with its idle seconds; the file of a process that
     has ended, or of a pid that another process now has, is removed and does not count;
-    `release` removes this run's."""
+    `leave` removes this run's."""
     mine = lsfiles.register(tmp_path, 600)
     users = tmp_path / lsfiles.USERS_DIR
     (users / "dead.json").write_text(json.dumps({"pid": a_dead_pid(), "started": 1, "idle": 5}))
@@ -140,8 +140,8 @@ def test_only_runs_whose_process_lives_count_as_on_the_server(tmp_path: Path) ->
     live = lsfiles.live_users(tmp_path)
     assert [(user.pid, user.idle, user.path) for user in live] == [(me, 600, mine)]
     assert sorted(path.name for path in users.iterdir()) == [mine.name]
-    lease = ls.Lease(a_state("http://127.0.0.1:1/api", me), "reused", 600, mine)
-    lease.release()
+    use = ls.ServerUse(a_state("http://127.0.0.1:1/api", me), "reused", 600, mine)
+    use.leave()
     assert lsfiles.live_users(tmp_path) == []
 
 
@@ -589,7 +589,7 @@ def test_a_server_that_answers_on_the_chosen_port_but_is_not_ours_is_not_taken(
     taken = int(answering.rsplit(":", 1)[1].split("/")[0])
     monkeypatch.setattr(lsstart, "choose_port", lambda home: taken)
     monkeypatch.setenv("PREFECT_HOME", str(home))
-    user = lsfiles.register(home, 60)  # a run on it, as `acquire` registers one before a start
+    user = lsfiles.register(home, 60)  # a run on it, as `join` registers one before a start
     try:
         state = lsstart.start(home, PREFECT_VERSION, startup_timeout=120)
         tie_keepers(home)

@@ -51,9 +51,9 @@ def connect(keep: float | None = None, run: bool = False) -> str | None:
     from flows import ops
 
     try:
-        lease = ops.use_local_server(keep if run else None)
-        if lease is not None:
-            print(f"site-pipeline: {lease.describe()}", file=sys.stderr)
+        use = ops.use_local_server(keep if run else None)
+        if use is not None:
+            print(f"site-pipeline: {use.describe()}", file=sys.stderr)
         elif run and ops.api_url_unset():
             print(
                 "site-pipeline: starting a temporary Prefect server for this run (a few "

@@ -1,5 +1,5 @@
 """The embedded default's local server, kept for the next run (`pipeline.local_server_idle`):
-a run's use of it (`acquire`, `reuse`), `server start`'s hold and `server status`.
+a run's use of it (`join`, `reuse`), `server start`'s hold and `server status`.
 
 With no PREFECT_API_URL, a run used to start a temporary server and stop it at its end: 10-15
 s of start-up for every ad hoc run. Here a run starts one local `prefect server start` for
@@ -57,15 +57,15 @@ from flows.ops.local_server_start import start, stop_keeper
 
 
 @dataclass
-class Lease:
-    """This run's use of the kept server: `how` it was found, until `release`."""
+class ServerUse:
+    """This run's use of the kept server: `how` it was found, until `leave`."""
 
     state: ServerState
     how: Literal["started", "reused"]
     idle: float
     user_file: Path
 
-    def release(self) -> None:
+    def leave(self) -> None:
         self.user_file.unlink(missing_ok=True)
 
     def describe(self) -> str:
@@ -100,7 +100,7 @@ def _usable_or_started(
     return start(home, version, startup_timeout), "started"
 
 
-def acquire(home: Path, idle: float, version: str, startup_timeout: float) -> Lease:
+def join(home: Path, idle: float, version: str, startup_timeout: float) -> ServerUse:
     """The kept server of `home`, found or started, with this run registered on it.
     Raises `LocalServerFailed` when a started server does not answer within
     `startup_timeout` seconds."""
@@ -111,7 +111,7 @@ def acquire(home: Path, idle: float, version: str, startup_timeout: float) -> Le
         except BaseException:
             user.unlink(missing_ok=True)
             raise
-        return Lease(state, how, idle, user)
+        return ServerUse(state, how, idle, user)
 
 
 def hold(
@@ -171,11 +171,11 @@ def status(home: Path, version: str) -> tuple[list[str], bool]:
     return lines, True
 
 
-def reuse(home: Path, version: str) -> Lease | None:
+def reuse(home: Path, version: str) -> ServerUse | None:
     """The kept server of `home` if it is up and usable, with this command registered on it
     (without a say in its idle time); None otherwise. Starts nothing."""
     with lock(home, timeout=60):
         state = read_state(home)
         if state is None or verdict(state, version) != "ok":
             return None
-        return Lease(state, "reused", -1, register(home, -1))
+        return ServerUse(state, "reused", -1, register(home, -1))

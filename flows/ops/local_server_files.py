@@ -102,7 +102,7 @@ class User:
 
 
 def register(home: Path, idle: float) -> Path:
-    """Record this process as a run on the server; the file goes when `release` is called
+    """Record this process as a run on the server; the file goes when `leave` is called
     (or counts as gone once this process has died)."""
     users = home / USERS_DIR
     users.mkdir(parents=True, exist_ok=True)

@@ -141,10 +141,10 @@ def api_url_unset() -> bool:
     return not get_current_settings().api.url
 
 
-def use_local_server(keep: float | None) -> local_server.Lease | None:
+def use_local_server(keep: float | None) -> local_server.ServerUse | None:
     """The embedded default's kept local server (`flows.ops.local_server`) for this command,
     with PREFECT_API_URL pointing at it from now on (this process's settings and
-    environment, so processes it starts see it too); the lease is released at exit.
+    environment, so processes it starts see it too); it leaves the server at exit.
 
     `keep` is the run's `local_server_idle`: > 0 finds or starts the server; 0 uses none (a
     temporary server, as before); None (a command that is not a run) uses one that is
@@ -156,24 +156,24 @@ def use_local_server(keep: float | None) -> local_server.Lease | None:
     home = Path(settings.home)
     try:
         if keep is None:
-            lease = local_server.reuse(home, prefect.__version__)
+            use = local_server.reuse(home, prefect.__version__)
         else:
-            lease = local_server.acquire(home, keep, prefect.__version__, startup_timeout())
+            use = local_server.join(home, keep, prefect.__version__, startup_timeout())
     except local_server_start.LocalServerFailed as exc:
         raise ServerStartFailed(_local_failure_message(exc)) from None
-    if lease is None:
+    if use is None:
         return None
-    os.environ["PREFECT_API_URL"] = lease.state.url
+    os.environ["PREFECT_API_URL"] = use.state.url
     # This home's own server, whatever its port: its slot ledgers are the embedded default's
     # (flows.slots.ledger_home.ledger_api), so a crash's slots are found after a restart.
-    os.environ[LOCAL_SERVER_ENV] = lease.state.url
+    os.environ[LOCAL_SERVER_ENV] = use.state.url
     # For the rest of this command (the context manager must stay referenced: a generator
     # closed by the garbage collector would restore the settings). The flow's thread runs in
     # a copy of this context (flows.cli.run).
-    pointed = temporary_settings(updates={PREFECT_API_URL: lease.state.url})
+    pointed = temporary_settings(updates={PREFECT_API_URL: use.state.url})
     pointed.__enter__()
-    atexit.register(_end_lease, lease, pointed)
-    return lease
+    atexit.register(_leave_server, use, pointed)
+    return use
 
 
 def watch_kept_server() -> Callable[[], str | None]:
@@ -208,8 +208,8 @@ def _local_failure_message(failure: local_server_start.LocalServerFailed) -> str
     return "\n".join([f"{failure}; its last lines:", *tail] if tail else [str(failure)])
 
 
-def _end_lease(lease: local_server.Lease, settings: AbstractContextManager[Any]) -> None:
-    lease.release()
+def _leave_server(use: local_server.ServerUse, settings: AbstractContextManager[Any]) -> None:
+    use.leave()
     settings.__exit__(None, None, None)
 
 
