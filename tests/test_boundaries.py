@@ -42,8 +42,8 @@ PLAIN = [
     "flows.slots.broker",
     "flows.slots.lease_book",
     "flows.slots.upkeep",
-    "flows.slots.order",
-    "flows.slots.start_order",
+    "flows.slots.hand_out_rule",
+    "flows.start_order",
     "flows.slots.ledger",
     "flows.cli",  # the CLI's start: its exit-2 paths must not wait for Prefect to load
     "flows.ops",  # its names load on first use

@@ -8,7 +8,7 @@ import itertools
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.slots.start_order import expected_durations, spread_groups, start_order
+from flows.start_order import expected_durations, spread_groups, start_order
 
 
 def test_unknown_sites_start_first_in_list_order_then_the_longest_known() -> None:

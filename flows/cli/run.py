@@ -57,7 +57,7 @@ def _order(plan: RunPlan) -> str:
     """`order: longest expected first (...); starts: a, b, ...`: the start order a run would
     use now, from the history on the configured server (`PREFECT_API_URL`); with no server
     set, or one that doesn't answer, by priority and list (the run reads the history)."""
-    from flows.slots.start_order import history_window, order_mode, plan_order
+    from flows.start_order import history_window, order_mode, plan_order
 
     durations: dict[str, list[float]] | None = None
     note = ""

@@ -26,7 +26,7 @@ from flows.engine.site_job import SiteJob
 from flows.process import holders
 from flows.slots.prefect_api import ensure_limit
 from flows.slots.reclaim import reclaim
-from flows.slots.start_order import history_window, plan_order
+from flows.start_order import history_window, plan_order
 from flows.timeouts import site_timeout
 
 RunLogger = logging.Logger | logging.LoggerAdapter[logging.Logger]

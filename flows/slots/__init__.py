@@ -10,7 +10,7 @@ The plain pool, its layers one job a module (as Prefect's `concurrency/` names i
 - `broker`: the one thread that asks the server for slots, and warns while it fails;
 - `lease_book`: the leases a pool holds, renewed and given back;
 - `upkeep`: the keeper (linger, renewals, long-wait notices) and the releaser threads;
-- `order`: `HandOutOrder`, which waiting site gets the next slot (pure, no threads);
+- `order`: `HandOutRule`, which waiting site gets the next slot (pure, no threads);
 - `ledger`: the file of leases a pool holds, for cleanup after a crash.
 
 Its Prefect side, imported by name:
@@ -25,8 +25,8 @@ This package's surface (re-exported here) is plain Python.
 """
 
 from flows.slots.hand_out import WaitStopped
+from flows.slots.hand_out_rule import HandOutRule
 from flows.slots.lease_book import LeaseLedger
-from flows.slots.order import HandOutOrder
 from flows.slots.pool import SlotPool
 from flows.slots.pool_state import PoolSettings
 from flows.slots.slot_api import LEASE_SECONDS, ApiUnavailable, SlotApi, SlotError
@@ -34,7 +34,7 @@ from flows.slots.slot_api import LEASE_SECONDS, ApiUnavailable, SlotApi, SlotErr
 __all__ = [
     "LEASE_SECONDS",
     "ApiUnavailable",
-    "HandOutOrder",
+    "HandOutRule",
     "LeaseLedger",
     "PoolSettings",
     "SlotApi",

@@ -23,7 +23,7 @@ The tuning (`linger`, `poll`, `patience`, `fair_share`, `api_patience`, `warn_ev
   sites left. A lease reused for more than `fair_share` seconds goes back to the server when
   its pipeline ends, and the broker waits a few polls before asking again, so a concurrent
   flow run on the same limit gets its turn.
-- Slots go to sites in list order (`flows.slots.order`): with k slots parked, a site's
+- Slots go to sites in list order (`flows.slots.hand_out_rule`): with k slots parked, a site's
   first attempt waits until all but k - 1 of the sites before it have started (for at most
   `patience` seconds, so a site that never asks can't block the others). A retry of a
   started site needs no turn in line; of the eligible waiting sites, the earliest in the

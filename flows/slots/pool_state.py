@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
+from flows.slots.hand_out_rule import HandOutRule
 from flows.slots.lease_book import LeaseBook
-from flows.slots.order import HandOutOrder
 from flows.slots.slot_api import LEASE_SECONDS, ApiUnavailable, SlotApi, SlotError
 
 logger = logging.getLogger("site_pipeline.slots")
@@ -70,7 +70,7 @@ class PoolState:
         self.park = park
         self.groups = dict(site_groups)  # site -> its group's limit name
         self.caps = dict(group_caps)  # a group's limit name -> its cap
-        self.order = HandOutOrder(sites, settings.patience, self.groups)
+        self.order = HandOutRule(sites, settings.patience, self.groups)
         self.cond = threading.Condition()
         self.parked: list[tuple[UUID, float]] = []  # global slots only
         self.in_use: dict[UUID, str | None] = {}  # lease -> its group (None: global only)

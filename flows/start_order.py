@@ -12,7 +12,7 @@ say which sites are long (the learned timeouts read them), so by default
 
 `order: listed` keeps list order after the priority; the old one-at-a-time loop
 (`use_async: false`) keeps list order, priorities and all. Retries of started sites still go
-before new sites: that is the slot pool's rule (`flows.slots.order`), given this order.
+before new sites: that is the slot pool's rule (`flows.slots.hand_out_rule`), given this order.
 
 Group caps (`groups`) add one rule, `spread_groups`: slots are handed out in this order, and
 the task runner takes the sites into its threads in it, where a site of a full group waits.

@@ -1,4 +1,4 @@
-"""The hand-out order's rules, on `HandOutOrder` alone: no threads, no clock, no server."""
+"""The hand-out order's rules, on `HandOutRule` alone: no threads, no clock, no server."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flows.slots.order import HandOutOrder
+from flows.slots.hand_out_rule import HandOutRule
 
 SITES = [f"s{i}" for i in range(8)]
 NEVER = 1e9  # a patience that never runs out in these tests
@@ -18,9 +18,9 @@ indexes = st.sets(st.integers(0, len(SITES) - 1))
 
 def order_with(
     *, started: Collection[int] = (), finished: Collection[int] = (), patience: float = NEVER
-) -> HandOutOrder:
+) -> HandOutRule:
     """An order over SITES where the sites at `started` and `finished` did so."""
-    order = HandOutOrder(SITES, patience)
+    order = HandOutRule(SITES, patience)
     for i in sorted(started):
         order.started(SITES[i])
     for i in sorted(finished):
@@ -31,7 +31,7 @@ def order_with(
 def test_with_one_slot_only_the_first_site_in_the_list_gets_it() -> None:
     """Nobody started yet, one slot parked: the later sites waiting don't get it, and once
     the first site waits too, it does."""
-    order = HandOutOrder(SITES, NEVER)
+    order = HandOutRule(SITES, NEVER)
     for site in reversed(SITES[1:]):
         order.wait(site, now=0.0)
     assert order.next_in_line(parked=1, now=1.0) is None
@@ -42,7 +42,7 @@ def test_with_one_slot_only_the_first_site_in_the_list_gets_it() -> None:
 def test_with_k_slots_parked_the_first_k_unstarted_sites_may_take_them() -> None:
     """3 slots parked, nobody started: s2 (the third) may take one while s0 and s1 don't
     ask; s3 (the fourth) may not."""
-    order = HandOutOrder(SITES, NEVER)
+    order = HandOutRule(SITES, NEVER)
     order.wait("s3", now=0.0)
     assert order.next_in_line(parked=3, now=0.0) is None
     order.wait("s2", now=0.0)
@@ -52,7 +52,7 @@ def test_with_k_slots_parked_the_first_k_unstarted_sites_may_take_them() -> None
 
 def test_no_slot_parked_counts_as_one() -> None:
     """`parked=0` widens nothing: the frontier site is in line, the next one is not."""
-    order = HandOutOrder(SITES, NEVER)
+    order = HandOutRule(SITES, NEVER)
     order.wait("s1", now=0.0)
     assert order.next_in_line(parked=0, now=0.0) is None
     order.wait("s0", now=0.0)
@@ -61,7 +61,7 @@ def test_no_slot_parked_counts_as_one() -> None:
 
 def test_patience_makes_a_site_out_of_line_eligible_after_it_runs_out() -> None:
     """s5 waits from t=10 with patience 2: not eligible at t=11.9, eligible at t=12."""
-    order = HandOutOrder(SITES, patience=2.0)
+    order = HandOutRule(SITES, patience=2.0)
     order.wait("s5", now=10.0)
     assert order.next_in_line(parked=1, now=11.9) is None
     assert order.next_in_line(parked=1, now=12.0) == "s5"
@@ -69,7 +69,7 @@ def test_patience_makes_a_site_out_of_line_eligible_after_it_runs_out() -> None:
 
 def test_zero_patience_makes_every_waiting_site_eligible() -> None:
     """patience=0 (a Dask worker's pool): sites get slots as they ask, earliest first."""
-    order = HandOutOrder(SITES, patience=0.0)
+    order = HandOutRule(SITES, patience=0.0)
     order.wait("s6", now=0.0)
     order.wait("s4", now=0.0)
     assert order.next_in_line(parked=1, now=0.0) == "s4"
@@ -138,7 +138,7 @@ def test_one_slot_serves_sites_in_list_order_whatever_order_they_ask_in(
 ) -> None:
     """Every site asks (in any order) and each finishes as soon as it started: with one slot
     handed out at a time, they start in list order."""
-    order = HandOutOrder(SITES, NEVER)
+    order = HandOutRule(SITES, NEVER)
     for i in asks:
         order.wait(SITES[i], now=0.0)
     served = []
@@ -152,7 +152,7 @@ def test_one_slot_serves_sites_in_list_order_whatever_order_they_ask_in(
 
 def test_counts_follow_waiting_and_finishing() -> None:
     """`waiting` counts sites that wait; `unfinished` those without a final outcome."""
-    order = HandOutOrder(SITES, NEVER)
+    order = HandOutRule(SITES, NEVER)
     order.wait("s0", now=0.0)
     order.wait("s1", now=0.0)
     assert order.waiting == 2 and order.unfinished == len(SITES)
@@ -165,4 +165,4 @@ def test_counts_follow_waiting_and_finishing() -> None:
 def test_a_site_not_in_the_list_is_refused() -> None:
     """Waiting for a site the run doesn't have raises KeyError."""
     with pytest.raises(KeyError):
-        HandOutOrder(SITES, NEVER).wait("elsewhere", now=0.0)
+        HandOutRule(SITES, NEVER).wait("elsewhere", now=0.0)

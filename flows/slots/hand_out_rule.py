@@ -1,4 +1,4 @@
-"""Which waiting site gets the next parked slot: the slot pool's hand-out order.
+"""Which waiting site gets the next parked slot: the slot pool's hand-out rule.
 
 Plain Python, no threads, no locks, no clock: the caller (`flows.slots.pool.SlotPool`,
 under its lock) passes the time in. The rules:
@@ -21,8 +21,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 
 
-class HandOutOrder:
-    """The hand-out order of one flow run over `sites` (list order, with `patience`);
+class HandOutRule:
+    """The hand-out rule of one flow run over `sites` (list order, with `patience`);
     `groups` maps a site to its group (a site not in it belongs to none)."""
 
     def __init__(
