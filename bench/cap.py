@@ -473,7 +473,7 @@ def night_table(
     return lines
 
 
-def group_lines(env: dict[str, str], work: Path, workload: dict[str, float]) -> list[str]:
+def cause_lines(env: dict[str, str], work: Path, workload: dict[str, float]) -> list[str]:
     """The group-cap row: run it, then check its efficiency and every cap on the timeline."""
     cap = night.GROUP_CAP
     ideal = night.group_ideal(workload, night.GROUPS, cap)
@@ -539,7 +539,7 @@ def night_report(args: argparse.Namespace, work: Path) -> str:
     with contextlib.ExitStack() as stack:
         env = {**night_env(work, args.night_server, stack), "BENCH_DURATIONS": str(file)}
         rows = night_rows(env, work, durations)
-        groups = group_lines(env, work, workload)
+        groups = cause_lines(env, work, workload)
     return "\n".join([*night_table(args, durations, rows), "", *groups])
 
 

@@ -15,7 +15,7 @@ SUMMARY_KEY = "site-pipeline-summary"
 are the baselines of result checks and learned timeouts (`flows.engine.baselines`)."""
 
 FAILURES_KEY = "site-pipeline-failures"
-"""The markdown artifact of failed sites, grouped (`flows.failure_groups.failures_markdown`)."""
+"""The markdown artifact of failed sites, grouped (`flows.failure_causes.failures_markdown`)."""
 
 HEALTH_KEY = "site-pipeline-health"
 """The markdown artifact of each site's health: its last outcomes, durations and records,

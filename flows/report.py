@@ -1,5 +1,5 @@
 """The run summary: one record per site (`SiteReport`), counts, and its tables. The failed
-sites grouped by cause, and the messages made of the groups, are `flows.failure_groups`.
+sites grouped by cause, and the messages made of the groups, are `flows.failure_causes`.
 
 The summary's JSON shape is a contract (`--summary-json`, benchmarks, other tools)::
 

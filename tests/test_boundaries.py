@@ -32,7 +32,7 @@ PLAIN = [
     "flows.interrupts",
     "flows.names",
     "flows.report",
-    "flows.failure_groups",
+    "flows.failure_causes",
     "flows.timeouts",
     "flows.slots",
     "flows.slots.pool",

@@ -14,7 +14,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-from flows.failure_groups import group_lines_of
+from flows.failure_causes import cause_lines_of
 from flows.names import FAILURES_KEY, SUMMARY_KEY
 from flows.site_pipeline import run_sites
 from tests.conftest import ROOT, write_config
@@ -61,7 +61,7 @@ def test_a_real_exception_is_the_cause_in_the_summary_the_artifacts_and_the_mess
     for row in rows.values():  # the logs, where the attempt logs were written
         assert all(Path(path).is_file() for path in row["logs"])
 
-    assert group_lines_of(summary) == [  # as big: by fingerprint
+    assert cause_lines_of(summary) == [  # as big: by fingerprint
         f"2 sites: {NOPKG} (pyerr-a, pyerr-d)",
         f"2 sites: {rows['chained-b']['cause']} (chained-b, chained-e)",
     ]

@@ -17,15 +17,15 @@ from rich.console import Console
 
 from flows.cli.console import summary_table
 from flows.cli.run import _print_results
-from flows.failure_groups import (
+from flows.failure_causes import (
     MESSAGE_MAX,
-    FailureGroup,
-    failure_groups,
+    FailureCause,
+    cause_lines,
+    cause_lines_of,
+    failure_causes,
     failure_message,
     failures_markdown,
     fingerprint,
-    group_lines,
-    group_lines_of,
 )
 from flows.report import (
     PLAIN_ERROR_WIDTH,
@@ -147,8 +147,8 @@ def test_failures_group_by_the_fingerprint_of_their_cause_biggest_first() -> Non
         failed("net-a", "OSError: port 8001 refused"),
         failed("net-b", "OSError: port 8002 refused"),
     ]
-    groups = failure_groups(reports)
-    assert groups[0] == FailureGroup(fingerprint(IMPORT), IMPORT, ["imp-a", "imp-b", "imp-c"])
+    groups = failure_causes(reports)
+    assert groups[0] == FailureCause(fingerprint(IMPORT), IMPORT, ["imp-a", "imp-b", "imp-c"])
     assert [(g.label, g.sites) for g in groups[1:]] == [
         (NOPKG, ["pyerr-a", "pyerr-b"]),  # ties: by fingerprint
         ("OSError: port 8001 refused", ["net-a", "net-b"]),
@@ -177,7 +177,7 @@ def test_timeouts_cancellations_and_kinds_have_groups_of_their_own() -> None:
         SiteReport("halt-b", "cancelled", 0, None, 0, "the run halted after 3 failures"),
         SiteReport("slot-a", "failed", 0, None, 0, "no slot: gone", cause="x", kind="no slot"),
     ]
-    assert [(g.label, g.sites) for g in failure_groups(reports)] == [
+    assert [(g.label, g.sites) for g in failure_causes(reports)] == [
         ("the run halted after 3 failures", ["halt-a", "halt-b"]),
         ("timed out after 30 s", ["slow-a", "slow-b"]),
         ("no slot", ["slot-a"]),
@@ -188,12 +188,12 @@ def test_timeouts_cancellations_and_kinds_have_groups_of_their_own() -> None:
 def test_one_line_per_group_with_and_n_more_past_five_names() -> None:
     """`2 sites: <cause> (a, b)`, `1 site: ...`, and past five names "and N more"."""
     reports = [failed(f"pyerr-{n}", NOPKG) for n in range(7)] + [failed("bare", None)]
-    assert group_lines(reports) == [
+    assert cause_lines(reports) == [
         f"7 sites: {NOPKG} (pyerr-0, pyerr-1, pyerr-2, pyerr-3, pyerr-4, and 2 more)",
         "1 site: exit code 1 (bare)",
     ]
-    assert group_lines(reports[:2]) == [f"2 sites: {NOPKG} (pyerr-0, pyerr-1)"]
-    assert group_lines([SiteReport("ok", "succeeded", 1, 0, 0.1)]) == []
+    assert cause_lines(reports[:2]) == [f"2 sites: {NOPKG} (pyerr-0, pyerr-1)"]
+    assert cause_lines([SiteReport("ok", "succeeded", 1, 0, 0.1)]) == []
 
 
 def test_the_group_lines_of_a_summary_are_those_of_its_reports() -> None:
@@ -207,7 +207,7 @@ def test_the_group_lines_of_a_summary_are_those_of_its_reports() -> None:
         SiteReport("few", "failed", 1, 0, 0.1, "records = 1, below min 5", check=check),
     ]
     summary = build_summary("id", reports)
-    assert group_lines_of(summary) == [
+    assert cause_lines_of(summary) == [
         f"2 sites: {NOPKG} (pyerr-a, pyerr-b)",
         "1 site: result check (few)",
     ]
@@ -216,7 +216,7 @@ def test_the_group_lines_of_a_summary_are_those_of_its_reports() -> None:
         del row["cause"], row["logs"]
         row["added_later"] = 1
     assert [r.cause for r in reports_of(old)] == [None, None, None]
-    assert group_lines_of(old)[0] == "2 sites: exit code 1 (pyerr-a, pyerr-b)"
+    assert cause_lines_of(old)[0] == "2 sites: exit code 1 (pyerr-a, pyerr-b)"
 
 
 # The surfaces
@@ -346,7 +346,7 @@ def test_the_cli_prints_one_line_per_group_after_the_table(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`site-pipeline run`'s results, through a pipe: the table, the count line, then one
-    line per failure group, then the summary path."""
+    line per failure cause, then the summary path."""
     summary = build_summary(
         "id",
         [

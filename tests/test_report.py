@@ -3,7 +3,7 @@ line say for each kind of outcome. Plain Python: no server."""
 
 from __future__ import annotations
 
-from flows.failure_groups import failure_kind, failure_message, failures_markdown
+from flows.failure_causes import failure_kind, failure_message, failures_markdown
 from flows.report import (
     SiteReport,
     as_bools,

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from flows.config import ConfigError
-from flows.failure_groups import failure_message
+from flows.failure_causes import failure_message
 from flows.ops.resume import EarlierRun, choose
 from flows.process.holders import holder_alive, holder_labels, this_process_labels
 from flows.report import as_bools, build_summary, skipped_reports

@@ -358,13 +358,13 @@ class ServerGone(Exception):
 
 
 def _print_results(args: argparse.Namespace, summary: dict[str, Any], ui_url: str | None) -> None:
-    """The final table (rich on a terminal, plain elsewhere), one line per failure group
+    """The final table (rich on a terminal, plain elsewhere), one line per failure cause
     (`2 sites: <cause> (a, b)`), the summary JSON if asked for, and the link to the flow run
     in the UI when there is one."""
     from rich.console import Console
 
     from flows.cli.console import summary_table
-    from flows.failure_groups import group_lines_of
+    from flows.failure_causes import cause_lines_of
     from flows.report import count_line, format_table
 
     out = Console()
@@ -373,7 +373,7 @@ def _print_results(args: argparse.Namespace, summary: dict[str, Any], ui_url: st
         print(count_line(summary))
     else:
         print(format_table(summary))
-    for line in group_lines_of(summary):
+    for line in cause_lines_of(summary):
         print(line)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")

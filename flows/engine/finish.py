@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import State
 from prefect.states import Cancelled, Completed, Failed
 
-from flows import failure_groups, health, report
+from flows import failure_causes, health, report
 from flows.config import RunPlan
 from flows.engine.metrics_export import export_metrics
 from flows.engine.prepare import RunLogger
@@ -52,7 +52,7 @@ def publish_artifacts(
         description="each site's last runs and failure streak",
     )
     aggregated = plan.config.async_settings.error_aggregation
-    failures = failure_groups.failures_markdown(reports) if aggregated else None
+    failures = failure_causes.failures_markdown(reports) if aggregated else None
     if failures:
         _publish(
             logger, FAILURES_KEY, create_markdown_artifact, failures, description="failures by kind"
@@ -89,7 +89,7 @@ def finish_run(
     warned = report.warning_message(reports)
     if warned:
         logger.warning(warned)
-    message = failure_groups.failure_message(reports, streaks=streaks)
+    message = failure_causes.failure_message(reports, streaks=streaks)
     if stop is not None and stopped:
         reason = f"{stop.reason}: {message}" if message else str(stop.reason)
         logger.warning(reason)

@@ -1,9 +1,9 @@
-"""Failed sites grouped by cause: the fingerprint of a cause, the failure groups, and what
-people read of them: one line per group after the CLI's table (`group_lines`), the flow
+"""Failed sites grouped by cause: the fingerprint of a cause, the failure causes, and what
+people read of them: one line per cause after the CLI's table (`cause_lines`), the flow
 run's Failed message (`failure_message`) and the failures artifact (`failures_markdown`).
 
-A group's key is the fingerprint of its sites' cause (`fingerprint`), else a kind of failure
-(`failure_kind`: `exit code 1`, `timed out`, `no slot`, ...); see `failure_groups`.
+A cause's key is the fingerprint of its sites' cause (`fingerprint`), else a kind of failure
+(`failure_kind`: `exit code 1`, `timed out`, `no slot`, ...); see `failure_causes`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from flows.report import OK_STATUSES, SiteReport, cut, reports_of
 
 
 def failure_kind(report: SiteReport) -> str:
-    """The group a failed site belongs to in the error aggregation."""
+    """The cause a failed site is counted under in the error aggregation."""
     if report.kind is not None:
         return report.kind
     if report.status == "timed_out":
@@ -81,8 +81,8 @@ def fingerprint(cause: str) -> str:
 
 
 @dataclass(frozen=True)
-class FailureGroup:
-    """Failed sites that share a cause: `key` groups them (a fingerprint, or a kind),
+class FailureCause:
+    """Failed sites that share a cause: `key` tells them (a fingerprint, or a kind),
     `label` is what a person reads (the first site's cause), `sites` in report order."""
 
     key: str
@@ -117,9 +117,9 @@ def _failure_key(report: SiteReport) -> tuple[str, str]:
     return kind, kind
 
 
-def failure_groups(reports: Iterable[SiteReport]) -> list[FailureGroup]:
+def failure_causes(reports: Iterable[SiteReport]) -> list[FailureCause]:
     """The sites that did not succeed (nor were skipped), grouped by `_failure_key`: the biggest
-    group first, then by key; each group's label is its first site's."""
+    cause first, then by key; each cause's label is its first site's."""
     labels: dict[str, str] = {}
     members: dict[str, list[str]] = {}
     for report in reports:
@@ -129,7 +129,7 @@ def failure_groups(reports: Iterable[SiteReport]) -> list[FailureGroup]:
         labels.setdefault(key, label)
         members.setdefault(key, []).append(report.site)
     return [
-        FailureGroup(key, labels[key], sites)
+        FailureCause(key, labels[key], sites)
         for key, sites in sorted(members.items(), key=lambda item: (-len(item[1]), item[0]))
     ]
 
@@ -140,24 +140,24 @@ def _names(sites: Sequence[str], shown: int) -> str:
     return ", ".join(sites[:shown]) + more
 
 
-def group_lines(reports: Iterable[SiteReport], shown: int = 5) -> list[str]:
-    """One line per failure group, biggest first, for the console after the table:
+def cause_lines(reports: Iterable[SiteReport], shown: int = 5) -> list[str]:
+    """One line per failure cause, biggest first, for the console after the table:
     `2 sites: ModuleNotFoundError: No module named 'nopkg' (pyerr-a, pyerr-b)`, with
     "and N more" past `shown` names."""
     return [
         f"{len(g.sites)} site{'s' if len(g.sites) > 1 else ''}: {g.label} "
         f"({_names(g.sites, shown)})"
-        for g in failure_groups(reports)
+        for g in failure_causes(reports)
     ]
 
 
-def group_lines_of(summary: Mapping[str, Any], shown: int = 5) -> list[str]:
-    """`group_lines` of a summary dict (what the CLI has)."""
-    return group_lines(reports_of(summary), shown)
+def cause_lines_of(summary: Mapping[str, Any], shown: int = 5) -> list[str]:
+    """`cause_lines` of a summary dict (what the CLI has)."""
+    return cause_lines(reports_of(summary), shown)
 
 
-MESSAGE_GROUPS = 3  # failure groups named in the flow run's message
-MESSAGE_LABEL = 100  # characters of a group's label in the message
+MESSAGE_CAUSES = 3  # failure causes named in the flow run's message
+MESSAGE_LABEL = 100  # characters of a cause's label in the message
 MESSAGE_MAX = 1000  # characters of the whole message
 STREAK_NAMED = 3  # failed this many runs in a row (or more): named first
 TIMES = "\N{MULTIPLICATION SIGN}"
@@ -174,12 +174,12 @@ def failure_message(
 
     The sites of this run that failed `STREAK_NAMED` or more runs in a row come first
     (`streaks`: site -> runs failed in a row, this one included), longest first; then the largest
-    `MESSAGE_GROUPS` failure groups (`failure_groups`), each label cut at `MESSAGE_LABEL`
-    characters, each with up to `shown` names; then how many other groups there are."""  # noqa: RUF002
-    groups = failure_groups(reports)
-    if not groups:
+    `MESSAGE_CAUSES` failure causes (`failure_causes`), each label cut at `MESSAGE_LABEL`
+    characters, each with up to `shown` names; then how many other causes there are."""  # noqa: RUF002
+    causes = failure_causes(reports)
+    if not causes:
         return None
-    failed = {site for g in groups for site in g.sites}
+    failed = {site for g in causes for site in g.sites}
     parts: list[str] = []
     long_runs = sorted(
         ((site, n) for site, n in (streaks or {}).items() if n >= STREAK_NAMED and site in failed),
@@ -188,10 +188,10 @@ def failure_message(
     if long_runs:
         named = [f"{site} ({n})" for site, n in long_runs]
         parts.append(f"failing {STREAK_NAMED}+ runs in a row: {_names(named, shown)}")
-    for g in groups[:MESSAGE_GROUPS]:
+    for g in causes[:MESSAGE_CAUSES]:
         label = cut(g.label, MESSAGE_LABEL)
         parts.append(f"{len(g.sites)} {TIMES} {label} ({_names(g.sites, shown)})")
-    rest = groups[MESSAGE_GROUPS:]
+    rest = causes[MESSAGE_CAUSES:]
     if rest:
         others = sum(len(g.sites) for g in rest)
         parts.append(
@@ -203,18 +203,18 @@ def failure_message(
 
 
 def failures_markdown(reports: Sequence[SiteReport]) -> str | None:
-    """Failed sites grouped by cause (`failure_groups`: biggest first), as markdown; each
+    """Failed sites grouped by cause (`failure_causes`: biggest first), as markdown; each
     site with its attempts and its error (else its last stderr line); None when nothing
     failed."""
     by_site = {r.site: r for r in reports}
-    groups = failure_groups(reports)
-    if not groups:
+    causes = failure_causes(reports)
+    if not causes:
         return None
     lines = ["# Failed sites by cause", ""]
-    for group in groups:
-        lines.append(f"## {_code(group.label)} ({len(group.sites)})")
+    for cause in causes:
+        lines.append(f"## {_code(cause.label)} ({len(cause.sites)})")
         lines.append("")
-        for site in group.sites:
+        for site in cause.sites:
             r = by_site[site]
             last = r.stderr_tail[-1] if r.stderr_tail and not r.cause else (r.error or "")
             lines.append(f"- `{site}` after {r.attempts} attempt(s): {last}")
