@@ -245,3 +245,17 @@ def test_the_quickstart_run_succeeds_on_the_shipped_config(tmp_path: Path) -> No
     stopped = run_tied([script, "server", "stop"], cwd=project, env=env)
     assert "stopped the local Prefect server" in stopped.stdout, stopped.stdout + stopped.stderr
     assert keepers_under(tmp_path) == []
+
+
+def test_the_house_map_lists_every_module_once_with_tests_that_exist() -> None:
+    """docs/architecture.md's house map matches the tree: one row per module of `flows/`,
+    none for a module that is gone, and each test file a row names is there."""
+    text = (DOCS / "architecture.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `(flows/[\w/]+\.py)` \|[^|]*\|([^|]*)\|$", text, re.M)
+    listed = [module for module, _ in rows]
+    modules = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "flows").rglob("*.py"))
+    assert sorted(listed) == modules
+    assert len(set(listed)) == len(listed)
+    named = {name for _, tests in rows for name in re.findall(r"test_\w+\.py", tests)}
+    assert [name for name in sorted(named) if not (ROOT / "tests" / name).exists()] == []
+    assert all(re.search(r"test_\w+\.py", tests) for _, tests in rows), "a module with no test"

@@ -434,7 +434,7 @@ def test_an_expired_lease_is_not_given_back_twice() -> None:
     pool = SlotPool("cap", ["a"], api, PoolSettings(lease_seconds=0.3))
     try:
         with pool.slot("a"):
-            api.renew_down = True  # the keeper can't renew it
+            api.renew_down = True  # the upkeep thread can't renew it
             (lease,) = list(limit.leases)
             limit.expire(lease)  # so the server expires it
             # The rule's time, not a wait for an event: the book tells an expired lease

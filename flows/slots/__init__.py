@@ -9,7 +9,7 @@ The plain pool, its layers one job a module (as Prefect's `concurrency/` names i
 - `hand_out`: a site's thread takes a slot and gives it back (`WaitStopped`);
 - `broker`: the one thread that asks the server for slots, and warns while it fails;
 - `lease_book`: the leases a pool holds, renewed and given back;
-- `upkeep`: the keeper (linger, renewals, long-wait notices) and the releaser threads;
+- `upkeep`: the upkeep thread (linger, renewals, long-wait notices) and the releaser threads;
 - `order`: `HandOutRule`, which waiting site gets the next slot (pure, no threads);
 - `ledger`: the file of leases a pool holds, for cleanup after a crash.
 

@@ -1,7 +1,7 @@
 """The lease book: the slot leases one pool holds, noted, renewed and given back.
 
 Plain Python. Each lease the server grants is noted here (and in the pool's `LeaseLedger`,
-`flows.slots.ledger`, for cleanup after a crash); the keeper renews them through the book,
+`flows.slots.ledger`, for cleanup after a crash); the upkeep thread renews them through the book,
 and the hand-out and the releaser give them back through it. A server that restarts with
 leases in memory forgets them but still counts their slots: the book tells such a lost lease
 from an expired one and gives its slot back by name.

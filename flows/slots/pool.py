@@ -43,7 +43,7 @@ The tuning (`linger`, `poll`, `patience`, `fair_share`, `api_patience`, `warn_ev
   renewal of a lease nobody holds: 410): Prefect 3.9 counts a slot whose lease it could not
   store (Redis down) and keeps counting it, so with its lease storage gone a limit looks
   full for good, and waiting sites would otherwise wait forever.
-- One keeper thread renews the leases, so a pipeline may run for hours, and one releaser
+- One upkeep thread renews the leases, so a pipeline may run for hours, and one releaser
   thread gives slots back, so a worker thread never waits on the API.
 - A server that restarts with leases in memory forgets them but still counts their slots.
   A lease the server no longer knows, though it confirmed it less than a lease duration
@@ -53,7 +53,7 @@ The tuning (`linger`, `poll`, `patience`, `fair_share`, `api_patience`, `warn_ev
 The pool's layers, one job a module (as Prefect's `concurrency/` names its own):
 `slot_api` (the API it needs, its errors), `pool_state` (what its threads share, under one
 lock), `hand_out` (a site takes and gives back), `broker` (the thread that asks the server),
-`lease_book` (the leases held, renewed, given back) and `upkeep` (the keeper and releaser
+`lease_book` (the leases held, renewed, given back) and `upkeep` (the upkeep and releaser
 threads). `SlotPool` here is their public face.
 """
 
@@ -113,7 +113,7 @@ class SlotPool:
         self._upkeep = Upkeep(state, on_tick, explain_wait)
         self._threads = [
             threading.Thread(target=Broker(state).run, name=f"slots-broker-{name}", daemon=True),
-            threading.Thread(target=self._upkeep.keep, name=f"slots-keeper-{name}", daemon=True),
+            threading.Thread(target=self._upkeep.tend, name=f"slots-upkeep-{name}", daemon=True),
             threading.Thread(
                 target=self._upkeep.release, name=f"slots-release-{name}", daemon=True
             ),
@@ -176,9 +176,9 @@ class SlotPool:
             state.closed = True
             state.cond.notify_all()
         self._upkeep.stopped.set()
-        broker, keeper, releaser = self._threads
+        broker, upkeep, releaser = self._threads
         broker.join(timeout=10)  # it may still bring one lease; it releases that itself
-        keeper.join(timeout=10)
+        upkeep.join(timeout=10)
         with state.cond:
             leases = [lease for lease, _ in state.parked] + list(state.in_use)
             leases += list(state.granted.values())

@@ -1,7 +1,7 @@
 """What one slot pool's threads share, under one lock, and the questions they all ask of it.
 
 Plain Python. The hand-out (`flows.slots.hand_out`), the broker (`flows.slots.broker`) and
-the keeper and releaser (`flows.slots.upkeep`) of one `SlotPool` read and change one
+the upkeep and releaser threads (`flows.slots.upkeep`) of one `SlotPool` read and change one
 `PoolState` while holding its `cond`: the slots parked, granted and in use, the groups the
 server refused, the API's outage. The methods marked "lock held" are called with `cond` held.
 """

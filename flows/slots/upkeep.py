@@ -1,6 +1,6 @@
-"""The pool's upkeep: its keeper thread and its releaser thread.
+"""The pool's upkeep: its upkeep thread and its releaser thread.
 
-Plain Python. The keeper gives back slots parked longer than `linger` seconds, renews the
+Plain Python. The upkeep thread gives back slots parked longer than `linger` seconds, renews the
 held leases every third of a lease's duration (through the lease book), and has a line
 written for a site that waits long, saying who holds the cap. The releaser gives queued
 leases back, so a site's thread never waits on the API.
@@ -16,9 +16,9 @@ from flows.slots.pool_state import PoolState
 
 
 class Upkeep:
-    """The keeper and the releaser of `state`'s pool (`keep` and `release`, each a thread).
+    """The upkeep and the releaser threads of `state`'s pool (`tend` and `release`, each a thread).
 
-    `on_tick` is called on every round of the keeper; `explain_wait` says who holds the cap,
+    `on_tick` is called on every round of the upkeep thread; `explain_wait` says who holds the cap,
     for a site that waits longer than `settings.wait_notice`."""
 
     def __init__(
@@ -30,9 +30,9 @@ class Upkeep:
         self._state = state
         self._on_tick = on_tick
         self._explain_wait = explain_wait
-        self.stopped = threading.Event()  # `keep` returns once it is set
+        self.stopped = threading.Event()  # `tend` returns once it is set
 
-    def keep(self) -> None:
+    def tend(self) -> None:
         """Return slots parked longer than `linger` seconds, and renew held leases."""
         state = self._state
         linger, lease_seconds = state.settings.linger, state.settings.lease_seconds
