@@ -221,29 +221,15 @@ def _run_plan(
         try:
             outcome = _watch_flow(plan, skip, stop, verbosity, err, cluster)
         except ServerGone as gone:  # the kept server died: end now, stating what to do next
-            print(f"site-pipeline: error: {gone}", file=sys.stderr)
-            stop_everything(plan.config.process_control, plan.config.kill_grace_seconds)
-            print(
-                "site-pipeline: its pipelines were stopped. The next run starts a new server "
-                "and gives their slots back; `site-pipeline doctor --fix` marks this run "
-                "Crashed, and `site-pipeline run --retry-failed` runs its unfinished sites",
-                file=sys.stderr,
-            )
-            end_now(EXIT_FAILED)  # the flow's thread waits on API retries: don't join it
+            _end_for_server_gone(plan, gone)
         except KeyboardInterrupt:  # a second signal (or a first one on Dask): stop at once
             stop_everything(plan.config.process_control, 0)  # at once: no grace
             status = interrupted(exit_status(stop.signal))
             if polite:  # threads: one may sleep in a retry delay (on Dask, the cluster closes)
                 end_now(status)
             return status
-        if isinstance(outcome, PipelineRunError):
-            print(f"site-pipeline: {outcome}", file=sys.stderr)
-            return EXIT_FAILED
-        if isinstance(outcome, BaseException) and (line := api_failure(outcome)) is not None:
-            print(f"site-pipeline: error: {line}", file=sys.stderr)
-            return EXIT_FAILED
         if isinstance(outcome, BaseException):
-            raise outcome
+            return _run_failed(outcome, PipelineRunError)
     # A server that keeps running (not the temporary one): link to the run.
     ui_url = str(settings.ui_url) if settings.api.url and settings.ui_url else None
     _print_results(args, outcome, ui_url)
@@ -253,6 +239,34 @@ def _run_plan(
     if outcome["state"] == "Cancelled" and stop.signal is not None:
         end_now(exit_status(stop.signal))
     return EXIT_OK if outcome["state"] == "Completed" else EXIT_FAILED
+
+
+def _end_for_server_gone(plan: RunPlan, gone: ServerGone) -> NoReturn:
+    """The kept server died mid-run: stop the pipelines, say what to do next, exit 1 at once
+    (the flow's thread waits on API retries: it is not joined)."""
+    from flows.process.control import stop_everything
+
+    print(f"site-pipeline: error: {gone}", file=sys.stderr)
+    stop_everything(plan.config.process_control, plan.config.kill_grace_seconds)
+    print(
+        "site-pipeline: its pipelines were stopped. The next run starts a new server "
+        "and gives their slots back; `site-pipeline doctor --fix` marks this run "
+        "Crashed, and `site-pipeline run --retry-failed` runs its unfinished sites",
+        file=sys.stderr,
+    )
+    end_now(EXIT_FAILED)
+
+
+def _run_failed(outcome: BaseException, run_error: type[BaseException]) -> int:
+    """The exit status of a run that raised: a refused run (`PipelineRunError`) or an API
+    failure is one line and exit 1; anything else propagates."""
+    if isinstance(outcome, run_error):
+        print(f"site-pipeline: {outcome}", file=sys.stderr)
+        return EXIT_FAILED
+    if (line := api_failure(outcome)) is not None:
+        print(f"site-pipeline: error: {line}", file=sys.stderr)
+        return EXIT_FAILED
+    raise outcome
 
 
 def temporary_server_gone(flow_run_id: str) -> list[str]:

@@ -117,12 +117,7 @@ def run_attempt(
     try:
         proc = control.spawn(argv, cwd=cwd, env=env, owner=owner)
     except OSError as exc:
-        return AttemptOutcome(
-            status="not_started",
-            exit_code=None,
-            duration_s=time.monotonic() - started,
-            error=f"could not start {argv[0]!r}: {exc.strerror or exc}",
-        )
+        return _not_started(argv[0], exc, time.monotonic() - started)
     writer = None if log_file is None else AttemptLog(log_file, warn or log).open()
     output = AttemptOutput(log, max_log_lines, writer)
     assert proc.stdout is not None and proc.stderr is not None  # noqa: S101  (pipes requested)
@@ -139,26 +134,43 @@ def run_attempt(
         # so far: `stop` looks for new ones, and a pass over the process table costs.
         usage = control.usage(proc) or usage
     finally:
-        control.stop(proc, kill_grace)
-        # Not after an exception (a CancelledError raised into this thread, say): raised just
-        # after a read of the reader threads' queue took the queue's lock (CPython checks for
-        # it after each C call), it left that lock held, and a drain then waited for it for
-        # ever (a red CI run: tree-threads, the thread never ended).
-        if ending == "exited":
-            drain(pipes, output, until=time.monotonic() + 0.5)
-        pipes.close()
-        output.close()
-    limits = {
-        "timed_out": timeout,
-        "stalled": stall_timeout or 0.0,
-        "over_memory": memory_limit or 0.0,
-        "exited": 0.0,
-    }
+        _stop_and_close(proc, control, kill_grace, pipes, output, drained=ending == "exited")
+    limit = {"timed_out": timeout, "stalled": stall_timeout, "over_memory": memory_limit}
     outcome = _outcome(
-        proc.returncode, ending, limits[ending], time.monotonic() - started, output, over
+        proc.returncode, ending, limit.get(ending) or 0.0, time.monotonic() - started, output, over
     )
     outcome.peak_rss_mb, outcome.cpu_s = cost(usage, rusage.account(proc))
     return outcome
+
+
+def _not_started(program: str, exc: OSError, duration: float) -> AttemptOutcome:
+    return AttemptOutcome(
+        status="not_started",
+        exit_code=None,
+        duration_s=duration,
+        error=f"could not start {program!r}: {exc.strerror or exc}",
+    )
+
+
+def _stop_and_close(
+    proc: subprocess.Popen[bytes],
+    control: ProcessControl,
+    kill_grace: float,
+    pipes: Pipes,
+    output: AttemptOutput,
+    drained: bool,
+) -> None:
+    """Stop all the attempt started, then close its pipes and output. What is left in the
+    pipes is read (`drained`) only after the pipeline exited, never after an exception (a
+    CancelledError raised into this thread, say): raised just after a read of the reader
+    threads' queue took the queue's lock (CPython checks for it after each C call), it left
+    that lock held, and a drain then waited for it for ever (a red CI run: tree-threads, the
+    thread never ended)."""
+    control.stop(proc, kill_grace)
+    if drained:
+        drain(pipes, output, until=time.monotonic() + 0.5)
+    pipes.close()
+    output.close()
 
 
 def cost(
