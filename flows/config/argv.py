@@ -8,12 +8,9 @@ import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from flows.config.errors import ConfigError
-
-if TYPE_CHECKING:
-    from flows.config.schema import PipelineConfig
 
 PLACEHOLDERS = ("site", "python", "attempt", "output_dir")
 PLACEHOLDER_RE = re.compile(r"\{([^{}]*)\}")
@@ -67,8 +64,19 @@ def site_output_dir(output_dir: Path, site: str) -> Path:
     return target
 
 
+class CommandConfig(Protocol):
+    """What `build_argv` reads of the config (`PipelineConfig` has both; the schema imports
+    this module for `placeholder_problems`, so it is not imported back)."""
+
+    @property
+    def command(self) -> Sequence[str]: ...
+
+    @property
+    def default_flags(self) -> Sequence[str]: ...
+
+
 def build_argv(
-    config: PipelineConfig,
+    config: CommandConfig,
     site: str,
     attempt: int,
     output_dir: Path,
