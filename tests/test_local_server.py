@@ -627,3 +627,24 @@ def test_a_server_that_could_not_listen_is_told_from_its_log(tmp_path: Path, sai
     log.write_text("sqlite3.OperationalError: unable to open database file\n")
     assert not lsstart._port_was_taken(log)
     assert not lsstart._port_was_taken(tmp_path / "missing.log")
+
+
+def test_a_second_start_takes_the_port_the_home_used_last_then_any_free_one(
+    tmp_path: Path,
+) -> None:
+    """After its port was taken, a start is tried again on the home's last port (its UI's
+    address stays the same) when that is another port and free; else on any free port."""
+    import socket
+
+    home = tmp_path / "home"
+    home.mkdir()
+    last = lsstart.free_port()
+    (home / lsfiles.PORT_FILE).write_text(str(last), encoding="utf-8")
+    assert lsstart.retry_port(home, taken=4200) == last
+    assert lsstart.retry_port(home, taken=last) not in (last, 4200)
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", last))
+        holder.listen()
+        assert lsstart.retry_port(home, taken=4200) != last
+    (home / lsfiles.PORT_FILE).write_text("not a port", encoding="utf-8")
+    assert lsstart.retry_port(home, taken=4200) > 0

@@ -83,14 +83,30 @@ def choose_port(home: Path, preferred: int = PREFERRED_PORT) -> int:
 def start(home: Path, version: str, startup_timeout: float) -> ServerState:
     """Start a keeper (and so a server) for `home` on `choose_port`'s port, wait until it
     answers, record it. When that port was taken meanwhile (another home's server starting
-    at the same moment, say; it may be gone again by now), once more on a free port."""
+    at the same moment, say; it may be gone again by now), once more: on the port the home
+    used last if that is another one and free (its UI's address stays the same), else on a
+    free port."""
     port = choose_port(home)
     try:
         return _start_on(home, port, startup_timeout)
     except LocalServerFailed as failed:
         if failed.what != _EXITED or (port_free(port) and not _port_was_taken(failed.log)):
             raise
-    return _start_on(home, free_port(), startup_timeout)
+    return _start_on(home, retry_port(home, port), startup_timeout)
+
+
+def retry_port(home: Path, taken: int) -> int:
+    """The port for a second start after `taken` was taken: the one `home` used last when it
+    is another one and free, else any free port. (A CI run's `server start` after an idle stop
+    came back on a new address: 4200 was free when chosen and taken by another home's server
+    a moment later, and the retry took any free port, not the home's own.)"""
+    try:
+        last = int((home / PORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        last = 0
+    if 0 < last < 65536 and last != taken and port_free(last):
+        return last
+    return free_port()
 
 
 _PORT_TAKEN = (
