@@ -69,15 +69,18 @@ def port_free(port: int) -> bool:
 def choose_port(home: Path, preferred: int = PREFERRED_PORT) -> int:
     """The kept server's port: `preferred` when free, else the one `home` used last when
     free, else any free port."""
-    candidates = [preferred]
-    try:
-        candidates.append(int((home / PORT_FILE).read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        pass
-    for port in candidates:
+    for port in (preferred, _last_port(home)):
         if 0 < port < 65536 and port_free(port):
             return port
     return free_port()
+
+
+def _last_port(home: Path) -> int:
+    """The port `home`'s server used last (its port file), or 0 when none is known."""
+    try:
+        return int((home / PORT_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
 
 
 def start(home: Path, version: str, startup_timeout: float) -> ServerState:
@@ -100,10 +103,7 @@ def retry_port(home: Path, taken: int) -> int:
     is another one and free, else any free port. (A CI run's `server start` after an idle stop
     came back on a new address: 4200 was free when chosen and taken by another home's server
     a moment later, and the retry took any free port, not the home's own.)"""
-    try:
-        last = int((home / PORT_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        last = 0
+    last = _last_port(home)
     if 0 < last < 65536 and last != taken and port_free(last):
         return last
     return free_port()
