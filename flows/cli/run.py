@@ -195,7 +195,6 @@ def _run_plan(
     from prefect.settings import get_current_settings
     from rich.console import Console
 
-    from flows.api import PipelineRunError
     from flows.interrupts import StopRequest, exit_status, on_signals
     from flows.process.control import stop_everything
 
@@ -229,7 +228,7 @@ def _run_plan(
                 end_now(status)
             return status
         if isinstance(outcome, BaseException):
-            return _run_failed(outcome, PipelineRunError)
+            return _run_failed(outcome)
     # A server that keeps running (not the temporary one): link to the run.
     ui_url = str(settings.ui_url) if settings.api.url and settings.ui_url else None
     _print_results(args, outcome, ui_url)
@@ -257,10 +256,12 @@ def _end_for_server_gone(plan: RunPlan, gone: ServerGone) -> NoReturn:
     end_now(EXIT_FAILED)
 
 
-def _run_failed(outcome: BaseException, run_error: type[BaseException]) -> int:
+def _run_failed(outcome: BaseException) -> int:
     """The exit status of a run that raised: a refused run (`PipelineRunError`) or an API
     failure is one line and exit 1; anything else propagates."""
-    if isinstance(outcome, run_error):
+    from flows.api import PipelineRunError
+
+    if isinstance(outcome, PipelineRunError):
         print(f"site-pipeline: {outcome}", file=sys.stderr)
         return EXIT_FAILED
     if (line := api_failure(outcome)) is not None:
