@@ -14,6 +14,7 @@ import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -133,11 +134,8 @@ def live_users(home: Path) -> list[User]:
 def held_until(home: Path, keeper_pid: int) -> float | None:
     """Until when `server start` holds the server of `keeper_pid` (time.time(); `math.inf`:
     until `server stop`), or None when it does not."""
-    try:
-        data = json.loads((home / HOLD_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("keeper_pid") != keeper_pid:
+    data = _keeper_word(home / HOLD_FILE, keeper_pid)
+    if data is None:
         return None
     until = data.get("until")
     if until is None:
@@ -154,11 +152,18 @@ def write_idle_until(home: Path, keeper_pid: int, until: float | None) -> None:
 
 
 def idle_until(home: Path, keeper_pid: int) -> float | None:
+    data = _keeper_word(home / IDLE_FILE, keeper_pid)
+    until = data.get("until") if data is not None else None
+    return float(until) if isinstance(until, (int, float)) else None
+
+
+def _keeper_word(path: Path, keeper_pid: int) -> dict[str, Any] | None:
+    """The hold or idle file at `path` (`{"keeper_pid": ..., "until": ...}`) when it is about
+    the server of `keeper_pid`; None when it is missing, unreadable or about another one."""
     try:
-        data = json.loads((home / IDLE_FILE).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict) or data.get("keeper_pid") != keeper_pid:
         return None
-    until = data.get("until")
-    return float(until) if isinstance(until, (int, float)) else None
+    return data
