@@ -24,6 +24,7 @@ from prefect.settings import PREFECT_CLIENT_MAX_RETRIES, get_current_settings, t
 
 from flows.engine import dask_runner
 from flows.engine.dask_runner import SharedContextDaskRunner
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.slow]
 
@@ -111,7 +112,18 @@ def test_task_runs_on_a_worker_run_in_their_flow_runs_context_sent_once(
     assert {r["max_retries"] for _, r in results} == {7}
     assert len({r["client"] for _, r in results}) == 1
     with get_client(sync_client=True) as client:
-        runs = [client.read_task_run(UUID(submitted)) for submitted, _ in results]
+
+        def recorded() -> list[Any]:
+            return [client.read_task_run(UUID(submitted)) for submitted, _ in results]
+
+        # A worker's task run reports its states as events, which the server records a moment
+        # later: wait for every Completed state to be recorded (a CI run read one too early).
+        wait_until(
+            lambda: all(r.state is not None and r.state.is_completed() for r in recorded()),
+            "every task run's Completed state recorded",
+            30,
+        )
+        runs = recorded()
     assert all(run.flow_run_id == UUID(flow_run_id) for run in runs)
     assert all(run.state is not None and run.state.is_completed() for run in runs)
 
