@@ -402,28 +402,31 @@ def test_the_server_s_ui_is_told_the_server_s_own_address(monkeypatch: pytest.Mo
     assert state.ui_url == "http://127.0.0.1:4711"
 
 
-def test_the_port_is_the_preferred_one_when_free_else_the_last_one_else_any(
+def test_the_port_is_the_last_one_when_free_else_the_preferred_one_else_any(
     tmp_path: Path,
 ) -> None:
-    """`choose_port`: the preferred port (4200 in use) when nothing listens there; when
-    something does, the port this home used last if free; else a free port."""
+    """`choose_port`: the port this home used last when nothing listens there (its printed
+    links keep working, even when 4200 is free again); else the preferred port (4200 in use)
+    when free; else a free port."""
     import socket
 
     preferred = lsstart.free_port()
-    assert lsstart.choose_port(tmp_path, preferred) == preferred
+    assert lsstart.choose_port(tmp_path, preferred) == preferred  # a new home
+    last = lsstart.free_port()
+    assert last != preferred
+    (tmp_path / lsfiles.PORT_FILE).write_text(str(last))
+    assert lsstart.port_free(preferred)
+    assert lsstart.choose_port(tmp_path, preferred) == last
     with socket.socket() as taken:
-        taken.bind(("127.0.0.1", preferred))
+        taken.bind(("127.0.0.1", last))
         taken.listen()
-        assert not lsstart.port_free(preferred)
-        other = lsstart.choose_port(tmp_path, preferred)
-        assert other != preferred and lsstart.port_free(other)
-        last = lsstart.free_port()
-        (tmp_path / lsfiles.PORT_FILE).write_text(str(last))
-        assert lsstart.choose_port(tmp_path, preferred) == last
+        assert not lsstart.port_free(last)
+        assert lsstart.choose_port(tmp_path, preferred) == preferred
         with socket.socket() as also_taken:
-            also_taken.bind(("127.0.0.1", last))
+            also_taken.bind(("127.0.0.1", preferred))
             also_taken.listen()
-            assert lsstart.choose_port(tmp_path, preferred) not in (preferred, last)
+            other = lsstart.choose_port(tmp_path, preferred)
+            assert other not in (preferred, last) and lsstart.port_free(other)
 
 
 def test_a_port_whose_server_just_closed_is_free_again() -> None:

@@ -1,9 +1,9 @@
 """Starting a keeper (and so a kept local server) for a PREFECT_HOME, and stopping one.
 
-`start` chooses the port (`choose_port`: Prefect's usual one when it is free, so the UI's
-address stays the same), spawns `python -m flows.ops.keeper` detached from this process,
-waits until its server answers and records it; `stop_keeper` asks a recorded keeper to stop
-(the stop file) and ends it if it does not.
+`start` chooses the port (`choose_port`: the home's last one when free, so the UI's address
+stays the same, else Prefect's usual one when free), spawns `python -m flows.ops.keeper`
+detached from this process, waits until its server answers and records it; `stop_keeper` asks
+a recorded keeper to stop (the stop file) and ends it if it does not.
 """
 
 from __future__ import annotations
@@ -67,9 +67,11 @@ def port_free(port: int) -> bool:
 
 
 def choose_port(home: Path, preferred: int = PREFERRED_PORT) -> int:
-    """The kept server's port: `preferred` when free, else the one `home` used last when
-    free, else any free port."""
-    for port in (preferred, _last_port(home)):
+    """The kept server's port: the one `home` used last when free (the links its runs printed
+    keep working after an idle stop), else `preferred` when free, else any free port. (A CI
+    run's first start of a home got another port because 4200 was held; after the idle stop
+    `server start` took 4200 and the printed links pointed nowhere.)"""
+    for port in (_last_port(home), preferred):
         if 0 < port < 65536 and port_free(port):
             return port
     return free_port()
