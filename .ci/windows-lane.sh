@@ -17,7 +17,7 @@ missing() {
 }
 
 need=$(missing)
-# SITE_PIPELINE_WINE_INSTALL=0: never install (tests/test_wine_lane.py checks the skip).
+# SITE_PIPELINE_WINE_INSTALL=0: never install (tests/project/test_wine_lane.py checks the skip).
 if [ -n "$need" ] && [ "${SITE_PIPELINE_WINE_INSTALL:-1}" != 0 ] && [ "$(id -u)" = 0 ] \
     && command -v apt-get >/dev/null 2>&1; then
   echo "== Windows lane: installing $need"

@@ -1,11 +1,11 @@
 """The Windows lane's driver (run by .ci/windows-lane.sh with the Linux venv's Python).
 
-It starts a Prefect server on the Linux side (tests/servers.py: on a migrated database, a few
+It starts a Prefect server on the Linux side (tests/support/servers.py: on a migrated database, a few
 seconds) for the end-to-end test, then runs WINDOWS_PYTEST with the Windows CPython under
 Wine (`wine PYTHON_EXE ...`), with no terminal (stdin /dev/null, output through a pipe:
 python.exe dies at start-up under Wine when its output is a regular file), and returns
 pytest's exit status. .github/workflows/windows.yml runs WINDOWS_PYTEST itself on
-windows-latest: tests/test_windows_lane.py checks the two say the same.
+windows-latest: tests/project/test_wine_lane.py checks the two say the same.
 
 Usage: python .ci/windows_lane.py PYTHON_EXE   (with WINEPREFIX set)
 """
@@ -27,14 +27,14 @@ ROOT = Path(__file__).resolve().parent.parent
 # The Windows tests, as both the Wine lane and windows-latest run them (after `python`).
 WINDOWS_PYTEST = [
     "-m", "pytest", "-m", "windows", "-n", "0", "-p", "no:cacheprovider", "-rs",
-    "tests/test_windows_trees.py", "tests/test_windows_e2e.py", "tests/test_metrics.py",
+    "tests/process/test_trees_windows.py", "tests/e2e/test_windows.py", "tests/test_metrics.py",
 ]  # fmt: skip
 TIMEOUT = 600  # seconds for the Wine pytest; the lane's target is 3 minutes warm
 
 
 def main(python_exe: str) -> int:
     sys.path.insert(0, str(ROOT))
-    from tests.servers import prefect_server
+    from tests.support.servers import prefect_server
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="site-pipeline-wine-lane-") as folder:

@@ -41,14 +41,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench import night  # noqa: E402
-from tests.servers import (  # noqa: E402
+from tests.support.servers import (  # noqa: E402
     postgres_database,
     postgres_problem,
     prefect_env,
     prefect_server,
 )
-from tests.timeline import max_overlap as overlap  # noqa: E402  (needs ROOT on sys.path)
-from tests.timeline import read_timeline  # noqa: E402
+from tests.support.timeline import max_overlap as overlap  # noqa: E402  (needs ROOT on sys.path)
+from tests.support.timeline import read_timeline  # noqa: E402
 
 SITE = ROOT / "bench" / "sleep_site.py"
 BIN = Path(sys.executable).parent

@@ -89,7 +89,12 @@ def main() -> int:
     if parser.parse_args().inner:
         print(json.dumps(inner()))
         return 0
-    from tests.servers import postgres_database, postgres_problem, prefect_env, prefect_server
+    from tests.support.servers import (
+        postgres_database,
+        postgres_problem,
+        prefect_env,
+        prefect_server,
+    )
 
     base = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     base["PYTHONPATH"] = str(ROOT)

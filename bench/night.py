@@ -31,7 +31,7 @@ import heapq
 import random
 from collections.abc import Mapping, Sequence
 
-from tests.timeline import Row, max_overlap
+from tests.support.timeline import Row, max_overlap
 
 SEED = 11
 SIGMA = 1.2

@@ -42,7 +42,7 @@ from bench.cap import (  # noqa: E402
     say,
     write_between_markers,
 )
-from tests.servers import (  # noqa: E402
+from tests.support.servers import (  # noqa: E402
     postgres_database,
     postgres_problem,
     prefect_env,

@@ -44,7 +44,7 @@ from bench.cap import (  # noqa: E402
     stop_kept_servers,
     write_between_markers,
 )
-from tests.servers import prefect_env, seed_home  # noqa: E402
+from tests.support.servers import prefect_env, seed_home  # noqa: E402
 
 BEFORE = "1e7089c"  # the last commit before issue 30
 DASK_BEFORE = "b8515a8"  # the last commit before a run's local cluster started early

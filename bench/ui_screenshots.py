@@ -3,9 +3,9 @@
     python bench/ui_screenshots.py [--out docs/images]
 
 On a new PREFECT_HOME (a temporary folder) with no PREFECT_API_URL, as a new user runs it: two
-runs of six demo sites (tests/fakes/fake_pipeline.py: one fails, one times out, one succeeds
+runs of six demo sites (tests/support/fakes/fake_pipeline.py: one fails, one times out, one succeeds
 on its retry, two share a group cap) on the kept local server, then Debian's Chromium
-(tests/ui_pages.py) takes the pages a run links to: the flow run with its task runs, and
+(tests/support/ui_pages.py) takes the pages a run links to: the flow run with its task runs, and
 the summary and health artifacts (docs/images/ui-*.png). The server is stopped at the end.
 Needs Chromium and Playwright for Python (the dev extra).
 """
@@ -26,10 +26,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from flows.ops import local_server_files as lsfiles  # noqa: E402  (needs ROOT on sys.path)
-from tests import ui_pages as ui  # noqa: E402
-from tests.servers import seed_home  # noqa: E402
+from tests.support import ui_pages as ui  # noqa: E402
+from tests.support.servers import seed_home  # noqa: E402
 
-FAKE = ROOT / "tests" / "fakes" / "fake_pipeline.py"
+FAKE = ROOT / "tests" / "support" / "fakes" / "fake_pipeline.py"
 SITES = [
     "shop.example",
     "news.example",

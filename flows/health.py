@@ -42,7 +42,7 @@ SYMBOLS: dict[str, str] = {
 """The strip's symbol for each outcome; `?` for an outcome not listed here. Each is in DejaVu
 Sans (and Windows' and macOS's symbol fonts): the UI's font has none of them, and a symbol
 that no installed font has shows as an empty box there (`⏱` did, on Debian's Chromium);
-tests/test_ui_browser.py checks each renders."""
+tests/e2e/test_ui_browser.py checks each renders."""
 
 LEGEND = (
     "✓ succeeded · ✗ failed · ◷ timed out · ⚠ result check failed · ⊘ cancelled · "

@@ -23,8 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.timeline import Row
-from tests.timeline import read_timeline as read_rows
+from tests.support.timeline import Row
+from tests.support.timeline import read_timeline as read_rows
 
 # Isolate Prefect before it is imported anywhere: no user profile, no user database.
 _HOME = tempfile.mkdtemp(prefix="site-pipeline-tests-")
@@ -36,7 +36,7 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE = ROOT / "tests" / "fakes" / "fake_pipeline.py"
+FAKE = ROOT / "tests" / "support" / "fakes" / "fake_pipeline.py"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,7 +44,7 @@ def no_kept_server_outlives_the_session(tmp_path_factory: pytest.TempPathFactory
     """A run on the embedded default may keep a local server (`local_server_idle`), on
     purpose detached: at the session's end, stop those of this session's homes."""
     yield
-    from tests.processes import stop_keepers
+    from tests.support.processes import stop_keepers
 
     for folder in (tmp_path_factory.getbasetemp(), Path(_HOME)):
         stop_keepers(folder)
@@ -63,7 +63,8 @@ def prefect_api() -> Iterator[str]:
     try:
         with prefect_test_harness(server_startup_timeout=120):
             # Its uvicorn process would outlive a SIGKILLed pytest (Prefect stops it only
-            # at exit): the product's reaper kills it when we die (tests/test_suite_cleanup.py).
+            # at exit): the product's reaper kills it when we die
+            # (tests/project/test_suite_cleanup.py).
             server = temporary_server()
             if server is not None and server.server_process is not None:
                 procgroup.reap_pid_on_exit(server.server_process.pid)
@@ -90,7 +91,7 @@ def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
         "order": "listed",
         "concurrency_tag": f"test-{folder.name}"[:60].replace("[", "-").replace("]", ""),
         # On the embedded default (no PREFECT_API_URL) a run uses the temporary server unless
-        # a test says otherwise: the kept local server is tests/test_local_server.py's.
+        # a test says otherwise: the kept local server is tests/ops/test_local_server.py's.
         "local_server_idle": 0,
         "env": {
             "FAKE_TIMELINE": str(folder / "timeline.tsv"),
@@ -148,8 +149,8 @@ def run_cli(
     args: list[str], env: dict[str, str], timeout: float = 300
 ) -> subprocess.CompletedProcess[str]:
     """`python -m flows ARGS` as a real subprocess from the project root, tied to this
-    session (`tests.processes.run_tied`); output captured."""
-    from tests.processes import run_tied
+    session (`tests.support.processes.run_tied`); output captured."""
+    from tests.support.processes import run_tied
 
     return run_tied([PYTHON, "-m", "flows", *args], cwd=ROOT, env=env, timeout=timeout)
 
@@ -173,7 +174,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _end_with_the_controller(every: float = 0.2) -> None:
     """In a pytest-xdist worker: SIGKILL this process once its parent (the pytest that
     started it) is gone. A worker outlives a killed pytest otherwise, and so would what its
-    test started; killed, its reaper ends those (`tests.processes.start_tied`)."""
+    test started; killed, its reaper ends those (`tests.support.processes.start_tied`)."""
     parent = os.getppid()
 
     def watch() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, write_config
-from tests.processes import run_tied
+from tests.support.processes import run_tied
 
 PROBE = """
 import json, sys

@@ -16,7 +16,7 @@ from flows import dask_cluster
 from flows.config import load_plan
 from flows.dask_cluster import WORKER_PRELOAD, LocalDaskCluster, local_cluster
 from tests.conftest import write_config
-from tests.processes import wait_until_gone
+from tests.support.processes import wait_until_gone
 
 distributed = pytest.importorskip(
     "distributed", reason='Dask is not installed: pip install -e ".[dask]"'

@@ -18,7 +18,7 @@ import yaml
 from flows.config import HaltConfig
 from flows.halt import HaltTally, halt_reason
 from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
-from tests.processes import hanging_pids, wait_until_gone
+from tests.support.processes import hanging_pids, wait_until_gone
 
 # -- the pure rule ---------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Metrics (`pipeline.metrics`, `flows.metrics`) at the cheapest level: the config's
 checks, what a run's snapshot holds, which sites keep their values, the file's format
 (against `prometheus_client`'s), the atomic write, and the warning when an output fails.
-The real Prometheus, node exporter and Pushgateway: tests/test_metrics_e2e.py."""
+The real Prometheus, node exporter and Pushgateway: tests/e2e/test_metrics.py."""
 
 from __future__ import annotations
 
@@ -327,8 +327,8 @@ def test_the_state_without_a_textfile_keeps_values_across_runs(tmp_path: Path) -
 
 
 def test_the_metrics_module_is_plain_python() -> None:
-    """flows.metrics imports neither Prefect nor Dask (tests/test_boundaries.py's check)."""
-    from tests.test_boundaries import loaded_heavy
+    """flows.metrics imports neither Prefect nor Dask (tests/project/test_boundaries.py's check)."""
+    from tests.project.test_boundaries import loaded_heavy
 
     assert loaded_heavy("flows.metrics") == []
 
@@ -402,7 +402,7 @@ def test_two_runs_ending_at_once_add_their_sites_not_over_each_other(tmp_path: P
     reads what that one wrote; one that waits too long says so in one line."""
     from filelock import FileLock
 
-    from tests.waiting import wait_for, wait_until
+    from tests.support.waiting import wait_for, wait_until
 
     state = tmp_path / "site_pipeline.prom"
     outputs = Outputs(state, textfile=state)

@@ -20,7 +20,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 
 from flows import _prefect_compat as compat
 from tests.conftest import ROOT
-from tests.servers import free_port
+from tests.support.servers import free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -1,216 +1,367 @@
-"""The summary's contents, cell by cell: what the table, the failures artifact and the count
-line say for each kind of outcome. Plain Python: no server."""
+"""Causes in the report: the fingerprint rule, failures grouped by it, and every surface that
+shows them (the summary JSON, the tables, the group lines, the Failed message). Plain Python:
+no server."""
 
 from __future__ import annotations
 
-from flows.failure_causes import failure_kind, failure_message, failures_markdown
+import argparse
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from rich.console import Console
+
+from flows.cli.console import summary_table
+from flows.cli.run import _print_results
+from flows.failure_causes import (
+    MESSAGE_MAX,
+    FailureCause,
+    cause_lines,
+    cause_lines_of,
+    failure_causes,
+    failure_message,
+    failures_markdown,
+    fingerprint,
+)
 from flows.report import (
+    PLAIN_ERROR_WIDTH,
     SiteReport,
-    as_bools,
     build_summary,
-    compact_result,
-    count_line,
-    counts,
     format_table,
-    progress_line,
+    reports_of,
     table_rows,
-    warning_message,
 )
 
-CHECK_FAILED = {"field": "records", "value": 3, "ok": False, "reason": "records = 3, below min 5"}
-CHECK_OK = {"field": "records", "value": 9, "ok": True, "reason": None}
+TIMES = "\N{MULTIPLICATION SIGN}"
+NOPKG = "ModuleNotFoundError: No module named 'nopkg'"
+IMPORT = (
+    "ImportError: cannot import name 'save_schema_matrix' from "
+    "'universal_recon.analytics.schema_matrix_collector' (/srv/app/collector.py)"
+)
 
 
-def outcomes() -> list[SiteReport]:
-    """One site of each kind, in a fixed order."""
-    return [
-        SiteReport("ok.com", "succeeded", 1, 0, 1.23456, result={"records": 9}, check=CHECK_OK),
-        SiteReport("warn.com", "succeeded", 2, 0, 2.0, check=CHECK_FAILED),
-        SiteReport(
-            "exit.com", "failed", 3, 3, 0.5, "exit code 3", stderr_tail=["a", "b", "c", "d"]
+def failed(site: str, cause: str | None, exit_code: int | None = 1) -> SiteReport:
+    """A failed site whose error is composed the way the process layer composes it."""
+    error = f"exit code {exit_code}" + (f": {cause}" if cause else "")
+    return SiteReport(site, "failed", 1, exit_code, 0.5, error, cause=cause)
+
+
+# The fingerprint rule, one example per step
+
+
+@pytest.mark.parametrize(
+    ("cause", "expected"),
+    [
+        (NOPKG, NOPKG),  # a quoted name is kept
+        (
+            "requests.exceptions.ConnectionError: GET https://api.example.com/v2/items?page=3&k=x",
+            "requests.exceptions.ConnectionError: GET https://api.example.com/v2/items?<query>",
         ),
-        SiteReport("killed.com", "failed", 1, -9, 0.1, "killed by signal 9"),
-        SiteReport("slow.com", "timed_out", 2, None, 60.0, "timed out after 60s"),
-        SiteReport("gone.com", "failed", 1, None, 0.0, "could not start 'x': No such file"),
-        SiteReport("crash.com", "failed", 1, None, 0.0, "boom"),
-        SiteReport("stop.com", "cancelled", 1, None, 0.0, "cancelled by SIGTERM"),
-        SiteReport("noslot.com", "failed", 0, None, 0.0, "no slot", kind="no slot"),
-        SiteReport("done.com", "skipped", 0, None, 0.0, "succeeded in flow run x"),
-    ]
+        (
+            "KeyError: 'run 123e4567-e89b-12d3-a456-426614174000 not found'",
+            "KeyError: 'run <uuid> not found'",
+        ),
+        (
+            "FileNotFoundError: [Errno 2] No such file or directory: '/tmp/out/site-a/x.json'",
+            "FileNotFoundError: [Errno <n>] No such file or directory: '<path>'",
+        ),
+        (
+            "ImportError: cannot import name 'f' from 'pkg.mod' (C:\\app\\mod.py)",
+            "ImportError: cannot import name 'f' from 'pkg.mod' (<path>)",
+        ),
+        (
+            "RuntimeError: <Session object at 0x7f3a9c01be20> closed; commit 3f9c2ab1d",
+            "RuntimeError: <Session object at <hex>> closed; commit <hex>",
+        ),
+        (
+            "TimeoutError: no answer after 30.5 s, 1,000 tries",
+            "TimeoutError: no answer after <n> s, <n> tries",
+        ),
+        ("ValueError: site2 uses http2 and utf-8", "ValueError: site2 uses http2 and utf-<n>"),
+        ("  scraped   12 of   40 pages  ", "scraped <n> of <n> pages"),
+        ("2026-12-01 03:12:09 ERROR giving up", "<n>-<n>-<n> <n>:<n>:<n> ERROR giving up"),
+        ("deadbeef is a word", "deadbeef is a word"),  # letters only: not a hex id
+    ],
+)
+def test_the_fingerprint_normalises_each_varying_part(cause: str, expected: str) -> None:
+    """Each step of the documented rule: URL queries, UUIDs, quoted paths, hex ids and
+    numbers are normalised; names, words and digits inside words are kept."""
+    assert fingerprint(cause) == expected
 
 
-def test_counts_tally_each_status_and_check_warnings() -> None:
-    """Every status is counted once; a succeeded site whose check failed is a warning."""
-    assert counts(outcomes()) == {
-        "total": 10,
-        "succeeded": 2,
-        "failed": 5,
-        "timed_out": 1,
-        "cancelled": 1,
-        "skipped": 1,
-        "check_warnings": 1,
-    }
+TEXT = st.text(alphabet="abcXYZ _-:'\"/()[]<>,;", max_size=30)
+NAME = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_]{0,10}(\.[A-Za-z_][A-Za-z0-9_]{0,10}){0,2}\Z")
 
 
-def test_each_failure_lands_in_its_own_kind() -> None:
-    """The failures-by-kind grouping for each kind of failure."""
-    kinds = {r.site: failure_kind(r) for r in outcomes() if r.status != "succeeded"}
-    assert kinds == {
-        "exit.com": "exit code 3",
-        "killed.com": "killed by signal 9",
-        "slow.com": "timed out",
-        "gone.com": "could not start",
-        "crash.com": "crashed",
-        "stop.com": "cancelled",
-        "noslot.com": "no slot",
-        "done.com": "skipped",
-    }
+@given(TEXT, TEXT, st.integers(0, 10**12), st.integers(0, 10**12))
+def test_causes_that_differ_only_in_a_number_share_a_fingerprint(
+    before: str, after: str, one: int, other: int
+) -> None:
+    """Two causes that differ only in a number standing alone have one fingerprint."""
+    assert fingerprint(f"{before} {one} {after}") == fingerprint(f"{before} {other} {after}")
 
 
-def test_failures_markdown_groups_biggest_first_with_the_last_stderr_line() -> None:
-    """Without causes, groups by kind (a cancelled or timed-out site by its error, a crash by
-    its error), largest first then by key; each line names the site, its attempts and its
-    last stderr line (else its error). Skipped and succeeded sites are not in it."""
+@given(NAME, NAME, st.text(max_size=60), st.text(max_size=60))
+def test_different_exception_types_never_share_a_fingerprint(
+    one: str, other: str, message: str, message_2: str
+) -> None:
+    """`A: ...` and `B: ...` never share a fingerprint, whatever their messages say."""
+    if one != other:
+        assert fingerprint(f"{one}: {message}") != fingerprint(f"{other}: {message_2}")
+
+
+@given(st.text(max_size=200))
+def test_the_fingerprint_of_a_fingerprint_is_itself(cause: str) -> None:
+    """Any text has a fingerprint (no error), and normalising it again changes nothing."""
+    once = fingerprint(cause)
+    assert fingerprint(once) == once
+
+
+@given(NAME, NAME)
+def test_different_missing_modules_never_share_a_fingerprint(one: str, other: str) -> None:
+    """The quoted name is the cause: `No module named 'a'` and `... 'b'` stay apart."""
+    if one != other:
+        assert fingerprint(f"ModuleNotFoundError: No module named '{one}'") != fingerprint(
+            f"ModuleNotFoundError: No module named '{other}'"
+        )
+
+
+# Groups
+
+
+def test_failures_group_by_the_fingerprint_of_their_cause_biggest_first() -> None:
+    """Sites group by cause (numbers aside), the biggest group first; a site without a cause
+    falls back to its kind; the label is the first site's cause; successes are not in it."""
     reports = [
-        *outcomes(),
-        SiteReport("exit2.com", "failed", 1, 3, 0.1, "exit code 3"),
+        SiteReport("ok-a", "succeeded", 1, 0, 0.1),
+        failed("imp-a", IMPORT),
+        failed("pyerr-a", NOPKG),
+        failed("imp-b", IMPORT.replace("/srv/app", "/home/me/app")),  # another path
+        failed("imp-c", IMPORT, exit_code=2),
+        failed("pyerr-b", NOPKG),
+        failed("bare-a", None),
+        failed("net-a", "OSError: port 8001 refused"),
+        failed("net-b", "OSError: port 8002 refused"),
     ]
-    text = failures_markdown(reports)
-    assert text is not None
-    lines = text.splitlines()
-    assert lines[:3] == ["# Failed sites by cause", "", "## exit code 3 (2)"]
-    assert "- `exit.com` after 3 attempt(s): d" in lines
-    assert "- `exit2.com` after 1 attempt(s): exit code 3" in lines
-    headings = [line for line in lines if line.startswith("## ")]
-    assert headings == [
-        "## exit code 3 (2)",
-        "## boom (1)",
-        "## cancelled by SIGTERM (1)",
-        "## could not start (1)",
-        "## killed by signal 9 (1)",
-        "## no slot (1)",
-        "## timed out after 60s (1)",
+    groups = failure_causes(reports)
+    assert groups[0] == FailureCause(fingerprint(IMPORT), IMPORT, ["imp-a", "imp-b", "imp-c"])
+    assert [(g.label, g.sites) for g in groups[1:]] == [
+        (NOPKG, ["pyerr-a", "pyerr-b"]),  # ties: by fingerprint
+        ("OSError: port 8001 refused", ["net-a", "net-b"]),
+        ("exit code 1", ["bare-a"]),
     ]
-    assert "done.com" not in text and "ok.com" not in text
-    assert failures_markdown([outcomes()[0]]) is None
 
 
-def test_table_rows_put_each_value_in_its_column() -> None:
-    """The summary table artifact: one row per site, in order, with every column."""
-    rows = table_rows(outcomes())
-    assert [row["site"] for row in rows] == [r.site for r in outcomes()]
-    assert rows[0] == {
-        "site": "ok.com",
-        "status": "succeeded",
-        "attempts": 1,
-        "exit_code": 0,
-        "duration_s": 1.23,
-        "error": "",
-        "cause": "",
-        "last_stderr": "",
-        "result": '{"records":9}',
-        "check": "ok",
-        "check_field": "records",
-        "check_value": 9,
-        "timeout_s": None,
-        "peak_rss_mb": None,
-        "cpu_s": None,
-    }
-    assert rows[1]["check"] == "records = 3, below min 5" and rows[1]["check_value"] == 3
-    assert rows[2]["last_stderr"] == "b | c | d"  # the last 3 lines
-    assert rows[2]["error"] == "exit code 3" and rows[2]["cause"] == ""
-    assert rows[4]["check"] == "" and rows[4]["check_field"] is None
-
-
-def test_the_plain_table_aligns_columns_and_ends_with_the_count_line() -> None:
-    """format_table: a header, one row per site with each cell under its header, and the
-    count line."""
-    summary = build_summary("id", outcomes()[:3])
-    lines = format_table(summary).splitlines()
-    assert lines[0].split() == ["SITE", "STATUS", "ATTEMPTS", "EXIT", "SECONDS", "ERROR"]
-    status_at = lines[0].index("STATUS")
-    assert [line[status_at:].split()[0] for line in lines[1:4]] == [
-        "succeeded",
-        "succeeded",
-        "failed",
+def test_timeouts_cancellations_and_kinds_have_groups_of_their_own() -> None:
+    """A timeout groups by its error without the last line seen; a stall apart from it; a
+    cancelled site by why it was cancelled; a kind (no slot) wins over a cause."""
+    reports = [
+        SiteReport(
+            "slow-a", "timed_out", 1, None, 30, "timed out after 30 s: page 3", cause="page 3"
+        ),
+        SiteReport(
+            "slow-b",
+            "timed_out",
+            1,
+            None,
+            45,
+            "timed out after 45 s: fetching b",
+            cause="fetching b",
+        ),
+        SiteReport("stuck-a", "timed_out", 1, None, 20, "stalled: no output for 20 s"),
+        SiteReport("halt-a", "cancelled", 0, None, 0, "the run halted after 3 failures"),
+        SiteReport("halt-b", "cancelled", 0, None, 0, "the run halted after 3 failures"),
+        SiteReport("slot-a", "failed", 0, None, 0, "no slot: gone", cause="x", kind="no slot"),
     ]
-    assert lines[3].split()[:5] == ["exit.com", "failed", "3", "3", "0.50"]
-    assert lines[3].endswith("exit code 3")
-    assert lines[-1] == "Failed: 2/3 succeeded, 1 failed, 0 timed out, 0 cancelled, 0 skipped"
+    assert [(g.label, g.sites) for g in failure_causes(reports)] == [
+        ("the run halted after 3 failures", ["halt-a", "halt-b"]),
+        ("timed out after 30 s", ["slow-a", "slow-b"]),
+        ("no slot", ["slot-a"]),
+        ("stalled: no output for 20 s", ["stuck-a"]),
+    ]
 
 
-def test_summary_state_and_the_bool_view() -> None:
-    """Completed only when every site succeeded or was skipped; a given state wins; the
-    dict[site, bool] view is True for succeeded and skipped only."""
-    reports = outcomes()
-    assert build_summary("id", reports)["state"] == "Failed"
-    assert build_summary("id", [reports[0], reports[-1]])["state"] == "Completed"
-    assert build_summary("id", reports, state="Cancelled")["state"] == "Cancelled"
+def test_one_line_per_group_with_and_n_more_past_five_names() -> None:
+    """`2 sites: <cause> (a, b)`, `1 site: ...`, and past five names "and N more"."""
+    reports = [failed(f"pyerr-{n}", NOPKG) for n in range(7)] + [failed("bare", None)]
+    assert cause_lines(reports) == [
+        f"7 sites: {NOPKG} (pyerr-0, pyerr-1, pyerr-2, pyerr-3, pyerr-4, and 2 more)",
+        "1 site: exit code 1 (bare)",
+    ]
+    assert cause_lines(reports[:2]) == [f"2 sites: {NOPKG} (pyerr-0, pyerr-1)"]
+    assert cause_lines([SiteReport("ok", "succeeded", 1, 0, 0.1)]) == []
+
+
+def test_the_group_lines_of_a_summary_are_those_of_its_reports() -> None:
+    """The CLI has the summary dict only: its rows give the same lines; a result check
+    failure (its kind is not in the JSON) still says "result check"; a row from an older
+    summary, without `cause` and `logs`, still reads."""
+    check = {"field": "records", "value": 1, "ok": False, "reason": "records = 1, below min 5"}
+    reports = [
+        failed("pyerr-a", NOPKG),
+        failed("pyerr-b", NOPKG),
+        SiteReport("few", "failed", 1, 0, 0.1, "records = 1, below min 5", check=check),
+    ]
     summary = build_summary("id", reports)
-    assert summary["flow_run_id"] == "id"
-    assert summary["sites"][0]["duration_s"] == 1.235  # rounded to ms
-    assert "stderr_tail" not in summary["sites"][2] and "kind" not in summary["sites"][8]
-    bools = as_bools(summary)
-    assert [site for site, ok in bools.items() if ok] == ["ok.com", "warn.com", "done.com"]
+    assert cause_lines_of(summary) == [
+        f"2 sites: {NOPKG} (pyerr-a, pyerr-b)",
+        "1 site: result check (few)",
+    ]
+    old = json.loads(json.dumps(summary))
+    for row in old["sites"]:
+        del row["cause"], row["logs"]
+        row["added_later"] = 1
+    assert [r.cause for r in reports_of(old)] == [None, None, None]
+    assert cause_lines_of(old)[0] == "2 sites: exit code 1 (pyerr-a, pyerr-b)"
 
 
-def test_failure_and_warning_messages_name_sites_up_to_a_limit() -> None:
-    """`k of n sites failed: k × <group> (a, b, ... and N more)`; warnings the same way."""  # noqa: RUF002
-    many = [SiteReport(f"s{n}", "failed", 1, 1, 0.0) for n in range(12)]
-    assert failure_message(many, shown=10) == (
-        "12 of 12 sites failed: 12 \N{MULTIPLICATION SIGN} exit code 1 "
-        "(s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, and 2 more)"
+# The surfaces
+
+
+def test_the_summary_json_has_the_cause_and_the_logs() -> None:
+    """`cause` and `logs` are in each site's JSON; `kind` and `stderr_tail` are not."""
+    report = failed("pyerr-a", NOPKG)
+    report.logs = ["/out/pyerr-a/logs/run/attempt-1.log"]
+    report.stderr_tail, report.kind = ["x"], "k"
+    row = build_summary("id", [report])["sites"][0]
+    assert row["error"] == f"exit code 1: {NOPKG}" and row["cause"] == NOPKG
+    assert row["logs"] == ["/out/pyerr-a/logs/run/attempt-1.log"]
+    assert "kind" not in row and "stderr_tail" not in row
+    assert SiteReport("s", "succeeded", 1, 0, 0.1).to_json()["logs"] == []
+
+
+def test_a_summary_row_reads_back_as_the_report_it_was() -> None:
+    """`to_json` and `from_json` are one round trip (less `kind` and `stderr_tail`), with
+    `stopped_by`; a row of an older summary (no `stopped_by`) reads back with null."""
+    report = SiteReport(
+        "slow", "timed_out", 2, -15, 30.0, "timed out after 30 s", stopped_by="timeout"
     )
-    assert failure_message(many[:2]) == (
-        "2 of 2 sites failed: 2 \N{MULTIPLICATION SIGN} exit code 1 (s0, s1)"
+    row = build_summary("id", [report])["sites"][0]
+    assert row["stopped_by"] == "timeout"
+    assert SiteReport.from_json(row) == report
+    del row["stopped_by"]
+    assert SiteReport.from_json(row | {"unknown": 1}).stopped_by is None
+
+
+def test_the_failures_artifact_groups_by_cause_and_lists_each_site_with_its_error() -> None:
+    """The markdown: one heading per cause, biggest first (a code span when markdown would
+    change it), each site with its attempts and its error (which has the cause)."""
+    reports = [failed("pyerr-a", NOPKG), failed("pyerr-b", NOPKG), failed("bare", None)]
+    reports[2].stderr_tail = ["last words"]
+    reports.append(failed("init", "AttributeError: module has no attribute '__init__' `x`"))
+    assert failures_markdown(reports) == (
+        "# Failed sites by cause\n\n"
+        f"## {NOPKG} (2)\n\n"
+        f"- `pyerr-a` after 1 attempt(s): exit code 1: {NOPKG}\n"
+        f"- `pyerr-b` after 1 attempt(s): exit code 1: {NOPKG}\n\n"
+        "## `AttributeError: module has no attribute '__init__' 'x'` (1)\n\n"
+        "- `init` after 1 attempt(s): exit code 1: AttributeError: module has no attribute "
+        "'__init__' `x`\n\n"
+        "## exit code 1 (1)\n\n"
+        "- `bare` after 1 attempt(s): last words\n"
     )
-    assert warning_message(outcomes()) == (
-        "1 result check warning: warn.com (records = 3, below min 5)"
+
+
+def test_the_table_artifact_has_the_error_and_the_cause() -> None:
+    """The UI's table: `error` with the cause, `cause` alone, and `last_stderr` still."""
+    report = failed("pyerr-a", NOPKG)
+    report.stderr_tail = ["Traceback (most recent call last):", "  import nopkg", NOPKG]
+    row = table_rows([report])[0]
+    assert (row["error"], row["cause"]) == (f"exit code 1: {NOPKG}", NOPKG)
+    assert row["last_stderr"] == f"Traceback (most recent call last): |   import nopkg | {NOPKG}"
+
+
+def test_the_plain_table_cuts_a_long_error() -> None:
+    """Not a terminal: the error with its cause, on one line, cut at PLAIN_ERROR_WIDTH."""
+    long_cause = "ValueError: " + "x" * 300
+    table = format_table(build_summary("id", [failed("a", NOPKG), failed("b", long_cause)]))
+    rows = table.splitlines()
+    assert rows[1].endswith(f"exit code 1: {NOPKG}")
+    cell = rows[2][rows[0].index("ERROR") :]
+    assert len(cell) == PLAIN_ERROR_WIDTH and cell.endswith("…")
+    assert cell.startswith("exit code 1: ValueError: xxx")
+
+
+@pytest.mark.parametrize("width", [80, 160])
+def test_the_terminal_table_cuts_the_error_to_fit_and_keeps_the_other_columns(width: int) -> None:
+    """On a terminal, each row is one line no wider than the terminal: the error is cut with
+    an ellipsis; the site, status and numbers stay whole."""
+    site = "realtor_directory.example.com"
+    summary = build_summary("id", [failed(site, "ValueError: " + "y" * 300), failed("b", NOPKG)])
+    out = io.StringIO()
+    Console(file=out, width=width, force_terminal=True, color_system=None).print(
+        summary_table(summary, width)
     )
-    assert warning_message(outcomes()[:1]) is None
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 4, lines  # header, rule, two rows: no wrapped lines
+    assert all(len(line) <= width for line in lines)
+    assert lines[2].startswith(site) and "failed" in lines[2] and lines[2].endswith("…")
+    assert "exit code" in lines[2]
+    if width == 160:
+        assert "exit code 1: ValueError: yyy" in lines[2]
+        assert lines[3].rstrip().endswith(f"exit code 1: {NOPKG}")
 
 
-def test_count_progress_and_compact_lines() -> None:
-    """The count line, the progress line, and a result cut to its width with an ellipsis."""
-    summary = build_summary("id", outcomes())
-    assert count_line(summary) == (
-        "Failed: 2/10 succeeded, 5 failed, 1 timed out, 1 cancelled, 1 skipped"
+def test_the_failed_message_names_the_largest_groups_and_the_long_streaks_first() -> None:
+    """`k of n sites failed: failing 3+ runs in a row: a (5), b (3); 3 × <cause> (..); ...`:
+    streaks below 3 (or of sites not in this run) are not named; the three largest groups
+    are; the rest are counted."""  # noqa: RUF002
+    reports = [
+        *(failed(f"imp-{n}", IMPORT) for n in "abc"),
+        failed("pyerr-a", NOPKG),
+        failed("bare", None),
+        failed("other", "OSError: gone"),
+        SiteReport("ok", "succeeded", 1, 0, 0.1),
+    ]
+    streaks = {"pyerr-a": 5, "imp-b": 3, "imp-a": 2, "ok": 0, "gone": 7}  # gone: not run
+    message = failure_message(reports, streaks=streaks)
+    assert message is not None
+    head = "6 of 7 sites failed: failing 3+ runs in a row: pyerr-a (5), imp-b (3); "
+    assert message.startswith(head), message
+    groups = message[len(head) :].split("; ")
+    assert groups[0] == f"3 {TIMES} {IMPORT[:99]}… (imp-a, imp-b, imp-c)"
+    assert groups[1:] == [  # ties: by fingerprint
+        f"1 {TIMES} {NOPKG} (pyerr-a)",
+        f"1 {TIMES} OSError: gone (other)",
+        "1 more cause (1 site)",
+    ]
+    assert failure_message(reports[:1]) == f"1 of 1 sites failed: 1 {TIMES} {IMPORT[:99]}… (imp-a)"
+    assert failure_message(reports[-1:]) is None
+
+
+def test_the_failed_message_stays_one_bounded_line() -> None:
+    """200 sites, each with its own long cause over several lines and a streak: one line of
+    at most MESSAGE_MAX characters."""
+    reports = [failed(f"site-{n}", f"E{n}Error: {'z' * 280}\nmore") for n in range(200)]
+    message = failure_message(reports, streaks={r.site: 9 for r in reports})
+    assert message is not None and "\n" not in message
+    assert len(message) <= MESSAGE_MAX and message.startswith("200 of 200 sites failed: ")
+
+
+def test_the_cli_prints_one_line_per_group_after_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`site-pipeline run`'s results, through a pipe: the table, the count line, then one
+    line per failure cause, then the summary path."""
+    summary = build_summary(
+        "id",
+        [
+            failed("pyerr-a", NOPKG),
+            failed("pyerr-b", NOPKG),
+            SiteReport("ok", "succeeded", 1, 0, 0.1),
+        ],
     )
-    assert progress_line(7, 10, 1) == "7/10 sites done: 6 succeeded, 1 failed"
-    assert compact_result(None) == ""
-    assert compact_result({"a": "é"}) == '{"a":"é"}'
-    cut = compact_result({"text": "x" * 200}, width=20)
-    assert len(cut) == 20 and cut.endswith("…") and cut.startswith('{"text":"xxx')
-    assert compact_result({"n": 1}, width=7) == '{"n":1}'
-
-
-def test_the_edges_of_each_message() -> None:
-    """Defaults and edges: ten names by default, plural only above one, exactly at the
-    limit no "and more", an exit code 0 that failed is an exit code (not a signal), a
-    cut at 120 characters by default, values JSON can't encode shown as text."""
-    eleven = [SiteReport(f"s{n}", "failed", 1, 1, 0.0) for n in range(11)]
-    assert failure_message(eleven).endswith("s9, and 1 more)")  # type: ignore[union-attr]
-    assert failure_message(eleven[:10]).endswith("s8, s9)")  # type: ignore[union-attr]
-    warned = [SiteReport(f"w{n}", "succeeded", 1, 0, 0.0, check=CHECK_FAILED) for n in range(11)]
-    assert warning_message(warned[:2]) == (
-        "2 result check warnings: w0 (records = 3, below min 5), w1 (records = 3, below min 5)"
-    )
-    assert warning_message(warned).endswith("w9 (records = 3, below min 5), and 1 more")  # type: ignore[union-attr]
-    assert warning_message(warned[:10]).endswith("w9 (records = 3, below min 5)")  # type: ignore[union-attr]
-    assert failure_kind(SiteReport("z", "failed", 1, 0, 0.0)) == "exit code 0"
-    assert compact_result({"n": 1, "m": 2}) == '{"n":1,"m":2}'
-    assert compact_result({"when": {1, 2}}) == '{"when":"{1, 2}"}'
-    exactly = {"k": "x" * 112}  # 120 characters as JSON
-    assert compact_result(exactly) == '{"k":"' + "x" * 112 + '"}'
-    assert compact_result({"k": "x" * 113}).endswith("…")
-
-
-def test_the_markdown_and_the_plain_table_exactly() -> None:
-    """One failed site: the whole failures markdown; a row with no exit code and no error
-    has empty cells and no trailing spaces."""
-    assert failures_markdown([SiteReport("a", "failed", 2, None, 0.0, None)]) == (
-        "# Failed sites by cause\n\n## crashed (1)\n\n- `a` after 2 attempt(s): \n"
-    )
-    table = format_table(build_summary("id", [SiteReport("a", "cancelled", 0, None, 0.0)]))
-    assert table.splitlines()[1] == "a     cancelled  0               0.00"
-    assert not any(line.endswith(" ") for line in table.splitlines())
+    summary_path = tmp_path / "summary.json"
+    _print_results(argparse.Namespace(summary_json=str(summary_path)), summary, None)
+    lines = capsys.readouterr().out.splitlines()
+    count_at = next(n for n, line in enumerate(lines) if line.startswith("Failed: 1/3 succeeded"))
+    assert lines[count_at + 1 :] == [
+        f"2 sites: {NOPKG} (pyerr-a, pyerr-b)",
+        f"summary: {summary_path}",
+    ]
+    assert re.search(r"pyerr-a\s+failed\s+1\s+1", "\n".join(lines[:count_at]))
+    assert json.loads(summary_path.read_text())["sites"][0]["cause"] == NOPKG

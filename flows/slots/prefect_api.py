@@ -156,7 +156,7 @@ class PrefectSlotApi:
         """A lease on no limit (`CANARY_NAME` names none), `CANARY_SECONDS` long: it holds no
         slot, and the server forgets it only when it expires or the server restarts with its
         leases in memory (`flows.slots.ledger`). None where the server grants none (the
-        server skips a name it does not know; `tests/test_ledger.py` checks it still does)."""
+        server skips a name it does not know; `tests/slots/test_ledger.py` checks it still does)."""
         body: dict[str, Any] = {
             "names": [CANARY_NAME],
             "slots": 1,
