@@ -328,7 +328,7 @@ def test_the_state_without_a_textfile_keeps_values_across_runs(tmp_path: Path) -
 
 def test_the_metrics_module_is_plain_python() -> None:
     """flows.metrics imports neither Prefect nor Dask (tests/project/test_boundaries.py's check)."""
-    from tests.project.test_boundaries import loaded_heavy
+    from tests.support.imports import loaded_heavy
 
     assert loaded_heavy("flows.metrics") == []
 

@@ -23,8 +23,8 @@ import psutil
 import pytest
 
 from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
-from tests.ops.test_local_server import embedded_env
 from tests.support.processes import keepers_under, start_tied, stop_keepers, tie_keepers
+from tests.support.servers import embedded_env
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -22,8 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, cli_env, run_cli, write_config
-from tests.project.test_metrics_rules import dashboard_queries
-from tests.support.monitoring_tools import tool
+from tests.support.monitoring_tools import dashboard_queries, tool
 from tests.support.processes import start_tied, stop_tied
 from tests.support.servers import free_port
 from tests.support.waiting import wait_until

@@ -30,7 +30,7 @@ from flows.ops import local_server_start as lsstart
 from flows.process import holders
 from tests.conftest import ROOT, cli_env, read_timeline, run_cli, write_config
 from tests.support.processes import keepers_under, start_tied, stop_keepers, tie_keepers
-from tests.support.servers import seed_home
+from tests.support.servers import embedded_env, seed_home
 from tests.support.waiting import wait_for, wait_until
 
 SERVER_NOISE = re.compile(r"prefect\.server|telemetry|uvicorn|docket|Traceback|sqlite3\.")
@@ -143,12 +143,6 @@ def test_only_runs_whose_process_lives_count_as_on_the_server(tmp_path: Path) ->
     use = ls.ServerUse(a_state("http://127.0.0.1:1/api", me), "reused", 600, mine)
     use.leave()
     assert lsfiles.live_users(tmp_path) == []
-
-
-def embedded_env(home: Path) -> dict[str, str]:
-    """No PREFECT_API_URL, `home` already migrated: the embedded default on a user's machine."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    return {**env, "PREFECT_HOME": str(seed_home(home)), "PYTHONPATH": str(ROOT)}
 
 
 def server_line(stderr: str) -> str:

@@ -156,7 +156,7 @@ def test_holder_alive_tells_this_process_a_dead_one_and_another_host() -> None:
 def test_the_cli_s_start_can_import_choose_without_loading_prefect(module: str) -> None:
     """`flows.ops` and `flows.ops.resume` (which the CLI imports at its start, for `choose`)
     load neither Prefect nor Dask; `earlier_run` loads Prefect only when called."""
-    from tests.project.test_boundaries import loaded_heavy
+    from tests.support.imports import loaded_heavy
 
     assert loaded_heavy(module) == []
 

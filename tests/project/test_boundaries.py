@@ -9,13 +9,12 @@ fails when one of them (or anything it imports) starts to load `prefect` or Dask
 from __future__ import annotations
 
 import pkgutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import flows.process
+from tests.support.imports import loaded_heavy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,22 +51,6 @@ PLAIN = [
     *sorted(f"flows.process.{m.name}" for m in pkgutil.iter_modules(flows.process.__path__)),
 ]
 """Every module of `flows/process/` is plain, whatever is added there."""
-
-HEAVY = ("prefect", "distributed", "dask", "prefect_dask")
-
-
-def loaded_heavy(module: str) -> list[str]:
-    """The heavy packages that importing `module` loads, in a fresh interpreter."""
-    code = (
-        f"import sys, importlib; importlib.import_module({module!r}); "
-        f"print(' '.join(sorted({{m.split('.')[0] for m in sys.modules}} & {set(HEAVY)!r})))"
-    )
-    done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.split()
-
 
 @pytest.mark.parametrize("module", PLAIN)
 def test_a_plain_module_imports_without_prefect_or_dask(module: str) -> None:

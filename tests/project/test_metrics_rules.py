@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT
-from tests.support.monitoring_tools import missing, tool
+from tests.support.monitoring_tools import dashboard_queries, missing, tool
 
 MONITORING = ROOT / "monitoring"
 ALERTS = ("SitePipelineSiteFailing", "SitePipelineSiteNoSuccess", "SitePipelineNightLong",
@@ -71,12 +71,6 @@ def test_the_unit_tests_go_red_when_a_rule_changes(tmp_path: Path, rule: str, br
 def test_the_example_prometheus_config_is_valid() -> None:
     checked = promtool("check", "config", "prometheus.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-
-
-def dashboard_queries() -> list[tuple[str, str]]:
-    """(panel title, PromQL) of every query of the Grafana dashboard."""
-    board = json.loads((MONITORING / "grafana" / "site-pipeline.json").read_text("utf-8"))
-    return [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]
 
 
 def test_the_dashboard_has_the_issue_s_panels_on_our_metrics() -> None:

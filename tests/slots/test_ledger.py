@@ -3,25 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from uuid import UUID, uuid4
 
-import psutil
 import pytest
 
-from flows.process.holders import holder_labels
 from flows.slots import SlotPool, ledger
 from tests.support.fakes.slot_api import FakeLimit, FakeSlotApi
+from tests.support.processes import dead_labels
 from tests.support.waiting import wait_for
-
-
-def dead_labels() -> dict[str, str]:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    started = psutil.Process(child.pid).create_time()
-    child.wait()
-    return holder_labels(child.pid, started)
 
 
 def held_leases(path: Path) -> dict[UUID, tuple[str, ...]] | None:

@@ -20,8 +20,8 @@ import pytest
 
 from flows.process.holders import HOST_LABEL, holder_labels, this_process_labels
 from flows.slots import PoolSettings, SlotPool, WaitStopped, ledger
-from tests.slots.test_ledger import dead_labels
 from tests.support.fakes.slot_api import FakeLimit, FakeSlotApi
+from tests.support.processes import dead_labels
 from tests.support.waiting import wait_for
 
 

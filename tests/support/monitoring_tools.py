@@ -5,10 +5,14 @@ after installing them) it fails instead."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TOOLS: dict[str, tuple[str, ...]] = {
     "promtool": ("promtool",),
@@ -36,3 +40,9 @@ def tool(name: str) -> str:
         pytest.skip(problem)
     found = next(path for n in TOOLS[name] if (path := shutil.which(n)))
     return found
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of the Grafana dashboard."""
+    board = json.loads((ROOT / "monitoring" / "grafana" / "site-pipeline.json").read_text("utf-8"))
+    return [(p["title"], t["expr"]) for p in board["panels"] for t in p["targets"]]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import psutil
 
 from flows.process import groups as procgroup
+from flows.process.holders import holder_labels
 
 
 def start_tied(argv: Sequence[str], **popen: Any) -> subprocess.Popen[Any]:
@@ -155,3 +157,11 @@ def stop_keepers(folder: Path, timeout: float = 30) -> list[int]:
         except psutil.Error:
             pass
     return [keeper.pid for keeper in keepers]
+
+
+def dead_labels() -> dict[str, str]:
+    """Holder labels of a process that has ended (a dead run's, for slot ledgers)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    started = psutil.Process(child.pid).create_time()
+    child.wait()
+    return holder_labels(child.pid, started)

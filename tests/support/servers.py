@@ -310,3 +310,10 @@ def events_named(client: SyncPrefectClient, name: str, since: datetime) -> list[
         page = client.read_events_page(str(page.next_page))
         events.extend(page.events)
     return events
+
+
+def embedded_env(home: Path) -> dict[str, str]:
+    """No PREFECT_API_URL, `home` already migrated: the embedded default on a user's machine."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    project = Path(__file__).resolve().parents[2]
+    return {**env, "PREFECT_HOME": str(seed_home(home)), "PYTHONPATH": str(project)}
