@@ -121,13 +121,15 @@ def test_a_run_from_the_command_line_reads_its_config_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`site-pipeline run` loads and checks its config once and hands the plan down to the
-    flow (`RunContext.plan`): the API and the flow used to read it again (3 reads a run)."""
+    flow (`RunContext.plan`): the API and the flow used to read it again (3 reads a run), and
+    the metrics' export at the end once more (the plan now carries the config's sites)."""
     from tests.conftest import cli_in_process
 
     reads = count_config_reads(monkeypatch)
-    config = write_config(tmp_path, ["ok-a", "ok-b"])
+    config = write_config(tmp_path, ["ok-a", "ok-b"], metrics={"textfile": "night.prom"})
     code, _, err = cli_in_process(["run", "--config", str(config)], capsys)
     assert code == 0, err
+    assert 'site="ok-b"' in (tmp_path / "night.prom").read_text(encoding="utf-8")
     assert reads == [str(config)]
 
 

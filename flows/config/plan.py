@@ -18,7 +18,13 @@ from flows.config.errors import ConfigError
 from flows.config.reading import LoadedConfig, read_config
 from flows.config.schema import PipelineConfig
 from flows.config.sections import SiteEntry
-from flows.config.sites import check_sites, labelled, own_entries, site_entries, sites_as_given
+from flows.config.sites import (
+    check_sites,
+    labelled,
+    own_sites,
+    site_entries,
+    sites_as_given,
+)
 from flows.process import groups as procgroup
 
 
@@ -55,6 +61,9 @@ class RunPlan:
     settings: Mapping[str, SiteSettings] = dataclasses.field(default_factory=dict)
     given: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
     """The mapping entries of the `sites` override (not the config's own), by site."""
+    configured_sites: frozenset[str] | None = None
+    """The config's own site list, read with the config (the metrics drop a site that is no
+    longer in it); None when it has none or it can't be read (then none is dropped)."""
 
     def site(self, name: str) -> SiteSettings:
         """`name`'s resolved settings (the config's, for a site without an entry)."""
@@ -146,7 +155,8 @@ def make_plan(
     entries = site_entries(raw_sites, source)
     unique, warnings = check_sites([entry.site for entry, _ in entries], source)
     given = {entry.site: raw for (entry, raw) in entries if isinstance(raw, dict)}
-    own = own_entries(config, path) if sites is not None or sites_file is not None else {}
+    overridden = sites is not None or sites_file is not None
+    own, configured = own_sites(config, path) if overridden else ({}, frozenset(unique))
     labels = {entry.site: label for entry, label in labelled(entries, source)}
     listed = {entry.site: entry for entry, raw in entries if isinstance(raw, dict)}
     chosen = {**own, **listed}  # an override's own mapping wins; a bare name keeps the config's
@@ -168,7 +178,8 @@ def make_plan(
         use_async=config.use_async if use_async is None else use_async,
         warnings=tuple(warnings),
         settings=settings,
-        given=given if sites is not None or sites_file is not None else {},
+        given=given if overridden else {},
+        configured_sites=configured,
     )
 
 

@@ -197,19 +197,33 @@ def _entry_problems(entry: SiteEntry, label: str) -> list[str]:
     return problems
 
 
-def own_entries(config: PipelineConfig, path: Path) -> dict[str, SiteEntry]:
-    """The config's own mapping entries, for sites given on the command line or as the
-    flow's parameter: `--site S` keeps S's settings. A sites file that can't be read gives
-    none (the override doesn't need it)."""
+def own_sites(
+    config: PipelineConfig, path: Path
+) -> tuple[dict[str, SiteEntry], frozenset[str] | None]:
+    """The config's own site list, for a run given other sites (on the command line or as
+    the flow's parameter): its mapping entries (`--site S` keeps S's settings) and its names
+    (the metrics drop a site no longer in it). A sites file that can't be read gives no
+    entries and no names (the override doesn't need it); a refused name, no names."""
+    raw = _own_raw_sites(config, path)
+    if raw is None:
+        return {}, None
+    entries = site_entries(*raw)
+    try:
+        names: frozenset[str] | None = frozenset(check_sites([e.site for e, _ in entries])[0])
+    except ConfigError:
+        names = None
+    return {entry.site: entry for entry, item in entries if isinstance(item, dict)}, names
+
+
+def _own_raw_sites(config: PipelineConfig, path: Path) -> tuple[list[Any], str] | None:
+    """The config's own site list as written (`sites`, else the sites file's) and where it
+    comes from, or None when it has none or the sites file can't be read."""
     if config.sites is not None:
-        raw, source = list(config.sites), "pipeline.sites"
-    elif config.sites_file is not None:
-        source = f"pipeline.sites_file {config.sites_file!r} entry"
-        try:
-            raw = read_sites_file(path.parent / config.sites_file)
-        except ConfigError:
-            return {}
-    else:
-        return {}
-    entries = site_entries(raw, source)
-    return {entry.site: entry for entry, item in entries if isinstance(item, dict)}
+        return list(config.sites), "pipeline.sites"
+    if config.sites_file is None:
+        return None
+    try:
+        raw = read_sites_file(path.parent / config.sites_file)
+    except ConfigError:
+        return None
+    return raw, f"pipeline.sites_file {config.sites_file!r} entry"

@@ -9,7 +9,7 @@ from typing import Any
 
 from prefect.context import FlowRunContext
 
-from flows.config import ConfigError, RunPlan, load_plan
+from flows.config import RunPlan
 from flows.engine.prepare import RunLogger
 
 
@@ -42,7 +42,7 @@ def export_metrics(
             ended=ended,
             duration=duration,
             groups=plan.site_groups,
-            configured=configured_sites(plan),
+            configured=plan.configured_sites,
             streaks=streaks,
         )
     except Exception as exc:  # a bug here must not change the run's outcome
@@ -50,11 +50,3 @@ def export_metrics(
     for line in warnings:
         logger.warning(line)
 
-
-def configured_sites(plan: RunPlan) -> frozenset[str] | None:
-    """The config's own site list as it is now (a site no longer in it is removed from the
-    metrics), or None when it can't be read (no site is removed)."""
-    try:
-        return frozenset(load_plan(plan.config_path).sites)
-    except ConfigError:
-        return None

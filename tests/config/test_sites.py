@@ -161,6 +161,22 @@ def test_a_site_given_on_the_command_line_keeps_its_config_settings(tmp_path: Pa
     assert override.site("b.com").timeout == 5
 
 
+def test_the_plan_carries_the_config_s_own_sites_whatever_the_run_was_given(
+    tmp_path: Path,
+) -> None:
+    """`RunPlan.configured_sites` (what the metrics keep) is the config's own list, read with
+    the config: the run's sites when not overridden; the config's, not the override's, when
+    they are; None when the config's sites file can't be read or has no sites key."""
+    config = write(tmp_path, sites=["a.com", {"site": "b.com", "timeout": 9}])
+    assert load_plan(config).configured_sites == {"a.com", "b.com"}
+    assert load_plan(config, sites=["c.com"]).configured_sites == {"a.com", "b.com"}
+    (tmp_path / "sites.txt").write_text("d.com\ne.com\n", encoding="utf-8")
+    from_file = write(tmp_path, sites_file="sites.txt")
+    assert load_plan(from_file, sites=["a.com"]).configured_sites == {"d.com", "e.com"}
+    (tmp_path / "sites.txt").unlink()
+    assert load_plan(from_file, sites=["a.com"]).configured_sites is None
+
+
 def test_a_site_joins_a_group_by_its_own_group_or_by_a_match(tmp_path: Path) -> None:
     """`group:` decides; else the one group whose `match` finds the name; else none. Each
     group's limit is named after the tag and the group."""

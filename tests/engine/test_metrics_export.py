@@ -76,6 +76,25 @@ def test_a_stopped_or_halted_run_exports_and_ends_as_it_would(
     assert "site_pipeline_run_duration_seconds " in text  # the flow run's start to its end
 
 
+def test_a_site_no_longer_in_the_config_leaves_the_metrics(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    """The config's own sites, read with the config (`RunPlan.configured_sites`), reach the
+    export: a site of an earlier night that the config no longer lists is dropped; a site
+    the config lists that did not run this time keeps its earlier values."""
+    textfile = tmp_path / "site_pipeline.prom"
+    earlier = {"sites": [report.SiteReport(s, "failed", 1, 1, 3.0).to_json() for s in
+                         ("later-c", "gone-x")]}
+    before = metrics_values.build(earlier, {}, ended=1_700_000_000.0)
+    textfile.write_text(metrics_families.render(before), encoding="utf-8")
+    plan = load_plan(write_config(tmp_path, SITES, metrics={"textfile": textfile.name}))
+    assert plan.configured_sites == frozenset(SITES)
+    end_a_run(str(plan.config_path), "halted", "test-metrics", return_state=True)
+    exported = metrics_families.read_file(textfile)
+    assert "gone-x" not in exported
+    assert exported["later-c"].status == "failed" and exported["ok-a"].status == "succeeded"
+
+
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
 def test_outputs_that_fail_are_one_warning_each_and_change_nothing_of_the_run(
     prefect_api: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
