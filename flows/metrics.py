@@ -35,7 +35,8 @@ Which sites: a site is **in this run** when it ran: not `skipped` (`--retry-fail
 `cancelled` before its first attempt (a stop or a halt came first). Those take this run's
 values. Every other site keeps its previous values (a `--site` subset or a `--retry-failed`
 run makes none vanish), unless it is **removed**: no longer in the config's own site list
-(`pipeline.sites` or `pipeline.sites_file`, read with the config: `RunPlan.configured_sites`). Where that list can't be
+(`pipeline.sites` or `pipeline.sites_file`, read with the config:
+`RunPlan.configured_sites`). Where that list can't be
 read (the flow was given its sites and the config lists none), no site is removed.
 
 The previous values are read from the state file: the textfile when one is set, else
