@@ -1,5 +1,5 @@
 """Every use of a private Prefect or Dask name, fenced in one module. Read from Prefect
-3.9.1 (`READ_FROM`) and distributed 2026.8.0 (`DISTRIBUTED_READ_FROM`).
+3.9.1 (`READ_FROM`).
 
 Each use has a reason, a fallback that stays correct (slower or less tidy, never wrong),
 and a test in `tests/test_prefect_compat.py` that fails when the name is gone or changes
@@ -36,14 +36,10 @@ shape, so an upgrade shows up in CI and not in a nightly run.
    changed), and lets us refuse a start. Fallback: the server writes to our terminal, as
    before, and restarts as Prefect decides.
 
-4. `distributed.deploy.utils.nprocesses_nthreads` (not in Dask's API reference): the
-   worker count `LocalCluster` picks by default, for `flows.engine.task_runners`. Why: the
-   local cluster's threads per worker are computed from its worker count, so we need the
-   count before the cluster exists. Fallback: `default_workers`, the same rule (all cores
-   as processes up to 4; above, the smallest factor of the core count that is at least its
-   square root) on the cores this process may use (`os.sched_getaffinity`, else
-   `os.cpu_count()`); Dask also counts cgroup CPU quotas, so in a container the fallback
-   may start more workers than Dask would: more processes, the same cap on sites.
+4. (None now: Dask's default worker count, once read from its private
+   `nprocesses_nthreads`, is Dask's rule restated on its public `dask.system.CPU_COUNT`,
+   `flows.dask_cluster.default_workers`; the same answer, checked against Dask's function
+   in `tests/test_dask_cluster.py`.)
 
 5. `SyncClientContext.__var__` (the context variable behind `SyncClientContext.get()`) and
    its private `_httpx_settings` (which `get_client(sync_client=True)` compares with its
@@ -63,8 +59,6 @@ public: it is in Prefect's API reference and named in its default `logging.yml`.
 from __future__ import annotations
 
 import inspect
-import math
-import os
 import subprocess
 import threading
 import types
@@ -74,12 +68,11 @@ from contextvars import ContextVar
 from functools import partial
 from typing import IO, TYPE_CHECKING, Any, Protocol, cast
 
-if TYPE_CHECKING:  # imported where used: `dask_default_workers` runs before Prefect is loaded
+if TYPE_CHECKING:  # Prefect is imported where used
     import httpx
     from prefect.client.orchestration import SyncPrefectClient
 
 READ_FROM = "3.9.1"
-DISTRIBUTED_READ_FROM = "2026.8.0"
 _SEND_PARAMS = ("request", "send", "send_args", "send_kwargs", "retry_codes", "retry_exceptions")
 
 
@@ -253,42 +246,6 @@ def send_server_output(
 
     setattr(server, "_run_uvicorn_command", run_logged)  # noqa: B010  (this instance only)
     return True
-
-
-def _dask_nprocesses_nthreads() -> Callable[[], tuple[int, int]] | None:
-    """Dask's default (processes, threads) breakdown, or None if it changed (use 4 above)."""
-    try:
-        from distributed.deploy import utils
-    except ImportError:
-        return None
-    found = getattr(utils, "nprocesses_nthreads", None)
-    return cast(Callable[[], tuple[int, int]], found) if callable(found) else None
-
-
-def default_workers(cores: int | None = None) -> int:
-    """The worker count Dask's `LocalCluster` picks by default for `cores` (this
-    process's cores when None), by Dask's rule restated (the fallback of use 4)."""
-    if cores is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-    cores = max(1, cores)
-    if cores <= 4:
-        return cores
-    return min(f for f in range(1, cores + 1) if cores % f == 0 and f >= math.sqrt(cores))
-
-
-def dask_default_workers() -> int:
-    """How many workers a default local Dask cluster has on this machine (use 4 above)."""
-    breakdown = _dask_nprocesses_nthreads()
-    workers: object = None
-    if breakdown is not None:
-        try:
-            workers = breakdown()[0]
-        except (TypeError, IndexError, ValueError):  # its signature or result changed
-            workers = None
-    if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
-        return workers
-    return default_workers()
 
 
 def _sync_client_var() -> ContextVar[Any] | None:

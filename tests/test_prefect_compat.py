@@ -1,10 +1,8 @@
-"""The private Prefect and Dask names in `flows._prefect_compat`: present and of the shape
-we read, with working fallbacks. When Prefect or Dask changes, these fail in CI, not at
-night."""
+"""The private Prefect names in `flows._prefect_compat`: present and of the shape we read,
+with working fallbacks. When Prefect changes, these fail in CI, not at night."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import subprocess
 import time
@@ -202,41 +200,6 @@ def test_a_changed_uvicorn_command_leaves_the_server_s_output_alone(
         assert "_run_uvicorn_command" not in vars(server)
     finally:
         server.stop()
-
-
-def test_the_default_dask_worker_count_is_dask_s_own() -> None:
-    """Use 4: `LocalCluster` still takes its default worker count from
-    `distributed.deploy.utils.nprocesses_nthreads`, and `dask_default_workers` reads it
-    there (patched to 7, it says 7)."""
-    distributed = pytest.importorskip("distributed")
-    from distributed.deploy import utils
-
-    assert "nprocesses_nthreads" in inspect.getsource(distributed.LocalCluster.__init__)
-    assert compat.dask_default_workers() == utils.nprocesses_nthreads()[0]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils, "nprocesses_nthreads", lambda: (7, 1))
-        assert compat.dask_default_workers() == 7
-
-
-def test_the_fallback_worker_count_is_dask_s_rule() -> None:
-    """The fallback restates Dask's breakdown: for 1 to 128 cores, the same worker count."""
-    pytest.importorskip("distributed")
-    from distributed.deploy.utils import nprocesses_nthreads
-
-    for cores in range(1, 129):
-        assert compat.default_workers(cores) == nprocesses_nthreads(cores)[0], cores
-
-
-def test_without_dask_s_function_the_worker_count_falls_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With `nprocesses_nthreads` gone, `dask_default_workers` still answers: Dask's rule
-    on this process's cores."""
-    pytest.importorskip("distributed")
-    from distributed.deploy import utils
-
-    monkeypatch.delattr(utils, "nprocesses_nthreads")
-    assert compat.dask_default_workers() == compat.default_workers() >= 1
 
 
 def test_a_shared_sync_client_is_the_one_prefect_s_task_engine_gets(
