@@ -501,6 +501,36 @@ def test_once_the_keeper_stopped_its_server_the_reaper_forgets_its_group(tmp_pat
     assert time.monotonic() - ended < 3.0  # it lingers 5 s while it holds a group
 
 
+_ASKED_KEEPER = """
+import sys
+from pathlib import Path
+from flows.ops import keeper
+server = (
+    "import pathlib, signal, sys, time; folder = pathlib.Path(sys.argv[1]);"
+    "signal.signal(signal.SIGTERM, lambda *_: (folder.joinpath('asked').touch(), sys.exit(0)));"
+    "folder.joinpath('up').touch(); time.sleep(600)"
+)
+keeper.server_argv = lambda port: [sys.executable, "-c", server, sys.argv[1]]
+sys.exit(keeper.keep(Path(sys.argv[1]), 0))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows asks with Ctrl-Break")
+def test_the_keeper_asks_its_server_to_stop_and_the_server_hears_it(tmp_path: Path) -> None:
+    """Once the last run leaves, the keeper's SIGTERM reaches its server, which stops
+    cleanly (its handler ran), not killed after `STOP_GRACE`. (The keeper used to start it
+    with SIGTERM blocked, a mask the server inherited: every stop took 10 s and a kill.)"""
+    user = lsfiles.register(tmp_path, 0)  # this test is the run on it, until it leaves
+    proc = start_tied(
+        [sys.executable, "-c", _ASKED_KEEPER, str(tmp_path)], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    wait_until(lambda: (tmp_path / "up").exists(), "the server's start", timeout=60)
+    user.unlink()
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "asked").exists()
+
+
 @pytest.mark.slow  # a CLI run on a temporary server, then a real keeper and server
 def test_a_temporary_server_s_run_says_how_to_see_it_and_server_start_brings_it_back(
     tmp_path: Path,
