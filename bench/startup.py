@@ -9,8 +9,9 @@ the same interpreter and packages). Each round runs, one after another on one ma
 
 - `site-pipeline --help` and `validate` (each the median of 5), before and now;
 - a run of three 0.3 s sites: before (a temporary server per run), now with
-  `local_server_idle: 0` (the same), now cold (the first run: it starts the kept server, on
-  a migrated database) and now reused (the next run on it);
+  `local_server_idle: 0` (a server that stops with the run: a temporary one until
+  `bench/zero_idle.py`'s change, the kept server with no idle time since), now cold (the
+  first run: it starts the kept server, on a migrated database) and now reused (the next run on it);
 - the same three sites on a local Dask cluster of 2 workers, on that reused server: the code
   before the cluster started early (`--dask-before`, a worktree too) and now.
 

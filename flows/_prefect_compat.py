@@ -1,5 +1,5 @@
 """Every use of a private Prefect or Dask name, fenced in one module. Read from Prefect
-3.9.1 (`READ_FROM`) and distributed 2026.8.0 (`DISTRIBUTED_READ_FROM`).
+3.9.1 (`READ_FROM`).
 
 Each use has a reason, a fallback that stays correct (slower or less tidy, never wrong),
 and a test in `tests/test_prefect_compat.py` that fails when the name is gone or changes
@@ -20,30 +20,16 @@ shape, so an upgrade shows up in CI and not in a nightly run.
    fresh only while a read through the API confirms no such limit exists.
    Fallback: do nothing; Prefect checks as usual.
 
-3. `prefect.server.api.server.SubprocessASGIServer` (undocumented; the class behind the
-   embedded default's temporary server) and its `server_process` attribute (the uvicorn
-   `Popen`). Why: started by us, the server's pid is tied to our process as soon as it
-   exists (`flows.ops.server.start_temporary_server`), so a `kill -9` of the CLI does not
-   leave it behind; the class is a per-port singleton, so Prefect's client then uses the
-   same server. Fallback: start nothing; Prefect starts its own temporary server on first
-   use, as usual: the run still works, the server just isn't tied to our process.
-   Its `_run_uvicorn_command` (a method with no arguments that calls `subprocess.Popen` with
-   no `stdout`/`stderr`, so the server writes to our terminal; `start` calls it again for a
-   restart on another port when the process exits with status 3). Why: the server's own log
-   (a telemetry traceback, "Failed to send telemetry" offline) landed in the user's terminal
-   and the live view; `send_server_output` runs a copy of that method's code whose
-   `subprocess` is a stand-in that sends both streams to a log file (Prefect's module is not
-   changed), and lets us refuse a start. Fallback: the server writes to our terminal, as
-   before, and restarts as Prefect decides.
+3. (None now: the embedded default's server that a run with `local_server_idle: 0` (or any
+   other command) starts, once Prefect's `SubprocessASGIServer` started early and tied to
+   our process, is the kept local server with no idle time, `flows.ops.local_server`: its
+   keeper stops it as soon as the last command on it ends, a `kill -9`ed one included.
+   Measured side by side, `bench/zero_idle.py` in BENCHMARKS.md.)
 
-4. `distributed.deploy.utils.nprocesses_nthreads` (not in Dask's API reference): the
-   worker count `LocalCluster` picks by default, for `flows.engine.task_runners`. Why: the
-   local cluster's threads per worker are computed from its worker count, so we need the
-   count before the cluster exists. Fallback: `default_workers`, the same rule (all cores
-   as processes up to 4; above, the smallest factor of the core count that is at least its
-   square root) on the cores this process may use (`os.sched_getaffinity`, else
-   `os.cpu_count()`); Dask also counts cgroup CPU quotas, so in a container the fallback
-   may start more workers than Dask would: more processes, the same cap on sites.
+4. (None now: Dask's default worker count, once read from its private
+   `nprocesses_nthreads`, is Dask's rule restated on its public `dask.system.CPU_COUNT`,
+   `flows.dask_cluster.default_workers`; the same answer, checked against Dask's function
+   in `tests/test_dask_cluster.py`.)
 
 5. `SyncClientContext.__var__` (the context variable behind `SyncClientContext.get()`) and
    its private `_httpx_settings` (which `get_client(sync_client=True)` compares with its
@@ -63,23 +49,18 @@ public: it is in Prefect's API reference and named in its default `logging.yml`.
 from __future__ import annotations
 
 import inspect
-import math
-import os
-import subprocess
 import threading
-import types
-from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from collections.abc import Iterable, Iterator, MutableMapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import partial
-from typing import IO, TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # imported where used: `dask_default_workers` runs before Prefect is loaded
+if TYPE_CHECKING:  # Prefect is imported where used
     import httpx
     from prefect.client.orchestration import SyncPrefectClient
 
 READ_FROM = "3.9.1"
-DISTRIBUTED_READ_FROM = "2026.8.0"
 _SEND_PARAMS = ("request", "send", "send_args", "send_kwargs", "retry_codes", "retry_exceptions")
 
 
@@ -159,136 +140,6 @@ def mark_no_tag_limits(tag_limit_names: Iterable[str]) -> bool:
     with lock if lock is not None else threading.Lock():
         cache[frozenset(tag_limit_names)] = True
     return True
-
-
-class TemporaryServer(Protocol):
-    """What `start_temporary_server` uses of Prefect's `SubprocessASGIServer` (use 3)."""
-
-    server_process: subprocess.Popen[Any] | None
-
-    @property
-    def api_url(self) -> str:
-        """The server's API URL (`http://127.0.0.1:<port>/api`)."""
-        ...
-
-    def start(self, timeout: int | None = None) -> None:
-        """Start the server process and wait until it answers (once per process)."""
-        ...
-
-
-def temporary_server() -> TemporaryServer | None:
-    """Prefect's temporary server for the embedded default (the one its client uses), not
-    started yet unless something started it; None if it changed (use 3 above)."""
-    try:
-        from prefect.server.api.server import SubprocessASGIServer
-    except ImportError:
-        return None
-    try:
-        server = SubprocessASGIServer()
-    except Exception:
-        return None
-    if not (
-        hasattr(server, "server_process")
-        and callable(getattr(server, "start", None))
-        and isinstance(getattr(type(server), "api_url", None), property)
-    ):
-        return None
-    return cast(TemporaryServer, server)
-
-
-class _LoggedSubprocess:
-    """`subprocess` as the copied `_run_uvicorn_command` sees it: `Popen` sends stdout and
-    stderr to `log` unless told otherwise; every other name is the real module's."""
-
-    def __init__(self, log: IO[bytes]) -> None:
-        self._log = log
-        self.used = False
-
-    def Popen(self, *args: Any, **kwargs: Any) -> subprocess.Popen[Any]:
-        """`subprocess.Popen`, with both streams going to the log file."""
-        kwargs.setdefault("stdout", self._log)
-        kwargs.setdefault("stderr", subprocess.STDOUT)
-        self.used = True
-        return subprocess.Popen(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(subprocess, name)
-
-
-def _uvicorn_command(server: TemporaryServer) -> types.FunctionType | None:
-    """The server class's `_run_uvicorn_command`, or None if it changed shape (use 3)."""
-    method = getattr(type(server), "_run_uvicorn_command", None)
-    if not isinstance(method, types.FunctionType) or method.__closure__:
-        return None
-    if tuple(inspect.signature(method).parameters) != ("self",):
-        return None
-    if method.__globals__.get("subprocess") is not subprocess:
-        return None
-    return method
-
-
-def send_server_output(
-    server: TemporaryServer, log: IO[bytes], before_start: Callable[[], None] | None = None
-) -> bool:
-    """From now on every process `server` starts (the first and any restart) writes its
-    stdout and stderr to `log`; `before_start()` runs before each one and may raise to
-    refuse it (the server's `start` then raises that). False when Prefect changed (use 3):
-    nothing is done and the server writes to our terminal."""
-    method = _uvicorn_command(server)
-    if method is None:
-        return False
-
-    def run_logged() -> subprocess.Popen[Any]:
-        if before_start is not None:
-            before_start()
-        stand_in = _LoggedSubprocess(log)
-        logged = types.FunctionType(
-            method.__code__,
-            {**method.__globals__, "subprocess": stand_in},
-            method.__name__,
-            method.__defaults__,
-        )
-        process: subprocess.Popen[Any] = logged(server)
-        return process
-
-    setattr(server, "_run_uvicorn_command", run_logged)  # noqa: B010  (this instance only)
-    return True
-
-
-def _dask_nprocesses_nthreads() -> Callable[[], tuple[int, int]] | None:
-    """Dask's default (processes, threads) breakdown, or None if it changed (use 4 above)."""
-    try:
-        from distributed.deploy import utils
-    except ImportError:
-        return None
-    found = getattr(utils, "nprocesses_nthreads", None)
-    return cast(Callable[[], tuple[int, int]], found) if callable(found) else None
-
-
-def default_workers(cores: int | None = None) -> int:
-    """The worker count Dask's `LocalCluster` picks by default for `cores` (this
-    process's cores when None), by Dask's rule restated (the fallback of use 4)."""
-    if cores is None:
-        affinity = getattr(os, "sched_getaffinity", None)
-        cores = len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
-    cores = max(1, cores)
-    if cores <= 4:
-        return cores
-    return min(f for f in range(1, cores + 1) if cores % f == 0 and f >= math.sqrt(cores))
-
-
-def dask_default_workers() -> int:
-    """How many workers a default local Dask cluster has on this machine (use 4 above)."""
-    breakdown = _dask_nprocesses_nthreads()
-    workers: object = None
-    if breakdown is not None:
-        try:
-            workers = breakdown()[0]
-        except (TypeError, IndexError, ValueError):  # its signature or result changed
-            workers = None
-    if isinstance(workers, int) and not isinstance(workers, bool) and workers > 0:
-        return workers
-    return default_workers()
 
 
 def _sync_client_var() -> ContextVar[Any] | None:

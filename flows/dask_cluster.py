@@ -61,14 +61,27 @@ def wants_local_cluster(plan: RunPlan) -> bool:
     return settings.kind == "dask" and not settings.address
 
 
+def default_workers(cores: int | None = None) -> int:
+    """The worker count Dask's `LocalCluster` picks by default for `cores`: all cores as
+    processes up to 4; above, the smallest factor of the core count that is at least its
+    square root (Dask's rule, restated: its own function is not public API). `None`: the
+    cores Dask counts for this process (`dask.system.CPU_COUNT`: the machine's cores, less
+    the affinity mask and any cgroup CPU quota), as `LocalCluster` does."""
+    if cores is None:
+        from dask.system import CPU_COUNT
+
+        cores = CPU_COUNT
+    cores = max(1, cores)
+    if cores <= 4:
+        return cores
+    return min(f for f in range(1, cores + 1) if cores % f == 0 and f >= math.sqrt(cores))
+
+
 def local_cluster_size(plan: RunPlan) -> tuple[int, int]:
     """(workers, threads per worker) for a local cluster: Dask's default worker count unless
-    configured (`flows._prefect_compat.dask_default_workers`), and enough threads in all for
-    the plan's thread budget."""
-    from flows._prefect_compat import dask_default_workers
-
+    configured (`default_workers`), and enough threads in all for the plan's thread budget."""
     settings = plan.config.task_runner
-    workers = settings.n_workers or dask_default_workers()
+    workers = settings.n_workers or default_workers()
     threads = settings.threads_per_worker or max(1, math.ceil(plan.workers / workers))
     return workers, threads
 

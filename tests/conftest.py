@@ -56,7 +56,6 @@ def prefect_api() -> Iterator[str]:
     from prefect.settings import get_current_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows._prefect_compat import temporary_server
     from flows.process import groups as procgroup
 
     tied: list[int] = []
@@ -65,14 +64,29 @@ def prefect_api() -> Iterator[str]:
             # Its uvicorn process would outlive a SIGKILLed pytest (Prefect stops it only
             # at exit): the product's reaper kills it when we die
             # (tests/project/test_suite_cleanup.py).
-            server = temporary_server()
-            if server is not None and server.server_process is not None:
-                procgroup.reap_pid_on_exit(server.server_process.pid)
-                tied.append(server.server_process.pid)
+            for pid in harness_server_pids():
+                procgroup.reap_pid_on_exit(pid)
+                tied.append(pid)
             yield str(get_current_settings().api.url)
     finally:
         for pid in tied:  # stopped by the harness: its number may be reused
             procgroup.forget_pid(pid)
+
+
+def harness_server_pids() -> list[int]:
+    """The session's `prefect_test_harness` server: this process's children that run
+    Prefect's server app under uvicorn (Prefect's temporary server, started by the harness)."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children():
+        try:
+            argv = child.cmdline()
+        except psutil.Error:
+            continue
+        if "uvicorn" in argv and "prefect.server.api.server:create_app" in argv:
+            found.append(child.pid)
+    return found
 
 
 def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
@@ -90,8 +104,8 @@ def write_config(folder: Path, sites: list[str], **pipeline: Any) -> Path:
         # other tests: tests that assert an order other than the list's say so themselves.
         "order": "listed",
         "concurrency_tag": f"test-{folder.name}"[:60].replace("[", "-").replace("]", ""),
-        # On the embedded default (no PREFECT_API_URL) a run uses the temporary server unless
-        # a test says otherwise: the kept local server is tests/ops/test_local_server.py's.
+        # On the embedded default (no PREFECT_API_URL) a run keeps no local server after it
+        # unless a test says otherwise: the kept local server is tests/ops/test_local_server.py's.
         "local_server_idle": 0,
         "env": {
             "FAKE_TIMELINE": str(folder / "timeline.tsv"),

@@ -5,6 +5,7 @@ and handed to the flow by its caller (the CLI's `run`, `run_pipeline_summary`)."
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -40,6 +41,30 @@ def test_a_plan_without_a_local_cluster_starts_none(tmp_path: Path) -> None:
         plan = load_plan(write_config(tmp_path / name, ["a"], task_runner=runner))
         with local_cluster(plan) as cluster:
             assert cluster is None, name
+
+
+def test_the_default_worker_count_is_the_one_local_cluster_picks() -> None:
+    """`default_workers` restates the rule `LocalCluster` takes its default worker count by
+    (Dask's `distributed.deploy.utils.nprocesses_nthreads`, private: read here only, so this
+    fails when Dask changes its rule): the same count for 1 to 128 cores, and for this
+    process's cores as Dask counts them (`dask.system.CPU_COUNT`, affinity and cgroup quota
+    included). A plan with no `n_workers` gets that many workers."""
+    from dask.system import CPU_COUNT
+    from distributed.deploy.utils import nprocesses_nthreads
+
+    assert "nprocesses_nthreads" in inspect.getsource(distributed.LocalCluster.__init__)
+    for cores in range(1, 129):
+        assert dask_cluster.default_workers(cores) == nprocesses_nthreads(cores)[0], cores
+    assert dask_cluster.default_workers() == nprocesses_nthreads()[0]
+    assert dask_cluster.default_workers() == dask_cluster.default_workers(CPU_COUNT)
+
+
+def test_a_plan_without_n_workers_gets_dask_s_default_count(tmp_path: Path) -> None:
+    """No `n_workers`: Dask's default count, and threads enough for the plan's budget."""
+    plan = load_plan(write_config(tmp_path, ["a"], task_runner={"kind": "dask"}))
+    workers, threads = dask_cluster.local_cluster_size(plan)
+    assert workers == dask_cluster.default_workers()
+    assert workers * threads >= plan.workers
 
 
 @pytest.mark.slow

@@ -1,16 +1,11 @@
-"""The private Prefect and Dask names in `flows._prefect_compat`: present and of the shape
-we read, with working fallbacks. When Prefect or Dask changes, these fail in CI, not at
-night."""
+"""The private Prefect names in `flows._prefect_compat`: present and of the shape we read,
+with working fallbacks. When Prefect changes, these fail in CI, not at night."""
 
 from __future__ import annotations
 
-import inspect
-import os
-import subprocess
 import time
 import tomllib
 from collections.abc import Iterator
-from pathlib import Path
 from uuid import uuid4
 
 import httpx
@@ -20,7 +15,6 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 
 from flows import _prefect_compat as compat
 from tests.conftest import ROOT
-from tests.support.servers import free_port
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -101,142 +95,6 @@ def test_a_changed_client_falls_back_to_the_public_path(client: SyncPrefectClien
         assert response.status_code == 204
     finally:
         del http._send_with_retry
-
-
-def test_the_temporary_server_is_the_one_prefect_s_client_uses_with_its_process(
-    prefect_api: str,
-) -> None:
-    """Use 3: `SubprocessASGIServer()` is the per-process server Prefect's client starts
-    for the embedded default (here the harness registered its own under that key), with
-    the uvicorn `Popen` in `server_process` and its `api_url`: what
-    `start_temporary_server` starts and ties to our process."""
-    server = compat.temporary_server()
-    assert server is not None
-    assert isinstance(server.server_process, subprocess.Popen)
-    assert server.server_process.poll() is None
-    assert server.api_url == prefect_api
-    assert compat.temporary_server() is server  # one per process: the client finds it
-
-
-def test_a_changed_temporary_server_starts_nothing_and_prefect_starts_its_own(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """If `SubprocessASGIServer` loses `server_process`, `start_temporary_server` starts
-    nothing and returns None (Prefect's client starts its server on first use, as usual)."""
-    from prefect.server.api import server as prefect_server
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from flows.ops import start_temporary_server
-
-    class Changed:
-        """A server class of a later Prefect, with its process somewhere else."""
-
-        def start(self) -> None:
-            raise AssertionError("the changed server must not be started")
-
-    monkeypatch.setattr(prefect_server, "SubprocessASGIServer", Changed)
-    assert compat.temporary_server() is None
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        assert start_temporary_server() is None
-
-
-@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="reads /proc/<pid>/fd")
-def test_the_temporary_server_s_output_still_goes_where_we_send_it(tmp_path: Path) -> None:
-    """Use 3, its `_run_uvicorn_command`: still a method of `self` alone that calls
-    `subprocess.Popen` with no streams of its own, so `send_server_output` makes the real
-    server process write its stdout and stderr to our log file, calling `before_start` once
-    per process."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer(port=free_port())
-    starts: list[int] = []
-    log_path = tmp_path / "server.log"
-    with log_path.open("a+b") as log:
-        assert compat.send_server_output(server, log, lambda: starts.append(1))
-        try:
-            server.start(timeout=120)
-            assert server.server_process is not None
-            pid = server.server_process.pid
-            for fd in (1, 2):
-                assert os.readlink(f"/proc/{pid}/fd/{fd}") == str(log_path)
-        finally:
-            server.stop()
-    assert starts == [1]
-
-
-def test_a_start_refused_by_before_start_starts_no_process(tmp_path: Path) -> None:
-    """Use 3: `before_start` raising stops `start` before any process exists (how a server
-    restarting for ever is stopped); `start` raises that error."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    server = SubprocessASGIServer(port=free_port())
-
-    def refuse() -> None:
-        raise RuntimeError("no more starts")
-
-    try:
-        with (tmp_path / "server.log").open("a+b") as log:
-            assert compat.send_server_output(server, log, refuse)
-            with pytest.raises(RuntimeError, match="no more starts"):
-                server.start(timeout=5)
-        assert server.server_process is None
-    finally:
-        server.stop()
-
-
-def test_a_changed_uvicorn_command_leaves_the_server_s_output_alone(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    """If `_run_uvicorn_command` takes other arguments (a later Prefect), nothing is changed
-    and `send_server_output` says so: the server writes to our terminal, as before."""
-    from prefect.server.api.server import SubprocessASGIServer
-
-    def changed(self: SubprocessASGIServer, port: int) -> subprocess.Popen[bytes]:
-        raise AssertionError("not called")
-
-    monkeypatch.setattr(SubprocessASGIServer, "_run_uvicorn_command", changed)
-    server = SubprocessASGIServer(port=free_port())
-    try:
-        with (tmp_path / "server.log").open("a+b") as log:
-            assert not compat.send_server_output(server, log)
-        assert "_run_uvicorn_command" not in vars(server)
-    finally:
-        server.stop()
-
-
-def test_the_default_dask_worker_count_is_dask_s_own() -> None:
-    """Use 4: `LocalCluster` still takes its default worker count from
-    `distributed.deploy.utils.nprocesses_nthreads`, and `dask_default_workers` reads it
-    there (patched to 7, it says 7)."""
-    distributed = pytest.importorskip("distributed")
-    from distributed.deploy import utils
-
-    assert "nprocesses_nthreads" in inspect.getsource(distributed.LocalCluster.__init__)
-    assert compat.dask_default_workers() == utils.nprocesses_nthreads()[0]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(utils, "nprocesses_nthreads", lambda: (7, 1))
-        assert compat.dask_default_workers() == 7
-
-
-def test_the_fallback_worker_count_is_dask_s_rule() -> None:
-    """The fallback restates Dask's breakdown: for 1 to 128 cores, the same worker count."""
-    pytest.importorskip("distributed")
-    from distributed.deploy.utils import nprocesses_nthreads
-
-    for cores in range(1, 129):
-        assert compat.default_workers(cores) == nprocesses_nthreads(cores)[0], cores
-
-
-def test_without_dask_s_function_the_worker_count_falls_back(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """With `nprocesses_nthreads` gone, `dask_default_workers` still answers: Dask's rule
-    on this process's cores."""
-    pytest.importorskip("distributed")
-    from distributed.deploy import utils
-
-    monkeypatch.delattr(utils, "nprocesses_nthreads")
-    assert compat.dask_default_workers() == compat.default_workers() >= 1
 
 
 def test_a_shared_sync_client_is_the_one_prefect_s_task_engine_gets(

@@ -42,27 +42,20 @@ def interruptible(command: Callable[[], int]) -> int:
 
 def connect(keep: float | None = None, run: bool = False) -> str | None:
     """Every command that uses the API starts here: check that it answers; on the embedded
-    default, use the kept local server (`flows.ops.local_server`: a run, `run=True`, finds or
-    starts it and keeps it `keep` seconds after it ends; other commands use it if it is up)
-    or, without one (`keep` 0), start the temporary server now, tied to this process (the
-    reaper), so it ends with us however we end; left to Prefect, it would outlive a process
-    killed by a signal or a broken pipe. The API's description, or None once the reason is
-    printed (one `error:` line; a server that died adds its log's last lines, indented)."""
+    default, use the local server (`flows.ops.local_server`: a run, `run=True`, finds or
+    starts it and keeps it `keep` seconds after it ends; other commands, and a run with
+    `keep` 0, use one that is up, or start one that stops as soon as they end, however they
+    end: its keeper sees their process gone; left to Prefect, a temporary server would
+    outlive a process killed by a signal or a broken pipe). The API's description, or None
+    once the reason is printed (one `error:` line; a server that died adds its log's last
+    lines, indented)."""
     from flows import ops
 
     try:
         use = ops.use_local_server(keep if run else None)
         if use is not None:
             print(f"site-pipeline: {use.describe()}", file=sys.stderr)
-        elif run and ops.api_url_unset():
-            print(
-                "site-pipeline: starting a temporary Prefect server for this run (a few "
-                "seconds); to skip this, keep one running: `site-pipeline server start`, or "
-                "`pipeline.local_server_idle` above 0",
-                file=sys.stderr,
-            )
         target = ops.check_reachable()
-        ops.start_temporary_server()
     except ops.ApiUnreachable as exc:
         first, *rest = str(exc).splitlines() or [""]
         print(f"site-pipeline: error: {first}", file=sys.stderr)

@@ -173,7 +173,7 @@ def _retry_plan(args: argparse.Namespace, configs: ConfigFiles) -> tuple[RunPlan
 
 
 def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = None) -> int:
-    """`run`: the flow on the configured API (or a temporary server), then the results.
+    """`run`: the flow on the configured API (or the local server), then the results.
     The first Ctrl-C (or SIGTERM) cancels politely; a second one stops every pipeline now.
     A local Dask cluster starts first, before Prefect is imported and the API checked, so it
     is ready by the time the flow run is (`flows.dask_cluster`); it is closed on the way out."""
@@ -196,6 +196,7 @@ def _run_plan(
     from rich.console import Console
 
     from flows.interrupts import StopRequest, exit_status, on_signals
+    from flows.ops.server import server_stops_with_us
     from flows.process.control import stop_everything
 
     err = Console(stderr=True)
@@ -229,11 +230,12 @@ def _run_plan(
             return status
         if isinstance(outcome, BaseException):
             return _run_failed(outcome)
-    # A server that keeps running (not the temporary one): link to the run.
-    ui_url = str(settings.ui_url) if settings.api.url and settings.ui_url else None
+    # A server that keeps running (not one that stops with this run): link to the run.
+    stops = server_stops_with_us() or not settings.api.url
+    ui_url = str(settings.ui_url) if not stops and settings.ui_url else None
     _print_results(args, outcome, ui_url)
-    if ui_url is None:
-        for line in temporary_server_gone(outcome["flow_run_id"]):
+    if stops:
+        for line in server_gone(outcome["flow_run_id"]):
             print(line)
     if outcome["state"] == "Cancelled" and stop.signal is not None:
         end_now(exit_status(stop.signal))
@@ -270,11 +272,11 @@ def _run_failed(outcome: BaseException) -> int:
     raise outcome
 
 
-def temporary_server_gone(flow_run_id: str) -> list[str]:
-    """The last lines of a run on the temporary server (`local_server_idle: 0`): it has
-    stopped with the run, so no link of it works now; how to see the run again."""
+def server_gone(flow_run_id: str) -> list[str]:
+    """The last lines of a run on a local server that stops with it (`local_server_idle: 0`):
+    no link of it works now; how to see the run again."""
     return [
-        f"flow run: {flow_run_id} (its temporary Prefect server stopped with the run)",
+        f"flow run: {flow_run_id} (its local Prefect server stops with the run)",
         "  to see it in the UI: `site-pipeline server start` prints the UI's address; the run "
         f"is at <UI>/runs/flow-run/{flow_run_id}",
     ]
@@ -286,7 +288,7 @@ def end_now(status: int) -> NoReturn:
     or not), and one may sleep through the rest of a retry delay in Prefect's task engine:
     nothing wakes a `time.sleep`. So Prefect's queued log lines are sent, and the process
     ends without waiting for it (the kept server counts a command whose process is gone as
-    ended; a temporary server is ended by the reaper)."""
+    ended, and stops a server that has no idle time)."""
     from prefect.logging.handlers import APILogHandler
 
     try:

@@ -61,7 +61,7 @@ class PipelineConfig(Strict):
     max_log_lines: int = Field(default=200, gt=0)
     api_patience: float = Field(default=300, gt=0)
     slot_wait_notice: float = Field(default=60, gt=0)  # s a site waits before "who holds it"
-    local_server_idle: float = Field(default=600, ge=0)  # s; 0: a temporary server per run
+    local_server_idle: float = Field(default=600, ge=0)  # s; 0: none (stops with the run)
     task_runner: TaskRunnerConfig = Field(default_factory=TaskRunnerConfig)
     result_checks: ResultChecks | None = None
     learned_timeout: LearnedTimeout | None = None

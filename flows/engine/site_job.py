@@ -46,7 +46,8 @@ class SiteJob:
 
     def for_site(self, site: str) -> SiteJob:
         """The job as `site`'s task run needs it: the plan with only `site` (its own entry,
-        if any; the config without its site list), its timeout and its check history."""
+        if any; the config without its site list, and not the config's site list that the
+        flow's metrics keep), its timeout and its check history."""
         plan = self.plan
         config = plan.config.model_copy(update={"sites": None, "sites_file": None})
         own = replace(
@@ -55,6 +56,7 @@ class SiteJob:
             sites=(site,),
             settings={site: plan.settings[site]} if site in plan.settings else {},
             given={site: plan.given[site]} if site in plan.given else {},
+            configured_sites=None,
         )
         history = {site: self.check_history[site]} if site in self.check_history else None
         timeouts = {site: self.timeouts[site]} if site in self.timeouts else None

@@ -1,6 +1,6 @@
 """What the CLI asks of the Prefect server, besides running the flow.
 
-- `server`: which API, whether it answers, the embedded default's temporary server;
+- `server`: which API, whether it answers, the embedded default's local server;
 - `provision`: `setup`: the work pool, the concurrency limit, the notifications (`notify`);
 - `run_history`: `history`, the last runs and each site's last status;
 - `resume`: the earlier run `--retry-failed` resumes, and which sites it runs again;
@@ -28,7 +28,7 @@ if TYPE_CHECKING:
         api_target,
         api_url_unset,
         check_reachable,
-        start_temporary_server,
+        server_stops_with_us,
         use_local_server,
     )
 
@@ -36,7 +36,7 @@ _HOME = {
     "ApiUnreachable": "server",
     "api_target": "server",
     "check_reachable": "server",
-    "start_temporary_server": "server",
+    "server_stops_with_us": "server",
     "api_url_unset": "server",
     "use_local_server": "server",
     "setup": "provision",
@@ -66,8 +66,8 @@ __all__ = [
     "history",
     "history_rows",
     "mark_crashed",
+    "server_stops_with_us",
     "setup",
-    "start_temporary_server",
     "use_local_server",
 ]
 

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -180,16 +181,30 @@ def keep(home: Path, port: int) -> int:
     return 0
 
 
-def _hold_sigterm() -> set[int]:
-    """Block SIGTERM (POSIX) until `_release_sigterm`; the mask it replaced."""
+_Held = tuple[list[int], Any]
+
+
+def _hold_sigterm() -> _Held:
+    """Until `_release_sigterm`, a SIGTERM is noted, not acted on (POSIX); what it replaced.
+    Not a blocked signal mask: the server started meanwhile would inherit it, ignore the
+    SIGTERM that asks it to stop, and be killed after `STOP_GRACE` at every stop (10 s more
+    under the lock, and no clean shutdown)."""
+    came: list[int] = []
     if sys.platform == "win32":
-        return set()
-    return {int(number) for number in signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})}
+        return came, None
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: came.append(signum))
+    return came, previous
 
 
-def _release_sigterm(previous: set[int]) -> None:
-    if sys.platform != "win32":
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+def _release_sigterm(held: _Held) -> None:
+    """The handler `_hold_sigterm` replaced is back; a SIGTERM that came meanwhile is
+    raised again now, for it."""
+    came, previous = held
+    if sys.platform == "win32":
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+    if came:
+        signal.raise_signal(signal.SIGTERM)
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

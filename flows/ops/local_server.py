@@ -1,11 +1,14 @@
 """The embedded default's local server, kept for the next run (`pipeline.local_server_idle`):
-a run's use of it (`join`, `reuse`), `server start`'s hold and `server status`.
+a command's use of it (`join`), `server start`'s hold and `server status`.
 
 With no PREFECT_API_URL, a run used to start a temporary server and stop it at its end: 10-15
 s of start-up for every ad hoc run. Here a run starts one local `prefect server start` for
 its PREFECT_HOME through a small keeper process (`flows.ops.keeper`) and leaves it running;
 the keeper stops it `local_server_idle` seconds after the last run on it ends. The next run
-finds it and uses it.
+finds it and uses it. With `local_server_idle: 0` (and for a command that is not a run) the
+server a command starts has no idle time: the keeper stops it as soon as the last command on
+it ends, a killed one included (so a `kill -9` leaves no server behind), and a server that is
+up is used as it is (`NO_SAY`).
 
 It is found through `local-server.json` under PREFECT_HOME, never trusted blindly: the
 keeper's pid must be alive and be the process that wrote the file (its start time), the
@@ -69,7 +72,13 @@ class ServerUse:
         self.user_file.unlink(missing_ok=True)
 
     def describe(self) -> str:
-        """The one line a run prints about the server it uses."""
+        """The one line a command prints about the server it uses."""
+        if self.idle < 0 and self.how == "started":
+            return (
+                f"started a local Prefect server at {self.state.url}, its UI at "
+                f"{self.state.ui_url}; it stops when the last command on it ends (to keep "
+                "one: `pipeline.local_server_idle` above 0, or `site-pipeline server start`)"
+            )
         if self.idle < 0:
             return f"using the local Prefect server at {self.state.url}"
         since = time.strftime("%H:%M:%S", time.localtime(self.state.started_at))
@@ -100,10 +109,18 @@ def _usable_or_started(
     return start(home, version, startup_timeout), "started"
 
 
+NO_SAY = -1.0
+"""The idle time of a command on the server with no say in how long it stays: a command that
+is not a run, or a run with `local_server_idle: 0`. It uses a server that is up as it is
+(its stop is as the runs before decided); a server it starts has no idle time: its keeper
+stops it as soon as the last command on it ends."""
+
+
 def join(home: Path, idle: float, version: str, startup_timeout: float) -> ServerUse:
-    """The kept server of `home`, found or started, with this run registered on it.
-    Raises `LocalServerFailed` when a started server does not answer within
-    `startup_timeout` seconds."""
+    """The kept server of `home`, found or started, with this command registered on it for
+    `idle` seconds after it ends (`NO_SAY`: none of its own, see there). Raises
+    `LocalServerFailed` when a started server does not answer within `startup_timeout`
+    seconds."""
     with lock(home, timeout=startup_timeout + 60):
         user = register(home, idle)  # before a start: the keeper's first look sees it
         try:
@@ -122,7 +139,7 @@ def hold(
     the last run on it ends). The latest hold replaces an earlier one. Raises
     `LocalServerFailed` when a started server does not answer in time."""
     with lock(home, timeout=startup_timeout + 60):
-        user = register(home, -1)  # until the hold is written: a command on it, without a say
+        user = register(home, NO_SAY)  # until the hold is written: a command on it
         try:
             state, how = _usable_or_started(home, version, startup_timeout)
             until = None if idle is None else time.time() + idle
@@ -169,13 +186,3 @@ def status(home: Path, version: str) -> tuple[list[str], bool]:
         at = time.strftime("%H:%M:%S", time.localtime(until))
         lines.append(f"  idle: it stops at {at} unless a run uses it")
     return lines, True
-
-
-def reuse(home: Path, version: str) -> ServerUse | None:
-    """The kept server of `home` if it is up and usable, with this command registered on it
-    (without a say in its idle time); None otherwise. Starts nothing."""
-    with lock(home, timeout=60):
-        state = read_state(home)
-        if state is None or verdict(state, version) != "ok":
-            return None
-        return ServerUse(state, "reused", -1, register(home, -1))

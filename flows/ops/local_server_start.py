@@ -155,6 +155,9 @@ def _start_on(home: Path, port: int, startup_timeout: float) -> ServerState:
     while time.monotonic() < deadline:
         if keeper.poll() is not None:
             break
+        if not _accepts(port):  # not listening yet: no HTTP client made for nothing
+            time.sleep(0.1)
+            continue
         answered = server_version(url, timeout=2)
         # an answer from a server that is not the keeper's (another one got the port first)
         # is no answer: ours then exits, unable to listen there
@@ -170,6 +173,16 @@ def _start_on(home: Path, port: int, startup_timeout: float) -> ServerState:
         _kill(keeper.pid)
         raise LocalServerFailed(f"did not answer within {startup_timeout:g} s", log_path)
     raise LocalServerFailed(_EXITED, log_path)
+
+
+def _accepts(port: int) -> bool:
+    """Something accepts connections on 127.0.0.1:`port` (uvicorn listens once its app has
+    started). Asked before each HTTP check while a server starts: each check makes an HTTP
+    client (about 30 ms of CPU, its TLS context), and a start polled that way spent seconds
+    of CPU beside the server's own start on a fresh home (`bench/zero_idle.py`)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def stop_keeper(home: Path, state: ServerState, timeout: float) -> bool:

@@ -1,7 +1,7 @@
 """Notifications and dead-run detection, as Prefect blocks and automations made by `setup`.
 
 The Prefect server sends the notifications (its automations service), so they work only
-with a server that keeps running (`prefect server start`), not with the temporary server of
+with a server that keeps running (`prefect server start`), not with a server that stops with
 an ad hoc run, and the server needs outbound access to the webhook.
 
 - Each `pipeline.notify` entry becomes a notification block (the secret URL is stored in

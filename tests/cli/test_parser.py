@@ -2,7 +2,7 @@
 
 Bad input exits 2 with one `error:` line that names the option or value and what was
 expected, and it exits before anything reaches Prefect: here, reaching Prefect (the API
-check, the temporary server, a flow run) fails the test. Ctrl-C exits 130. The real signal
+check, the local server, a flow run) fails the test. Ctrl-C exits 130. The real signal
 path, from a terminal's SIGINT to a Cancelled flow run, is tests/e2e/test_resume.py.
 """
 
@@ -26,7 +26,7 @@ def prefect_is_out_of_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("bad input reached Prefect")
 
     monkeypatch.setattr(ops, "check_reachable", reached)
-    monkeypatch.setattr(ops, "start_temporary_server", reached)
+    monkeypatch.setattr(ops, "use_local_server", reached)
     monkeypatch.setattr(run_command, "run_plan", reached)
 
 

@@ -44,23 +44,12 @@ def start_cli(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
 
 
 def embedded_env(home: Path) -> dict[str, str]:
-    """No PREFECT_API_URL: each CLI process starts its own temporary server on `home`'s
-    SQLite database, as on a new user's machine (one already migrated, `seed_home`: the
-    first run's migrations are `test_quiet_server`'s and the quickstart test's to prove)."""
+    """No PREFECT_API_URL: each CLI process uses `home`'s local server on its SQLite
+    database (started for it; with `local_server_idle: 0` it stops when the command ends),
+    as on a new user's machine (one already migrated, `seed_home`: the first run's
+    migrations are `tests/ops/test_server.py`'s and the quickstart test's to prove)."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     return {**env, "PREFECT_HOME": str(seed_home(home)), "PYTHONPATH": str(ROOT)}
-
-
-def temporary_server_port(proc: subprocess.Popen[str]) -> str | None:
-    """The port of the temporary server `proc` started (its uvicorn process), if any yet."""
-    return next(
-        (
-            argv[argv.index("--port") + 1]
-            for child in psutil.Process(proc.pid).children(recursive=True)
-            if "uvicorn" in (argv := cmdline(child.pid)) and "--port" in argv
-        ),
-        None,
-    )
 
 
 def kept_server_port(home: Path) -> str | None:
@@ -70,13 +59,13 @@ def kept_server_port(home: Path) -> str | None:
 
 
 def completed_sites_when(proc: subprocess.Popen[str], count: int, home: Path) -> list[str]:
-    """Wait until the run's server (its temporary one, or the one kept for `home`) records
-    `count` completed task runs; their names. (Asked of the server, not of the pipelines'
+    """Wait until the run's server (the local one of `home`) records `count` completed task
+    runs; their names. (Asked of the server, not of the pipelines'
     timeline: a site is done for `--retry-failed` once Prefect has its Completed state.)"""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        port = temporary_server_port(proc) or kept_server_port(home)
+        port = kept_server_port(home)
         if port is not None:
             try:
                 response = httpx.post(
@@ -111,6 +100,17 @@ def cmdline(pid: int) -> list[str]:
 
 def descendants(pid: int) -> list[int]:
     return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+
+
+def server_processes(home: Path) -> list[int]:
+    """The keeper of `home`'s local server and every process under it (the server)."""
+    found = []
+    for keeper in keepers_under(home):
+        try:
+            found += [keeper.pid, *(child.pid for child in keeper.children(recursive=True))]
+        except psutil.Error:
+            pass
+    return found
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
@@ -159,41 +159,42 @@ def test_a_signal_cancels_the_run_and_the_summary_is_still_written(
     }
 
 
-def test_sigterm_on_the_embedded_default_leaves_no_temporary_server(tmp_path: Path) -> None:
-    """With no PREFECT_API_URL the run starts a temporary Prefect server: after SIGTERM it
-    is gone with the pipelines, and every other process the run started."""
+def test_sigterm_on_the_embedded_default_leaves_no_server(tmp_path: Path) -> None:
+    """With no PREFECT_API_URL and `local_server_idle: 0` the run starts a local Prefect
+    server (its keeper's): after SIGTERM it is gone with the pipelines, and every other
+    process the run started."""
+    home = tmp_path / "home"
     config = write_config(tmp_path, ["hang-a"])
-    proc = start_cli(["run", "--config", str(config)], embedded_env(tmp_path / "home"))
+    proc = start_cli(["run", "--config", str(config)], embedded_env(home))
     pids = hanging_pids(tmp_path, 1)
+    tie_keepers(home)
+    server = server_processes(home)
+    assert any("prefect" in cmdline(p) and "server" in cmdline(p) for p in server)
     ours = descendants(proc.pid)
-    assert any("uvicorn" in " ".join(psutil.Process(p).cmdline()) for p in ours)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=90)
     assert proc.returncode == 143, err[-3000:]
-    assert wait_until_gone(pids + ours, timeout=30) == []
+    assert wait_until_gone(pids + ours + server, timeout=30) == []
 
 
 @pytest.mark.parametrize("command", ["history", "submit", "setup", "doctor"])
-def test_a_killed_command_leaves_no_temporary_server(tmp_path: Path, command: str) -> None:
-    """Every command that uses the API ties the embedded default's temporary server to its
-    process: SIGKILLed once that server answers, it leaves none behind. (Left to Prefect,
-    the server outlived `submit | head -1`: its atexit never ran.) The server is tied
-    within 50 ms of existing, long before it answers (`flows.ops.server._Startup`)."""
+def test_a_killed_command_leaves_no_server(tmp_path: Path, command: str) -> None:
+    """Every command that uses the API on the embedded default, with no server up, starts
+    one with no idle time: SIGKILLed once that server answers, it leaves none behind (its
+    keeper sees the command's process gone and stops it). (Left to Prefect, a temporary
+    server outlived `submit | head -1`: its atexit never ran.)"""
+    home = tmp_path / "home"
     config = write_config(tmp_path, ["ok-a"])
     args = {"setup": ["--config", str(config)], "doctor": ["--config", str(config)]}
-    proc = start_cli([command, *args.get(command, [])], embedded_env(tmp_path / "home"))
+    proc = start_cli([command, *args.get(command, [])], embedded_env(home))
 
     def answering() -> list[int]:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        port = temporary_server_port(proc)
-        try:
-            if port is None or httpx.get(f"http://127.0.0.1:{port}/api/health").is_error:
-                return []
-        except httpx.TransportError:  # still starting
-            return []
-        return [pid for pid in descendants(proc.pid) if "uvicorn" in cmdline(pid)]
+        port = kept_server_port(home)  # written once the server answers
+        return server_processes(home) if port is not None else []
 
-    servers = wait_until(answering, f"{command}'s temporary server answering", every=0.02)
+    servers = wait_until(answering, f"{command}'s local server answering", every=0.02)
+    tie_keepers(home)
     proc.kill()
     proc.wait()  # not communicate(): a server left behind would hold its pipes open
     assert wait_until_gone(servers, timeout=30) == []
@@ -208,7 +209,7 @@ def test_crash_then_retry_failed_runs_only_the_rest_on_the_embedded_default(
     runs only the other 4, skips the 2 with their earlier outcome, and all 6 succeed, none
     twice. Afterwards `doctor` finds nothing (exit 0). All on the local server the first run
     kept (`local_server_idle`), which outlives the killed run on purpose: one server start,
-    not five (a killed command leaves no temporary server: the tests above)."""
+    not five (a killed command on a server with no idle time leaves none: the tests above)."""
     sites = ["ok-1", "ok-2", "slow-3", "slow-4", "slow-5", "slow-6"]
     config = write_config(tmp_path, sites, max_concurrent_sites=2, local_server_idle=300)
     env = embedded_env(tmp_path / "home")

@@ -175,7 +175,8 @@ class Watched(subprocess.CompletedProcess[str]):
 
 def run_watching_for_servers(args: list[str], env: dict[str, str]) -> Watched:
     """`python -m flows ARGS`, its process tree watched until it ends: how many Prefect
-    server processes (a temporary server's uvicorn) were ever under it."""
+    server processes (a temporary server's uvicorn, which Prefect would start itself) were
+    ever under it."""
     proc = start_tied(
         [sys.executable, "-m", "flows", *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -495,15 +496,46 @@ def test_once_the_keeper_stopped_its_server_the_reaper_forgets_its_group(tmp_pat
     assert time.monotonic() - ended < 3.0  # it lingers 5 s while it holds a group
 
 
-@pytest.mark.slow  # a CLI run on a temporary server, then a real keeper and server
-def test_a_temporary_server_s_run_says_how_to_see_it_and_server_start_brings_it_back(
+_ASKED_KEEPER = """
+import sys
+from pathlib import Path
+from flows.ops import keeper
+server = (
+    "import pathlib, signal, sys, time; folder = pathlib.Path(sys.argv[1]);"
+    "signal.signal(signal.SIGTERM, lambda *_: (folder.joinpath('asked').touch(), sys.exit(0)));"
+    "folder.joinpath('up').touch(); time.sleep(600)"
+)
+keeper.server_argv = lambda port: [sys.executable, "-c", server, sys.argv[1]]
+sys.exit(keeper.keep(Path(sys.argv[1]), 0))
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows asks with Ctrl-Break")
+def test_the_keeper_asks_its_server_to_stop_and_the_server_hears_it(tmp_path: Path) -> None:
+    """Once the last run leaves, the keeper's SIGTERM reaches its server, which stops
+    cleanly (its handler ran), not killed after `STOP_GRACE`. (The keeper used to start it
+    with SIGTERM blocked, a mask the server inherited: every stop took 10 s and a kill.)"""
+    user = lsfiles.register(tmp_path, 0)  # this test is the run on it, until it leaves
+    proc = start_tied(
+        [sys.executable, "-c", _ASKED_KEEPER, str(tmp_path)], cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    wait_until(lambda: (tmp_path / "up").exists(), "the server's start", timeout=60)
+    user.unlink()
+    assert proc.wait(timeout=60) == 0
+    assert (tmp_path / "asked").exists()
+
+
+@pytest.mark.slow  # a CLI run on a server with no idle time, then a held one
+def test_a_run_with_no_idle_time_says_how_to_see_it_and_server_start_brings_it_back(
     tmp_path: Path,
 ) -> None:
-    """`local_server_idle: 0`: the run's last lines give its flow run id and `server
-    start`, and no link (its server is gone). `server start` starts the kept server on the
-    same database (the run is there) and prints its UI; it stays past any idle time until a
-    `server start --idle 1` replaces the hold (reused, not started again), after which it
-    stops by itself; `server status` says which hold it is under."""
+    """`local_server_idle: 0`: the run starts a local server that stops as soon as the run
+    ends; its last lines give its flow run id and `server start`, and no link (its server
+    is gone). `server start` starts the kept server on the same database (the run is there)
+    and prints its UI; it stays past any idle time until a `server start --idle 1` replaces
+    the hold (reused, not started again), after which it stops by itself; `server status`
+    says which hold it is under."""
     home = tmp_path / "home"
     env = embedded_env(home)
     config = write_config(tmp_path, ["ok-a"], local_server_idle=0)
@@ -511,9 +543,12 @@ def test_a_temporary_server_s_run_says_how_to_see_it_and_server_start_brings_it_
     try:
         done = run_cli(["run", "--config", str(config), "--summary-json", str(summary)], env)
         assert done.returncode == 0, done.stderr[-3000:]
+        assert "it stops when the last command on it ends" in server_line(done.stderr)
+        wait_until(lambda: not keepers_under(home), "the run's server stopped", timeout=30)
+        assert lsfiles.read_state(home) is None
         flow_run_id = json.loads(summary.read_text())["flow_run_id"]
         assert done.stdout.splitlines()[-2:] == [
-            f"flow run: {flow_run_id} (its temporary Prefect server stopped with the run)",
+            f"flow run: {flow_run_id} (its local Prefect server stops with the run)",
             "  to see it in the UI: `site-pipeline server start` prints the UI's address; the "
             f"run is at <UI>/runs/flow-run/{flow_run_id}",
         ]

@@ -26,7 +26,6 @@ PLAIN = [
     "flows.config",
     "flows.context",
     "flows.dask_cluster",  # starts a run's cluster before Prefect is imported
-    "flows._prefect_compat",  # `dask_default_workers` sizes that cluster
     "flows.health",
     "flows.interrupts",
     "flows.names",

@@ -29,8 +29,7 @@ from pathlib import Path
 
 import psutil
 
-from flows._prefect_compat import temporary_server
-from tests.conftest import PYTHON, ROOT, cli_env, write_config
+from tests.conftest import PYTHON, ROOT, cli_env, harness_server_pids, write_config
 from tests.support.processes import hanging_pids, start_tied
 from tests.support.servers import prefect_server
 
@@ -66,7 +65,7 @@ def test_holds_a_cli_run(prefect_api, tmp_path):
         stderr=subprocess.DEVNULL,
     )
     pipeline = hanging_pids(tmp_path)
-    harness = temporary_server().server_process.pid
+    (harness,) = harness_server_pids()
     hold("cli", [os.getpid(), *tree(proc.pid), *pipeline, *tree(harness)])
 """
 
