@@ -77,6 +77,8 @@ def test_success_captures_the_json_result_line(tmp_path: Path) -> None:
     assert outcome.status == "succeeded" and outcome.exit_code == 0
     assert outcome.result is not None and outcome.result["site"] == "ok.com"
     assert any('"site": "ok.com"' in line for line in lines)
+    # without a log file: no path, and nothing that could be missing from one
+    assert (outcome.log_path, outcome.log_complete) == (None, True)
 
 
 def test_failure_keeps_the_stderr_tail(tmp_path: Path) -> None:

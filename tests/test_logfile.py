@@ -187,6 +187,29 @@ def test_a_log_that_can_not_be_created_is_incomplete_not_an_error(tmp_path: Path
 # -- Real pipelines -------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("own_warn", [True, False])
+def test_an_attempt_whose_log_can_not_be_created_succeeds_and_names_no_log(
+    tmp_path: Path, own_warn: bool
+) -> None:
+    """A log folder that can't be made: the attempt still succeeds, its outcome names no log
+    file and says the log is incomplete; the one warning goes to `warn`, or to `log` when no
+    `warn` is given."""
+    (tmp_path / "blocker").write_text("")
+    live: list[str] = []
+    warnings: list[str] = []
+    outcome = run_attempt(
+        [sys.executable, "-c", 'import json; print(json.dumps({"ok": 1}))'],
+        cwd=tmp_path, env=os.environ, timeout=60, kill_grace=1, log=live.append,
+        log_file=tmp_path / "blocker" / "x" / "a.log",
+        warn=warnings.append if own_warn else None,
+    )  # fmt: skip
+    assert outcome.status == "succeeded" and outcome.result == {"ok": 1}
+    assert (outcome.log_path, outcome.log_complete) == (None, False)
+    warned = [line for line in (warnings if own_warn else live) if "a.log" in line]
+    assert len(warned) == 1 and "is incomplete" in warned[0]
+    assert not [line for line in (live if own_warn else warnings) if "a.log" in line]
+
+
 def test_a_loud_pipeline_has_every_line_of_both_pipes_in_its_log(tmp_path: Path) -> None:
     """5,000 numbered lines on each pipe: the live log keeps only its bounded part, the log
     file has every one of the 10,000 lines (stderr marked) and the result, each pipe's
