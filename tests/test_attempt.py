@@ -155,6 +155,33 @@ def test_background_grandchild_is_stopped_after_a_normal_exit(tmp_path: Path) ->
     assert not alive(int((tmp_path / "bg.pid").read_text()))
 
 
+def test_what_a_grandchild_holding_the_pipes_prints_as_it_is_stopped_is_logged(
+    tmp_path: Path,
+) -> None:
+    """A pipeline exits 0 and leaves a grandchild that holds stdout open: the grandchild is
+    stopped after the pipeline's end, and the line it prints on SIGTERM is still read (what
+    is left in the pipes is read once more after the stop, when the pipeline had exited)."""
+    armed = tmp_path / "armed"
+    child = (
+        "import signal, sys, time\n"
+        "def bye(*_):\n"
+        "    print('grandchild stopped', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        f"open({str(armed)!r}, 'w').close()\n"
+        "time.sleep(1000)\n"
+    )
+    script = (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        f"while not os.path.exists({str(armed)!r}): time.sleep(0.01)\n"
+        "time.sleep(1); print('pipeline done', flush=True)\n"
+    )
+    lines: list[str] = []
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=lines.append)
+    assert outcome.status == "succeeded"
+    assert lines[-2:] == ["pipeline done", "grandchild stopped"]
+
+
 def test_20mb_of_output_is_bounded_in_logs_and_memory(tmp_path: Path) -> None:
     """20 MB of output: the attempt succeeds, logs stay about 2N lines, memory stays small."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

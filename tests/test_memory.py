@@ -268,6 +268,8 @@ def test_0_4_s_of_cpu_reports_at_least_0_4_s(tmp_path: Path, control: ProcessCon
         ((10, 300, 0.1, 5), (120, 2.0, 50), (300, 2.0)),
         # the kernel's peak is not above the spawner's: only the samples' counts
         ((10, 60, 0.1, 5), (230, 0.5, 230), (60, 0.5)),
+        # the samples counted more CPU (a grandchild never reaped): theirs wins
+        ((10, 60, 0.9, 5), (230, 0.5, 230), (60, 0.9)),
         # ... two live samples are enough for a peak ...
         ((10, 60, 0.1, 2), (230, 0.5, 230), (60, 0.5)),
         # ... and with fewer than two live samples, no peak is known at all
