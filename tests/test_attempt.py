@@ -203,6 +203,18 @@ def test_20mb_of_output_is_bounded_in_logs_and_memory(tmp_path: Path) -> None:
     assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
 
 
+def test_by_default_the_first_and_last_200_lines_are_logged(tmp_path: Path) -> None:
+    """Without `max_log_lines`, the config's default (200) bounds the live log: of 450
+    lines, the first 200 as they come, a note of the 50 left out, then the last 200."""
+    script = "for n in range(450): print(f'line {n}')"
+    lines: list[str] = []
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=lines.append)
+    assert (outcome.lines_total, outcome.lines_not_logged) == (450, 50)
+    assert lines[:200] == [f"line {n}" for n in range(200)]
+    assert lines[200].startswith("... 50 output lines not logged")
+    assert lines[201:] == [f"line {n}" for n in range(250, 450)]
+
+
 def test_overlong_lines_are_cut(tmp_path: Path) -> None:
     """A single 1 MB line is logged cut to MAX_LINE_BYTES, and the next line still arrives."""
     script = "import sys; sys.stdout.write('y' * 1_000_000 + '\\nafter\\n')"
