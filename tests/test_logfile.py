@@ -174,6 +174,34 @@ def test_a_full_disk_warns_once_marks_the_log_and_stops_writing(tmp_path: Path) 
     assert "d.log is incomplete: No space left on device" in warnings[0]
 
 
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+     (OSError("quota exceeded"), "quota exceeded")],
+)  # fmt: skip
+def test_a_failed_write_marks_the_log_when_it_still_can_without_a_warn(
+    tmp_path: Path, error: OSError, reason: str
+) -> None:
+    """A write too big for what is left, the mark still fits: the file ends with
+    `[log incomplete: <reason>]` (the error's text when it has no strerror); with no `warn`
+    given, nothing is raised."""
+    mark = f"\n[log incomplete: {reason}]\n".encode()
+
+    class Disk(FullDisk):
+        def write(self, data: bytes) -> int:
+            if len(self.data) + len(data) > self.room:
+                raise error
+            return super().write(data)
+
+    log = AttemptLog(tmp_path / "d.log").open()
+    disk = Disk(room=len(b"fits\n" + mark))
+    log._file = disk  # type: ignore[assignment]
+    log.write("stdout", b"fits\n")
+    log.write("stdout", b"x" * 100 + b"\n")
+    log.close()
+    assert (log.complete, disk.closed, disk.data) == (False, True, b"fits\n" + mark)
+
+
 def test_a_log_that_can_not_be_created_is_incomplete_not_an_error(tmp_path: Path) -> None:
     """A folder that can't be made (a file is in the way): a warning, no file, no raise."""
     (tmp_path / "blocker").write_text("")
