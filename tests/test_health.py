@@ -215,7 +215,8 @@ def test_a_site_s_health_shows_its_last_runs_oldest_first() -> None:
     assert shown.records == "█▁  "
     assert (shown.durations_span, shown.records_span) == ("1 to 4 s", "10 to 20")
     assert shown.streak == 1  # the window is for showing; the streak reads every run
-    assert health.site_health("a", rows).records is None
+    plain = health.site_health("a", rows)
+    assert (plain.records, plain.records_span) == (None, "")
 
 
 def test_degrading_sites_come_first_longest_streak_first_then_the_config_order() -> None:
@@ -230,8 +231,9 @@ def test_degrading_sites_come_first_longest_streak_first_then_the_config_order()
         ]
         for _ in range(2)
     ] + [[row("three", "failed"), row("four", "failed")], [row("four", "failed")]]
-    order = [h.site for h in health.health_table(["ok", "two", "three", "four"], tables)]
-    assert order == ["four", "three", "ok", "two"]
+    healths = health.health_table(["ok", "two", "three", "four"], tables)
+    assert [h.site for h in healths] == ["four", "three", "ok", "two"]
+    assert [h.records for h in healths] == [None] * 4  # records only when asked for
 
 
 def test_the_markdown_has_a_legend_a_row_per_site_and_bold_degrading_streaks() -> None:
@@ -255,6 +257,27 @@ def test_the_markdown_has_a_legend_a_row_per_site_and_bold_degrading_streaks() -
     assert "| ✓✗ | failed 1 run in a row |" in lines[2] and "**" not in lines[2]
     assert "| `records` |" in text
     assert "`records`" not in health.health_markdown(healths)
+
+
+def test_the_markdown_is_exactly_this() -> None:
+    """The whole artifact for a degrading site with records and a site with no bar at all
+    (its one run cancelled, no check value): the empty cells stay empty."""
+    healths = [
+        health.SiteHealth("bad", "✗✗✗", "▁▁█", 3, "▁█ ", "1 to 2 s", "5 to 9"),
+        health.SiteHealth("off", "⊘", " ", 0, None),
+    ]
+    assert health.health_markdown(healths, records="pages", window=3) == (
+        "# Site health\n"
+        "\n"
+        f"Each site's last 3 runs, oldest first: {health.LEGEND}.\n"
+        "\n"
+        "1 of 2 sites failed 3 or more runs in a row.\n"
+        "\n"
+        "| site | last 3 runs | streak | duration | `pages` |\n"
+        "|---|---|---|---|---|\n"
+        "| `bad` | ✗✗✗ | **failed 3 runs in a row** | `▁▁█` 1 to 2 s | `▁█ ` 5 to 9 |\n"
+        "| `off` | ⊘ |  |  |  |\n"
+    )
 
 
 def test_the_streak_text_says_how_many_runs_in_a_row() -> None:

@@ -77,6 +77,8 @@ def test_success_captures_the_json_result_line(tmp_path: Path) -> None:
     assert outcome.status == "succeeded" and outcome.exit_code == 0
     assert outcome.result is not None and outcome.result["site"] == "ok.com"
     assert any('"site": "ok.com"' in line for line in lines)
+    # without a log file: no path, and nothing that could be missing from one
+    assert (outcome.log_path, outcome.log_complete) == (None, True)
 
 
 def test_failure_keeps_the_stderr_tail(tmp_path: Path) -> None:
@@ -153,6 +155,33 @@ def test_background_grandchild_is_stopped_after_a_normal_exit(tmp_path: Path) ->
     assert not alive(int((tmp_path / "bg.pid").read_text()))
 
 
+def test_what_a_grandchild_holding_the_pipes_prints_as_it_is_stopped_is_logged(
+    tmp_path: Path,
+) -> None:
+    """A pipeline exits 0 and leaves a grandchild that holds stdout open: the grandchild is
+    stopped after the pipeline's end, and the line it prints on SIGTERM is still read (what
+    is left in the pipes is read once more after the stop, when the pipeline had exited)."""
+    armed = tmp_path / "armed"
+    child = (
+        "import signal, sys, time\n"
+        "def bye(*_):\n"
+        "    print('grandchild stopped', flush=True); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, bye)\n"
+        f"open({str(armed)!r}, 'w').close()\n"
+        "time.sleep(1000)\n"
+    )
+    script = (
+        "import os, subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+        f"while not os.path.exists({str(armed)!r}): time.sleep(0.01)\n"
+        "time.sleep(1); print('pipeline done', flush=True)\n"
+    )
+    lines: list[str] = []
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=lines.append)
+    assert outcome.status == "succeeded"
+    assert lines[-2:] == ["pipeline done", "grandchild stopped"]
+
+
 def test_20mb_of_output_is_bounded_in_logs_and_memory(tmp_path: Path) -> None:
     """20 MB of output: the attempt succeeds, logs stay about 2N lines, memory stays small."""
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -172,6 +201,18 @@ def test_20mb_of_output_is_bounded_in_logs_and_memory(tmp_path: Path) -> None:
     assert any("output lines not logged" in line for line in lines)
     assert outcome.result is not None and outcome.result["site"] == "loud.com"
     assert grown_mb < 100, f"peak RSS grew by {grown_mb:.0f} MB"
+
+
+def test_by_default_the_first_and_last_200_lines_are_logged(tmp_path: Path) -> None:
+    """Without `max_log_lines`, the config's default (200) bounds the live log: of 450
+    lines, the first 200 as they come, a note of the 50 left out, then the last 200."""
+    script = "for n in range(450): print(f'line {n}')"
+    lines: list[str] = []
+    outcome = attempt([sys.executable, "-c", script], tmp_path, log=lines.append)
+    assert (outcome.lines_total, outcome.lines_not_logged) == (450, 50)
+    assert lines[:200] == [f"line {n}" for n in range(200)]
+    assert lines[200].startswith("... 50 output lines not logged")
+    assert lines[201:] == [f"line {n}" for n in range(250, 450)]
 
 
 def test_overlong_lines_are_cut(tmp_path: Path) -> None:

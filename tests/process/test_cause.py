@@ -160,6 +160,23 @@ def test_a_failure_that_prints_nothing_keeps_the_bare_error(tmp_path: Path) -> N
     assert (outcome.cause, outcome.error) == (None, "exit code 4")
 
 
+def test_a_failure_on_stdout_alone_has_the_line_before_its_result_as_cause(
+    tmp_path: Path,
+) -> None:
+    """Exit 1 with nothing on stderr, and a result JSON as the last stdout line: the result
+    is never the cause, the line before it is."""
+    script = (
+        "import json; print('fetched 0 pages'); print(json.dumps({'records': 0})); "
+        "raise SystemExit(1)"
+    )
+    outcome = run_attempt(
+        [sys.executable, "-c", script], cwd=tmp_path, env=os.environ, timeout=30,
+        kill_grace=1, log=lambda _: None,
+    )  # fmt: skip
+    assert outcome.result == {"records": 0}
+    assert (outcome.cause, outcome.error) == ("fetched 0 pages", "exit code 1: fetched 0 pages")
+
+
 def test_a_signal_death_says_which_signal_and_its_cause(tmp_path: Path) -> None:
     """A pipeline killed by SIGKILL after a stderr line: `killed by signal 9: <line>`."""
     script = (

@@ -174,6 +174,34 @@ def test_a_full_disk_warns_once_marks_the_log_and_stops_writing(tmp_path: Path) 
     assert "d.log is incomplete: No space left on device" in warnings[0]
 
 
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+     (OSError("quota exceeded"), "quota exceeded")],
+)  # fmt: skip
+def test_a_failed_write_marks_the_log_when_it_still_can_without_a_warn(
+    tmp_path: Path, error: OSError, reason: str
+) -> None:
+    """A write too big for what is left, the mark still fits: the file ends with
+    `[log incomplete: <reason>]` (the error's text when it has no strerror); with no `warn`
+    given, nothing is raised."""
+    mark = f"\n[log incomplete: {reason}]\n".encode()
+
+    class Disk(FullDisk):
+        def write(self, data: bytes) -> int:
+            if len(self.data) + len(data) > self.room:
+                raise error
+            return super().write(data)
+
+    log = AttemptLog(tmp_path / "d.log").open()
+    disk = Disk(room=len(b"fits\n" + mark))
+    log._file = disk  # type: ignore[assignment]
+    log.write("stdout", b"fits\n")
+    log.write("stdout", b"x" * 100 + b"\n")
+    log.close()
+    assert (log.complete, disk.closed, disk.data) == (False, True, b"fits\n" + mark)
+
+
 def test_a_log_that_can_not_be_created_is_incomplete_not_an_error(tmp_path: Path) -> None:
     """A folder that can't be made (a file is in the way): a warning, no file, no raise."""
     (tmp_path / "blocker").write_text("")
@@ -185,6 +213,29 @@ def test_a_log_that_can_not_be_created_is_incomplete_not_an_error(tmp_path: Path
 
 
 # -- Real pipelines -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("own_warn", [True, False])
+def test_an_attempt_whose_log_can_not_be_created_succeeds_and_names_no_log(
+    tmp_path: Path, own_warn: bool
+) -> None:
+    """A log folder that can't be made: the attempt still succeeds, its outcome names no log
+    file and says the log is incomplete; the one warning goes to `warn`, or to `log` when no
+    `warn` is given."""
+    (tmp_path / "blocker").write_text("")
+    live: list[str] = []
+    warnings: list[str] = []
+    outcome = run_attempt(
+        [sys.executable, "-c", 'import json; print(json.dumps({"ok": 1}))'],
+        cwd=tmp_path, env=os.environ, timeout=60, kill_grace=1, log=live.append,
+        log_file=tmp_path / "blocker" / "x" / "a.log",
+        warn=warnings.append if own_warn else None,
+    )  # fmt: skip
+    assert outcome.status == "succeeded" and outcome.result == {"ok": 1}
+    assert (outcome.log_path, outcome.log_complete) == (None, False)
+    warned = [line for line in (warnings if own_warn else live) if "a.log" in line]
+    assert len(warned) == 1 and "is incomplete" in warned[0]
+    assert not [line for line in (live if own_warn else warnings) if "a.log" in line]
 
 
 def test_a_loud_pipeline_has_every_line_of_both_pipes_in_its_log(tmp_path: Path) -> None:

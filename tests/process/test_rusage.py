@@ -268,10 +268,15 @@ def test_0_4_s_of_cpu_reports_at_least_0_4_s(tmp_path: Path, control: ProcessCon
         ((10, 300, 0.1, 5), (120, 2.0, 50), (300, 2.0)),
         # the kernel's peak is not above the spawner's: only the samples' counts
         ((10, 60, 0.1, 5), (230, 0.5, 230), (60, 0.5)),
+        # the samples counted more CPU (a grandchild never reaped): theirs wins
+        ((10, 60, 0.9, 5), (230, 0.5, 230), (60, 0.9)),
+        # ... two live samples are enough for a peak ...
+        ((10, 60, 0.1, 2), (230, 0.5, 230), (60, 0.5)),
         # ... and with fewer than two live samples, no peak is known at all
         ((0.6, 0.6, 0.0, 1), (230, 0.02, 230), (None, 0.02)),
-        # nothing sampled: the kernel's peak where it is the tree's own
+        # nothing sampled: the kernel's peak where it is the tree's own, and its CPU
         (None, (120, 2.0, 50), (120, 2.0)),
+        (None, (120, 0.5, 50), (120, 0.5)),
         # reaped by someone else (no account) on POSIX: CPU unknown, peak from the samples
         ((10, 60, 0.3, 5), None, (60, None)),
         (None, None, (None, None)),
@@ -287,6 +292,23 @@ def test_the_cost_takes_each_figure_where_it_is_known(
     usage = None if sampled is None else TreeUsage(*sampled[:3], seen_alive=int(sampled[3]))
     account = None if counted is None else rusage.Account(*counted)
     assert cost(usage, account) == expected
+
+
+@pytest.mark.parametrize(
+    ("sampled", "expected"),
+    [((10, 60, 0.3, 5), (60, 0.3)), ((10, 60, 0.3, 1), (None, 0.3)), (None, (None, None))],
+)
+def test_without_the_kernel_s_account_the_cost_is_the_samples(
+    sampled: tuple[float, float, float, int] | None,
+    expected: tuple[float | None, float | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where the kernel keeps no account (`rusage.supported()` False: Windows without a job's
+    count), the CPU is the samples' (their peak from two live samples, as on POSIX);
+    nothing sampled is None, never 0."""
+    monkeypatch.setattr(rusage, "supported", lambda: False)
+    usage = None if sampled is None else TreeUsage(*sampled[:3], seen_alive=int(sampled[3]))
+    assert cost(usage, None) == expected
 
 
 def test_nothing_sampled_is_none(tmp_path: Path, control: ProcessControl) -> None:
