@@ -104,8 +104,10 @@ def main() -> int:
             ),
         }
         lines = text.count("\n")
-    print(f"### Metrics file: {args.sites} sites ({lines} lines, {len(text) // 1024} KiB), "
-          f"{args.rounds} rounds, medians (min-max)")
+    print(
+        f"### Metrics file: {args.sites} sites ({lines} lines, {len(text) // 1024} KiB), "
+        f"{args.rounds} rounds, medians (min-max)"
+    )
     print()
     print("| step | wall | CPU |")
     print("|---|---|---|")

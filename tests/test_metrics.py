@@ -135,8 +135,14 @@ def test_a_textfile_folder_that_does_not_exist_is_exit_2_and_nothing_runs(
 def test_a_run_s_sites_take_its_values() -> None:
     summary = {
         "sites": [
-            row("ok.example", attempts=2, duration_s=12.345, peak_rss_mb=412.3, cpu_s=8.51,
-                check={"field": "records", "value": 7, "ok": True, "reason": None}),
+            row(
+                "ok.example",
+                attempts=2,
+                duration_s=12.345,
+                peak_rss_mb=412.3,
+                cpu_s=8.51,
+                check={"field": "records", "value": 7, "ok": True, "reason": None},
+            ),
             row("bad.example", "failed", peak_rss_mb=None, cpu_s=None),
             row("slow.example", "timed_out", attempts=3),
         ]
@@ -144,16 +150,32 @@ def test_a_run_s_sites_take_its_values() -> None:
     snap = metrics_values.build(summary, {}, ended=END, duration=60.0, groups={"ok.example": "g"})
     ok, bad, slow = (snap.sites[s] for s in ("ok.example", "bad.example", "slow.example"))
     assert ok == SiteValues(
-        group="g", last_run=END, first_run=END, status="succeeded", duration=12.345,
-        attempts=2, streak=0, last_success=END, peak_rss_bytes=round(412.3 * 2**20),
-        cpu=8.51, check=("records", 7.0),
+        group="g",
+        last_run=END,
+        first_run=END,
+        status="succeeded",
+        duration=12.345,
+        attempts=2,
+        streak=0,
+        last_success=END,
+        peak_rss_bytes=round(412.3 * 2**20),
+        cpu=8.51,
+        check=("records", 7.0),
     )
     assert (bad.status, bad.streak, bad.last_success, bad.peak_rss_bytes, bad.cpu) == (
-        "failed", 1, None, None, None
+        "failed",
+        1,
+        None,
+        None,
+        None,
     )
     assert (slow.status, slow.attempts, slow.streak) == ("timed_out", 3, 1)
     assert snap.run.sites == {
-        "succeeded": 1, "failed": 1, "timed_out": 1, "cancelled": 0, "skipped": 0
+        "succeeded": 1,
+        "failed": 1,
+        "timed_out": 1,
+        "cancelled": 0,
+        "skipped": 0,
     }
     assert (snap.run.end, snap.run.duration) == (END, 60.0)
 
@@ -215,16 +237,17 @@ def test_the_failure_streak_follows_the_health_rule_and_the_history() -> None:
 
 # --- the file --------------------------------------------------------------------------------
 
-ODD_SITES = ['plain.example', 'quote"site', "back\\slash", "ünï.example/path?x=1", "a,b={c}"]
+ODD_SITES = ["plain.example", 'quote"site', "back\\slash", "ünï.example/path?x=1", "a,b={c}"]
 
 
 def odd_snapshot() -> metrics_values.Snapshot:
     rows = [
         row(site, status, check={"field": "stats.records", "value": 3.25, "ok": True}, cpu_s=1.0)
-        for site, status in zip(ODD_SITES, ["succeeded", "failed", "timed_out", "cancelled",
-                                             "succeeded"], strict=True)
+        for site, status in zip(
+            ODD_SITES, ["succeeded", "failed", "timed_out", "cancelled", "succeeded"], strict=True
+        )
     ]
-    groups = {"quote\"site": "vendor-host"}
+    groups = {'quote"site': "vendor-host"}
     return metrics_values.build(
         {"sites": rows}, {}, ended=END + 0.123456, duration=42.5, groups=groups
     )
@@ -342,7 +365,10 @@ def test_the_metrics_bench_runs() -> None:
 
     done = subprocess.run(
         [sys.executable, "bench/metrics_write.py", "--sites", "50", "--rounds", "1"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert "| **export: read + build + write (target <= 100 ms)** |" in done.stdout
@@ -386,7 +412,8 @@ def test_a_pushgateway_that_answers_no_http_is_one_warning_line(tmp_path: Path) 
     state = tmp_path / "site_pipeline.prom"
     try:
         warnings = metrics.export(
-            Outputs(state, textfile=state, push_url=url, timeout=5), {"sites": [row("a")]},
+            Outputs(state, textfile=state, push_url=url, timeout=5),
+            {"sites": [row("a")]},
             ended=END,
         )
     finally:

@@ -81,9 +81,7 @@ def test_the_order_is_a_permutation_sorted_by_its_rules(
 ) -> None:
     """Every site starts exactly once; within one priority, unknown sites come before known
     ones, and known ones never come before a longer known one."""
-    expected = {
-        site: data.draw(st.floats(0, 1e4)) for site in sites if data.draw(st.booleans())
-    }
+    expected = {site: data.draw(st.floats(0, 1e4)) for site in sites if data.draw(st.booleans())}
     priority = {site: data.draw(st.integers(-2, 2)) for site in sites}
     order = start_order(sites, expected, priority, "longest_first").sites
     assert sorted(order) == sorted(sites)
@@ -130,7 +128,5 @@ def test_spreading_keeps_every_site_and_each_groups_order(
         group = group_of.get(out[end])
         if group is not None and sum(group_of.get(s) == group for s in chunk) > caps[group]:
             rest = out[end:]  # over the cap: only sites of full groups were left
-            full = {
-                g for g in caps if sum(group_of.get(s) == g for s in chunk[:-1]) >= caps[g]
-            }
+            full = {g for g in caps if sum(group_of.get(s) == g for s in chunk[:-1]) >= caps[g]}
             assert all(group_of.get(s) in full for s in rest)

@@ -49,4 +49,3 @@ def export_metrics(
         warnings = [f"metrics: not exported: {type(exc).__name__}: {exc}"]
     for line in warnings:
         logger.warning(line)
-

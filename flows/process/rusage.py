@@ -51,9 +51,7 @@ class Account:
         return self.peak_rss_mb > self.spawner_peak_mb
 
 
-_accounts: weakref.WeakKeyDictionary[subprocess.Popen[bytes], Account] = (
-    weakref.WeakKeyDictionary()
-)
+_accounts: weakref.WeakKeyDictionary[subprocess.Popen[bytes], Account] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 

@@ -183,8 +183,12 @@ def test_a_night_s_values_through_the_textfile_collector_and_the_pushgateway(
     folder.mkdir()
     config = write_config(
         folder,
-        [ok, fails, {"site": flaky, "group": "vendor"}, {"site": hangs, "timeout": 2,
-                                                          "retry_count": 1}],
+        [
+            ok,
+            fails,
+            {"site": flaky, "group": "vendor"},
+            {"site": hangs, "timeout": 2, "retry_count": 1},
+        ],
         retry_count=2,
         groups={"vendor": {"max_concurrent": 1}},
         result_checks={"field": "records", "on_fail": "warn"},

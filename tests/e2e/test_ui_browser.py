@@ -118,9 +118,7 @@ def run_here(where: Home, name: str, idle: float, sites: list[Any]) -> Run:
         timeout=60, groups={GROUP: {"max_concurrent": 1, "match": "^(ok|flaky)-"}},
     )  # fmt: skip
     summary_path = folder / "summary.json"
-    done = run_cli(
-        ["run", "--config", str(config), "--summary-json", str(summary_path)], where.env
-    )
+    done = run_cli(["run", "--config", str(config), "--summary-json", str(summary_path)], where.env)
     tie_keepers(where.home)
     assert done.returncode in (0, 1), done.stderr[-3000:]
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
@@ -191,9 +189,7 @@ def test_the_printed_link_opens_the_flow_run_with_a_task_run_per_site(
     ui.check_flow_run(page, first.link, name, state, NAMES)
 
 
-def test_the_artifacts_show_every_site_and_every_symbol_is_readable(
-    first: Run, page: Page
-) -> None:
+def test_the_artifacts_show_every_site_and_every_symbol_is_readable(first: Run, page: Page) -> None:
     """The summary: each site's row with its status and cause. The failures and health
     artifacts: every character beyond ASCII drawn by some font (no empty box: the health
     strip's timed-out symbol was one)."""
@@ -249,9 +245,7 @@ def check_every_page(page: Page, ui_url: str, run: Run, sites: list[str]) -> Non
     ui.check_concurrency(page, ui_url, ["site-pipeline", f"site-pipeline:{GROUP}"])
 
 
-def test_a_second_run_on_the_reused_server_links_to_working_pages(
-    second: Run, page: Page
-) -> None:
+def test_a_second_run_on_the_reused_server_links_to_working_pages(second: Run, page: Page) -> None:
     """The same checks on the second run, which reused the server: its printed link, its
     artifacts, the limits."""
     assert second.link == f"{second.ui}/runs/flow-run/{second.flow_run_id}"

@@ -83,8 +83,11 @@ def test_a_site_no_longer_in_the_config_leaves_the_metrics(
     export: a site of an earlier night that the config no longer lists is dropped; a site
     the config lists that did not run this time keeps its earlier values."""
     textfile = tmp_path / "site_pipeline.prom"
-    earlier = {"sites": [report.SiteReport(s, "failed", 1, 1, 3.0).to_json() for s in
-                         ("later-c", "gone-x")]}
+    earlier = {
+        "sites": [
+            report.SiteReport(s, "failed", 1, 1, 3.0).to_json() for s in ("later-c", "gone-x")
+        ]
+    }
     before = metrics_values.build(earlier, {}, ended=1_700_000_000.0)
     textfile.write_text(metrics_families.render(before), encoding="utf-8")
     plan = load_plan(write_config(tmp_path, SITES, metrics={"textfile": textfile.name}))
@@ -135,6 +138,4 @@ def test_a_bug_in_the_export_is_one_warning_line_not_a_crashed_run(
     logger = logging.getLogger("test-metrics-bug")
     with caplog.at_level(logging.WARNING, logger="test-metrics-bug"):
         export_metrics(logger, plan, broken, {})
-    assert [r.getMessage() for r in caplog.records] == [
-        "metrics: not exported: KeyError: 'status'"
-    ]
+    assert [r.getMessage() for r in caplog.records] == ["metrics: not exported: KeyError: 'status'"]

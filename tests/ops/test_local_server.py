@@ -642,8 +642,7 @@ def test_a_server_that_answers_on_the_chosen_port_but_is_not_ours_is_not_taken(
         "[WinError 10048] only one usage of each socket address (protocol/network "
         "address/port) is normally permitted",
         # `prefect server start`'s own check, wrapped by rich as a CI log had it
-        "  Port 4200 is already in use. Please specify a different port with the `--port`\n"
-        "  flag.",
+        "  Port 4200 is already in use. Please specify a different port with the `--port`\n  flag.",
         "  A background server process is already running on port 4200. Run `prefect\n"
         "  server stop` to stop it or specify a different port with the `--port` flag.",
     ],

@@ -235,9 +235,7 @@ def test_a_job_that_counts_nothing_gives_null_never_zero(
     raw: list[tuple[float, int]] = []
     real = job_object.job_account
 
-    def reading(
-        basic: job_object._BasicAccounting, extended: job_object._ExtendedLimits
-    ) -> object:
+    def reading(basic: job_object._BasicAccounting, extended: job_object._ExtendedLimits) -> object:
         raw.append((basic.TotalUserTime + basic.TotalKernelTime, extended.PeakProcessMemoryUsed))
         return real(basic, extended)
 

@@ -51,6 +51,7 @@ PLAIN = [
 ]
 """Every module of `flows/process/` is plain, whatever is added there."""
 
+
 @pytest.mark.parametrize("module", PLAIN)
 def test_a_plain_module_imports_without_prefect_or_dask(module: str) -> None:
     """Importing a plain module (and all it imports) loads neither Prefect nor Dask."""

@@ -18,8 +18,12 @@ from tests.conftest import ROOT
 from tests.support.monitoring_tools import dashboard_queries, missing, tool
 
 MONITORING = ROOT / "monitoring"
-ALERTS = ("SitePipelineSiteFailing", "SitePipelineSiteNoSuccess", "SitePipelineNightLong",
-          "SitePipelineMetricsStale")
+ALERTS = (
+    "SitePipelineSiteFailing",
+    "SitePipelineSiteNoSuccess",
+    "SitePipelineNightLong",
+    "SitePipelineMetricsStale",
+)
 
 
 def promtool(*args: str, cwd: Path = MONITORING) -> subprocess.CompletedProcess[str]:
@@ -41,8 +45,9 @@ def test_every_alert_is_tested_firing_and_not_firing() -> None:
     rules = (MONITORING / "alerts.yml").read_text(encoding="utf-8")
     assert re.findall(r"- alert: (\w+)", rules) == list(ALERTS)
     for alert in ALERTS:
-        blocks = re.findall(rf"alertname: {alert}\n\s+exp_alerts:(.*?)(?=\n\s+- eval_time|\n\n|\Z)",
-                            tests, re.S)
+        blocks = re.findall(
+            rf"alertname: {alert}\n\s+exp_alerts:(.*?)(?=\n\s+- eval_time|\n\n|\Z)", tests, re.S
+        )
         assert any(b.strip() == "[]" for b in blocks), f"{alert}: no test that it stays quiet"
         assert any("exp_labels" in b for b in blocks), f"{alert}: no test that it fires"
 
@@ -76,8 +81,7 @@ def test_the_example_prometheus_config_is_valid() -> None:
 def test_the_dashboard_has_the_issue_s_panels_on_our_metrics() -> None:
     queries = dashboard_queries()
     titles = {title for title, _ in queries}
-    for wanted in ("Site status", "Failures by site", "Site durations over time",
-                   "Night length"):
+    for wanted in ("Site status", "Failures by site", "Site durations over time", "Night length"):
         assert any(title.startswith(wanted) for title in titles), wanted
     for title, expr in queries:
         assert "site_pipeline_" in expr and "$" not in expr, (title, expr)
@@ -113,5 +117,6 @@ def test_required_here_means_present() -> None:
     """Under REQUIRE_PROMETHEUS=1 (CI) every tool is on PATH."""
     if os.environ.get("REQUIRE_PROMETHEUS") != "1":
         pytest.skip("REQUIRE_PROMETHEUS is not 1")
-    assert [name for name in ("promtool", "prometheus", "node_exporter", "pushgateway")
-            if missing(name)] == []
+    assert [
+        name for name in ("promtool", "prometheus", "node_exporter", "pushgateway") if missing(name)
+    ] == []

@@ -1,10 +1,10 @@
 """A fake site pipeline whose failures group by cause. Behaviour by the site name's prefix:
 
-    pyerr...    log a line on stderr, then `import nopkg_grouped`: a real ModuleNotFoundError
-                traceback, exit 1 (every such site: the same cause)
-    chained...  a KeyError handled by raising `RuntimeError: worker <pid> gave up`: a chained
-                traceback, exit 1 (the cause differs per site only in a number)
-    anything else: a JSON status line, exit 0
+pyerr...    log a line on stderr, then `import nopkg_grouped`: a real ModuleNotFoundError
+            traceback, exit 1 (every such site: the same cause)
+chained...  a KeyError handled by raising `RuntimeError: worker <pid> gave up`: a chained
+            traceback, exit 1 (the cause differs per site only in a number)
+anything else: a JSON status line, exit 0
 """
 
 import argparse
