@@ -15,6 +15,7 @@ from flows.process.cause import CAUSE_CHARS, CAUSE_LINES, cause_of, clean, cut, 
 
 CAUSE_FAKE = Path(__file__).resolve().parents[1] / "support" / "fakes" / "cause_pipeline.py"
 
+HEADER = "Traceback (most recent call last):"
 SYNTAX = [
     '  File "/srv/site.py", line 3',
     "    def (",
@@ -104,6 +105,48 @@ def test_ansi_escapes_carriage_returns_and_length_are_cleaned() -> None:
     long = clean("E" * 1000)
     assert len(long) == CAUSE_CHARS and long.endswith("…")
     assert cut("short") == "short" and cut("abcdef", 4) == "abc…"
+
+
+def test_a_frame_without_a_code_line_is_followed_by_its_exception() -> None:
+    """`python -c` and a frozen module print frames with no code line under them: the line
+    right after the last frame is the exception, though more stderr follows it."""
+    frame = '  File "<string>", line 1, in <module>'
+    stderr = [HEADER, frame, "ZeroDivisionError: division by zero", "INFO exit"]
+    assert cause_of(stderr, []) == "ZeroDivisionError: division by zero"
+
+
+def test_lines_indented_with_a_tab_after_the_frame_are_skipped() -> None:
+    """A tab indents as a space does: the frame's code, not an exception line."""
+    stderr = ['  File "a.py", line 2, in f', "\tcall(x)", "ValueError: x", "INFO exit"]
+    assert cause_of(stderr, []) == "ValueError: x"
+
+
+def test_an_exception_line_with_trailing_blanks_still_counts() -> None:
+    """Blanks after a bare exception name (a pipeline that pads its lines) don't hide it."""
+    stderr = ['  File "a.py", line 2, in f', "KeyboardInterrupt   ", "INFO exit"]
+    assert cause_of(stderr, []) == "KeyboardInterrupt"
+
+
+def test_an_unfinished_last_traceback_does_not_borrow_an_earlier_exception() -> None:
+    """The pipeline died while printing a second error (a SyntaxError's report, which has
+    no header, cut after its first frame): the earlier exception is not the cause of the
+    last traceback, which has none; the last stderr line is the cause."""
+    assert cause_of([*CHAINED, '  File "b.py", line 5'], []) == 'File "b.py", line 5'
+
+
+def test_a_progress_line_wiped_with_blanks_is_not_a_cause() -> None:
+    """A progress bar wiped the usual way (`\\r`, blanks, `\\r`) shows nothing on a
+    terminal: it is empty once cleaned, and the line before it is the cause."""
+    wiped = "downloading 50%\r" + " " * 20 + "\r"
+    assert clean(wiped) == ""
+    assert cause_of(["error: the site said 503", wiped], []) == "error: the site said 503"
+    assert clean("50%\rsaved to ./out/TAX\r") == "saved to ./out/TAX"  # only the \r goes
+
+
+def test_a_cause_of_exactly_cause_chars_is_kept_whole() -> None:
+    """CAUSE_CHARS characters is not over the limit: no cut, no `…`."""
+    assert clean("E" * CAUSE_CHARS) == "E" * CAUSE_CHARS
+    assert cut("abcd", 4) == "abcd"
 
 
 def test_a_coloured_traceback_is_read_through_its_colours() -> None:
