@@ -1,7 +1,7 @@
 """`site-pipeline`: run, validate and manage the site pipeline from a terminal.
 
 This package is the command line and nothing else: it parses (`parser`), dispatches to one
-function per command (`run`: run and validate here; `manage`: setup, submit, doctor,
+function per command (`run`: run here; `validate`; `manage`: setup, submit, doctor,
 history, server), and turns what they return into exit statuses and messages (`common`). The work
 itself lives elsewhere (`flows.api`, `flows.ops`). Prefect loads only once a command needs
 it, so bad usage exits fast.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from flows.cli import manage, run
+from flows.cli import manage, run, validate
 from flows.cli.common import fail, interruptible, plan_from_args
 from flows.cli.manage import deployment_parameters
 from flows.cli.parser import build_parser
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for warning in plan.warnings:
         print(f"site-pipeline: warning: {warning}", file=sys.stderr)
     if args.command == "validate":
-        return run.validate(plan)
+        return validate.validate(plan)
     if args.command == "setup":
         return manage.setup(args, plan)
     return interruptible(lambda: run.run_plan(args, plan))

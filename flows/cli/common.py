@@ -7,12 +7,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from flows.config import ConfigError, ConfigFiles, RunPlan, check_sites, load_plan, read_sites_file
 
 if TYPE_CHECKING:
+    from flows.ops.local_server import ServerUse
     from flows.ops.resume import Retry
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -40,15 +42,29 @@ def interruptible(command: Callable[[], int]) -> int:
         return interrupted()
 
 
-def connect(keep: float | None = None, run: bool = False) -> str | None:
+@dataclass(frozen=True)
+class Connection:
+    """The API a command uses: `target` describes it; `server` is the embedded default's
+    local server this command uses (`flows.ops.local_server`), or None on a configured URL."""
+
+    target: str
+    server: ServerUse | None
+
+    def server_stops_with_us(self) -> bool:
+        """The local server this command started stops as soon as it ends (no link to it is
+        worth printing): `ServerUse.stops_with_us`."""
+        return self.server is not None and self.server.stops_with_us()
+
+
+def connect(keep: float | None = None, run: bool = False) -> Connection | None:
     """Every command that uses the API starts here: check that it answers; on the embedded
     default, use the local server (`flows.ops.local_server`: a run, `run=True`, finds or
     starts it and keeps it `keep` seconds after it ends; other commands, and a run with
     `keep` 0, use one that is up, or start one that stops as soon as they end, however they
     end: its keeper sees their process gone; left to Prefect, a temporary server would
-    outlive a process killed by a signal or a broken pipe). The API's description, or None
-    once the reason is printed (one `error:` line; a server that died adds its log's last
-    lines, indented)."""
+    outlive a process killed by a signal or a broken pipe). The connection, or None once
+    the reason is printed (one `error:` line; a server that died adds its log's last lines,
+    indented). Called once per command: the connection is handed on from there."""
     from flows import ops
 
     try:
@@ -62,7 +78,7 @@ def connect(keep: float | None = None, run: bool = False) -> str | None:
         for line in rest:
             print(f"  {line}", file=sys.stderr)
         return None
-    return target
+    return Connection(target, use)
 
 
 def plan_from_args(args: argparse.Namespace) -> RunPlan:

@@ -22,10 +22,10 @@ def setup(args: argparse.Namespace, plan: RunPlan) -> int:
     """`setup`: create or update the work pool and the concurrency limit; print each change."""
     from flows import ops
 
-    target = connect()
-    if target is None:
+    connection = connect()
+    if connection is None:
         return EXIT_FAILED
-    print(f"Prefect API: {target}")
+    print(f"Prefect API: {connection.target}")
     try:
         for change in ops.setup(plan, pool=args.pool, heartbeat_grace=args.heartbeat_grace):
             print(change)
@@ -45,10 +45,10 @@ def doctor(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             fail(str(exc))
     embedded = ops.api_url_unset()  # the user set no URL: the kept local server is theirs
-    target = connect()
-    if target is None:
+    connection = connect()
+    if connection is None:
         return EXIT_FAILED
-    print(f"Prefect API: {target}")
+    print(f"Prefect API: {connection.target}")
     for line in _local_server_status()[0] if embedded else []:
         print(line)
     lines, healthy = ops.doctor(plan, fix=args.fix)

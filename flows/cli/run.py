@@ -1,5 +1,5 @@
-"""`site-pipeline run` and `validate`: run the flow here, with the live view on a terminal,
-then print the results; `--retry-failed` first resolves the earlier run it resumes."""
+"""`site-pipeline run`: run the flow here, with the live view on a terminal, then print the
+results; `--retry-failed` first resolves the earlier run it resumes."""
 
 from __future__ import annotations
 
@@ -13,15 +13,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from flows.cli.common import EXIT_FAILED, EXIT_OK, connect, fail, interrupted, retry_or_fail
+from flows.cli.common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    Connection,
+    connect,
+    fail,
+    interrupted,
+    retry_or_fail,
+)
 from flows.config import (
     ConfigError,
     ConfigFiles,
     PipelineConfig,
     RunPlan,
-    build_argv,
     make_plan,
-    site_output_dir,
 )
 
 if TYPE_CHECKING:
@@ -30,98 +36,6 @@ if TYPE_CHECKING:
     from flows.cli.console import Verbosity
     from flows.dask_cluster import LocalDaskCluster
     from flows.interrupts import StopRequest
-
-
-def validate(plan: RunPlan) -> int:
-    """`validate`: what would run, and the first site's command line; nothing starts."""
-    site = plan.sites[0]
-    argv = build_argv(plan.config, site, 1, site_output_dir(plan.output_dir, site))
-    print(f"config: {plan.config_path}")
-    more = ", ..." if len(plan.sites) > 5 else ""
-    mode = "async" if plan.use_async else "sequential"
-    print(f"sites: {len(plan.sites)} ({', '.join(plan.sites[:5])}{more})")
-    print(f"cap: {plan.max_concurrent_sites} at once ({mode}), tag {plan.config.concurrency_tag!r}")
-    print(
-        f"attempts: {plan.config.retry_count}, {plan.config.async_settings.retry_backoff} backoff "
-        f"from {plan.config.retry_delay:g}s, timeout {plan.config.timeout:g}s"
-    )
-    print(f"stops: {_stops(plan)}")
-    print(_order(plan))
-    print(f"working dir: {plan.working_dir}")
-    print(f"output dir: {plan.output_dir}")
-    print(f"first site's argv: {json.dumps(argv)}")
-    return EXIT_OK
-
-
-def _order(plan: RunPlan) -> str:
-    """`order: longest expected first (...); starts: a, b, ...`: the start order a run would
-    use now, from the history on the configured server (`PREFECT_API_URL`); with no server
-    set, or one that doesn't answer, by priority and list (the run reads the history)."""
-    from flows.start_order import history_window, order_mode, plan_order
-
-    durations: dict[str, list[float]] | None = None
-    note = ""
-    if order_mode(plan) != "longest_first":
-        pass  # the history has no say in this order
-    elif not _profile_api_url():  # no Prefect import on this path (validate stays fast)
-        note = " (no PREFECT_API_URL: history not read here; the run reads it)"
-    else:
-        from flows.ops.server import ApiUnreachable, check_reachable
-
-        try:
-            check_reachable()
-            from flows.engine import baselines
-
-            tables = baselines.summary_tables()
-            durations = baselines.success_durations(plan.sites, history_window(plan), tables)
-        except (ApiUnreachable, OSError) as exc:
-            note = f" (history not read: {exc})"
-    order = plan_order(plan, durations)
-    more = ", ..." if len(order.sites) > 5 else ""
-    return f"{order.line}{note}; starts: {', '.join(order.sites[:5])}{more}"
-
-
-def _profile_api_url() -> bool:
-    """Whether an API URL is set; Prefect is imported only where `flows.api_url` can't tell."""
-    from flows import api_url
-
-    # Prefect already imported (`site-pipeline` called in-process): its settings may hold
-    # more than the files say (`temporary_settings`), and asking it costs nothing more.
-    known = None if "prefect" in sys.modules else api_url.configured()
-    if known is not None:
-        return known
-    from prefect.settings import get_current_settings
-
-    return bool(get_current_settings().api.url)
-
-
-def _stops(plan: RunPlan) -> str:
-    """`stall after 120s; halt: 3 failed (soon); 4 non-retryable error rules; memory over
-    500 MB`: what stops an attempt or the run early."""
-    config = plan.config
-    stall = f"stall after {config.stall_timeout:g}s" if config.stall_timeout else "no stall timeout"
-    halt = f"{config.halt.describe()} ({config.halt.when})" if config.halt else "no halt"
-    rules = len(config.non_retryable_errors)
-    return (
-        f"{stall}; {halt}; {rules} non-retryable error rule{'s' if rules != 1 else ''}; "
-        f"{_memory(plan)}"
-    )
-
-
-def _memory(plan: RunPlan) -> str:
-    """`memory over 500 MB` (`no memory limit`), and `(2 sites their own: a 800 MB, ...)`."""
-    limit = plan.config.memory_limit
-    text = f"memory over {limit:g} MB" if limit else "no memory limit"
-    own = [
-        (site, plan.site(site).memory_limit)
-        for site in plan.sites
-        if plan.site(site).memory_limit != limit
-    ]
-    if own:
-        named = ", ".join(f"{site} {value:g} MB" for site, value in own[:3] if value)
-        more = ", ..." if len(own) > 3 else ""
-        text += f" ({len(own)} site{'s' if len(own) > 1 else ''} their own: {named}{more})"
-    return text
 
 
 def retry_failed(args: argparse.Namespace) -> int:
@@ -134,10 +48,11 @@ def retry_failed(args: argparse.Namespace) -> int:
             "--retry-failed takes the sites of the run it resumes"
         )
     configs = ConfigFiles()
-    if connect(_local_server_idle(args, configs), run=True) is None:
+    connection = connect(_local_server_idle(args, configs), run=True)
+    if connection is None:
         return EXIT_FAILED
     plan, skip = _retry_plan(args, configs)
-    return run_plan(args, plan, skip)
+    return run_plan(args, plan, skip, connection)
 
 
 def _local_server_idle(args: argparse.Namespace, configs: ConfigFiles) -> float:
@@ -172,7 +87,12 @@ def _retry_plan(args: argparse.Namespace, configs: ConfigFiles) -> tuple[RunPlan
     return plan, retry.choice.skip
 
 
-def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | None = None) -> int:
+def run_plan(
+    args: argparse.Namespace,
+    plan: RunPlan,
+    skip: dict[str, str] | None = None,
+    connection: Connection | None = None,
+) -> int:
     """`run`: the flow on the configured API (or the local server), then the results.
     The first Ctrl-C (or SIGTERM) cancels politely; a second one stops every pipeline now.
     A local Dask cluster starts first, before Prefect is imported and the API checked, so it
@@ -183,7 +103,7 @@ def run_plan(args: argparse.Namespace, plan: RunPlan, skip: dict[str, str] | Non
     from flows.dask_cluster import local_cluster
 
     with local_cluster(plan) as cluster:
-        return _run_plan(args, plan, skip, cluster)
+        return _run_plan(args, plan, skip, cluster, connection)
 
 
 def _run_plan(
@@ -191,12 +111,12 @@ def _run_plan(
     plan: RunPlan,
     skip: dict[str, str] | None,
     cluster: LocalDaskCluster | None,
+    connection: Connection | None,
 ) -> int:
     from prefect.settings import get_current_settings
     from rich.console import Console
 
     from flows.interrupts import StopRequest, exit_status, on_signals
-    from flows.ops.server import server_stops_with_us
     from flows.process.control import stop_everything
 
     err = Console(stderr=True)
@@ -209,7 +129,8 @@ def _run_plan(
     # the start (the kept server goes on, for its idle time).
     try:
         with on_signals(stop, notice, polite=False):
-            if connect(plan.config.local_server_idle, run=True) is None:
+            connection = connection or connect(plan.config.local_server_idle, run=True)
+            if connection is None:
                 return EXIT_FAILED
     except KeyboardInterrupt:
         return interrupted(exit_status(stop.signal))
@@ -231,7 +152,7 @@ def _run_plan(
         if isinstance(outcome, BaseException):
             return _run_failed(outcome)
     # A server that keeps running (not one that stops with this run): link to the run.
-    stops = server_stops_with_us() or not settings.api.url
+    stops = connection.server_stops_with_us() or not settings.api.url
     ui_url = str(settings.ui_url) if not stops and settings.ui_url else None
     _print_results(args, outcome, ui_url)
     if stops:

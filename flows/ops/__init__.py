@@ -28,7 +28,6 @@ if TYPE_CHECKING:
         api_target,
         api_url_unset,
         check_reachable,
-        server_stops_with_us,
         use_local_server,
     )
 
@@ -36,7 +35,6 @@ _HOME = {
     "ApiUnreachable": "server",
     "api_target": "server",
     "check_reachable": "server",
-    "server_stops_with_us": "server",
     "api_url_unset": "server",
     "use_local_server": "server",
     "setup": "provision",
@@ -66,7 +64,6 @@ __all__ = [
     "history",
     "history_rows",
     "mark_crashed",
-    "server_stops_with_us",
     "setup",
     "use_local_server",
 ]

@@ -71,9 +71,16 @@ class ServerUse:
     def leave(self) -> None:
         self.user_file.unlink(missing_ok=True)
 
+    def stops_with_us(self) -> bool:
+        """This command started the server and has no say in its idle time (a run with
+        `local_server_idle: 0`, or a command that is not a run): the server stops as soon as
+        the last command on it ends, most likely this one, so no link to it is worth
+        printing."""
+        return self.how == "started" and self.idle < 0
+
     def describe(self) -> str:
         """The one line a command prints about the server it uses."""
-        if self.idle < 0 and self.how == "started":
+        if self.stops_with_us():
             return (
                 f"started a local Prefect server at {self.state.url}, its UI at "
                 f"{self.state.ui_url}; it stops when the last command on it ends (to keep "

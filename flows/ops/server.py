@@ -128,19 +128,7 @@ def use_local_server(keep: float | None) -> local_server.ServerUse | None:
     pointed = temporary_settings(updates={PREFECT_API_URL: use.state.url})
     pointed.__enter__()
     atexit.register(_leave_server, use, pointed)
-    _IN_USE[:] = [use]
     return use
-
-
-_IN_USE: list[local_server.ServerUse] = []
-"""This command's use of the local server (`use_local_server`), if any."""
-
-
-def server_stops_with_us() -> bool:
-    """This command started the local server it uses and has no say in its idle time (a run
-    with `local_server_idle: 0`): the server stops as soon as the last command on it ends,
-    most likely this one, so no link to it is worth printing."""
-    return any(use.how == "started" and use.idle < 0 for use in _IN_USE)
 
 
 def watch_kept_server() -> Callable[[], str | None]:
