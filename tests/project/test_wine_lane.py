@@ -38,10 +38,15 @@ def test_every_windows_test_file_is_in_the_command() -> None:
     assert marked and sorted(a for a in windows_pytest() if a.startswith("tests/")) == marked
 
 
-def test_ci_runs_the_lane_after_the_linux_suite_and_requires_wine() -> None:
+def test_ci_runs_the_lane_beside_the_linux_suite_requires_wine_and_fails_with_either() -> None:
+    """.ci/run starts the lane (REQUIRE_WINE=1) before pytest, waits for it after, and fails
+    when either failed."""
     run = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
-    assert "REQUIRE_WINE=1" in run
-    assert run.index("\npytest") < run.index("bash .ci/windows-lane.sh")
+    assert run.index("REQUIRE_WINE=1") < run.index("bash .ci/windows-lane.sh")
+    started = run.index("bash .ci/windows-lane.sh")
+    assert started < run.index("\npytest") < run.index('wait "$lane"')
+    assert 'pytest || suite=$?' in run and 'wait "$lane" || lane_status=$?' in run
+    assert '[ "$suite" != 0 ] || [ "$lane_status" != 0 ]' in run
 
 
 @pytest.mark.parametrize("required", [False, True])
