@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,19 @@ from flows.config import (
 # that draw from the global `random` (retry jitter); Hypothesis notices the global state move
 # while it generates and warns, as if a strategy had used it. Not ours: ignored here only.
 pytestmark = pytest.mark.filterwarnings("ignore:Do not use the .random. module inside strategies")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_prefect_api() -> Iterator[None]:
+    """No API URL here, whatever this worker's earlier tests set (the session's test server):
+    `validate` then reads no run history (`order: longest_first`, the default), so the 300
+    documents cost the same whatever ran before. With the history of the worker's earlier
+    runs read 300 times this test took up to 56 s in a full run, against about 4 s alone."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield
+
 
 KEYS = [
     "sites", "sites_file", "command", "default_flags", "timeout", "retry_count",
