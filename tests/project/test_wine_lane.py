@@ -45,7 +45,7 @@ def test_ci_runs_the_lane_beside_the_linux_suite_requires_wine_and_fails_with_ei
     assert run.index("REQUIRE_WINE=1") < run.index("bash .ci/windows-lane.sh")
     started = run.index("bash .ci/windows-lane.sh")
     assert started < run.index("\npytest") < run.index('wait "$lane"')
-    assert 'pytest || suite=$?' in run and 'wait "$lane" || lane_status=$?' in run
+    assert "pytest || suite=$?" in run and 'wait "$lane" || lane_status=$?' in run
     assert '[ "$suite" != 0 ] || [ "$lane_status" != 0 ]' in run
 
 
