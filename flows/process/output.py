@@ -292,7 +292,9 @@ class _ThreadPipes:
 
     def __init__(self, streams: Mapping[str, IO[bytes]]) -> None:
         # Bounded: a pipeline that writes faster than we read waits (about 4 MB in flight).
-        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=64)
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(
+            maxsize=64  # pragma: no mutate: only bounds memory, 65 behaves the same
+        )
         self._open = set(streams)
         self._closed = threading.Event()
         for name, stream in streams.items():
@@ -305,10 +307,12 @@ class _ThreadPipes:
         buffered pipe while another thread reads it waits for that read, which lasts as
         long as a process that escaped the stop holds the pipe."""
         try:
-            data = b"x"
+            data = b"x"  # pragma: no mutate: a sentinel, only its truth is read
             while data:
                 try:
-                    data = stream.read1(65536)  # type: ignore[attr-defined]
+                    data = stream.read1(  # type: ignore[attr-defined]
+                        65536  # pragma: no mutate: a chunk size, 65537 reads the same bytes
+                    )
                 except (OSError, ValueError):
                     data = b""
                 while not self._closed.is_set():  # once closed, what comes is dropped
