@@ -78,6 +78,18 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[procgroup._Registry]:
         reaper.wait(timeout=30)
 
 
+@pytest.fixture
+def bystander() -> Iterator[int]:
+    """The pid of a sleeper of the test's own, to register with a reaper: never this
+    process, which a reaper would end if a failing test left it registered."""
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
+    try:
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 @contextlib.contextmanager
 def spawned(
     script: str, folder: Path, owner: str | None = None
@@ -403,7 +415,7 @@ def reaper_of(registry: procgroup._Registry) -> subprocess.Popen[bytes]:
 
 
 def test_the_registry_tells_the_reaper_every_registration_and_forgetting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: procgroup._Registry
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: procgroup._Registry, bystander: int
 ) -> None:
     """What the reaper reads, line by line: `+pPID:START` and `-pPID` for single processes,
     `+PGID:START` and `-PGID` for groups (the start times the kernel's), a spawned
@@ -416,41 +428,57 @@ def test_the_registry_tells_the_reaper_every_registration_and_forgetting(
         "        out.write(line)\n"
     )
     monkeypatch.setattr(procgroup, "_REAPER_SCRIPT", recorder)
-    me = os.getpid()
     with spawned(SLEEPER, tmp_path) as proc:
         group_start = procfs.start_time(proc.pid)
-        procgroup.reap_pid_on_exit(me)
-        procgroup.reap_group_on_exit(me)
-        procgroup.forget_group(me)
-        procgroup.forget_pid(me)
+        procgroup.reap_pid_on_exit(bystander)
+        procgroup.reap_group_on_exit(bystander)
+        procgroup.forget_group(bystander)
+        procgroup.forget_pid(bystander)
     pgid = proc.pid
     reaper = reaper_of(registry)
     assert reaper.stdin is not None
     reaper.stdin.close()
     assert reaper.wait(timeout=30) == 0
-    ours = procfs.start_time(me)
-    assert ours and group_start
+    its_start = procfs.start_time(bystander)
+    assert its_start and group_start
     assert (tmp_path / "recorder.py.lines").read_text().splitlines() == [
         f"+{pgid}:{group_start}",
-        f"+p{me}:{ours}",
-        f"+{me}:{ours}",
-        f"-{me}",
-        f"-p{me}",
+        f"+p{bystander}:{its_start}",
+        f"+{bystander}:{its_start}",
+        f"-{bystander}",
+        f"-p{bystander}",
         f"-{pgid}",
     ]
 
 
+def descriptors(pid: int) -> list[str]:
+    """What the open descriptors of `pid` point at (one it closes while listed is left out)."""
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.append(os.readlink(fd))
+    return found
+
+
 def test_one_reaper_serves_every_registration_in_a_session_of_its_own(
-    tmp_path: Path, registry: procgroup._Registry
+    tmp_path: Path, registry: procgroup._Registry, bystander: int
 ) -> None:
     """The reaper starts with the first registration and serves the next ones (not restarted
     each time); it leads a session of its own (a Ctrl-C to ours doesn't reach it), writes to
-    /dev/null rather than our stdout and stderr, and once it has ended the next registration
-    starts a new one."""
-    me = os.getpid()
-    procgroup.reap_pid_on_exit(me)
-    first = reaper_of(registry)
-    procgroup.forget_pid(me)
+    /dev/null rather than our stdout and stderr, holds none of our other descriptors (not
+    even an inheritable one), and once it has ended the next registration starts a new
+    one."""
+    keep_read, keep_write = os.pipe()
+    os.set_inheritable(keep_write, True)
+    ours = os.readlink(f"/proc/self/fd/{keep_write}")
+    try:
+        procgroup.reap_pid_on_exit(bystander)
+        first = reaper_of(registry)
+        assert ours not in descriptors(first.pid)
+    finally:
+        os.close(keep_read)
+        os.close(keep_write)
+    procgroup.forget_pid(bystander)
     assert reaper_of(registry) is first and first.poll() is None
     assert os.getsid(first.pid) == first.pid != os.getsid(0)
     assert os.readlink(f"/proc/{first.pid}/fd/1") == "/dev/null"
@@ -458,14 +486,14 @@ def test_one_reaper_serves_every_registration_in_a_session_of_its_own(
     assert first.stdin is not None
     first.stdin.close()
     assert first.wait(timeout=30) == 0
-    procgroup.reap_pid_on_exit(me)
+    procgroup.reap_pid_on_exit(bystander)
     second = reaper_of(registry)
     assert second is not first and second.poll() is None
-    procgroup.forget_pid(me)
+    procgroup.forget_pid(bystander)
 
 
 def test_the_reaper_runs_isolated_from_the_environments_python_settings(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: procgroup._Registry
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: procgroup._Registry, bystander: int
 ) -> None:
     """The reaper runs with `python -I`: a `sitecustomize` on our PYTHONPATH never runs in
     it (it would in a plain `python`)."""
@@ -477,9 +505,8 @@ def test_the_reaper_runs_isolated_from_the_environments_python_settings(
     subprocess.run([sys.executable, "-c", "pass"], check=True, timeout=30)
     assert ran.exists()  # the sitecustomize works where not isolated
     ran.unlink()
-    me = os.getpid()
-    procgroup.reap_pid_on_exit(me)
-    procgroup.forget_pid(me)
+    procgroup.reap_pid_on_exit(bystander)
+    procgroup.forget_pid(bystander)
     reaper = reaper_of(registry)
     assert reaper.stdin is not None
     reaper.stdin.close()
@@ -518,7 +545,7 @@ def test_the_reaper_stops_what_was_registered_when_its_input_from_us_closes(
 
 
 def test_a_reaper_that_stopped_reading_is_replaced_at_the_next_registration(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: procgroup._Registry
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: procgroup._Registry, bystander: int
 ) -> None:
     """A reaper still running but no longer reading (it closed its stdin after one byte): the
     registration
@@ -527,15 +554,14 @@ def test_a_reaper_that_stopped_reading_is_replaced_at_the_next_registration(
     deaf.write_text("import os, time\nos.read(0, 1)\nos.close(0)\ntime.sleep(60)\n")
     monkeypatch.setattr(procgroup, "_REAPER_SCRIPT", deaf)
     started: list[subprocess.Popen[bytes]] = []
-    me = os.getpid()
     try:
-        procgroup.reap_pid_on_exit(me)
+        procgroup.reap_pid_on_exit(bystander)
         first = reaper_of(registry)
         started.append(first)
         assert wait_for(lambda: not os.path.exists(f"/proc/{first.pid}/fd/0"))
-        procgroup.forget_pid(me)  # finds the pipe broken
+        procgroup.forget_pid(bystander)  # finds the pipe broken
         assert first.poll() is None
-        procgroup.reap_pid_on_exit(me)
+        procgroup.reap_pid_on_exit(bystander)
         second = reaper_of(registry)
         started.append(second)
         assert second is not first and second.poll() is None
