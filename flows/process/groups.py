@@ -59,17 +59,18 @@ class _Registry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._groups: dict[int, str | None] = {}  # pgid -> owner
-        self._reaper: subprocess.Popen[bytes] | None = None
-        self._reaper_pid_owner = -1
+        # The reaper and the pid of the process that started it: a fork (e.g. a worker
+        # process) starts its own.
+        self._reaper: tuple[subprocess.Popen[bytes], int] | None = None
 
     def _tell_reaper(self, line: str) -> None:
-        # Called with the lock held. A fork (e.g. a worker process) gets its own reaper.
+        # Called with the lock held.
         if (
             self._reaper is None
-            or self._reaper_pid_owner != os.getpid()
-            or self._reaper.poll() is not None
+            or self._reaper[1] != os.getpid()
+            or self._reaper[0].poll() is not None
         ):
-            self._reaper = subprocess.Popen(
+            started = subprocess.Popen(
                 [sys.executable, "-I", str(_REAPER_SCRIPT)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
@@ -77,12 +78,13 @@ class _Registry:
                 start_new_session=True,
                 close_fds=True,
             )
-            self._reaper_pid_owner = os.getpid()
-        assert self._reaper.stdin is not None  # noqa: S101  (stdin=PIPE above)
+            self._reaper = (started, os.getpid())
+        reaper = self._reaper[0]
+        assert reaper.stdin is not None  # noqa: S101  (stdin=PIPE above)
         try:
-            self._reaper.stdin.write(line.encode() + b"\n")
-            self._reaper.stdin.flush()
-        except BrokenPipeError:  # pragma: no cover - the reaper died; the next call starts one
+            reaper.stdin.write(line.encode() + b"\n")
+            reaper.stdin.flush()
+        except BrokenPipeError:  # the reaper stopped reading; the next call starts one
             self._reaper = None
 
     def add(self, pgid: int, owner: str | None) -> None:
@@ -166,6 +168,9 @@ def popen_pipeline(
     )
 
 
+_ENDED = (b"Z", b"X")  # /proc states of a process that has ended: zombie, dead
+
+
 def _linux_group_has_live_member(pgid: int) -> bool:
     # /proc lets us skip zombies: an init that never reaps would otherwise keep
     # a dead group looking alive forever.
@@ -177,7 +182,7 @@ def _linux_group_has_live_member(pgid: int) -> bool:
             fields is not None
             and len(fields) > procfs.PGRP
             and int(fields[procfs.PGRP]) == pgid
-            and fields[procfs.STATE] not in (b"Z", b"X")
+            and fields[procfs.STATE] not in _ENDED
         ):
             return True
     return False
@@ -225,10 +230,10 @@ def exited(proc: subprocess.Popen[bytes]) -> bool:
 def _wait_group_gone(pgid: int, seconds: float) -> bool:
     deadline = time.monotonic() + seconds
     while group_alive(pgid):
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline:  # pragma: no mutate - `>` differs only at a float tie
             return False
         time.sleep(0.02)
-    return True
+    return True  # pragma: no mutate - False only adds a SIGKILL to a group with no live member
 
 
 def stop_group(proc: subprocess.Popen[bytes], grace: float) -> None:

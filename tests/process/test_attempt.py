@@ -658,9 +658,11 @@ def test_the_reaper_stops_what_we_registered_when_its_pipe_from_us_closes(
     control.watch(first)  # the tree backends register the grandchild now
     sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
     second = control.spawn(sleeper, cwd=tmp_path, env=os.environ)
-    reaper = procgroup._registry._reaper
+    held = procgroup._registry._reaper  # (the reaper, the pid that started it)
+    assert held is not None
+    reaper = held[0]
     try:
-        assert reaper is not None and reaper.poll() is None
+        assert reaper.poll() is None
         assert all(alive(pid) for pid in pids)  # a second registration did not reap the first
         assert os.getsid(reaper.pid) == reaper.pid != os.getsid(0)
         if sys.platform.startswith("linux"):
@@ -671,12 +673,14 @@ def test_the_reaper_stops_what_we_registered_when_its_pipe_from_us_closes(
         reaper.wait(timeout=15)
         assert wait_until_gone([*pids, second.pid], timeout=15) == []
         third = control.spawn(sleeper, cwd=tmp_path, env=os.environ)
-        assert procgroup._registry._reaper is not reaper
+        held = procgroup._registry._reaper
+        assert held is not None and held[0] is not reaper
         control.stop(third, 0.5)
     finally:
         for proc in (first, second):
             control.stop(proc, 0.5)  # and forget it
-        last = procgroup._registry._reaper
+        held = procgroup._registry._reaper
+        last = None if held is None else held[0]
         if last is not None and last.stdin is not None:
             last.stdin.close()  # this test's reaper ends with it (nothing is registered now)
             last.wait(timeout=15)
