@@ -23,7 +23,7 @@ from flows.process import groups as procgroup
 from flows.process import output, procfs
 from flows.process.attempt import MAX_LINE_BYTES, AttemptOutcome, BoundedLog, run_attempt
 from tests.conftest import FAKE
-from tests.support.processes import alive, hanging_pids, wait_until_gone
+from tests.support.processes import READY, alive, hanging_pids, spawned_in_group, wait_until_gone
 
 
 @pytest.fixture(autouse=True, params=["group", "tree", "tree-threads"])
@@ -541,17 +541,11 @@ def odd_named_process(tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     script = (
         "import ctypes, time\n"
         "ctypes.CDLL(None).prctl(15, b'x) Z 1 1 1', 0, 0, 0)  # PR_SET_NAME\n"
-        "print('named', flush=True); time.sleep(60)\n"
+        + READY
+        + "time.sleep(60)\n"
     )
-    proc = procgroup.spawn([sys.executable, "-c", script], cwd=tmp_path, env=os.environ)
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == b"named\n"
+    with spawned_in_group(script, tmp_path) as proc:
         yield proc
-    finally:
-        procgroup.stop_group(proc, 0.5)
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def test_a_member_whose_name_holds_a_parenthesis_keeps_its_group_alive(tmp_path: Path) -> None:

@@ -19,13 +19,12 @@ import pytest
 
 from flows.process import groups as procgroup
 from flows.process import procfs
-from tests.support.processes import alive, wait_until_gone
+from tests.support.processes import READY, alive, spawned_in_group, wait_until_gone
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="POSIX groups, read through Linux's /proc"
 )
 
-READY = "print('ready', flush=True)\n"
 SLEEPER = "import time\n" + READY + "time.sleep(60)\n"
 IGNORES_TERM = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + READY
 IGNORES_TERM += "time.sleep(60)\n"
@@ -88,24 +87,6 @@ def bystander() -> Iterator[int]:
     finally:
         proc.kill()
         proc.wait()
-
-
-@contextlib.contextmanager
-def spawned(
-    script: str, folder: Path, owner: str | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    """`python -c script` started by `spawn`, waited for until it prints `ready` (if the
-    script does); stopped, reaped and its pipes closed at the end."""
-    proc = procgroup.spawn([sys.executable, "-c", script], cwd=folder, env=os.environ, owner=owner)
-    try:
-        if READY in script:
-            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
-        yield proc
-    finally:
-        procgroup.stop_group(proc, 0.5)
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
 
 
 def test_groups_are_supported_where_there_is_posix_and_killpg(
@@ -219,9 +200,9 @@ def test_stop_all_stops_the_groups_of_one_owner_then_the_rest_once(
     then stops every other registered group (sorted ids); a stopped group is forgotten, so
     a third call stops nothing."""
     with (
-        spawned(SLEEPER, tmp_path, owner="a") as a,
-        spawned(SLEEPER, tmp_path, owner="b") as b,
-        spawned(SLEEPER, tmp_path) as anyone,
+        spawned_in_group(SLEEPER, tmp_path, owner="a") as a,
+        spawned_in_group(SLEEPER, tmp_path, owner="b") as b,
+        spawned_in_group(SLEEPER, tmp_path) as anyone,
     ):
         assert procgroup.stop_all(10, owner="a") == [a.pid]
         assert wait_until_gone([a.pid], timeout=10) == []
@@ -238,7 +219,7 @@ def test_stop_all_gives_the_grace_and_returns_as_soon_as_the_groups_are_gone(
     stop_all returns soon after it is done (its checks are 0.05 s apart), long before its
     30 s grace."""
     marker = tmp_path / "cleaned"
-    with spawned(cleans_up(marker), tmp_path, owner="o") as proc:
+    with spawned_in_group(cleans_up(marker), tmp_path, owner="o") as proc:
         assert procgroup.stop_all(30, owner="o") == [proc.pid]
         returned = time.monotonic()
         assert returned - float(marker.read_text()) < 0.6
@@ -252,7 +233,7 @@ def test_stop_group_gives_the_grace_and_returns_as_soon_as_the_group_is_gone(
     returns soon after it is done (its checks are 0.02 s apart), long before its 30 s grace;
     the leader is reaped, the group gone."""
     marker = tmp_path / "cleaned"
-    with spawned(cleans_up(marker), tmp_path) as proc:
+    with spawned_in_group(cleans_up(marker), tmp_path) as proc:
         procgroup.stop_group(proc, 30)
         returned = time.monotonic()
         assert proc.returncode == 0
@@ -299,7 +280,7 @@ def test_after_a_normal_exit_stop_group_ends_what_the_pipeline_left_behind(
 ) -> None:
     """A leader that exited (not reaped yet) leaves a sleeper in its group: the group is
     alive, and stop_group ends the sleeper, then reaps the leader (exit 0)."""
-    with spawned(leaves_a_grandchild(), tmp_path) as proc:
+    with spawned_in_group(leaves_a_grandchild(), tmp_path) as proc:
         assert proc.stdout is not None
         grandchild = int(proc.stdout.readline())
         assert wait_for(lambda: procgroup.exited(proc))
@@ -337,7 +318,7 @@ def test_a_running_group_is_alive_and_left_running_by_the_check(
 ) -> None:
     """`group_alive` is true for a running group and signals nothing to it (the pipeline
     ends by stop_group's SIGTERM, not by the check); `exited` is false while it runs."""
-    with spawned(SLEEPER, tmp_path) as proc:
+    with spawned_in_group(SLEEPER, tmp_path) as proc:
         assert procgroup.group_alive(proc.pid)
         assert not procgroup.exited(proc)
         procgroup.stop_group(proc, 5)
@@ -350,7 +331,7 @@ def test_a_group_of_zombies_is_not_alive_and_exited_does_not_reap_the_leader(
 ) -> None:
     """A leader that exited is a zombie until reaped: `exited` says so without reaping it
     (its pid stays taken), and on Linux its group no longer counts as alive."""
-    with spawned("pass", tmp_path) as proc:
+    with spawned_in_group("pass", tmp_path) as proc:
         assert wait_for(lambda: procgroup.exited(proc))
         fields = procfs.stat_fields(proc.pid)
         assert fields is not None and fields[procfs.STATE] == b"Z"
@@ -365,7 +346,7 @@ def test_a_group_we_may_not_signal_counts_as_alive(
 ) -> None:
     """A group whose members we may not signal (root's, seen from an unprivileged process)
     counts as alive: it may still hold what we started."""
-    with spawned(SLEEPER, tmp_path) as proc:
+    with spawned_in_group(SLEEPER, tmp_path) as proc:
         if os.geteuid() != 0:
             pytest.skip("needs root, to start a group an unprivileged process may not signal")
         read, write = os.pipe()
@@ -388,7 +369,7 @@ def test_elsewhere_a_zombie_leader_keeps_its_group_alive(
 ) -> None:
     """Without /proc's view of zombies (not Linux), a group whose leader is an unreaped
     zombie counts as alive."""
-    with spawned("pass", tmp_path) as proc:
+    with spawned_in_group("pass", tmp_path) as proc:
         assert wait_for(lambda: procgroup.exited(proc))
         with monkeypatch.context() as patch:
             patch.setattr(procgroup.sys, "platform", "darwin")
@@ -400,7 +381,10 @@ def test_without_waitid_exited_reaps_the_leader(
 ) -> None:
     """Where os has no waitid (macOS), `exited` is false while the leader runs and true
     once it ended, reaping it (its exit code is then known)."""
-    with spawned(SLEEPER, tmp_path) as running, spawned("pass", tmp_path) as quick:
+    with (
+        spawned_in_group(SLEEPER, tmp_path) as running,
+        spawned_in_group("pass", tmp_path) as quick,
+    ):
         monkeypatch.delattr(procgroup.os, "waitid")
         assert not procgroup.exited(running)
         assert wait_for(lambda: procgroup.exited(quick))
@@ -428,7 +412,7 @@ def test_the_registry_tells_the_reaper_every_registration_and_forgetting(
         "        out.write(line)\n"
     )
     monkeypatch.setattr(procgroup, "_REAPER_SCRIPT", recorder)
-    with spawned(SLEEPER, tmp_path) as proc:
+    with spawned_in_group(SLEEPER, tmp_path) as proc:
         group_start = procfs.start_time(proc.pid)
         procgroup.reap_pid_on_exit(bystander)
         procgroup.reap_group_on_exit(bystander)

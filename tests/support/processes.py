@@ -9,12 +9,13 @@ be reused).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,29 @@ def run_tied(
         raise
     untie(proc)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+READY = "print('ready', flush=True)\n"
+"""A line of Python that says the script is ready (`spawned_in_group` waits for it)."""
+
+
+@contextlib.contextmanager
+def spawned_in_group(
+    script: str, folder: Path, owner: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`python -c script` started by `flows.process.groups.spawn` (its own process group),
+    waited for until it prints `ready` (if the script holds `READY`); its group stopped, the
+    leader reaped and its pipes closed at the end."""
+    proc = procgroup.spawn([sys.executable, "-c", script], cwd=folder, env=os.environ, owner=owner)
+    try:
+        if READY in script:
+            assert proc.stdout is not None and proc.stdout.readline() == b"ready\n"
+        yield proc
+    finally:
+        procgroup.stop_group(proc, 0.5)
+        assert proc.stdout is not None and proc.stderr is not None
+        proc.stdout.close()
+        proc.stderr.close()
 
 
 def alive(pid: int) -> bool:
