@@ -50,11 +50,6 @@ class Connection:
     target: str
     server: ServerUse | None
 
-    def server_stops_with_us(self) -> bool:
-        """The local server this command started stops as soon as it ends (no link to it is
-        worth printing): `ServerUse.stops_with_us`."""
-        return self.server is not None and self.server.stops_with_us()
-
 
 def connect(keep: float | None = None, run: bool = False) -> Connection | None:
     """Every command that uses the API starts here: check that it answers; on the embedded

@@ -96,7 +96,8 @@ def run_plan(
     """`run`: the flow on the configured API (or the local server), then the results.
     The first Ctrl-C (or SIGTERM) cancels politely; a second one stops every pipeline now.
     A local Dask cluster starts first, before Prefect is imported and the API checked, so it
-    is ready by the time the flow run is (`flows.dask_cluster`); it is closed on the way out."""
+    is ready by the time the flow run is (`flows.dask_cluster`); it is closed on the way out.
+    `connection`: the command's, when it connected already (`--retry-failed`)."""
     if skip is not None and len(skip) == len(plan.sites):
         print("nothing to retry: every site succeeded")
         return EXIT_OK
@@ -152,7 +153,8 @@ def _run_plan(
         if isinstance(outcome, BaseException):
             return _run_failed(outcome)
     # A server that keeps running (not one that stops with this run): link to the run.
-    stops = connection.server_stops_with_us() or not settings.api.url
+    server = connection.server
+    stops = (server is not None and server.stops_with_us()) or not settings.api.url
     ui_url = str(settings.ui_url) if not stops and settings.ui_url else None
     _print_results(args, outcome, ui_url)
     if stops:
